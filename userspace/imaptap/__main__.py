@@ -1,0 +1,3 @@
+from imaptap.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,112 @@
+"""The one event type that crosses the capture boundary.
+
+Both capture sources (the kernel program via capture/live.py and capture files via
+capture/replay.py) hand the analyzer nothing but `Segment`s.  A segment carries the TCP
+payload *prefix* that was copied (at most the snap length) and the payload length on the wire,
+so the stream can skip bytes it never received, such as the rest of a message body.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+#: Default number of payload bytes copied per segment (tcpdump's ``-s``).
+DEFAULT_SNAPLEN = 256
+
+#: Upper bound on what one segment may carry once a flow is compressed and whole payloads are
+#: copied.  Larger than any TCP segment on a 64 KiB-GSO path, small enough to bound memory.
+WHOLE_PAYLOAD_CAP = 65535
+
+#: IMAP's well-known port; ``--port`` replaces it.
+IMAP_PORT = 143
+
+
+class TcpFlag(enum.IntFlag):
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    PSH = 0x08
+    ACK = 0x10
+    URG = 0x20
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One TCP segment on a monitored port, as the capture saw it."""
+
+    ts: float
+    """Capture time, seconds since the epoch."""
+    ip_version: int
+    """4 or 6."""
+    src: str
+    """Source address in its usual text form."""
+    dst: str
+    sport: int
+    dport: int
+    seq: int
+    """TCP sequence number of the first payload byte (of the SYN for a SYN)."""
+    ack: int
+    flags: int
+    """TCP flags, see `TcpFlag`."""
+    wire_len: int
+    """TCP payload length on the wire; may exceed ``len(payload)``."""
+    payload: bytes
+    """The payload bytes that were copied: a prefix of the wire payload."""
+    ifindex: int = 0
+    """Interface the kernel saw it on (0 for replay)."""
+
+
+class PayloadMode(enum.IntEnum):
+    """What the capture copies of a flow's payload; the analyzer decides, the capture obeys.
+
+    The kernel program keeps the same values in its per-flow map, so replay and live capture
+    see the same bytes for the same traffic.
+    """
+
+    PREFIX = 0
+    """Copy the first snap-length bytes of each segment (the default)."""
+    NONE = 1
+    """Copy nothing: the flow is encrypted (after STARTTLS), only lengths and flags matter."""
+    WHOLE = 2
+    """Copy whole payloads (up to `WHOLE_PAYLOAD_CAP`): the flow is compressed and must be inflated."""
+
+
+FlowKey = tuple[str, int, str, int]
+"""A connection's endpoints in a canonical order that does not depend on direction."""
+
+
+def flow_key(src: str, sport: int, dst: str, dport: int) -> FlowKey:
+    """The canonical key of the connection a segment belongs to."""
+    if (src, sport) <= (dst, dport):
+        return (src, sport, dst, dport)
+    return (dst, dport, src, sport)
+
+
+class PayloadPolicy:
+    """Per-flow copy rules shared by the analyzer (which sets them) and a capture (which applies them).
+
+    Replay applies them in Python; the live capture mirrors every change into the kernel map.
+    """
+
+    def __init__(self, snaplen: int = DEFAULT_SNAPLEN) -> None:
+        self.snaplen = snaplen
+        self.modes: dict[FlowKey, PayloadMode] = {}
+
+    def set(self, key: FlowKey, mode: PayloadMode) -> None:
+        if mode is PayloadMode.PREFIX:
+            self.modes.pop(key, None)
+        else:
+            self.modes[key] = mode
+
+    def forget(self, key: FlowKey) -> None:
+        self.modes.pop(key, None)
+
+    def cut(self, key: FlowKey, payload: bytes) -> bytes:
+        """The part of ``payload`` the capture copies for this flow."""
+        mode = self.modes.get(key)
+        if mode is None:
+            return payload[: self.snaplen]
+        if mode is PayloadMode.NONE:
+            return b""
+        return payload[:WHOLE_PAYLOAD_CAP]
