@@ -1,2 +1,271 @@
-def main(argv=None) -> int:
-    raise SystemExit("imaptap: not built yet")
+"""imaptap's command line: pick a capture source and an output, run the one pipeline.
+
+Exit status: 0 on success and on a clean stop (SIGINT, SIGTERM, SIGHUP); 1 on an internal
+error; 2 on bad arguments, an unreadable or corrupt capture file, or missing privileges or
+kernel support.  Errors are one line on stderr, never a traceback.  The TUI and bcc are
+imported only when used, so replay to JSON starts fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterable
+from typing import IO
+
+from imaptap import __version__
+from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowTable
+from imaptap.segment import DEFAULT_SNAPLEN, IMAP_PORT, PayloadPolicy, Segment
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+
+#: The largest snap length accepted: a whole IP packet.
+MAX_SNAPLEN = 65535
+
+EXAMPLES = """\
+examples:
+  imaptap -i eth0                     watch IMAP on eth0 in the TUI
+  imaptap -i eth0 --json - | jq .     JSON Lines to stdout
+  imaptap -r capture.pcap --json out.jsonl
+  imaptap -r capture.pcapng --port 143 --port 10143 --json -
+  imaptap -r capture.pcap --json - --flows-only | jq 'select(.cleartext_credentials)'
+  imaptap -D                          list interfaces
+
+exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
+             2 bad arguments, bad capture file, or missing privileges
+"""
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not usage + line
+        raise UsageError(f"{message} (see imaptap --help)")
+
+
+def _port(value: str) -> int:
+    try:
+        port = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range 1-65535: {port}")
+    return port
+
+
+def _snaplen(value: str) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a snap length: {value!r}") from None
+    if not 1 <= n <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"snap length out of range 1-{MAX_SNAPLEN}: {n}")
+    return n
+
+
+def _positive(value: str) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
+    if not x > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {value}")
+    return x
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="imaptap",
+        description="Watch plaintext IMAP with almost no overhead: an eBPF program copies only "
+        "the first bytes of IMAP segments; imaptap follows each connection's commands, users, "
+        "STARTTLS and COMPRESS, and shows them in a TUI or writes JSON Lines.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    src = p.add_argument_group("source (one of)")
+    src.add_argument("-i", "--interface", action="append", metavar="IFACE",
+                     help="capture live on IFACE (repeatable; default: the default route's interface)")
+    src.add_argument("-r", "--read", metavar="FILE", help="replay a pcap or pcapng file")
+    src.add_argument("-D", "--list-interfaces", action="store_true", help="list interfaces and exit")
+    p.add_argument("--port", action="append", type=_port, metavar="N",
+                   help=f"TCP port treated as IMAP (repeatable; default {IMAP_PORT})")
+    p.add_argument("-s", "--snaplen", type=_snaplen, default=DEFAULT_SNAPLEN, metavar="BYTES",
+                   help=f"payload bytes copied per segment (default {DEFAULT_SNAPLEN})")
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write JSON Lines to PATH ('-' for stdout); no TUI")
+    out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
+    out.add_argument("-w", "--write", metavar="FILE", help="live: also write the captured segments to a pcap")
+    tune = p.add_argument_group("limits")
+    tune.add_argument("--max-flows", type=int, default=MAX_FLOWS, metavar="N",
+                      help=f"flows tracked at once; the oldest idle one is evicted (default {MAX_FLOWS})")
+    tune.add_argument("--idle-timeout", type=_positive, default=IDLE_TIMEOUT, metavar="SECONDS",
+                      help=f"end a flow after this long without traffic (default {IDLE_TIMEOUT:.0f})")
+    live = p.add_argument_group("live capture")
+    live.add_argument("--xdp-mode", choices=("native", "skb"),
+                      help="XDP attach mode (default: native where the driver has it, else skb)")
+    live.add_argument("--no-xdp", action="store_true", help="use TC for ingress too")
+    p.add_argument("-V", "--version", action="version", version=f"imaptap {__version__}")
+    return p
+
+
+class _Stop(Exception):
+    """Raised from a signal handler to end the capture cleanly."""
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise _Stop(signum)
+
+
+def _open_output(path: str) -> tuple[IO[str], bool]:
+    if path == "-":
+        return sys.stdout, False
+    try:
+        return open(path, "w", encoding="utf-8", buffering=1 << 16), True
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def _run(segments: Iterable[Segment], table: FlowTable) -> None:
+    add = table.add
+    for seg in segments:
+        add(seg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        return _main(args)
+    except UsageError as exc:
+        print(f"imaptap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as tcpdump does.
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+        return EXIT_OK
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+def _main(args: argparse.Namespace) -> int:
+    if args.list_interfaces:
+        from imaptap.capture import live
+
+        for index, name, desc in live.list_interfaces():
+            print(f"{index}.{name}" + (f" ({desc})" if desc else ""))
+        return EXIT_OK
+    if args.read and args.interface:
+        raise UsageError("give either -r FILE or -i IFACE, not both")
+    if args.max_flows < 1:
+        raise UsageError(f"--max-flows must be at least 1: {args.max_flows}")
+    ports = frozenset(args.port or [IMAP_PORT])
+
+    json_path = args.json
+    if json_path is None and not sys.stdout.isatty():
+        json_path = "-"
+    if json_path is None:
+        # The TUI is issue #4; until it lands a terminal gets JSON Lines too.
+        print("imaptap: the TUI is not available yet; writing JSON Lines (use --json PATH)", file=sys.stderr)
+        json_path = "-"
+
+    from imaptap.output.jsonl import JsonlWriter
+
+    out, close_out = _open_output(json_path)
+    writer = JsonlWriter(out)
+    table = FlowTable(
+        ports,
+        on_message=None if args.flows_only else writer.message,
+        on_flow_end=writer.flow_end,
+        max_flows=args.max_flows,
+        idle_timeout=args.idle_timeout,
+    )
+    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    error: str | None = None
+    started = time.monotonic()
+    source_stats: dict[str, object] = {}
+    try:
+        if args.read:
+            error = _replay(args.read, ports, args.snaplen, table, source_stats)
+        else:
+            error = _live(args, ports, table, source_stats)
+    except (KeyboardInterrupt, _Stop):
+        source_stats["stopped_by_signal"] = True
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        # Everything seen so far is reported, whatever stopped the input.
+        table.close_all("end")
+        record = {"source": args.read or ",".join(args.interface or []) or "live"}
+        record.update(source_stats)
+        record.update(dataclasses.asdict(table.stats))
+        record["seconds"] = round(time.monotonic() - started, 3)
+        if error:
+            record["error"] = error
+        writer.stats(record)
+        writer.flush()
+        if close_out:
+            out.close()
+    if error:
+        print(f"imaptap: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    return EXIT_OK
+
+
+def _replay(path: str, ports: frozenset[int], snaplen: int, table: FlowTable, stats_out: dict) -> str | None:
+    from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
+
+    policy = PayloadPolicy(snaplen)
+    table.policy = policy
+    try:
+        reader = open_capture(path)
+    except CaptureFileError as exc:
+        return str(exc)
+    stats = ReplayStats()
+    try:
+        _run(reader.segments(set(ports), policy, stats), table)
+    except CaptureFileError as exc:
+        return str(exc)
+    finally:
+        reader.close()
+        stats_out.update(_public(stats))
+    return None
+
+
+def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, stats_out: dict) -> str | None:
+    try:
+        from imaptap.capture import live
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        return f"live capture unavailable: {exc}"
+    interfaces = args.interface or [live.default_interface()]
+    try:
+        capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp)
+        table.policy = capture.policy
+        with capture:
+            add = table.add
+            while True:
+                for seg in capture.poll(200):
+                    add(seg)
+                table.expire(time.time())
+    except live.LiveError as exc:
+        return str(exc)
+    finally:
+        if "capture" in locals():
+            stats_out.update(capture.counters())
+    return None
+
+
+def _public(obj: object) -> dict:
+    if dataclasses.is_dataclass(obj):
+        return dataclasses.asdict(obj)
+    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}

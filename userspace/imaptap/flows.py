@@ -1,0 +1,340 @@
+"""Segments -> connections: direction, TCP sequence order, life cycle, a bounded table.
+
+Every segment on a monitored port lands here, whether the kernel or a capture file produced
+it.  The flow tracker decides which side is the client (the one not using the IMAP port, so a
+capture that starts mid-connection still works), puts payload back in sequence order, drops
+retransmissions, turns holes into gaps for the IMAP stream, and ends flows on FIN/RST, on an
+idle timeout, or when the table is full (oldest idle first).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from imaptap.imap.session import ImapSession, Message
+from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag, flow_key
+
+#: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
+#: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
+MAX_FLOWS = 32768
+
+#: Seconds without a segment before a flow is ended.  IMAP IDLE clients stay silent for up to
+#: 29 minutes before they re-issue IDLE (RFC 2177), so anything shorter would split sessions.
+IDLE_TIMEOUT = 31 * 60.0
+
+#: Capture-clock seconds between two sweeps for idle flows.
+EXPIRY_SWEEP = 1.0
+
+#: Out-of-order segments held per direction waiting for the hole before them to fill; beyond
+#: this the hole is declared a gap and parsing goes on.
+MAX_OUT_OF_ORDER = 64
+
+_SEQ_MOD = 1 << 32
+_SEQ_HALF = 1 << 31
+_FIN = int(TcpFlag.FIN)
+_SYN = int(TcpFlag.SYN)
+_RST = int(TcpFlag.RST)
+_ACK = int(TcpFlag.ACK)
+
+
+class _Direction:
+    """TCP sequence tracking for one direction, feeding one `ImapStream`."""
+
+    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes")
+
+    def __init__(self, feed: Callable[[bytes], None], gap: Callable[[int], None]) -> None:
+        self.next_seq: int | None = None
+        self.pending: dict[int, tuple[bytes, int]] = {}
+        self.feed = feed
+        self.gap = gap
+        self.retransmissions = 0
+        self.out_of_order = 0
+        self.holes = 0
+        """Bytes of sequence space never seen (lost by the capture), not counting cut prefixes."""
+
+    def syn(self, seq: int) -> None:
+        self.next_seq = (seq + 1) % _SEQ_MOD
+
+    def data(self, seq: int, payload: bytes, wire_len: int) -> None:
+        if self.next_seq is None:
+            self.next_seq = seq
+        d = (seq - self.next_seq) % _SEQ_MOD
+        if d >= _SEQ_HALF:
+            d -= _SEQ_MOD
+        if d > 0:
+            self.out_of_order += 1
+            if seq not in self.pending or self.pending[seq][1] < wire_len:
+                self.pending[seq] = (payload, wire_len)
+            if len(self.pending) > MAX_OUT_OF_ORDER:
+                self.flush_one()
+            return
+        if d < 0:
+            if d + wire_len <= 0:
+                self.retransmissions += 1
+                return
+            skip = -d
+            payload = payload[skip:]
+            wire_len -= skip
+        self._deliver(payload, wire_len)
+        if self.pending:
+            self._drain()
+
+    def _deliver(self, payload: bytes, wire_len: int) -> None:
+        if payload:
+            self.feed(payload)
+        if wire_len > len(payload):
+            self.gap(wire_len - len(payload))
+        self.next_seq = (self.next_seq + wire_len) % _SEQ_MOD
+
+    def _drain(self) -> None:
+        while self.pending:
+            progressed = False
+            for seq in list(self.pending):
+                d = (seq - self.next_seq) % _SEQ_MOD
+                if d >= _SEQ_HALF:
+                    d -= _SEQ_MOD
+                if d > 0:
+                    continue
+                payload, wire_len = self.pending.pop(seq)
+                if d + wire_len <= 0:
+                    self.retransmissions += 1
+                    continue
+                self._deliver(payload[-d:] if d else payload, wire_len + d)
+                progressed = True
+            if not progressed:
+                return
+
+    def flush_one(self) -> None:
+        """Give up waiting for the earliest hole: report it as a gap and go on from there."""
+        nearest = min(self.pending, key=lambda s: (s - self.next_seq) % _SEQ_MOD)
+        hole = (nearest - self.next_seq) % _SEQ_MOD
+        self.holes += hole
+        self.gap(hole)
+        self.next_seq = nearest
+        self._drain()
+
+    def flush(self) -> None:
+        while self.pending:
+            self.flush_one()
+
+
+@dataclass(eq=False)
+class Flow:
+    """One TCP connection to an IMAP port and what is known about it."""
+
+    id: int
+    key: FlowKey
+    ip_version: int
+    client: tuple[str, int]
+    """(address, port) of the side that does not use the IMAP port."""
+    server: tuple[str, int]
+    first_ts: float
+    last_ts: float
+    session: ImapSession
+    packets_c2s: int = 0
+    """Segments with payload, SYN, FIN or RST (pure ACKs are never copied by the kernel)."""
+    packets_s2c: int = 0
+    bytes_c2s: int = 0
+    """TCP payload bytes on the wire."""
+    bytes_s2c: int = 0
+    syn_seen: bool = False
+    fin_client: bool = False
+    fin_server: bool = False
+    reset: bool = False
+    end_reason: str | None = None
+    """fin, rst, idle, evicted, reused, or end (input finished)."""
+    c2s: _Direction = field(init=False, repr=False)
+    s2c: _Direction = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.c2s = _Direction(self.session.client.feed, self.session.client.gap)
+        self.s2c = _Direction(self.session.server.feed, self.session.server.gap)
+
+    @property
+    def packets(self) -> int:
+        return self.packets_c2s + self.packets_s2c
+
+    @property
+    def bytes(self) -> int:
+        return self.bytes_c2s + self.bytes_s2c
+
+
+@dataclass
+class FlowStats:
+    segments: int = 0
+    """Segments handed to the tracker."""
+    pure_acks: int = 0
+    """Segments without payload or SYN/FIN/RST, ignored as the kernel would."""
+    orphans: int = 0
+    """Segments of no known flow that cannot start one (a FIN or RST after the end)."""
+    flows: int = 0
+    imap_flows: int = 0
+    ended_fin: int = 0
+    ended_rst: int = 0
+    expired: int = 0
+    evicted: int = 0
+    retransmissions: int = 0
+    out_of_order: int = 0
+    gaps: int = 0
+    anomalies: int = 0
+
+
+class FlowTable:
+    """All open flows, keyed by connection, in least-recently-active order."""
+
+    def __init__(
+        self,
+        ports: set[int] | frozenset[int],
+        policy: PayloadPolicy | None = None,
+        on_message: Callable[[Flow, Message], None] | None = None,
+        on_flow_end: Callable[[Flow], None] | None = None,
+        max_flows: int = MAX_FLOWS,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
+        self.ports = frozenset(ports)
+        self.policy = policy
+        self.on_message = on_message
+        self.on_flow_end = on_flow_end
+        self.max_flows = max_flows
+        self.idle_timeout = idle_timeout
+        self.flows: dict[FlowKey, Flow] = {}
+        self.stats = FlowStats()
+        self._next_id = 1
+        self._next_sweep = 0.0
+        self.now = 0.0
+
+    # --- input -------------------------------------------------------------------------------
+
+    def add(self, seg: Segment) -> None:
+        """Account one segment to its flow and feed its payload to the IMAP session."""
+        stats = self.stats
+        stats.segments += 1
+        flags = seg.flags
+        if seg.wire_len == 0 and not flags & (_SYN | _FIN | _RST):
+            stats.pure_acks += 1
+            return
+        ts = seg.ts
+        if ts > self.now:
+            self.now = ts
+            if ts >= self._next_sweep:
+                self._next_sweep = ts + EXPIRY_SWEEP
+                self.expire(ts)
+        key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
+        flow = self.flows.pop(key, None)
+        if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
+            self._end(flow, "reused")
+            flow = None
+        if flow is None:
+            if seg.wire_len == 0 and not flags & _SYN:
+                stats.orphans += 1
+                return
+            flow = self._new_flow(seg, key)
+        self.flows[key] = flow
+        from_client = seg.src == flow.client[0] and seg.sport == flow.client[1]
+        flow.last_ts = ts
+        flow.session.now = ts
+        direction = flow.c2s if from_client else flow.s2c
+        if from_client:
+            flow.packets_c2s += 1
+            flow.bytes_c2s += seg.wire_len
+        else:
+            flow.packets_s2c += 1
+            flow.bytes_s2c += seg.wire_len
+        if flags & _SYN:
+            flow.syn_seen = True
+            direction.syn(seg.seq)
+            if seg.wire_len:
+                direction.data((seg.seq + 1) % _SEQ_MOD, seg.payload, seg.wire_len)
+        elif seg.wire_len:
+            direction.data(seg.seq, seg.payload, seg.wire_len)
+        if flags & _RST:
+            flow.reset = True
+            self._end(self.flows.pop(key), "rst")
+        elif flags & _FIN:
+            if from_client:
+                flow.fin_client = True
+            else:
+                flow.fin_server = True
+            if flow.fin_client and flow.fin_server:
+                self._end(self.flows.pop(key), "fin")
+
+    def _new_flow(self, seg: Segment, key: FlowKey) -> Flow:
+        ports = self.ports
+        if seg.dport in ports and (seg.sport not in ports or seg.flags & _SYN and not seg.flags & _ACK):
+            client, server = (seg.src, seg.sport), (seg.dst, seg.dport)
+        elif seg.sport in ports:
+            client, server = (seg.dst, seg.dport), (seg.src, seg.sport)
+        else:
+            client, server = (seg.src, seg.sport), (seg.dst, seg.dport)
+        if len(self.flows) >= self.max_flows:
+            oldest = next(iter(self.flows))
+            self._end(self.flows.pop(oldest), "evicted")
+        flow_id = self._next_id
+        self._next_id += 1
+        holder: list[Flow] = []
+        on_message = None
+        if self.on_message is not None:
+            sink = self.on_message
+
+            def on_message(msg: Message) -> None:
+                sink(holder[0], msg)
+
+        on_mode = None
+        if self.policy is not None:
+            policy = self.policy
+
+            def on_mode(mode: PayloadMode) -> None:
+                policy.set(key, mode)
+
+        session = ImapSession(on_message, on_mode)
+        flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
+        holder.append(flow)
+        self.stats.flows += 1
+        return flow
+
+    # --- life cycle --------------------------------------------------------------------------
+
+    def expire(self, now: float) -> None:
+        """End every flow idle for longer than the timeout (oldest first)."""
+        limit = now - self.idle_timeout
+        flows = self.flows
+        while flows:
+            key = next(iter(flows))
+            flow = flows[key]
+            if flow.last_ts >= limit:
+                break
+            del flows[key]
+            self._end(flow, "idle")
+
+    def close_all(self, reason: str = "end") -> None:
+        """End every open flow, e.g. at the end of the input."""
+        while self.flows:
+            key = next(iter(self.flows))
+            self._end(self.flows.pop(key), reason)
+
+    def _end(self, flow: Flow, reason: str) -> None:
+        flow.end_reason = reason
+        flow.c2s.flush()
+        flow.s2c.flush()
+        flow.session.finish()
+        stats = self.stats
+        if reason == "fin":
+            stats.ended_fin += 1
+        elif reason == "rst":
+            stats.ended_rst += 1
+        elif reason == "idle":
+            stats.expired += 1
+        elif reason == "evicted":
+            stats.evicted += 1
+        session = flow.session
+        if session.is_imap:
+            stats.imap_flows += 1
+        stats.retransmissions += flow.c2s.retransmissions + flow.s2c.retransmissions
+        stats.out_of_order += flow.c2s.out_of_order + flow.s2c.out_of_order
+        stats.gaps += session.client.gaps + session.server.gaps
+        stats.anomalies += sum(session.anomalies.values())
+        if self.policy is not None:
+            self.policy.forget(flow.key)
+        if self.on_flow_end is not None:
+            self.on_flow_end(flow)

@@ -1,0 +1,1 @@
+"""IMAP: byte streams to lines, lines to facts."""

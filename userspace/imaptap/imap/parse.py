@@ -1,0 +1,387 @@
+"""One logical IMAP line -> tokens and the pieces the session needs.
+
+A *logical* line is what `ImapStream` hands over: the physical lines of one command or
+response joined across the literals between them (RFC 3501 section 4.3, RFC 7888).  Each
+physical line but the last ends with a literal marker ``{n}``, ``{n+}`` or ``~{n}`` and is
+followed by that literal's bytes.  Parsing never raises on network input: anything that does
+not fit the grammar becomes ``None`` or a shorter result, and the caller records an anomaly.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass, field
+
+#: Bytes kept of a literal's contents: enough for usernames and ID values, never a mail body.
+LITERAL_KEEP = 1024
+
+#: Tokens parsed from one line at most; the rest of a hostile line is not looked at.
+MAX_TOKENS = 512
+
+#: Nesting depth of parenthesised lists followed before giving up on a line.
+MAX_LIST_DEPTH = 16
+
+
+@dataclass(slots=True)
+class Literal:
+    """A literal's size and the part of its contents that was kept."""
+
+    size: int
+    data: bytearray = field(default_factory=bytearray)
+    complete: bool = True
+    """False when bytes of the literal were never captured or were cut at `LITERAL_KEEP`."""
+    binary: bool = False
+    """``~{n}`` (RFC 3516 literal8)."""
+    sync: bool = True
+    """False for the non-synchronising ``{n+}`` form (RFC 7888)."""
+
+    @property
+    def whole(self) -> bytes | None:
+        """The contents when every byte was kept, else None."""
+        return bytes(self.data) if self.complete and len(self.data) == self.size else None
+
+
+@dataclass(slots=True)
+class RawLine:
+    """One logical line: its physical lines (CRLF removed) and the literals between them."""
+
+    chunks: list[bytes]
+    literals: list[Literal]
+    truncated: bool = False
+    """Part of the line was not seen (cut at the line cap, or a capture gap)."""
+
+    @property
+    def head(self) -> bytes:
+        """The first physical line, where tag, command and status live."""
+        return self.chunks[0]
+
+
+class Atom(str):
+    """An IMAP atom (as opposed to a string); NIL is ``Atom('NIL')``."""
+
+    __slots__ = ()
+
+
+Token = "Atom | bytes | Literal | list"
+
+_LITERAL_MARK = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}$")
+
+# atom-specials (RFC 3501 section 9): ( ) { SP CTL % * " \ ]
+_ATOM_STOP = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
+
+
+def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
+    """``(size, sync, binary)`` when a physical line ends with a literal marker."""
+    if not physical.endswith(b"}"):
+        return None
+    m = _LITERAL_MARK.search(physical)
+    if m is None:
+        return None
+    return int(m.group(2)), not m.group(3), bool(m.group(1))
+
+
+def is_tag(word: bytes) -> bool:
+    """True for a word that RFC 3501's tag grammar allows (any ASTRING-CHAR but ``+``)."""
+    return bool(word) and all(c in _TAG_CHARS for c in word)
+
+
+def text(data: bytes | bytearray) -> str:
+    """Network bytes as a str that never fails and never hides a byte."""
+    return bytes(data).decode("utf-8", "backslashreplace")
+
+
+class _Tokens:
+    """Flat token reader over the chunks of a `RawLine`."""
+
+    __slots__ = ("chunks", "literals", "ci", "pos", "count")
+
+    def __init__(self, line: RawLine, chunk: int = 0, pos: int = 0) -> None:
+        self.chunks = line.chunks
+        self.literals = line.literals
+        self.ci = chunk
+        self.pos = pos
+        self.count = 0
+
+    def next(self) -> object | None:
+        """The next token, ``")"`` / ``"("`` for parentheses, or None at the end."""
+        while self.ci < len(self.chunks):
+            chunk = self.chunks[self.ci]
+            n = len(chunk)
+            pos = self.pos
+            while pos < n and chunk[pos] == 0x20:
+                pos += 1
+            if pos >= n:
+                self.ci += 1
+                self.pos = 0
+                continue
+            self.count += 1
+            if self.count > MAX_TOKENS:
+                return None
+            c = chunk[pos]
+            if c == 0x28:  # (
+                self.pos = pos + 1
+                return "("
+            if c == 0x29:  # )
+                self.pos = pos + 1
+                return ")"
+            if c == 0x22:  # "
+                out = bytearray()
+                i = pos + 1
+                while i < n:
+                    ch = chunk[i]
+                    if ch == 0x5C and i + 1 < n:  # backslash escape
+                        out.append(chunk[i + 1])
+                        i += 2
+                        continue
+                    if ch == 0x22:
+                        self.pos = i + 1
+                        return bytes(out)
+                    out.append(ch)
+                    i += 1
+                self.pos = n  # unterminated: keep what there is
+                return bytes(out)
+            if self.ci < len(self.chunks) - 1 and (c == 0x7B or c == 0x7E):
+                # A literal marker is always the last thing on its physical line.
+                if literal_mark(chunk[pos:]) is not None and chunk.find(b" ", pos) < 0:
+                    lit = self.literals[self.ci] if self.ci < len(self.literals) else None
+                    self.ci += 1
+                    self.pos = 0
+                    return lit if lit is not None else b""
+            # atom, with [...] sections kept whole (BODY[HEADER.FIELDS (FROM)])
+            i = pos
+            depth = 0
+            while i < n:
+                ch = chunk[i]
+                if ch == 0x5B:
+                    depth += 1
+                elif ch == 0x5D:
+                    if depth == 0:
+                        break
+                    depth -= 1
+                elif depth == 0 and ch in _ATOM_STOP and ch != 0x5D:
+                    break
+                i += 1
+            if i == pos:  # a lone special such as { or % : take it as a one-char atom
+                i = pos + 1
+            self.pos = i
+            return Atom(chunk[pos:i].decode("latin-1"))
+        return None
+
+
+def tokens(line: RawLine, chunk: int = 0, pos: int = 0) -> list:
+    """All tokens from (chunk, pos) on, with parenthesised lists nested as Python lists."""
+    reader = _Tokens(line, chunk, pos)
+    root: list = []
+    stack = [root]
+    while True:
+        tok = reader.next()
+        if tok is None:
+            break
+        if tok == "(" and not isinstance(tok, Atom):
+            if len(stack) > MAX_LIST_DEPTH:
+                break
+            sub: list = []
+            stack[-1].append(sub)
+            stack.append(sub)
+        elif tok == ")" and not isinstance(tok, Atom):
+            if len(stack) > 1:
+                stack.pop()
+        else:
+            stack[-1].append(tok)
+    return root
+
+
+def astring(tok: object) -> bytes | None:
+    """The bytes of an astring / nstring token (atom, quoted or literal); None for NIL or a list."""
+    if isinstance(tok, Atom):
+        return None if tok.upper() == "NIL" else tok.encode("latin-1")
+    if isinstance(tok, bytes):
+        return tok
+    if isinstance(tok, Literal):
+        return tok.whole
+    return None
+
+
+# --- modified UTF-7 mailbox names (RFC 3501 section 5.1.3) ---------------------------------
+
+def decode_mailbox(raw: bytes) -> str:
+    """A mailbox name as a person reads it: modified UTF-7 decoded, anything invalid kept as is."""
+    if b"&" not in raw:
+        return text(raw)
+    out: list[str] = []
+    i = 0
+    n = len(raw)
+    while i < n:
+        amp = raw.find(b"&", i)
+        if amp < 0:
+            out.append(text(raw[i:]))
+            break
+        out.append(text(raw[i:amp]))
+        end = raw.find(b"-", amp + 1)
+        if end < 0:
+            out.append(text(raw[amp:]))
+            break
+        if end == amp + 1:
+            out.append("&")
+        else:
+            b64 = raw[amp + 1 : end].replace(b",", b"/")
+            try:
+                utf16 = base64.b64decode(b64 + b"=" * (-len(b64) % 4), validate=True)
+                out.append(utf16.decode("utf-16-be"))
+            except (binascii.Error, ValueError):
+                out.append(text(raw[amp : end + 1]))
+        i = end + 1
+    return "".join(out)
+
+
+# --- response text: [code] text ---------------------------------------------------------
+
+def split_resp_text(data: bytes) -> tuple[str | None, bytes]:
+    """``(code, rest)`` of a resp-text: ``[CAPABILITY IMAP4rev1] hi`` -> ("CAPABILITY IMAP4rev1", b"hi")."""
+    if not data.startswith(b"["):
+        return None, data
+    depth = 0
+    for i, c in enumerate(data):
+        if c == 0x5B:
+            depth += 1
+        elif c == 0x5D:
+            depth -= 1
+            if depth == 0:
+                return text(data[1:i]), data[i + 1 :].lstrip(b" ")
+    return text(data[1:]), b""  # unterminated code (e.g. a cut line)
+
+
+def capability_list(words: bytes | str, drop_last: bool = False) -> list[str]:
+    """Upper-cased capability names from a space-separated list.
+
+    ``drop_last`` leaves out the final word, which may have been cut by a truncated line.
+    """
+    if isinstance(words, bytes):
+        words = words.decode("latin-1")
+    caps = [w.upper() for w in words.split() if w]
+    if drop_last and caps:
+        caps.pop()
+    return caps
+
+
+# --- SASL --------------------------------------------------------------------------------
+
+def b64(data: bytes) -> bytes | None:
+    """Decoded base64 or None when it is not valid base64."""
+    data = data.strip()
+    if data == b"=":  # RFC 4959: an empty initial response
+        return b""
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def sasl_plain_user(decoded: bytes) -> tuple[str, str | None] | None:
+    """``(authcid, authzid or None)`` from a decoded PLAIN message (RFC 4616)."""
+    parts = decoded.split(b"\x00")
+    if len(parts) != 3 or not parts[1]:
+        return None
+    return text(parts[1]), (text(parts[0]) if parts[0] else None)
+
+
+def sasl_user(mechanism: str, step: int, decoded: bytes) -> str | None:
+    """The user name a client's SASL response carries, if this mechanism and step carry one.
+
+    ``step`` counts the client's responses from 0 (the initial response, when there is one).
+    """
+    if mechanism == "PLAIN":
+        got = sasl_plain_user(decoded)
+        return got[0] if got else None
+    if mechanism == "LOGIN":
+        return text(decoded) if step == 0 and decoded else None
+    if mechanism == "CRAM-MD5":
+        user, sep, _digest = decoded.rpartition(b" ")
+        return text(user) if sep and user else None
+    if mechanism == "XOAUTH2":
+        for part in decoded.split(b"\x01"):
+            if part.startswith(b"user="):
+                return text(part[5:])
+        return None
+    if mechanism == "OAUTHBEARER":
+        head = decoded.split(b"\x01", 1)[0]
+        for part in head.split(b","):
+            if part.startswith(b"a="):
+                return text(part[2:])
+        return None
+    return None
+
+
+#: Mechanisms whose exchange carries a reusable secret readable by anyone on the path.
+CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
+
+
+# --- ID (RFC 2971) -------------------------------------------------------------------------
+
+#: Field/value pairs kept from one ID list (RFC 2971 allows 30).
+MAX_ID_FIELDS = 30
+#: Characters kept of one ID value (RFC 2971 caps values at 1024 octets).
+MAX_ID_VALUE = 1024
+
+
+def id_params(toks: list) -> dict[str, str | None] | None:
+    """The field/value pairs of an ID parameter list, keys lower-cased; None for NIL or junk."""
+    if not toks or not isinstance(toks[0], list):
+        return None
+    items = toks[0]
+    out: dict[str, str | None] = {}
+    for i in range(0, min(len(items), 2 * MAX_ID_FIELDS) - 1, 2):
+        key = astring(items[i])
+        if key is None:
+            continue
+        val = astring(items[i + 1])
+        out[text(key).lower()[:64]] = None if val is None else text(val)[:MAX_ID_VALUE]
+    return out
+
+
+# --- commands whose arguments we show -------------------------------------------------------
+
+#: Client commands from RFC 3501/9051 and common extensions.  A client line whose command is not
+#: one of these (nor an X- extension) has its arguments hidden: it may be a SASL response or a
+#: password the capture started in the middle of.
+KNOWN_COMMANDS = frozenset(
+    """CAPABILITY NOOP LOGOUT STARTTLS AUTHENTICATE LOGIN SELECT EXAMINE CREATE DELETE RENAME
+    SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY
+    MOVE UID ENABLE IDLE NAMESPACE ID COMPRESS UNSELECT GETQUOTA GETQUOTAROOT SETQUOTA GETACL
+    SETACL DELETEACL LISTRIGHTS MYRIGHTS GETMETADATA SETMETADATA SORT THREAD ESEARCH NOTIFY
+    UNAUTHENTICATE REPLACE GETANNOTATION SETANNOTATION CANCELUPDATE CONVERT URLFETCH GENURLAUTH
+    RESETKEY""".split()
+)
+
+STATUSES = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
+
+
+def command_words(head: bytes) -> tuple[bytes, str | None, int]:
+    """``(tag, COMMAND, offset of the arguments)`` of a client line's first physical line.
+
+    ``UID FETCH`` and friends come back as one command.  COMMAND is None when there is none.
+    """
+    sp = head.find(b" ")
+    if sp <= 0:
+        return head, None, len(head)
+    tag = head[:sp]
+    start = sp + 1
+    end = head.find(b" ", start)
+    if end < 0:
+        end = len(head)
+    word = head[start:end]
+    if not word or not all(0x21 <= c < 0x7F and c not in _ATOM_STOP for c in word):
+        return tag, None, start
+    cmd = word.decode("ascii").upper()
+    if cmd == "UID" and end < len(head):
+        end2 = head.find(b" ", end + 1)
+        if end2 < 0:
+            end2 = len(head)
+        sub = head[end + 1 : end2]
+        if sub and all(0x21 <= c < 0x7F and c not in _ATOM_STOP for c in sub):
+            cmd = "UID " + sub.decode("ascii").upper()
+            end = end2
+    return tag, cmd, min(end + 1, len(head))

@@ -1,0 +1,493 @@
+"""An IMAP connection's state: both directions' lines in, facts and message events out.
+
+The session owns the two `ImapStream`s, so it can switch both to encrypted after a completed
+STARTTLS and to compressed after COMPRESS DEFLATE, at the exact byte where that happens.  It
+matches tagged completions to requests, follows LOGIN and AUTHENTICATE for the user name and
+the outcome, and never keeps a password or a SASL response in anything it outputs.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from imaptap.imap import parse
+from imaptap.imap.parse import RawLine, text
+from imaptap.imap.stream import ImapStream
+from imaptap.segment import PayloadMode
+
+#: Characters of arguments or response text shown per message; the rest is cut with "…".
+DISPLAY_CAP = 512
+#: Requests waiting for their tagged completion; a client that never gets answers cannot grow it.
+MAX_PENDING = 256
+#: SELECT/EXAMINE targets kept per flow, in order.
+MAX_MAILBOXES = 1000
+#: Characters kept of a user name.
+MAX_USERNAME = 256
+#: Characters kept of the server software string.
+MAX_SOFTWARE = 80
+
+MASK = "***"
+
+
+class Side(enum.Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class Kind(enum.Enum):
+    REQUEST = "request"
+    RESPONSE = "response"
+    UNTAGGED = "untagged"
+    CONTINUATION = "continuation"
+
+
+class StartTls(enum.Enum):
+    NONE = "none"
+    OFFERED = "offered"
+    REQUESTED = "requested"
+    COMPLETED = "completed"
+    REFUSED = "refused"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One IMAP line (with its literals) as seen on the wire, secrets masked."""
+
+    ts: float
+    side: Side
+    kind: Kind
+    tag: str | None = None
+    command: str | None = None
+    """Upper case; for a tagged completion, the command it completes."""
+    args: str | None = None
+    status: str | None = None
+    code: str | None = None
+    """Response code without brackets, e.g. ``CAPABILITY IMAP4rev1 ...``."""
+    text: str | None = None
+    latency_ms: float | None = None
+    literals: tuple[int, ...] = ()
+    """Sizes of the literals the line carried."""
+    number: int | None = None
+    """The message number of ``* n EXISTS`` / ``* n FETCH``."""
+    truncated: bool = False
+
+
+@dataclass(slots=True)
+class _Pending:
+    command: str
+    ts: float
+    mechanism: str | None = None
+
+
+@dataclass(slots=True)
+class _Sasl:
+    tag: str
+    mechanism: str
+    step: int = 0
+
+
+_CRED_COMMANDS = frozenset({"LOGIN", "AUTHENTICATE"})
+
+_PRODUCTS = [
+    (re.compile(r"\bDovecot\b", re.I), lambda m, t: "Dovecot"),
+    (re.compile(r"\bCyrus IMAP[^\s]*(?:\s+(v?\d[\w.\-]*))?", re.I),
+     lambda m, t: "Cyrus IMAP" + (" " + m.group(1) if m.group(1) else "")),
+    (re.compile(r"\bMicrosoft Exchange\b.*?\bversion\s+(\d[\d.]*)", re.I),
+     lambda m, t: "Microsoft Exchange " + m.group(1)),
+    (re.compile(r"\bMicrosoft Exchange\b", re.I), lambda m, t: "Microsoft Exchange"),
+    (re.compile(r"\bCourier-IMAP\b", re.I), lambda m, t: "Courier-IMAP"),
+    (re.compile(r"\bCoremail\b", re.I), lambda m, t: "Coremail"),
+    (re.compile(r"\bZimbra\b", re.I), lambda m, t: "Zimbra"),
+    (re.compile(r"\bhMailServer\b", re.I), lambda m, t: "hMailServer"),
+    (re.compile(r"\bGimap\b", re.I), lambda m, t: "Gimap"),
+    (re.compile(r"\bUW IMAP\b|\bIMAP4rev1 (?:Service|server) (20\d\d\.\S+)", re.I), lambda m, t: "UW IMAP"),
+    (re.compile(r"\bStalwart\b", re.I), lambda m, t: "Stalwart"),
+    (re.compile(r"\bKerio Connect\b", re.I), lambda m, t: "Kerio Connect"),
+    (re.compile(r"\bMDaemon\b", re.I), lambda m, t: "MDaemon"),
+    (re.compile(r"\bDomino\b", re.I), lambda m, t: "Lotus Domino"),
+]
+_READY = re.compile(r"[\s.,;:!-]*\b(?:is\s+)?ready\b.*$", re.I)
+
+
+def server_software(greeting: str) -> str | None:
+    """The server product named in a greeting's text, else the text without its "ready"."""
+    for pattern, name in _PRODUCTS:
+        m = pattern.search(greeting)
+        if m:
+            return name(m, greeting)
+    cleaned = _READY.sub("", greeting).strip(" .")
+    return cleaned[:MAX_SOFTWARE] or None
+
+
+def _clip(s: str | None) -> str | None:
+    if s is None or len(s) <= DISPLAY_CAP:
+        return s
+    return s[:DISPLAY_CAP] + "…"
+
+
+class ImapSession:
+    """Both directions of one IMAP connection, with the facts learnt so far."""
+
+    def __init__(
+        self,
+        on_message: Callable[[Message], None] | None = None,
+        on_payload_mode: Callable[[PayloadMode], None] | None = None,
+    ) -> None:
+        self.on_message = on_message
+        self.on_payload_mode = on_payload_mode
+        self.now = 0.0
+        self.client = ImapStream(self._client_line, self._client_anomaly, self._tls_from_start)
+        self.server = ImapStream(self._server_line, self._server_anomaly, self._tls_from_start)
+
+        self.is_imap = False
+        """Confirmed by a greeting, a known command from the client, or a tagged completion."""
+        self.greeting: str | None = None
+        self.server_software: str | None = None
+        self.preauth = False
+        self.username: str | None = None
+        self.authzid: str | None = None
+        self.auth_mechanism: str | None = None
+        """``LOGIN`` for the LOGIN command, else the SASL mechanism of AUTHENTICATE."""
+        self.auth_command: str | None = None
+        self.login_ok: bool | None = None
+        self.login_failures = 0
+        self.capabilities: list[str] = []
+        self.starttls = StartTls.NONE
+        self.encrypted = False
+        self.encrypted_from_start = False
+        self.compressed = False
+        self.cleartext_credentials = False
+        self.client_id: dict[str, str | None] | None = None
+        self.server_id: dict[str, str | None] | None = None
+        self.mailboxes: list[str] = []
+        self.commands: Counter[str] = Counter()
+        self.statuses: Counter[str] = Counter()
+        self.anomalies: Counter[str] = Counter()
+        self.idles = 0
+        self.last_command: str | None = None
+        self.last_status: str | None = None
+        self.last_latency_ms: float | None = None
+
+        self._pending: dict[str, _Pending] = {}
+        self._sasl: _Sasl | None = None
+        self._attempt_user: str | None = None
+        self._idle_tag: str | None = None
+        self._client_lines = 0
+        self._server_lines = 0
+
+    # --- facts derived on demand --------------------------------------------------------------
+
+    @property
+    def findings(self) -> list[str]:
+        """What a security reviewer wants at a glance, in a fixed order."""
+        out = []
+        if self.cleartext_credentials:
+            out.append("cleartext_credentials")
+        if self.starttls is StartTls.OFFERED:
+            out.append("starttls_offered_not_used")
+        elif self.starttls is StartTls.REFUSED:
+            out.append("starttls_refused")
+        if self.login_failures:
+            out.append("failed_logins")
+        return out
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def _emit(self, msg: Message) -> None:
+        if self.on_message is not None:
+            self.on_message(msg)
+
+    def _anomaly(self, name: str) -> None:
+        self.anomalies[name] += 1
+
+    def _client_anomaly(self, name: str, detail: str) -> None:
+        self.anomalies["client_" + name] += 1
+
+    def _server_anomaly(self, name: str, detail: str) -> None:
+        self.anomalies["server_" + name] += 1
+
+    def _tls_from_start(self) -> None:
+        if not self.encrypted:
+            self.encrypted = True
+            self.encrypted_from_start = True
+            self.client.start_encryption()
+            self.server.start_encryption()
+            self._set_payload_mode(PayloadMode.NONE)
+
+    def _set_payload_mode(self, mode: PayloadMode) -> None:
+        if self.on_payload_mode is not None:
+            self.on_payload_mode(mode)
+
+    def _try_user(self, user: str) -> None:
+        self._attempt_user = user[:MAX_USERNAME]
+        if not self.login_ok:
+            self.username = self._attempt_user
+
+    # --- client -------------------------------------------------------------------------------
+
+    def _client_line(self, line: RawLine) -> None:
+        self._client_lines += 1
+        head = line.head
+        if self._sasl is not None:
+            word = head.strip()
+            if word and b" " not in word:
+                self._sasl_response(line, word)
+                return
+            self._sasl = None  # the server's answer was never seen; this is a new command
+        if self._idle_tag is not None and head.strip().upper() == b"DONE":
+            self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, command="DONE"))
+            return
+        tag_b, cmd, argpos = parse.command_words(head)
+        if cmd is None or not parse.is_tag(tag_b) or len(tag_b) > 256:
+            # Not a command: maybe a SASL response or password of a session seen from the
+            # middle.  Its contents are never shown.
+            self._anomaly("bad_request")
+            self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, truncated=line.truncated,
+                               literals=tuple(lit.size for lit in line.literals)))
+            return
+        tag = tag_b.decode("ascii")
+        known = cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID ") or cmd.startswith("X")
+        if cmd in parse.KNOWN_COMMANDS:
+            self.is_imap = True
+        self.commands[cmd] += 1
+        self.last_command = cmd
+        if len(self._pending) >= MAX_PENDING:
+            self._pending.pop(next(iter(self._pending)))
+            self._anomaly("too_many_pending")
+        pending = _Pending(cmd, self.now)
+        self._pending[tag] = pending
+
+        args: str | None
+        if cmd == "LOGIN":
+            args = self._login(line, argpos)
+        elif cmd == "AUTHENTICATE":
+            args = self._authenticate(line, argpos, tag, pending)
+        else:
+            args = self._display_args(line, argpos) if known else None
+            if cmd == "STARTTLS":
+                if self.starttls is not StartTls.COMPLETED:
+                    self.starttls = StartTls.REQUESTED
+            elif cmd == "COMPRESS":
+                # Ask the capture for whole payloads now: the first compressed bytes follow the
+                # server's OK within one round trip, too soon to wait for it.
+                self._set_payload_mode(PayloadMode.WHOLE)
+            elif cmd in ("SELECT", "EXAMINE"):
+                toks = parse.tokens(line, 0, argpos)
+                raw = parse.astring(toks[0]) if toks else None
+                if raw is not None and len(self.mailboxes) < MAX_MAILBOXES:
+                    self.mailboxes.append(parse.decode_mailbox(raw))
+            elif cmd == "ID":
+                self.client_id = parse.id_params(parse.tokens(line, 0, argpos))
+            elif cmd == "IDLE":
+                self._idle_tag = tag
+                self.idles += 1
+        self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, tag=tag, command=cmd, args=args,
+                           literals=tuple(lit.size for lit in line.literals), truncated=line.truncated))
+
+    def _display_args(self, line: RawLine, argpos: int) -> str | None:
+        raw = line.head[argpos:]
+        if len(line.chunks) > 1:
+            raw = raw + b"".join(line.chunks[1:])
+        return _clip(text(raw)) if raw else None
+
+    def _login(self, line: RawLine, argpos: int) -> str:
+        toks = parse.tokens(line, 0, argpos)
+        self.auth_command = "LOGIN"
+        self.auth_mechanism = "LOGIN"
+        user_raw = parse.astring(toks[0]) if toks else None
+        # A cut line may have lost the end of the user name: only a token followed by another
+        # one (the password) is known to be whole.
+        if user_raw is not None and (len(toks) > 1 or not line.truncated):
+            self._try_user(text(user_raw))
+            shown = self._attempt_user
+        else:
+            shown = "?"
+        if len(toks) > 1:
+            self.cleartext_credentials = True
+        return f"{_quote(shown)} {MASK}"
+
+    def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending) -> str:
+        head = line.head
+        words = head[argpos:].split()
+        mech = words[0].decode("latin-1").upper()[:64] if words else "?"
+        self.auth_command = "AUTHENTICATE"
+        self.auth_mechanism = mech
+        pending.mechanism = mech
+        self._sasl = _Sasl(tag, mech)
+        if len(words) > 1:
+            self._sasl_data(words[1])
+            return f"{mech} {MASK}"
+        return mech
+
+    def _sasl_data(self, word: bytes) -> None:
+        sasl = self._sasl
+        assert sasl is not None
+        decoded = parse.b64(word)
+        if decoded is not None and decoded:
+            user = parse.sasl_user(sasl.mechanism, sasl.step, decoded)
+            if user:
+                self._try_user(user)
+                if sasl.mechanism == "PLAIN":
+                    got = parse.sasl_plain_user(decoded)
+                    self.authzid = got[1] if got else None
+            if sasl.mechanism in parse.CLEARTEXT_MECHANISMS and (sasl.mechanism != "LOGIN" or sasl.step >= 1):
+                self.cleartext_credentials = True
+        elif decoded is None:
+            self._anomaly("bad_sasl_response")
+        sasl.step += 1
+
+    def _sasl_response(self, line: RawLine, word: bytes) -> None:
+        if word == b"*":
+            self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, text="*"))
+            return
+        self._sasl_data(word)
+        self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, args=MASK, truncated=line.truncated))
+
+    # --- server -------------------------------------------------------------------------------
+
+    def _server_line(self, line: RawLine) -> None:
+        first = self._server_lines == 0
+        self._server_lines += 1
+        head = line.head
+        lits = tuple(lit.size for lit in line.literals)
+        if head[:1] == b"+":
+            self._emit(Message(self.now, Side.SERVER, Kind.CONTINUATION,
+                               text=_clip(text(head[1:].lstrip(b" "))), truncated=line.truncated))
+            return
+        if head[:2] == b"* ":
+            self._untagged(line, head, first, lits)
+            return
+        tag_b, _, rest = head.partition(b" ")
+        word, _, after = rest.partition(b" ")
+        status = word.decode("latin-1").upper()
+        if status not in ("OK", "NO", "BAD") or not parse.is_tag(tag_b):
+            self._anomaly("bad_response")
+            self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, truncated=line.truncated, literals=lits,
+                               text=_clip(text(head)) if self.is_imap else None))
+            return
+        self.is_imap = True
+        tag = tag_b.decode("latin-1")
+        code, rest_text = parse.split_resp_text(after)
+        if code is not None:
+            self._response_code(code, line.truncated and not rest_text)
+        pending = self._pending.pop(tag, None)
+        command = pending.command if pending else None
+        latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
+        self.statuses[status] += 1
+        self.last_status = status
+        if latency is not None:
+            self.last_latency_ms = latency
+        if pending is None:
+            client_head = self.client.pending_head
+            if client_head is not None and client_head.split(b" ", 1)[0] == tag_b and status != "OK":
+                # A refused synchronising literal: its bytes will never come.
+                self.client.cancel_literal()
+                pending = self._pending.pop(tag, None)
+                command = pending.command if pending else None
+        if self._sasl is not None and self._sasl.tag == tag:
+            self._sasl = None
+        if command in _CRED_COMMANDS:
+            if status == "OK":
+                self.login_ok = True
+                if self._attempt_user is not None:
+                    self.username = self._attempt_user
+            else:
+                self.login_failures += 1
+                if self.login_ok is None:
+                    self.login_ok = False
+        elif command == "STARTTLS":
+            if status == "OK":
+                self.starttls = StartTls.COMPLETED
+                self.encrypted = True
+                self.client.start_encryption()
+                self.server.start_encryption()
+                self._set_payload_mode(PayloadMode.NONE)
+            else:
+                self.starttls = StartTls.REFUSED
+        elif command == "COMPRESS":
+            if status == "OK":
+                self.compressed = True
+                self.client.start_compression()
+                self.server.start_compression()
+            else:
+                self._set_payload_mode(PayloadMode.PREFIX)
+        elif command == "IDLE":
+            self._idle_tag = None
+        self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, tag=tag, command=command, status=status,
+                           code=_clip(code), text=_clip(text(rest_text)), latency_ms=latency,
+                           literals=lits, truncated=line.truncated))
+
+    def _untagged(self, line: RawLine, head: bytes, first: bool, lits: tuple[int, ...]) -> None:
+        rest = head[2:]
+        word, _, after = rest.partition(b" ")
+        upper = word.decode("latin-1").upper()
+        if upper in parse.STATUSES:
+            code, rest_text = parse.split_resp_text(after)
+            if code is not None:
+                self._response_code(code, line.truncated and not rest_text)
+            txt = text(rest_text)
+            if first and self._client_lines == 0 and upper in ("OK", "PREAUTH", "BYE"):
+                self.is_imap = True
+                self.greeting = txt[:DISPLAY_CAP]
+                if upper != "BYE":
+                    self.server_software = server_software(txt)
+                if upper == "PREAUTH":
+                    self.preauth = True
+            self.statuses[upper] += 1
+            if upper in ("BYE", "NO", "BAD"):
+                self.last_status = upper
+            self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, status=upper, code=_clip(code),
+                               text=_clip(txt), literals=lits, truncated=line.truncated))
+            return
+        number = None
+        command = upper
+        args_raw = after
+        if word.isdigit() and len(word) <= 10:
+            number = int(word)
+            word2, _, args_raw = after.partition(b" ")
+            command = word2.decode("latin-1").upper()
+        if not command.replace("-", "").replace(".", "").isalnum():
+            command = None
+            self._anomaly("bad_untagged")
+        elif command == "CAPABILITY":
+            self.capabilities = parse.capability_list(after, drop_last=line.truncated)
+            self._offered()
+        elif command == "ID":
+            self.server_id = parse.id_params(parse.tokens(line, 0, 2 + len(word) + 1))
+            if self.server_software is None and self.server_id and self.server_id.get("name"):
+                self.server_software = self.server_id["name"][:MAX_SOFTWARE]
+        if len(line.chunks) > 1:
+            args_raw = args_raw + b"".join(line.chunks[1:])
+        self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, command=command,
+                           args=_clip(text(args_raw)) if args_raw else None, number=number,
+                           literals=lits, truncated=line.truncated))
+
+    def _response_code(self, code: str, cut: bool) -> None:
+        name, _, rest = code.partition(" ")
+        if name.upper() == "CAPABILITY":
+            self.capabilities = parse.capability_list(rest, drop_last=cut)
+            self._offered()
+
+    def _offered(self) -> None:
+        if "STARTTLS" in self.capabilities and self.starttls is StartTls.NONE:
+            self.starttls = StartTls.OFFERED
+
+    # --- end ----------------------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """The connection is over: deliver any line still being collected."""
+        self.client.finish()
+        self.server.finish()
+
+
+def _quote(s: str | None) -> str:
+    """A user name as it would appear in a LOGIN command."""
+    if s is None:
+        return "?"
+    if s and all(c.isalnum() or c in "._@-+" for c in s):
+        return s
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'

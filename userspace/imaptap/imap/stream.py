@@ -1,0 +1,345 @@
+"""One direction of an IMAP connection: bytes in, logical lines out.
+
+The stream joins lines split across segments, counts literal bytes instead of parsing them
+(so a mail body that contains ``a1 LOGIN mallory x`` is data, never a command), and skips
+bytes it never received: the capture copies only a prefix of each segment, and the flow
+tracker reports the rest, and any hole in the sequence space, through `gap`.  A gap inside a
+literal just shortens the literal; a gap anywhere else loses the current line and the stream
+resynchronises at the next line boundary.
+
+The session switches the stream to encrypted (after STARTTLS) or compressed (after COMPRESS
+DEFLATE) from inside its line callback; the switch takes effect at the very next byte.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zlib
+from collections.abc import Callable
+
+from imaptap.imap.parse import LITERAL_KEEP, Literal, RawLine, literal_mark
+
+#: Bytes kept of one logical line.  RFC 7162 asks clients to keep command lines under 8192
+#: octets; twice that leaves room for long server responses without unbounded buffering.
+LINE_CAP = 16384
+
+#: Literals kept per logical line; a FETCH of many parts has a few, a hostile line thousands.
+MAX_LITERALS_PER_LINE = 256
+
+#: Bytes inflated per step, so one compressed segment never expands into unbounded memory.
+INFLATE_STEP = 65536
+
+#: A literal larger than this is reported as an anomaly (it is still skipped byte for byte).
+LARGE_LITERAL = 1 << 30
+
+#: Bytes at the end of an over-long physical line kept to see whether it ends in a literal marker.
+_MARK_TAIL = 32
+
+_TLS_RECORD = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
+
+# Where a resynchronising stream may start again: an untagged or continuation line, or a tag
+# followed by a word.  Only used at a segment start after a gap outside any literal.
+_LINE_START = re.compile(rb"(?:\* [A-Za-z0-9]|\+(?: |\r?\n)|[!#$&',-.0-9:-Z^-z|~]{1,64} [A-Za-z])")
+
+
+class Mode(enum.Enum):
+    LINES = "lines"
+    LITERAL = "literal"
+    RESYNC = "resync"
+    ENCRYPTED = "encrypted"
+    UNDECODABLE = "undecodable"
+    """Compressed, and a byte of the deflate stream was lost: nothing more can be read."""
+
+
+class ImapStream:
+    """Reassembles one direction's bytes into `RawLine`s delivered to ``on_line``."""
+
+    __slots__ = (
+        "on_line",
+        "on_anomaly",
+        "on_tls",
+        "mode",
+        "buf",
+        "tail",
+        "chunks",
+        "literals",
+        "kept",
+        "truncated",
+        "lit",
+        "lit_left",
+        "inflater",
+        "_inflating",
+        "started",
+        "bytes_seen",
+        "bytes_missed",
+        "bytes_encrypted",
+        "bytes_inflated",
+        "lines",
+        "gaps",
+    )
+
+    def __init__(
+        self,
+        on_line: Callable[[RawLine], None],
+        on_anomaly: Callable[[str, str], None],
+        on_tls: Callable[[], None] | None = None,
+    ) -> None:
+        self.on_line = on_line
+        self.on_anomaly = on_anomaly
+        self.on_tls = on_tls
+        self.mode = Mode.LINES
+        self.buf = bytearray()
+        self.tail = b""
+        self.chunks: list[bytes] = []
+        self.literals: list[Literal] = []
+        self.kept = 0
+        self.truncated = False
+        self.lit: Literal | None = None
+        self.lit_left = 0
+        self.inflater = None
+        self._inflating = False
+        self.started = False
+        self.bytes_seen = 0
+        """Captured bytes fed in (compressed bytes as they came off the wire)."""
+        self.bytes_missed = 0
+        """Bytes that went by on the wire but were not captured."""
+        self.bytes_encrypted = 0
+        self.bytes_inflated = 0
+        self.lines = 0
+        self.gaps = 0
+        """Holes outside literals, each of which cost a line."""
+
+    # --- state switches, called by the session --------------------------------------------
+
+    def start_encryption(self) -> None:
+        """Everything after the current line is TLS: stop parsing for good."""
+        self._drop_partial()
+        self.mode = Mode.ENCRYPTED
+
+    def start_compression(self) -> None:
+        """Everything after the current line is a raw DEFLATE stream (RFC 4978)."""
+        if self.inflater is None and self.mode is not Mode.ENCRYPTED:
+            self.inflater = zlib.decompressobj(-15)
+
+    def cancel_literal(self) -> None:
+        """The server refused a synchronising literal: the client will not send its bytes."""
+        if self.mode is Mode.LITERAL and self.lit is not None and self.lit.sync and not self.lit.data:
+            self.lit.complete = False
+            self.lit_left = 0
+            self.mode = Mode.LINES
+            self._emit()
+
+    @property
+    def pending_head(self) -> bytes | None:
+        """First physical line of a logical line still waiting for literal bytes."""
+        return self.chunks[0] if self.chunks else None
+
+    @property
+    def waiting_for_literal(self) -> bool:
+        return self.mode is Mode.LITERAL and self.lit is not None and self.lit.sync and not self.lit.data
+
+    @property
+    def compressed(self) -> bool:
+        return self.inflater is not None
+
+    # --- input -------------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> None:
+        """Bytes of one segment, in order."""
+        if not data:
+            return
+        self.bytes_seen += len(data)
+        if self.mode is Mode.ENCRYPTED:
+            self.bytes_encrypted += len(data)
+            return
+        if self.inflater is not None:
+            self._inflate(data)
+            return
+        if not self.started:
+            self.started = True
+            if data[:2] in _TLS_RECORD:
+                self.mode = Mode.ENCRYPTED
+                self.bytes_encrypted += len(data)
+                if self.on_tls is not None:
+                    self.on_tls()
+                return
+        self._consume(data, True)
+
+    def gap(self, n: int) -> None:
+        """``n`` bytes went by that were not captured."""
+        if n <= 0:
+            return
+        self.bytes_missed += n
+        if self.mode is Mode.ENCRYPTED or self.mode is Mode.UNDECODABLE:
+            return
+        if self.inflater is not None:
+            # DEFLATE cannot skip: every later byte depends on the lost ones.
+            self.mode = Mode.UNDECODABLE
+            self._drop_partial()
+            self.on_anomaly("compressed_gap", f"{n} compressed bytes not captured; stream no longer decodable")
+            return
+        self.started = True
+        if self.mode is Mode.LITERAL:
+            take = n if n < self.lit_left else self.lit_left
+            self.lit_left -= take
+            assert self.lit is not None
+            self.lit.complete = False
+            n -= take
+            if self.lit_left == 0:
+                self.mode = Mode.LINES
+            if n == 0:
+                return
+        if self.mode is Mode.RESYNC:
+            return
+        self.gaps += 1
+        if self.buf or self.chunks:
+            self.truncated = True
+            physical = bytes(self.buf)
+            self.buf.clear()
+            self.tail = b""
+            self._finish_physical(physical, b"", complete=False)
+        if self.mode is Mode.LINES:
+            self.mode = Mode.RESYNC
+
+    def finish(self) -> None:
+        """End of the connection: a line still being collected is delivered as truncated."""
+        if self.mode in (Mode.LINES, Mode.LITERAL) and (self.buf or self.chunks):
+            self.truncated = True
+            if self.buf:
+                self.chunks.append(bytes(self.buf).rstrip(b"\r"))
+                self.buf.clear()
+            self._emit()
+
+    # --- internals ---------------------------------------------------------------------------
+
+    def _inflate(self, data: bytes) -> None:
+        if self.mode is Mode.UNDECODABLE:
+            return
+        self._inflating = True
+        try:
+            inflater = self.inflater
+            out = inflater.decompress(data, INFLATE_STEP)
+            while True:
+                if out:
+                    self.bytes_inflated += len(out)
+                    self._consume(out, False)
+                    if self.mode is Mode.ENCRYPTED or self.mode is Mode.UNDECODABLE:
+                        return
+                tail = inflater.unconsumed_tail
+                if not tail:
+                    break
+                out = inflater.decompress(tail, INFLATE_STEP)
+        except zlib.error as exc:
+            self.mode = Mode.UNDECODABLE
+            self._drop_partial()
+            self.on_anomaly("inflate_error", str(exc))
+        finally:
+            self._inflating = False
+
+    def _consume(self, data: bytes, segment_start: bool) -> None:
+        pos = 0
+        n = len(data)
+        if self.mode is Mode.RESYNC and segment_start and _LINE_START.match(data):
+            self.mode = Mode.LINES
+        while pos < n:
+            mode = self.mode
+            if mode is Mode.LITERAL:
+                take = self.lit_left if self.lit_left < n - pos else n - pos
+                lit = self.lit
+                room = LITERAL_KEEP - len(lit.data)
+                if room > 0:
+                    lit.data += data[pos : pos + (take if take < room else room)]
+                self.lit_left -= take
+                pos += take
+                if self.lit_left == 0:
+                    if len(lit.data) < lit.size:
+                        lit.complete = False
+                    self.mode = Mode.LINES
+                continue
+            if mode is Mode.RESYNC:
+                lf = data.find(b"\n", pos)
+                if lf < 0:
+                    return
+                pos = lf + 1
+                self.mode = Mode.LINES
+                continue
+            if mode is not Mode.LINES:
+                if mode is Mode.ENCRYPTED:
+                    self.bytes_encrypted += n - pos
+                return
+            if self.inflater is not None and not self._inflating:
+                # COMPRESS became active on the line just delivered: the rest is deflate.
+                self._inflate(data[pos:])
+                return
+            lf = data.find(b"\n", pos)
+            if lf < 0:
+                self._append(data, pos, n)
+                return
+            self._append(data, pos, lf)
+            pos = lf + 1
+            physical = bytes(self.buf)
+            tail = self.tail
+            self.buf.clear()
+            self.tail = b""
+            self._finish_physical(physical, tail, complete=True)
+
+    def _append(self, data: bytes, start: int, end: int) -> None:
+        room = LINE_CAP - self.kept - len(self.buf)
+        if end - start <= room:
+            self.buf += data[start:end]
+            return
+        if room > 0:
+            self.buf += data[start : start + room]
+        if not self.truncated:
+            self.truncated = True
+            self.on_anomaly("line_too_long", f"line longer than {LINE_CAP} bytes; the rest is not kept")
+        self.tail = (self.tail + data[max(start, end - _MARK_TAIL) : end])[-_MARK_TAIL:]
+
+    def _finish_physical(self, physical: bytes, tail: bytes, complete: bool) -> None:
+        if physical.endswith(b"\r"):
+            physical = physical[:-1]
+        mark = None
+        if complete:
+            end = (tail[:-1] if tail.endswith(b"\r") else tail) if tail else physical
+            mark = literal_mark(end)
+        self.chunks.append(physical)
+        self.kept += len(physical)
+        if mark is None:
+            self._emit()
+            return
+        size, sync, binary = mark
+        if len(self.literals) >= MAX_LITERALS_PER_LINE:
+            if len(self.literals) == MAX_LITERALS_PER_LINE:
+                self.on_anomaly("too_many_literals", f"more than {MAX_LITERALS_PER_LINE} literals in one line")
+            self.truncated = True
+            lit = Literal(size, complete=False, binary=binary, sync=sync)
+        else:
+            lit = Literal(size, binary=binary, sync=sync)
+            self.literals.append(lit)
+        if size >= LARGE_LITERAL:
+            self.on_anomaly("large_literal", f"literal of {size} bytes announced")
+        if size > 0:
+            self.lit = lit
+            self.lit_left = size
+            self.mode = Mode.LITERAL
+
+    def _emit(self) -> None:
+        line = RawLine(self.chunks, self.literals, self.truncated)
+        self.chunks = []
+        self.literals = []
+        self.kept = 0
+        self.truncated = False
+        self.lit = None
+        self.lines += 1
+        self.on_line(line)
+
+    def _drop_partial(self) -> None:
+        self.buf.clear()
+        self.tail = b""
+        self.chunks = []
+        self.literals = []
+        self.kept = 0
+        self.truncated = False
+        self.lit = None
+        self.lit_left = 0

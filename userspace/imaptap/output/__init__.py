@@ -1,0 +1,1 @@
+"""Outputs that consume flow and message events."""

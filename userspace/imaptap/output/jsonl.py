@@ -1,0 +1,117 @@
+"""JSON Lines output: one object per IMAP line, per flow at its end, and stats at the end.
+
+The keys here are a contract that log pipelines and the tests rely on; see the README.  The
+record builders are shared with the TUI, which shows the same facts.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import IO, Any
+
+from imaptap.flows import Flow
+from imaptap.imap.session import Message
+
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
+
+
+def endpoint(addr: tuple[str, int]) -> str:
+    """``ip:port``, IPv6 as ``[ip]:port``."""
+    host, port = addr
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def message_record(flow: Flow, msg: Message) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "type": "message",
+        "ts": msg.ts,
+        "flow": flow.id,
+        "client": endpoint(flow.client),
+        "server": endpoint(flow.server),
+        "from": msg.side.value,
+        "kind": msg.kind.value,
+        "tag": msg.tag,
+        "command": msg.command,
+        "args": msg.args,
+        "status": msg.status,
+        "code": msg.code,
+        "text": msg.text,
+        "latency_ms": msg.latency_ms,
+    }
+    if msg.literals:
+        rec["literals"] = list(msg.literals)
+    if msg.number is not None:
+        rec["number"] = msg.number
+    if msg.truncated:
+        rec["truncated"] = True
+    return rec
+
+
+def flow_record(flow: Flow) -> dict[str, Any]:
+    s = flow.session
+    return {
+        "type": "flow",
+        "flow": flow.id,
+        "client": endpoint(flow.client),
+        "server": endpoint(flow.server),
+        "ip_version": flow.ip_version,
+        "first_ts": flow.first_ts,
+        "last_ts": flow.last_ts,
+        "packets": flow.packets,
+        "bytes": flow.bytes,
+        "packets_c2s": flow.packets_c2s,
+        "packets_s2c": flow.packets_s2c,
+        "bytes_c2s": flow.bytes_c2s,
+        "bytes_s2c": flow.bytes_s2c,
+        "end": flow.end_reason,
+        "imap": s.is_imap,
+        "greeting": s.greeting,
+        "server_software": s.server_software,
+        "username": s.username,
+        "authzid": s.authzid,
+        "auth_command": s.auth_command,
+        "auth_mechanism": s.auth_mechanism,
+        "login_ok": s.login_ok,
+        "login_failures": s.login_failures,
+        "preauth": s.preauth,
+        "capabilities": s.capabilities,
+        "starttls": s.starttls.value,
+        "encrypted": s.encrypted,
+        "encrypted_from_start": s.encrypted_from_start,
+        "compressed": s.compressed,
+        "cleartext_credentials": s.cleartext_credentials,
+        "findings": s.findings,
+        "client_id": s.client_id,
+        "server_id": s.server_id,
+        "mailboxes": s.mailboxes,
+        "idles": s.idles,
+        "commands": dict(s.commands),
+        "statuses": dict(s.statuses),
+        "anomalies": dict(s.anomalies),
+        "gaps": s.client.gaps + s.server.gaps,
+        "bytes_not_captured": s.client.bytes_missed + s.server.bytes_missed,
+        "bytes_inflated": s.client.bytes_inflated + s.server.bytes_inflated,
+        "retransmissions": flow.c2s.retransmissions + flow.s2c.retransmissions,
+        "out_of_order": flow.c2s.out_of_order + flow.s2c.out_of_order,
+    }
+
+
+class JsonlWriter:
+    """Writes records to a text stream, one JSON object per line."""
+
+    def __init__(self, out: IO[str], messages: bool = True) -> None:
+        self.out = out
+        self.messages = messages
+        self.write = out.write
+
+    def message(self, flow: Flow, msg: Message) -> None:
+        self.write(_dumps(message_record(flow, msg)) + "\n")
+
+    def flow_end(self, flow: Flow) -> None:
+        self.write(_dumps(flow_record(flow)) + "\n")
+
+    def stats(self, record: dict[str, Any]) -> None:
+        self.write(_dumps({"type": "stats", **record}) + "\n")
+
+    def flush(self) -> None:
+        self.out.flush()
