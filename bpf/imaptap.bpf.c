@@ -1,0 +1,436 @@
+/* imaptap.bpf.c: hand TCP segments of monitored ports to userspace, payload cut in the kernel.
+ *
+ * Attached by capture/live.py (BCC) as XDP on ingress and as a TC clsact filter on egress (or
+ * TC on both with --no-xdp).  For every packet it parses Ethernet, up to two 802.1Q/802.1ad
+ * tags, IPv4 (with options) or IPv6 (hop-by-hop, routing, destination options, AH and atomic
+ * fragment headers, at most IMAPTAP_MAX_EXT_HDRS of them) and TCP.  A segment to or from a
+ * monitored port goes to userspace as one record: a fixed struct imaptap_event and a payload
+ * prefix cut according to the flow's mode.  Pure ACKs are not submitted; SYN, FIN and RST are.
+ *
+ * Cost: every packet pays one parse and two array lookups (inlined by the verifier); only
+ * matched segments pay the flow-mode lookup, a ring buffer record and the payload copy.
+ * The program never drops or changes a packet: XDP_PASS, and TC_ACT_UNSPEC so that other
+ * tools' TC filters after ours still run and decide (TC_ACT_OK would end the filter chain).
+ *
+ * Limits (counted as "unparsed", packet passed on untouched): IPv4 fragments and non-atomic
+ * IPv6 fragments (TCP over IP fragments is rare), more than IMAPTAP_MAX_EXT_HDRS IPv6 extension
+ * headers, headers outside the first buffer of a multi-buffer XDP frame, and in TC headers
+ * further than IMAPTAP_PULL_LEN bytes into the packet.
+ *
+ * Compile-time options (cflags from live.py):
+ *   -DIMAPTAP_RINGBUF=1     BPF ring buffer (kernel 5.8+); otherwise a perf buffer.
+ *   -DIMAPTAP_RING_PAGES=N  ring buffer size in pages (a power of two).
+ *   -DIMAPTAP_XDP=1         build the XDP program (needs bpf_xdp_load_bytes, kernel 5.18+).
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/tcp.h>
+#include <uapi/linux/pkt_cls.h>
+
+#include "imaptap.h"
+
+#ifndef IMAPTAP_RING_PAGES
+#define IMAPTAP_RING_PAGES 1024
+#endif
+
+/* TC: when the headers are not in the linear part of the skb (drivers that build skbs from
+ * page fragments, seen at TC ingress), pull this much and parse again.  Covers Ethernet, two
+ * VLAN tags, an IPv6 header with 64 bytes of extension headers and a TCP header with options. */
+#define IMAPTAP_PULL_LEN 192
+
+/* Perf buffer fallback: records are built in a per-CPU scratch value, and per-CPU map values
+ * are at most 32 KiB (PCPU_MIN_UNIT_SIZE), so WHOLE copies are cut to this on kernels < 5.8. */
+#define IMAPTAP_PERF_CAP (32768 - sizeof(struct imaptap_event))
+
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+#define BE16(x) ((__u16)__builtin_bswap16(x))
+#else
+#define BE16(x) ((__u16)(x))
+#endif
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+
+/* Results of parse(). */
+#define PARSE_DONE 0    /* handled (submitted, or not ours) */
+#define PARSE_SHORT 1   /* headers run past the linear data */
+#define PARSE_BAD 2     /* cannot parse: counted as unparsed */
+
+struct vlan_tag {
+    __be16 tci;
+    __be16 proto;
+};
+
+BPF_ARRAY(config, struct imaptap_config, 1);
+BPF_PERCPU_ARRAY(counters, struct imaptap_counters, 1);
+BPF_TABLE("lru_hash", struct imaptap_flow_key, __u8, flow_modes, IMAPTAP_FLOW_MODES_MAX);
+
+#if IMAPTAP_RINGBUF
+BPF_RINGBUF_OUTPUT(events, IMAPTAP_RING_PAGES);
+#else
+struct perf_record {
+    struct imaptap_event ev;
+    __u8 payload[IMAPTAP_PERF_CAP];
+};
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(scratch, struct perf_record, 1);
+#endif
+
+/* A copy length in [1, max] that the verifier can prove: clang drops a repeated bounds check
+ * it knows to be redundant, so the value is hidden from it first.  Callers pass cap >= 1. */
+static __always_inline __u64 bounded_len(__u64 cap, const __u64 max)
+{
+    /* 64-bit on purpose: with 32-bit values clang compares a zero-extended copy and the
+     * verifier learns nothing about the register that is passed on. */
+    __u64 n = cap - 1;
+    asm volatile("" : "+r"(n));
+    if (n > max - 1)
+        n = max - 1;
+    return n + 1;
+}
+
+/* memcmp order of two addresses kept as network-order words. */
+static __always_inline int addr_lt(const __be32 *a, const __be32 *b)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        __u32 x = bpf_ntohl(a[i]), y = bpf_ntohl(b[i]);
+        if (x != y)
+            return x < y;
+    }
+    return 0;
+}
+
+/* Copy `cap` payload bytes at `off` of the packet to `dst`; 0 on success. */
+static __always_inline long load_payload(void *ctx, const int hook, __u32 off, void *dst, __u32 cap)
+{
+#if IMAPTAP_XDP
+    if (hook == IMAPTAP_HOOK_XDP)
+        return bpf_xdp_load_bytes((struct xdp_md *)ctx, off, dst, cap);
+#endif
+    return bpf_skb_load_bytes(ctx, off, dst, cap);
+}
+
+/* Length of the whole frame.  Only asked for monitored segments: in XDP it is a helper call. */
+static __always_inline __u32 frame_len(void *ctx, const int hook)
+{
+#if IMAPTAP_XDP
+    if (hook == IMAPTAP_HOOK_XDP)
+        return bpf_xdp_get_buff_len((struct xdp_md *)ctx);   /* fragments included */
+#endif
+    return ((struct __sk_buff *)ctx)->len;
+}
+
+#if IMAPTAP_RINGBUF
+/* Reserve a record with room for `klass` payload bytes (a constant once inlined: the ring
+ * buffer only takes constant sizes), copy the payload and submit. */
+static __always_inline void emit_class(void *ctx, const int hook, struct imaptap_event *ev,
+                                       __u32 off, __u32 cap, const __u32 klass,
+                                       struct imaptap_counters *cnt)
+{
+    struct imaptap_event *e = events.ringbuf_reserve(sizeof(struct imaptap_event) + klass);
+    if (!e) {
+        cnt->lost++;
+        return;
+    }
+    __builtin_memcpy(e, ev, sizeof(*ev));
+    if (klass > 0 && cap > 0) {
+        if (load_payload(ctx, hook, off, (void *)(e + 1), bounded_len(cap, klass)) != 0) {
+            e->cap_len = 0;
+            cnt->copy_failed++;
+        }
+    }
+    events.ringbuf_submit(e, 0);
+    cnt->submitted++;
+}
+
+static __always_inline void emit(void *ctx, const int hook, struct imaptap_event *ev, __u32 off,
+                                 __u32 cap, struct imaptap_counters *cnt)
+{
+    /* Power-of-two size classes: a record wastes at most half its payload room. */
+    if (cap == 0)
+        emit_class(ctx, hook, ev, off, cap, 0, cnt);
+    else if (cap <= 64)
+        emit_class(ctx, hook, ev, off, cap, 64, cnt);
+    else if (cap <= 128)
+        emit_class(ctx, hook, ev, off, cap, 128, cnt);
+    else if (cap <= 256)
+        emit_class(ctx, hook, ev, off, cap, 256, cnt);
+    else if (cap <= 512)
+        emit_class(ctx, hook, ev, off, cap, 512, cnt);
+    else if (cap <= 1024)
+        emit_class(ctx, hook, ev, off, cap, 1024, cnt);
+    else if (cap <= 2048)
+        emit_class(ctx, hook, ev, off, cap, 2048, cnt);
+    else if (cap <= 4096)
+        emit_class(ctx, hook, ev, off, cap, 4096, cnt);
+    else if (cap <= 8192)
+        emit_class(ctx, hook, ev, off, cap, 8192, cnt);
+    else if (cap <= 16384)
+        emit_class(ctx, hook, ev, off, cap, 16384, cnt);
+    else if (cap <= 32768)
+        emit_class(ctx, hook, ev, off, cap, 32768, cnt);
+    else
+        emit_class(ctx, hook, ev, off, cap, 65536, cnt);
+}
+#else
+static __always_inline void emit(void *ctx, const int hook, struct imaptap_event *ev, __u32 off,
+                                 __u32 cap, struct imaptap_counters *cnt)
+{
+    __u32 zero = 0;
+    struct perf_record *r = scratch.lookup(&zero);
+    if (!r)
+        return;
+    __builtin_memcpy(&r->ev, ev, sizeof(*ev));
+    if (cap > 0) {
+        cap = bounded_len(cap, IMAPTAP_PERF_CAP);
+        if (load_payload(ctx, hook, off, r->payload, cap) != 0) {
+            cap = 0;
+            cnt->copy_failed++;
+        }
+    }
+    r->ev.cap_len = cap;
+    if (events.perf_submit(ctx, r, sizeof(struct imaptap_event) + cap) != 0)
+        cnt->lost++;
+    else
+        cnt->submitted++;
+}
+#endif
+
+/* Parse one frame; submit it if it is a TCP segment of a monitored port worth reporting. */
+static __always_inline int parse(void *ctx, const int hook, void *data, void *data_end,
+                                 __u32 ifindex, struct imaptap_config *cfg,
+                                 struct imaptap_counters *cnt)
+{
+    struct ethhdr *eth = data;
+    if ((void *)(eth + 1) > data_end)
+        return PARSE_SHORT;
+    __u16 proto = eth->h_proto;
+    __u32 l3 = sizeof(*eth);
+
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+        if (proto != BE16(ETH_P_8021Q) && proto != BE16(ETH_P_8021AD))
+            break;
+        struct vlan_tag *tag = data + l3;
+        if ((void *)(tag + 1) > data_end)
+            return PARSE_SHORT;
+        proto = tag->proto;
+        l3 += sizeof(*tag);
+    }
+
+    /* Both are set before use; the verifier cannot test a packet pointer against NULL, so
+     * `ipver` says which one is valid. */
+    struct iphdr *ip4 = data;
+    struct ipv6hdr *ip6 = data;
+    __u32 l4, ip_len, l3_hdrs;
+    __u8 ipver;
+
+    if (proto == BE16(ETH_P_IP)) {
+        ip4 = data + l3;
+        if ((void *)(ip4 + 1) > data_end)
+            return PARSE_SHORT;
+        ipver = 4;
+        if (ip4->protocol != IPPROTO_TCP)
+            return PARSE_DONE;
+        l3_hdrs = ip4->ihl * 4;
+        if (l3_hdrs < sizeof(*ip4))
+            return PARSE_BAD;
+        if (ip4->frag_off & BE16(0x3fff))   /* MF or a fragment offset */
+            return PARSE_BAD;
+        ip_len = BE16(ip4->tot_len);        /* 0 on IPv4 BIG TCP GSO packets */
+        if (ip_len != 0) {
+            if (ip_len < l3_hdrs)
+                return PARSE_BAD;
+            ip_len -= l3_hdrs;
+        }
+    } else if (proto == BE16(ETH_P_IPV6)) {
+        ip6 = data + l3;
+        if ((void *)(ip6 + 1) > data_end)
+            return PARSE_SHORT;
+        ipver = 6;
+        __u8 nexthdr = ip6->nexthdr;
+        l3_hdrs = sizeof(*ip6);
+#pragma unroll
+        for (int i = 0; i < IMAPTAP_MAX_EXT_HDRS; i++) {
+            if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING &&
+                nexthdr != IPPROTO_DSTOPTS && nexthdr != IPPROTO_AH &&
+                nexthdr != IPPROTO_FRAGMENT)
+                break;
+            __u8 *ext = data + l3 + l3_hdrs;
+            if ((void *)(ext + 8) > data_end)    /* every extension header has 8 bytes */
+                return PARSE_SHORT;
+            __u32 len;
+            if (nexthdr == IPPROTO_FRAGMENT) {
+                if (*(__be16 *)(ext + 2) & BE16(0xfff9))   /* offset or M: a real fragment */
+                    return PARSE_BAD;
+                len = 8;
+            } else if (nexthdr == IPPROTO_AH) {
+                len = (ext[1] + 2) * 4;
+            } else {
+                len = (ext[1] + 1) * 8;
+            }
+            nexthdr = ext[0];
+            l3_hdrs += len;
+        }
+        if (nexthdr != IPPROTO_TCP) {
+            if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+                nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_AH ||
+                nexthdr == IPPROTO_FRAGMENT)
+                return PARSE_BAD;
+            return PARSE_DONE;
+        }
+        ip_len = BE16(ip6->payload_len);    /* 0 on jumbograms and IPv6 BIG TCP */
+        if (ip_len != 0) {
+            if (ip_len < l3_hdrs - sizeof(*ip6))
+                return PARSE_BAD;
+            ip_len -= l3_hdrs - sizeof(*ip6);
+        }
+    } else {
+        return PARSE_DONE;
+    }
+
+    l4 = l3 + l3_hdrs;
+    struct tcphdr *th = data + l4;
+    if ((void *)(th + 1) > data_end)
+        return PARSE_SHORT;
+    __u16 sport = BE16(th->source);
+    __u16 dport = BE16(th->dest);
+    if (!(cfg->ports[sport >> 3] & (1 << (sport & 7))) &&
+        !(cfg->ports[dport >> 3] & (1 << (dport & 7))))
+        return PARSE_DONE;
+
+    /* A monitored segment: from here on the cost only falls on IMAP traffic. */
+    cnt->matched++;
+    __u32 doff = th->doff * 4;
+    if (doff < sizeof(*th))
+        return PARSE_BAD;
+    __u8 flags = ((__u8 *)th)[13];
+    __u32 payload_off = l4 + doff;
+    __u32 pkt_len = frame_len(ctx, hook);
+    __u32 wire_len;
+    if (ip_len == 0) {
+        /* GSO super-packet without a length in the IP header: the packet's length decides. */
+        wire_len = pkt_len > payload_off ? pkt_len - payload_off : 0;
+    } else {
+        if (ip_len < doff)
+            return PARSE_BAD;
+        wire_len = ip_len - doff;
+    }
+    if (wire_len == 0 && !(flags & (TCP_FIN | TCP_SYN | TCP_RST)))
+        return PARSE_DONE;  /* pure ACK: nothing for the analyzer */
+
+    struct imaptap_event ev = {};
+    ev.ts_ns = bpf_ktime_get_ns();
+    ev.ip_version = ipver;
+    if (ipver == 4) {
+        ev.saddr[0] = ip4->saddr;
+        ev.daddr[0] = ip4->daddr;
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            ev.saddr[i] = ip6->saddr.in6_u.u6_addr32[i];
+            ev.daddr[i] = ip6->daddr.in6_u.u6_addr32[i];
+        }
+    }
+    ev.sport = sport;
+    ev.dport = dport;
+    ev.seq = bpf_ntohl(th->seq);
+    ev.ack = bpf_ntohl(th->ack_seq);
+    ev.wire_len = wire_len;
+    ev.ifindex = ifindex;
+    ev.tcp_flags = flags;
+    ev.hook = hook;
+
+    struct imaptap_flow_key key = {};
+    key.ip_version = ev.ip_version;
+    if (sport < dport || (sport == dport && addr_lt(ev.saddr, ev.daddr))) {
+        __builtin_memcpy(key.addr_a, ev.saddr, 16);
+        __builtin_memcpy(key.addr_b, ev.daddr, 16);
+        key.port_a = sport;
+        key.port_b = dport;
+    } else {
+        __builtin_memcpy(key.addr_a, ev.daddr, 16);
+        __builtin_memcpy(key.addr_b, ev.saddr, 16);
+        key.port_a = dport;
+        key.port_b = sport;
+    }
+    __u8 mode = IMAPTAP_MODE_PREFIX;
+    __u8 *m = flow_modes.lookup(&key);
+    if (m)
+        mode = *m;
+    ev.mode = mode;
+
+    __u32 limit = cfg->snaplen;
+    if (mode == IMAPTAP_MODE_NONE)
+        limit = 0;
+    else if (mode == IMAPTAP_MODE_WHOLE)
+        limit = IMAPTAP_WHOLE_CAP;
+    __u32 cap = wire_len < limit ? wire_len : limit;
+    __u32 avail = pkt_len > payload_off ? pkt_len - payload_off : 0;  /* a truncated frame */
+    if (cap > avail)
+        cap = avail;
+    if (cap > IMAPTAP_WHOLE_CAP)
+        cap = IMAPTAP_WHOLE_CAP;
+    ev.cap_len = cap;
+    emit(ctx, hook, &ev, payload_off, cap, cnt);
+    return PARSE_DONE;
+}
+
+#if IMAPTAP_XDP
+int imaptap_xdp(struct xdp_md *ctx)
+{
+    __u32 zero = 0;
+    struct imaptap_counters *cnt = counters.lookup(&zero);
+    struct imaptap_config *cfg = config.lookup(&zero);
+    if (!cnt || !cfg)
+        return XDP_PASS;
+    cnt->seen++;
+    void *data = (void *)(long)ctx->data;
+    void *data_end = (void *)(long)ctx->data_end;
+    int res = parse(ctx, IMAPTAP_HOOK_XDP, data, data_end, ctx->ingress_ifindex, cfg, cnt);
+    if (res != PARSE_DONE)
+        cnt->unparsed++;
+    return XDP_PASS;
+}
+#endif
+
+static __always_inline int tc_run(struct __sk_buff *skb, const int hook)
+{
+    __u32 zero = 0;
+    struct imaptap_counters *cnt = counters.lookup(&zero);
+    struct imaptap_config *cfg = config.lookup(&zero);
+    if (!cnt || !cfg)
+        return TC_ACT_UNSPEC;
+    cnt->seen++;
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    int res = parse(skb, hook, data, data_end, skb->ifindex, cfg, cnt);
+    if (res == PARSE_SHORT && skb->len > (__u32)(data_end - data)) {
+        /* Headers in page fragments: make them linear (the stack pulls them a moment later
+         * anyway) and parse again.  Only the layout changes, never the bytes. */
+        __u32 want = skb->len < IMAPTAP_PULL_LEN ? skb->len : IMAPTAP_PULL_LEN;
+        if (bpf_skb_pull_data(skb, want) == 0) {
+            data = (void *)(long)skb->data;
+            data_end = (void *)(long)skb->data_end;
+            res = parse(skb, hook, data, data_end, skb->ifindex, cfg, cnt);
+        }
+    }
+    if (res != PARSE_DONE)
+        cnt->unparsed++;
+    return TC_ACT_UNSPEC;
+}
+
+int imaptap_tc_in(struct __sk_buff *skb)
+{
+    return tc_run(skb, IMAPTAP_HOOK_TC_INGRESS);
+}
+
+int imaptap_tc_eg(struct __sk_buff *skb)
+{
+    return tc_run(skb, IMAPTAP_HOOK_TC_EGRESS);
+}
