@@ -140,7 +140,7 @@ class ImapSession:
         self.on_message = on_message
         self.on_payload_mode = on_payload_mode
         self.now = 0.0
-        self.client = ImapStream(self._client_line, self._client_anomaly, self._tls_from_start)
+        self.client = ImapStream(self._client_line, self._client_anomaly, self._tls_from_start, server=False)
         self.server = ImapStream(self._server_line, self._server_anomaly, self._tls_from_start)
 
         self.is_imap = False

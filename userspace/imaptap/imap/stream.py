@@ -18,7 +18,7 @@ import re
 import zlib
 from collections.abc import Callable
 
-from imaptap.imap.parse import LITERAL_KEEP, Literal, RawLine, literal_mark
+from imaptap.imap.parse import KNOWN_COMMANDS, LITERAL_KEEP, Literal, RawLine, literal_mark
 
 #: Bytes kept of one logical line.  RFC 7162 asks clients to keep command lines under 8192
 #: octets; twice that leaves room for long server responses without unbounded buffering.
@@ -38,9 +38,19 @@ _MARK_TAIL = 32
 
 _TLS_RECORD = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
 
-# Where a resynchronising stream may start again: an untagged or continuation line, or a tag
-# followed by a word.  Only used at a segment start after a gap outside any literal.
-_LINE_START = re.compile(rb"(?:\* [A-Za-z0-9]|\+(?: |\r?\n)|[!#$&',-.0-9:-Z^-z|~]{1,64} [A-Za-z])")
+# Where a resynchronising stream may start again at a segment start: a line that can only be
+# the beginning of a response (server) or of a command (client).  Used only after a gap
+# outside any literal, where waiting for the next line feed would cost a whole line.
+_TAG = rb"[!#$&'\x2c-.0-9:-Z^-z|~\]\[]{1,64}"
+_SERVER_LINE_START = re.compile(
+    rb"(?:\* (?:OK|NO|BAD|BYE|PREAUTH|CAPABILITY|LIST|LSUB|STATUS|FLAGS|SEARCH|ID|\d{1,10} [A-Z])"
+    rb"|\+(?: |\r?\n)|" + _TAG + rb" (?:OK|NO|BAD)[ \r\n])",
+    re.I,
+)
+_CLIENT_LINE_START = re.compile(
+    _TAG + rb" (?:" + b"|".join(c.encode() for c in sorted(KNOWN_COMMANDS)) + rb")(?: |\r?\n)|DONE\r?\n",
+    re.I,
+)
 
 
 class Mode(enum.Enum):
@@ -71,12 +81,14 @@ class ImapStream:
         "inflater",
         "_inflating",
         "started",
+        "pre",
         "bytes_seen",
         "bytes_missed",
         "bytes_encrypted",
         "bytes_inflated",
         "lines",
         "gaps",
+        "line_start",
     )
 
     def __init__(
@@ -84,6 +96,7 @@ class ImapStream:
         on_line: Callable[[RawLine], None],
         on_anomaly: Callable[[str, str], None],
         on_tls: Callable[[], None] | None = None,
+        server: bool = True,
     ) -> None:
         self.on_line = on_line
         self.on_anomaly = on_anomaly
@@ -100,6 +113,7 @@ class ImapStream:
         self.inflater = None
         self._inflating = False
         self.started = False
+        self.pre = b""
         self.bytes_seen = 0
         """Captured bytes fed in (compressed bytes as they came off the wire)."""
         self.bytes_missed = 0
@@ -109,6 +123,7 @@ class ImapStream:
         self.lines = 0
         self.gaps = 0
         """Holes outside literals, each of which cost a line."""
+        self.line_start = (_SERVER_LINE_START if server else _CLIENT_LINE_START).match
 
     # --- state switches, called by the session --------------------------------------------
 
@@ -157,6 +172,12 @@ class ImapStream:
             self._inflate(data)
             return
         if not self.started:
+            if self.pre:
+                data = self.pre + data
+                self.pre = b""
+            if len(data) < 2:
+                self.pre = data  # one byte cannot tell TLS from IMAP yet
+                return
             self.started = True
             if data[:2] in _TLS_RECORD:
                 self.mode = Mode.ENCRYPTED
@@ -179,7 +200,7 @@ class ImapStream:
             self._drop_partial()
             self.on_anomaly("compressed_gap", f"{n} compressed bytes not captured; stream no longer decodable")
             return
-        self.started = True
+        self._start()
         if self.mode is Mode.LITERAL:
             take = n if n < self.lit_left else self.lit_left
             self.lit_left -= take
@@ -204,6 +225,7 @@ class ImapStream:
 
     def finish(self) -> None:
         """End of the connection: a line still being collected is delivered as truncated."""
+        self._start()
         if self.mode in (Mode.LINES, Mode.LITERAL) and (self.buf or self.chunks):
             self.truncated = True
             if self.buf:
@@ -212,6 +234,14 @@ class ImapStream:
             self._emit()
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        """Decide "not TLS" for a stream whose first byte was held back, and parse that byte."""
+        if not self.started:
+            self.started = True
+            if self.pre:
+                pre, self.pre = self.pre, b""
+                self._consume(pre, True)
 
     def _inflate(self, data: bytes) -> None:
         if self.mode is Mode.UNDECODABLE:
@@ -240,7 +270,7 @@ class ImapStream:
     def _consume(self, data: bytes, segment_start: bool) -> None:
         pos = 0
         n = len(data)
-        if self.mode is Mode.RESYNC and segment_start and _LINE_START.match(data):
+        if self.mode is Mode.RESYNC and segment_start and self.line_start(data):
             self.mode = Mode.LINES
         while pos < n:
             mode = self.mode

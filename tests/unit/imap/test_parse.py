@@ -1,0 +1,137 @@
+import base64
+
+import pytest
+
+from imaptap.imap import parse
+from imaptap.imap.parse import Atom, Literal, RawLine
+
+
+@pytest.mark.parametrize(
+    "line, expected",
+    [
+        (b"a1 LOGIN {5}", (5, True, False)),
+        (b"a1 LOGIN {5+}", (5, False, False)),
+        (b"a1 APPEND INBOX ~{12}", (12, True, True)),
+        (b"* 1 FETCH (BODY[] {0}", (0, True, False)),
+        (b"a1 LOGIN {5}x", None),
+        (b"a1 LOGIN {}", None),
+        (b"a1 LOGIN {-5}", None),
+        (b"a1 NOOP", None),
+    ],
+)
+def test_literal_mark(line, expected):
+    assert parse.literal_mark(line) == expected
+
+
+@pytest.mark.parametrize("tag", [b".", b"a0000", b"C00000", b"A001", b"x]y", b"1"])
+def test_tags_of_any_shape_are_tags(tag):
+    assert parse.is_tag(tag)
+
+
+@pytest.mark.parametrize("tag", [b"", b"+a", b"a{1", b"*", b"a b", b"a\x00", b'"a"', b"(a"])
+def test_not_tags(tag):
+    assert not parse.is_tag(tag)
+
+
+@pytest.mark.parametrize(
+    "raw, name",
+    [
+        (b"INBOX", "INBOX"),
+        (b"Entw&APw-rfe", "Entwürfe"),
+        (b"&-Co", "&Co"),
+        (b"&ZeVnLIqe-", "日本語"),
+        (b"Bad&@@@-box", "Bad&@@@-box"),
+        (b"open&AAA", "open&AAA"),
+        (b"\xffraw", "\\xffraw"),
+    ],
+)
+def test_decode_mailbox(raw, name):
+    assert parse.decode_mailbox(raw) == name
+
+
+def test_split_resp_text():
+    assert parse.split_resp_text(b"[CAPABILITY IMAP4rev1 STARTTLS] Dovecot ready.") == (
+        "CAPABILITY IMAP4rev1 STARTTLS",
+        b"Dovecot ready.",
+    )
+    assert parse.split_resp_text(b"[BADCHARSET (UTF-8 [x])] no") == ("BADCHARSET (UTF-8 [x])", b"no")
+    assert parse.split_resp_text(b"plain text") == (None, b"plain text")
+    assert parse.split_resp_text(b"[UNTERMINATED") == ("UNTERMINATED", b"")
+
+
+def test_tokens_strings_lists_and_literals():
+    lit = Literal(5, bytearray(b"al ce"))
+    line = RawLine([b'a1 X "q\\"uo\\\\te" (A (B "c")) BODY[HEADER.FIELDS (FROM TO)] {5}', b" NIL"], [lit])
+    toks = parse.tokens(line, 0, 5)
+    assert toks[0] == b'q"uo\\te'
+    assert toks[1] == [Atom("A"), [Atom("B"), b"c"]]
+    assert toks[2] == "BODY[HEADER.FIELDS (FROM TO)]"
+    assert toks[3] is lit
+    assert isinstance(toks[4], Atom) and parse.astring(toks[4]) is None
+
+
+def test_literal_marker_text_inside_quotes_is_not_a_literal():
+    line = RawLine([b'a1 LOGIN "{5}" pw'], [])
+    assert parse.tokens(line, 0, 9)[0] == b"{5}"
+
+
+def test_incomplete_literal_gives_no_astring():
+    lit = Literal(10, bytearray(b"abc"), complete=False)
+    assert parse.astring(lit) is None
+    assert parse.astring(Literal(3, bytearray(b"abc"))) == b"abc"
+
+
+def test_unbalanced_and_deep_lists_do_not_raise():
+    line = RawLine([b"a1 X " + b"(" * 5000 + b")" * 10 + b")))"], [])
+    toks = parse.tokens(line, 0, 5)
+    depth = 0
+    while toks and isinstance(toks[0], list):
+        toks = toks[0]
+        depth += 1
+    assert depth <= parse.MAX_LIST_DEPTH + 1
+
+
+def test_token_count_is_bounded():
+    line = RawLine([b"a1 X " + b"a " * 100_000], [])
+    assert len(parse.tokens(line, 0, 5)) == parse.MAX_TOKENS
+
+
+@pytest.mark.parametrize(
+    "head, expected",
+    [
+        (b"a1 uid fetch 1:* (FLAGS)", (b"a1", "UID FETCH", 13)),
+        (b"a1 NOOP", (b"a1", "NOOP", 7)),
+        (b"a1 select INBOX", (b"a1", "SELECT", 10)),
+        (b"justoneword", (b"justoneword", None, 11)),
+        (b"a1 (bad", (b"a1", None, 3)),
+    ],
+)
+def test_command_words(head, expected):
+    assert parse.command_words(head) == expected
+
+
+def b64(s: bytes) -> bytes:
+    return base64.b64encode(s)
+
+
+def test_sasl_users():
+    assert parse.sasl_user("PLAIN", 0, b"\x00alice\x00pw") == "alice"
+    assert parse.sasl_plain_user(b"admin\x00alice\x00pw") == ("alice", "admin")
+    assert parse.sasl_user("PLAIN", 0, b"alice-pw-no-nuls") is None
+    assert parse.sasl_user("LOGIN", 0, b"bob") == "bob"
+    assert parse.sasl_user("LOGIN", 1, b"secret") is None
+    assert parse.sasl_user("CRAM-MD5", 0, b"carol 0123456789abcdef") == "carol"
+    assert parse.sasl_user("XOAUTH2", 0, b"user=dave@example.org\x01auth=Bearer tok\x01\x01") == "dave@example.org"
+    assert parse.sasl_user("OAUTHBEARER", 0, b"n,a=erin@example.org,\x01auth=Bearer t\x01\x01") == "erin@example.org"
+    assert parse.b64(b"=") == b""
+    assert parse.b64(b"not base64!") is None
+
+
+def test_id_params():
+    line = RawLine([b'a ID ("name" "Thunderbird" "Version" "115.3.1" "os" NIL)'], [])
+    assert parse.id_params(parse.tokens(line, 0, 5)) == {"name": "Thunderbird", "version": "115.3.1", "os": None}
+    assert parse.id_params(parse.tokens(RawLine([b"a ID NIL"], []), 0, 5)) is None
+
+
+def test_capability_list_drops_a_cut_last_word():
+    assert parse.capability_list(b"IMAP4rev1 idle STARTTLS AUTH=PL", drop_last=True) == ["IMAP4REV1", "IDLE", "STARTTLS"]

@@ -1,0 +1,353 @@
+"""Whole conversations through the flow table and session, checked fact by fact."""
+
+import base64
+import hashlib
+import json
+import re
+import zlib
+
+import pytest
+
+from imaptap.testing import analyze, conversation
+
+GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n"
+
+
+def run(parts, snaplen=256, **kw):
+    return analyze(conversation(parts, **kw), snaplen=snaplen)
+
+
+def everything(result) -> str:
+    return json.dumps(result.flows) + json.dumps(result.messages)
+
+
+def test_login_atom_session_facts():
+    r = run([
+        ("s", GREETING),
+        ("c", b"a1 LOGIN alice Alice-Pw-7391\r\n"),
+        ("s", b"a1 OK [CAPABILITY IMAP4rev1 IDLE COMPRESS=DEFLATE] Logged in\r\n"),
+        ("c", b"a2 SELECT INBOX\r\n"),
+        ("s", b"* 2 EXISTS\r\n* 0 RECENT\r\na2 OK [READ-WRITE] Select completed (0.001 + 0.000 secs).\r\n"),
+        ("c", b"a3 LOGOUT\r\n"),
+        ("s", b"* BYE Logging out\r\na3 OK Logout completed.\r\n"),
+    ])
+    f = r.flow
+    assert f["imap"] is True
+    assert f["server_software"] == "Dovecot"
+    assert f["username"] == "alice" and f["login_ok"] is True and f["login_failures"] == 0
+    assert f["auth_mechanism"] == "LOGIN" and f["auth_command"] == "LOGIN"
+    assert f["capabilities"] == ["IMAP4REV1", "IDLE", "COMPRESS=DEFLATE"]
+    assert f["starttls"] == "offered"
+    assert f["cleartext_credentials"] is True
+    assert f["findings"] == ["cleartext_credentials", "starttls_offered_not_used"]
+    assert f["mailboxes"] == ["INBOX"]
+    assert f["commands"] == {"LOGIN": 1, "SELECT": 1, "LOGOUT": 1}
+    assert f["statuses"] == {"OK": 4, "BYE": 1}
+    assert f["end"] == "fin" and f["client"] == "192.0.2.10:40000" and f["server"] == "192.0.2.20:143"
+    assert "Alice-Pw-7391" not in everything(r)
+    login = [m for m in r.messages if m["command"] == "LOGIN" and m["kind"] == "request"][0]
+    assert login["args"] == "alice ***" and login["tag"] == "a1" and login["from"] == "client"
+    done = [m for m in r.messages if m["kind"] == "response" and m["tag"] == "a2"][0]
+    assert done["command"] == "SELECT" and done["status"] == "OK" and done["code"] == "READ-WRITE"
+    assert done["latency_ms"] == pytest.approx(1.0, abs=0.01)
+    exists = [m for m in r.messages if m["command"] == "EXISTS"][0]
+    assert exists["number"] == 2 and exists["kind"] == "untagged"
+
+
+def test_quoted_login_strips_quotes_and_escapes():
+    r = run([("s", GREETING), ("c", b'a1 LOGIN "bob \\"the\\" builder" "Bob Pw \\"q\\" 42"\r\n'), ("s", b"a1 OK ok\r\n")])
+    assert r.flow["username"] == 'bob "the" builder'
+    assert "Bob Pw" not in everything(r)
+
+
+def test_literal_login_is_not_taken_for_a_username():
+    r = run([
+        ("s", GREETING),
+        ("c", b"a1 LOGIN {5}\r\n"), ("s", b"+ OK\r\n"),
+        ("c", b"carol {13}\r\n"), ("s", b"+ OK\r\n"),
+        ("c", b"Carol-Pw-5520\r\n"), ("s", b"a1 OK Logged in\r\n"),
+        ("c", b"a2 LOGIN {5+}\r\ndave! {3+}\r\nxyz\r\n"), ("s", b"a2 BAD already logged in\r\n"),
+    ])
+    f = r.flow
+    assert f["username"] == "carol" and f["login_ok"] is True
+    assert "{5}" not in json.dumps(f)
+    assert "Carol-Pw-5520" not in everything(r) and "xyz" not in everything(r)
+    req = [m for m in r.messages if m["command"] == "LOGIN" and m["kind"] == "request"]
+    assert req[0]["literals"] == [5, 13] and req[0]["args"] == "carol ***"
+    assert req[1]["args"] == '"dave!" ***'
+
+
+def b64(s: bytes) -> bytes:
+    return base64.b64encode(s)
+
+
+def test_authenticate_plain_with_initial_response():
+    r = run([("s", GREETING), ("c", b"A001 AUTHENTICATE PLAIN " + b64(b"\x00alice\x00Alice-Pw-7391") + b"\r\n"),
+             ("s", b"A001 OK Logged in\r\n")])
+    f = r.flow
+    assert (f["username"], f["auth_mechanism"], f["auth_command"], f["login_ok"]) == ("alice", "PLAIN", "AUTHENTICATE", True)
+    assert f["cleartext_credentials"] is True
+    out = everything(r)
+    assert "Alice-Pw-7391" not in out and b64(b"\x00alice\x00Alice-Pw-7391").decode() not in out
+
+
+def test_authenticate_plain_after_continuation():
+    secret = b64(b"admin\x00alice\x00Alice-Pw-7391")
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE PLAIN\r\n"), ("s", b"+ \r\n"), ("c", secret + b"\r\n"),
+             ("s", b"a1 OK Logged in\r\n"), ("c", b"a2 NOOP\r\n"), ("s", b"a2 OK done\r\n")])
+    f = r.flow
+    assert f["username"] == "alice" and f["authzid"] == "admin" and f["login_ok"] is True
+    assert f["commands"] == {"AUTHENTICATE": 1, "NOOP": 1}
+    assert secret.decode() not in everything(r)
+    cont = [m for m in r.messages if m["from"] == "client" and m["kind"] == "continuation"]
+    assert cont[0]["args"] == "***"
+
+
+def test_authenticate_login_two_continuations_and_a_failure():
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE LOGIN\r\n"), ("s", b"+ VXNlcm5hbWU6\r\n"),
+             ("c", b64(b"bob") + b"\r\n"), ("s", b"+ UGFzc3dvcmQ6\r\n"), ("c", b64(b"wrong-pw") + b"\r\n"),
+             ("s", b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"),
+             ("c", b"a2 AUTHENTICATE LOGIN " + b64(b"bob") + b"\r\n"), ("s", b"+ UGFzc3dvcmQ6\r\n"),
+             ("c", b64(b"right-pw") + b"\r\n"), ("s", b"a2 OK Logged in\r\n")])
+    f = r.flow
+    assert f["username"] == "bob" and f["login_ok"] is True and f["login_failures"] == 1
+    assert f["auth_mechanism"] == "LOGIN" and f["auth_command"] == "AUTHENTICATE"
+    assert "failed_logins" in f["findings"]
+    out = everything(r)
+    for s in (b"wrong-pw", b"right-pw", b64(b"wrong-pw"), b64(b"right-pw")):
+        assert s.decode() not in out
+
+
+def test_sasl_cancel_and_failed_logins_only():
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE PLAIN\r\n"), ("s", b"+ \r\n"), ("c", b"*\r\n"),
+             ("s", b"a1 BAD Authentication canceled\r\n"), ("c", b"a2 LOGIN eve nope\r\n"), ("s", b"a2 NO failed\r\n")])
+    f = r.flow
+    assert f["login_ok"] is False and f["login_failures"] == 2 and f["username"] == "eve"
+
+
+def test_username_is_the_successful_one():
+    r = run([("s", GREETING), ("c", b"a1 LOGIN root x\r\n"), ("s", b"a1 NO failed\r\n"),
+             ("c", b"a2 LOGIN alice y\r\n"), ("s", b"a2 OK in\r\n"), ("c", b"a3 LOGIN mallory z\r\n"),
+             ("s", b"a3 BAD already\r\n")])
+    assert r.flow["username"] == "alice" and r.flow["login_failures"] == 2
+
+
+FAKE_BODY = (
+    b"From: x@example.org\r\nSubject: trap\r\n\r\n"
+    + b"filler line\r\n" * 30
+    + b"a1 LOGIN mallory evilpw\r\n* OK [CAPABILITY IMAP4rev1 STARTTLS] Evil ready\r\n"
+    + b"a2 STARTTLS\r\na2 OK Begin TLS negotiation\r\n* BYE bye\r\n+ go ahead\r\nX-Spam-Flag: NO\r\n{5}\r\n"
+    + b"a3 COMPRESS DEFLATE\r\na3 OK DEFLATE active\r\n"
+)
+
+
+@pytest.mark.parametrize("snaplen", [None, 256, 64])
+def test_mail_body_full_of_commands_changes_no_fact(snaplen):
+    # The same length, so both lose the same bytes to the snap length.
+    plain = re.sub(rb"[^\r\n]", b".", FAKE_BODY)
+    assert len(plain) == len(FAKE_BODY)
+    def session(body):
+        return [
+            ("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK in\r\n"),
+            ("c", b"a2 APPEND INBOX (\\Seen) {%d}\r\n" % len(body)), ("s", b"+ OK\r\n"),
+            ("c", body + b"\r\n"), ("s", b"a2 OK [APPENDUID 1 5] Append completed.\r\n"),
+            ("c", b"a3 FETCH 5 BODY[]\r\n"),
+            ("s", b"* 5 FETCH (BODY[] {%d}\r\n" % len(body) + body + b")\r\na3 OK Fetch completed.\r\n"),
+            ("c", b"a4 LOGOUT\r\n"), ("s", b"* BYE\r\na4 OK bye\r\n"),
+        ]
+    cuts = [[], [], [], [], [], [100, 700], [], [], [90, 1000], [], []]
+    trap = run(session(FAKE_BODY), snaplen=snaplen, cuts=cuts)
+    base = run(session(plain), snaplen=snaplen)
+    ignore = {"first_ts", "last_ts", "packets", "bytes", "packets_c2s", "packets_s2c", "bytes_c2s", "bytes_s2c", "bytes_not_captured"}
+    a = {k: v for k, v in trap.flow.items() if k not in ignore}
+    b = {k: v for k, v in base.flow.items() if k not in ignore}
+    assert a == b
+    assert trap.flow["username"] == "alice" and trap.flow["encrypted"] is False
+    assert "mallory" not in everything(trap)
+    kinds = [(m["from"], m["kind"], m["tag"], m["command"]) for m in trap.messages]
+    assert kinds == [(m["from"], m["kind"], m["tag"], m["command"]) for m in base.messages]
+
+
+def test_starttls_completed_stops_parsing():
+    r = run([("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK Begin TLS negotiation now.\r\n"),
+             ("c", b"\x16\x03\x01\x00\x30" + b"a2 LOGIN mallory x\r\n"), ("s", b"\x16\x03\x03\x00\x10* OK fake\r\n")])
+    f = r.flow
+    assert (f["starttls"], f["encrypted"], f["username"], f["cleartext_credentials"]) == ("completed", True, None, False)
+    assert f["findings"] == []
+    assert len(r.messages) == 3
+
+
+def test_starttls_completed_tells_the_capture_to_stop_copying():
+    big = b"\x17\x03\x03" + b"\x00" * 1000
+    r = run([("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK go\r\n"), ("c", big), ("s", big)])
+    assert r.flow["bytes_not_captured"] == 2 * len(big)
+
+
+def test_starttls_refused():
+    r = run([("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 NO [UNAVAILABLE] TLS not available\r\n"),
+             ("c", b"a2 LOGIN alice pw\r\n"), ("s", b"a2 OK in\r\n")])
+    f = r.flow
+    assert f["starttls"] == "refused" and f["encrypted"] is False and f["username"] == "alice"
+    assert f["findings"] == ["cleartext_credentials", "starttls_refused"]
+
+
+def test_flow_that_starts_with_tls_is_encrypted():
+    r = run([("c", b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03"), ("s", b"\x16\x03\x03\x00\x5d\x02")])
+    f = r.flow
+    assert f["encrypted"] is True and f["encrypted_from_start"] is True and f["imap"] is False
+    assert r.messages == []
+
+
+def deflate(comp, data):
+    return comp.compress(data) + comp.flush(zlib.Z_SYNC_FLUSH)
+
+
+ODD_NAME = hashlib.sha256(b"x").hexdigest() * 2  # does not compress below a 64-byte snap
+
+
+def compressed_session():
+    cc = zlib.compressobj(6, zlib.DEFLATED, -15)
+    sc = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = b"Subject: big\r\n\r\n" + bytes(range(256)) * 40 + b"\r\na9 LOGIN mallory x\r\n"
+    return [
+        ("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK in\r\n"),
+        ("c", b"a2 COMPRESS DEFLATE\r\n"), ("s", b"a2 OK DEFLATE active\r\n"),
+        ("c", deflate(cc, b"a3 SELECT " + ODD_NAME.encode() + b"\r\n")),
+        ("s", deflate(sc, b"* 1 EXISTS\r\na3 OK [READ-WRITE] Select completed.\r\n")),
+        ("c", deflate(cc, b"a4 FETCH 1 BODY[]\r\n")),
+        ("s", deflate(sc, b"* 1 FETCH (BODY[] {%d}\r\n" % len(body) + body + b")\r\na4 OK done\r\n")),
+        ("c", deflate(cc, b"a5 LOGOUT\r\n")), ("s", deflate(sc, b"* BYE\r\na5 OK bye\r\n")),
+    ]
+
+
+def test_compress_is_inflated_when_whole_payloads_are_copied():
+    r = run(compressed_session(), snaplen=256)
+    f = r.flow
+    assert f["compressed"] is True
+    assert f["mailboxes"] == [ODD_NAME]
+    assert f["commands"] == {"LOGIN": 1, "COMPRESS": 1, "SELECT": 1, "FETCH": 1, "LOGOUT": 1}
+    assert f["bytes_not_captured"] == 0 and f["anomalies"] == {}
+    assert "mallory" not in everything(r)
+
+
+def test_compress_without_whole_payloads_prints_no_deflate_bytes():
+    # A capture that kept only prefixes, e.g. tcpdump -s 64: nothing after COMPRESS can be read.
+    from imaptap.segment import PayloadPolicy
+    from imaptap.testing import Analysis
+    from imaptap.flows import FlowTable
+    from imaptap.output.jsonl import flow_record, message_record
+    segs = conversation(compressed_session())
+    cut = [s.__class__(*[getattr(s, f) for f in ("ts", "ip_version", "src", "dst", "sport", "dport", "seq", "ack", "flags", "wire_len")], s.payload[:64]) for s in segs]
+    res = Analysis()
+    table = FlowTable({143}, None, lambda fl, m: res.messages.append(message_record(fl, m)), lambda fl: res.flows.append(flow_record(fl)))
+    for s in cut:
+        table.add(s)
+    table.close_all()
+    f = res.flow
+    assert f["compressed"] is True and f["mailboxes"] == []
+    assert any(k.endswith("compressed_gap") for k in f["anomalies"])
+    assert [m["command"] for m in res.messages if m["from"] == "client"] == ["LOGIN", "COMPRESS"]
+
+
+def test_id_both_ways_and_mailboxes_in_order():
+    r = run([("s", GREETING), ("c", b'a1 ID ("name" "Thunderbird" "version" "115.3.1")\r\n'),
+             ("s", b'* ID ("name" "Dovecot" "version" {6}\r\n2.3.19)\r\na1 OK ID completed.\r\n'),
+             ("c", b"a2 LOGIN alice pw\r\n"), ("s", b"a2 OK in\r\n"),
+             ("c", b'a3 SELECT "Entw&APw-rfe"\r\n'), ("s", b"a3 OK\r\n"),
+             ("c", b"a4 EXAMINE {7}\r\n"), ("s", b"+ OK\r\n"), ("c", b"Archive\r\n"), ("s", b"a4 OK\r\n"),
+             ("c", b'a5 SELECT "with \\"quote\\""\r\n'), ("s", b"a5 NO no such mailbox\r\n"),
+             ("c", b"a6 UID FETCH 1:* (FLAGS)\r\n"), ("s", b"a6 OK\r\n")])
+    f = r.flow
+    assert f["client_id"] == {"name": "Thunderbird", "version": "115.3.1"}
+    assert f["server_id"] == {"name": "Dovecot", "version": "2.3.19"}
+    assert f["mailboxes"] == ["Entwürfe", "Archive", 'with "quote"']
+    assert f["commands"]["UID FETCH"] == 1
+
+
+def test_idle_with_a_mail_arriving():
+    r = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK in\r\n"), ("c", b"a2 SELECT INBOX\r\n"),
+             ("s", b"* 1 EXISTS\r\na2 OK\r\n"), ("c", b"a3 IDLE\r\n"), ("s", b"+ idling\r\n"),
+             ("s", b"* 2 EXISTS\r\n"), ("c", b"DONE\r\n"), ("s", b"a3 OK Idle completed (12.3 + 0.1 secs).\r\n")])
+    f = r.flow
+    assert f["idles"] == 1 and f["commands"] == {"LOGIN": 1, "SELECT": 1, "IDLE": 1}
+    assert f["anomalies"] == {}
+    assert [m["command"] for m in r.messages if m["from"] == "client"][-1] == "DONE"
+    assert any(m["command"] == "EXISTS" and m["number"] == 2 for m in r.messages)
+
+
+def test_refused_literal_does_not_swallow_the_rest():
+    r = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK in\r\n"),
+             ("c", b"a2 APPEND INBOX {4294967296}\r\n"), ("s", b"a2 NO [TOOBIG] Mail too big\r\n"),
+             ("c", b"a3 SELECT Sent\r\n"), ("s", b"a3 OK\r\n")])
+    f = r.flow
+    assert f["mailboxes"] == ["Sent"]
+    assert f["commands"] == {"LOGIN": 1, "APPEND": 1, "SELECT": 1}
+    resp = [m for m in r.messages if m["tag"] == "a2" and m["kind"] == "response"][0]
+    assert resp["command"] == "APPEND" and resp["code"] == "TOOBIG"
+
+
+@pytest.mark.parametrize("tag", [".", "a0000", "C00000", "A001", "x" * 300])
+def test_tags_of_any_shape_match(tag):
+    t = tag.encode()
+    r = run([("s", GREETING), ("c", t + b" CAPABILITY\r\n"), ("s", b"* CAPABILITY IMAP4rev1\r\n" + t + b" OK done\r\n")])
+    resp = [m for m in r.messages if m["kind"] == "response"][0]
+    if len(tag) <= 256:
+        assert resp["command"] == "CAPABILITY" and resp["latency_ms"] is not None
+    else:
+        assert r.flow["anomalies"]["bad_request"] == 1
+
+
+def test_capture_started_mid_connection():
+    r = run([("c", b"a7 SELECT Drafts\r\n"), ("s", b"* 0 EXISTS\r\na7 OK\r\n")], handshake=False,
+            client=("192.0.2.10", 143 + 1), server=("192.0.2.20", 143))
+    f = r.flow
+    assert f["client"] == "192.0.2.10:144" and f["server"] == "192.0.2.20:143"
+    assert f["mailboxes"] == ["Drafts"] and f["server_software"] is None and f["greeting"] is None
+
+
+@pytest.mark.parametrize("snaplen, lines", [(None, 5), (256, 4)])
+def test_server_side_only_capture_invents_no_requests(snaplen, lines):
+    r = run([("s", GREETING), ("s", b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n"),
+             ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")], snaplen=snaplen)
+    f = r.flow
+    assert f["commands"] == {} and f["username"] is None
+    assert [m["from"] for m in r.messages] == ["server"] * lines
+
+
+def test_ipv6_endpoints():
+    r = run([("s", GREETING)], client=("2001:db8::10", 50000), server=("2001:db8::1", 143))
+    assert r.flow["client"] == "[2001:db8::10]:50000" and r.flow["server"] == "[2001:db8::1]:143"
+    assert r.flow["ip_version"] == 6
+
+
+def test_pop3_on_the_imap_port_is_not_confirmed_imap():
+    r = run([("s", b"+OK POP3 server ready <1896.697170952@dbc.mtview.ca.us>\r\n"), ("c", b"USER alice\r\n")])
+    assert r.flow["imap"] is False and r.flow["username"] is None
+
+
+def test_preauth_and_unknown_greeting_software():
+    r = run([("s", b"* PREAUTH [CAPABILITY IMAP4rev1] IMAP4rev1 server logged in as alice\r\n")])
+    assert r.flow["preauth"] is True and r.flow["server_software"] == "IMAP4rev1 server logged in as alice"
+
+
+@pytest.mark.parametrize(
+    "greeting, software",
+    [
+        ("[CAPABILITY IMAP4rev1 LITERAL+] Dovecot ready.", "Dovecot"),
+        ("Microsoft Exchange IMAP4rev1 server version 5.5.2650.23 (umr) ready", "Microsoft Exchange 5.5.2650.23"),
+        ("The Microsoft Exchange IMAP4 service is ready.", "Microsoft Exchange"),
+        ("Cyrus IMAP v2.4.17-Debian-2.4.17 server ready", "Cyrus IMAP v2.4.17-Debian-2.4.17"),
+        ("IMAP4Rev1 Server Version 4.9.04.012", "IMAP4Rev1 Server Version 4.9.04.012"),
+        ("Coremail System IMap Server Ready(Coremail)", "Coremail"),
+        ("Courier-IMAP ready. Copyright 1998-2011 Double Precision, Inc.", "Courier-IMAP"),
+    ],
+)
+def test_server_software_from_greeting(greeting, software):
+    r = run([("s", b"* OK " + greeting.encode() + b"\r\n")])
+    assert r.flow["server_software"] == software
+
+
+def test_hostile_strings_are_plain_data():
+    user = "[bold red]root[/]\x1b[31mevil\x1b[0m"
+    r = run([("s", GREETING), ("c", b'a1 LOGIN "' + user.encode() + b'" pw\r\n'), ("s", b"a1 NO failed\r\n")])
+    assert r.flow["username"] == user
