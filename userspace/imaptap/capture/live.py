@@ -1,0 +1,918 @@
+"""Live capture: the kernel program in bpf/ attached with BCC, turned into `Segment`s.
+
+The kernel parses every packet on the chosen interfaces and hands over only TCP segments of the
+monitored ports, with at most the snap length of payload (none for flows the analyzer marked
+encrypted, whole payloads for compressed ones).  Ingress is XDP (native where the driver has it,
+else generic), egress is a TC clsact filter; ``use_xdp=False`` puts TC on ingress too.
+
+This is the only module that imports bcc and pyroute2, and it does so when a capture starts,
+so ``imaptap -D`` and everything else work on machines without them.
+
+Attach and detach are careful because XDP programs and TC filters outlive the process that
+added them: everything added is removed in ``__exit__`` (signals held off meanwhile), and a
+start after a SIGKILL finds the previous run's programs by name (``imaptap_*``) and replaces
+them.  Another tool's XDP program is never touched.
+
+Kernel headers: BCC compiles bpf/imaptap.bpf.c against /lib/modules/$(uname -r)/build.  The
+program uses only UAPI structures, so on kernels without a header package (custom and cloud
+kernels) the distribution's generic headers linked there are sound; scripts/setup does that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import signal
+import socket
+import struct
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from imaptap.segment import WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
+
+
+class LiveError(Exception):
+    """A one-line, user-facing reason why live capture cannot run (the CLI exits 2)."""
+
+
+# --- the contract with bpf/imaptap.h -------------------------------------------------------------
+
+HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
+
+
+class EventHeader(ctypes.Structure):
+    """struct imaptap_event; ``cap_len`` payload bytes follow it in the record."""
+
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("seq", ctypes.c_uint32),
+        ("ack", ctypes.c_uint32),
+        ("wire_len", ctypes.c_uint32),
+        ("ifindex", ctypes.c_uint32),
+        ("cap_len", ctypes.c_uint32),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("ip_version", ctypes.c_uint8),
+        ("tcp_flags", ctypes.c_uint8),
+        ("hook", ctypes.c_uint8),
+        ("mode", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint32),
+    ]
+
+
+class KernelFlowKey(ctypes.Structure):
+    """struct imaptap_flow_key: the per-flow mode map's key, in the kernel's canonical order."""
+
+    _fields_ = [
+        ("addr_a", ctypes.c_uint8 * 16),
+        ("addr_b", ctypes.c_uint8 * 16),
+        ("port_a", ctypes.c_uint16),
+        ("port_b", ctypes.c_uint16),
+        ("ip_version", ctypes.c_uint8),
+        ("_pad", ctypes.c_uint8 * 3),
+    ]
+
+
+class KernelConfig(ctypes.Structure):
+    """struct imaptap_config."""
+
+    _fields_ = [
+        ("snaplen", ctypes.c_uint32),
+        ("_pad", ctypes.c_uint32),
+        ("ports", ctypes.c_uint8 * 8192),
+    ]
+
+
+class KernelCounters(ctypes.Structure):
+    """struct imaptap_counters (one per CPU)."""
+
+    _fields_ = [
+        ("seen", ctypes.c_uint64),
+        ("matched", ctypes.c_uint64),
+        ("submitted", ctypes.c_uint64),
+        ("lost", ctypes.c_uint64),
+        ("unparsed", ctypes.c_uint64),
+        ("copy_failed", ctypes.c_uint64),
+    ]
+
+
+#: The same layout as `EventHeader`, for decoding records fast (struct beats ctypes fields).
+_EVENT = struct.Struct("<Q16s16sIIIIIHHBBBBI")
+assert _EVENT.size == ctypes.sizeof(EventHeader) == 72
+assert ctypes.sizeof(KernelFlowKey) == 40
+
+#: Ring buffer size: 4 MiB holds ~12,000 records of a 256-byte snap length, about a second of a
+#: busy IMAP server's segments while the analyzer is slow; overflow is counted as ``lost``.
+RING_PAGES = 1024
+#: Perf buffer (kernels < 5.8) pages per CPU.
+PERF_PAGES_PER_CPU = 256
+#: The perf buffer fallback builds records in a per-CPU map value (at most 32 KiB).
+PERF_PAYLOAD_CAP = 32768 - ctypes.sizeof(EventHeader)
+#: Records handed out by one poll(); the rest stay in the buffer for the next one, so a burst
+#: cannot starve the analyzer or grow memory without bound.
+MAX_BATCH = 8192
+
+#: TC filter placement: priority 1 runs before filters added with tc's default priority, and the
+#: program returns TC_ACT_UNSPEC so filters after it still run.
+TC_PRIO = 1
+TC_HANDLE = 0x1A7A9
+TC_PARENT_INGRESS = 0xFFFFFFF2
+TC_PARENT_EGRESS = 0xFFFFFFF3
+
+#: BPF program names (BPF_OBJ_NAME_LEN is 16); the prefix is how stale programs are recognised.
+PROG_PREFIX = "imaptap_"
+PROG_XDP, PROG_TC_IN, PROG_TC_EG = "imaptap_xdp", "imaptap_tc_in", "imaptap_tc_eg"
+
+XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
+XDP_FLAGS_SKB_MODE = 1 << 1
+XDP_FLAGS_DRV_MODE = 1 << 2
+XDP_FLAGS_REPLACE = 1 << 4
+
+_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
+
+def bpf_source_dir() -> Path:
+    """The directory holding imaptap.bpf.c: inside the package if installed so, else the repo's bpf/."""
+    here = Path(__file__).resolve()
+    for candidate in (here.parent.parent / "bpf", here.parents[3] / "bpf"):
+        if (candidate / "imaptap.bpf.c").is_file():
+            return candidate
+    raise LiveError(f"the kernel program imaptap.bpf.c is missing (looked beside {here.parent.parent})")
+
+
+# --- interfaces ----------------------------------------------------------------------------------
+
+_RTF_UP = 0x0001
+_RTF_REJECT = 0x0200
+_IFF_UP, _IFF_RUNNING, _IFF_LOOPBACK = 0x1, 0x40, 0x8
+
+
+def default_interface() -> str:
+    """The interface of the default route (IPv4 first, then IPv6)."""
+    best: tuple[int, str] | None = None
+    try:
+        with open("/proc/net/route") as f:
+            next(f, None)
+            for line in f:
+                fields = line.split()
+                if len(fields) < 8:
+                    continue
+                iface, dest, flags, metric, mask = fields[0], fields[1], int(fields[3], 16), int(fields[6]), fields[7]
+                if dest == "00000000" and mask == "00000000" and flags & _RTF_UP and not flags & _RTF_REJECT:
+                    if best is None or metric < best[0]:
+                        best = (metric, iface)
+    except OSError:
+        pass
+    if best is None:
+        try:
+            with open("/proc/net/ipv6_route") as f:
+                for line in f:
+                    fields = line.split()
+                    if len(fields) < 10:
+                        continue
+                    dest, plen, metric, flags, iface = fields[0], fields[1], int(fields[5], 16), int(fields[8], 16), fields[9]
+                    if (dest == "0" * 32 and plen == "00" and flags & _RTF_UP and not flags & _RTF_REJECT
+                            and iface != "lo"):
+                        if best is None or metric < best[0]:
+                            best = (metric, iface)
+        except OSError:
+            pass
+    if best is None:
+        raise LiveError("no default route: name an interface with -i (imaptap -D lists them)")
+    return best[1]
+
+
+def _read_sys(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def list_interfaces() -> list[tuple[int, str, str]]:
+    """(index, name, description) of every interface, as tcpdump -D lists them."""
+    out = []
+    base = Path("/sys/class/net")
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return [(i, n, "") for i, n in socket.if_nameindex()]
+    for name in names:
+        d = base / name
+        try:
+            index = int(_read_sys(d / "ifindex"))
+        except ValueError:
+            continue
+        try:
+            flags = int(_read_sys(d / "flags"), 16)
+        except ValueError:
+            flags = 0
+        parts = []
+        if flags & _IFF_UP:
+            parts.append("Up")
+        if flags & _IFF_RUNNING:
+            parts.append("Running")
+        if flags & _IFF_LOOPBACK:
+            parts.append("Loopback")
+        else:
+            if (d / "wireless").exists():
+                parts.append("Wireless")
+            state = _read_sys(d / "operstate")
+            parts.append({"up": "Connected", "down": "Disconnected"}.get(state, "Connection status unknown"))
+        out.append((index, name, ", ".join(parts)))
+    out.sort()
+    return out
+
+
+# --- privileges and kernel features --------------------------------------------------------------
+
+_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 12, 21, 38, 39
+
+
+def missing_capabilities() -> list[str]:
+    """Capabilities live capture needs that this process lacks (CAP_SYS_ADMIN stands in for BPF/PERFMON)."""
+    eff = 0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    eff = int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return [] if os.geteuid() == 0 else ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
+
+    def has(cap: int) -> bool:
+        return bool(eff >> cap & 1)
+
+    missing = []
+    if not (has(_CAP_BPF) or has(_CAP_SYS_ADMIN)):
+        missing.append("CAP_BPF")
+    if not has(_CAP_NET_ADMIN):
+        missing.append("CAP_NET_ADMIN")
+    if not (has(_CAP_PERFMON) or has(_CAP_SYS_ADMIN)):
+        missing.append("CAP_PERFMON")
+    return missing
+
+
+def kernel_version() -> tuple[int, int]:
+    release = platform.release()
+    nums = []
+    for part in release.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit()) if not part.isdigit() else part
+        nums.append(int(digits or 0))
+    return (nums + [0, 0])[0], (nums + [0, 0])[1]
+
+
+def has_xdp_load_bytes() -> bool:
+    """bpf_xdp_load_bytes and bpf_xdp_get_buff_len arrived in 5.18."""
+    return kernel_version() >= (5, 18)
+
+
+def kernel_headers_present() -> bool:
+    release = platform.release()
+    if os.environ.get("BCC_KERNEL_SOURCE"):
+        return True
+    return (Path("/lib/modules") / release / "build" / "include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists()
+
+
+# Raw bpf(2): the few commands needed to recognise programs by id, without bpftool.
+_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "ppc64le": 361,
+                "ppc64": 361, "s390x": 351, "armv7l": 386, "armv6l": 386, "i686": 357, "i386": 357}
+_BPF_MAP_CREATE, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD = 0, 13, 15
+_BPF_MAP_TYPE_RINGBUF = 27
+# Offsets in struct bpf_prog_info (include/uapi/linux/bpf.h); stable since the fields were added.
+_INFO_NAME, _INFO_RUN_TIME_NS, _INFO_RUN_CNT, _INFO_LEN = 64, 192, 200, 208
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _bpf(cmd: int, attr: ctypes.Array) -> int:
+    nr = _BPF_SYSCALL.get(platform.machine())
+    if nr is None:
+        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
+    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(ctypes.sizeof(attr)))
+    if ret < 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+    return ret
+
+
+def has_ringbuf() -> bool:
+    """Whether the kernel can create a BPF ring buffer (5.8+)."""
+    attr = (ctypes.c_uint8 * 72)()
+    struct.pack_into("<IIII", attr, 0, _BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
+    try:
+        fd = _bpf(_BPF_MAP_CREATE, attr)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def prog_fd_by_id(prog_id: int) -> int:
+    attr = (ctypes.c_uint8 * 16)()
+    struct.pack_into("<I", attr, 0, prog_id)
+    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
+
+
+def prog_info(fd: int) -> tuple[str, int, int]:
+    """(name, run_time_ns, run_cnt) of a loaded program; the counts need kernel.bpf_stats_enabled=1."""
+    info = (ctypes.c_uint8 * _INFO_LEN)()
+    attr = (ctypes.c_uint8 * 16)()
+    struct.pack_into("<IIQ", attr, 0, fd, _INFO_LEN, ctypes.addressof(info))
+    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    raw = bytes(info)
+    name = raw[_INFO_NAME:_INFO_NAME + 16].split(b"\0", 1)[0].decode("ascii", "replace")
+    run_time_ns, run_cnt = struct.unpack_from("<QQ", raw, _INFO_RUN_TIME_NS)
+    return name, run_time_ns, run_cnt
+
+
+def prog_name_by_id(prog_id: int) -> str | None:
+    try:
+        fd = prog_fd_by_id(prog_id)
+    except OSError:
+        return None
+    try:
+        return prog_info(fd)[0]
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def _prog_holders() -> Iterator[tuple[int, int]]:
+    """(pid, prog_id) for every BPF program fd open in any process."""
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:bpf-prog":
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    for line in f:
+                        if line.startswith("prog_id:"):
+                            yield int(pid), int(line.split()[1])
+                            break
+            except (OSError, ValueError):
+                continue
+
+
+def prog_owner(prog_id: int) -> int | None:
+    """A live process holding program ``prog_id`` open, or None (the program is orphaned)."""
+    me = os.getpid()
+    for pid, pid_prog in _prog_holders():
+        if pid_prog == prog_id and pid != me:
+            return pid
+    return None
+
+
+def imaptap_pids() -> set[int]:
+    """Processes that hold an imaptap program open: running captures."""
+    names: dict[int, str | None] = {}
+    pids = set()
+    for pid, prog_id in _prog_holders():
+        if prog_id not in names:
+            names[prog_id] = prog_name_by_id(prog_id)
+        if (names[prog_id] or "").startswith(PROG_PREFIX):
+            pids.add(pid)
+    return pids
+
+
+# --- the per-flow payload policy, mirrored into the kernel ---------------------------------------
+
+
+def kernel_flow_key(key: FlowKey) -> KernelFlowKey:
+    """Translate Python's `flow_key` (ordered by address text) into the kernel's canonical order
+    (smaller port first; on equal ports the smaller address bytes)."""
+    a, ap, b, bp = key
+    family = socket.AF_INET6 if ":" in a else socket.AF_INET
+    ab = socket.inet_pton(family, a).ljust(16, b"\0")
+    bb = socket.inet_pton(family, b).ljust(16, b"\0")
+    if (bp, bb) < (ap, ab):
+        a, ap, ab, b, bp, bb = b, bp, bb, a, ap, ab
+    k = KernelFlowKey()
+    k.addr_a[:] = ab
+    k.addr_b[:] = bb
+    k.port_a = ap
+    k.port_b = bp
+    k.ip_version = 6 if family == socket.AF_INET6 else 4
+    return k
+
+
+class KernelPayloadPolicy(PayloadPolicy):
+    """`PayloadPolicy` whose changes are written to the kernel's per-flow mode map.
+
+    The kernel applies a mode from the next packet on; records already in the ring buffer were
+    cut under the previous one.  Before the capture starts and after it ends only the Python
+    side changes (flows are forgotten after detach when the CLI closes them).
+    """
+
+    def __init__(self, snaplen: int) -> None:
+        super().__init__(snaplen)
+        self._table = None
+        self.kernel_errors = 0
+        """Map updates the kernel refused (never expected; counted rather than raised)."""
+
+    def _bind(self, table) -> None:
+        self._table = table
+        for key, mode in self.modes.items():
+            self._write(key, mode)
+
+    def _write(self, key: FlowKey, mode: PayloadMode) -> None:
+        if self._table is None:
+            return
+        try:
+            k = kernel_flow_key(key)
+            if mode is PayloadMode.PREFIX:
+                try:
+                    del self._table[k]
+                except KeyError:
+                    pass
+            else:
+                self._table[k] = ctypes.c_uint8(int(mode))
+        except (OSError, ValueError, TypeError, Exception):  # bcc raises bare Exception
+            self.kernel_errors += 1
+
+    def set(self, key: FlowKey, mode: PayloadMode) -> None:
+        super().set(key, mode)
+        self._write(key, mode)
+
+    def forget(self, key: FlowKey) -> None:
+        super().forget(key)
+        self._write(key, PayloadMode.PREFIX)
+
+
+# --- netlink (pyroute2) ------------------------------------------------------------------------
+
+
+def _nested(msg, name):
+    attr = msg.get_attr(name)
+    return attr if attr is not None else {}
+
+
+def _attr(nla, name, default=None):
+    for k, v in (nla or {}).get("attrs", []):
+        if k == name:
+            return v
+    return default
+
+
+class _Held:
+    """Hold SIGINT/SIGTERM/SIGHUP while attaching or detaching, so a signal cannot leave a
+    program attached that we have not recorded; pending signals are delivered on exit."""
+
+    def __enter__(self):
+        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        return self
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
+        return False
+
+
+# --- the capture ---------------------------------------------------------------------------------
+
+
+class LiveCapture:
+    """A running kernel capture on some interfaces; a context manager that detaches everything.
+
+    ``poll()`` returns the `Segment`s that arrived since the last call; ``policy`` is the
+    `PayloadPolicy` the analyzer must use so its decisions reach the kernel.
+    """
+
+    def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
+                 xdp_mode: str | None = None, use_xdp: bool = True, *,
+                 output: str | None = None) -> None:
+        """``output``: "ringbuf" or "perf" to force one (tests); default: ring buffer if the kernel has it."""
+        if not interfaces:
+            raise LiveError("no interface to capture on")
+        self.interfaces = list(dict.fromkeys(interfaces))
+        bad = sorted(p for p in ports if not 0 < p < 65536)
+        if bad or not ports:
+            raise LiveError(f"bad port {bad[0] if bad else '(none given)'}: ports are 1-65535")
+        self.ports = set(ports)
+        if xdp_mode not in (None, "native", "skb"):
+            raise LiveError(f"bad XDP mode {xdp_mode!r}: use native or skb")
+        self.xdp_mode = xdp_mode
+        self.use_xdp = use_xdp
+        if output not in (None, "ringbuf", "perf"):
+            raise ValueError(output)
+        self._output = output
+        if snaplen < 0:
+            raise LiveError(f"bad snap length {snaplen}")
+        self.snaplen = snaplen
+        self.policy = KernelPayloadPolicy(snaplen)
+        self.notes: list[str] = []
+        """Things the user should know about how the capture runs (fallbacks taken)."""
+        self.ringbuf = True
+        self.xdp_modes: dict[str, str] = {}
+        """Interface -> "native" or "skb" for interfaces with XDP attached."""
+        self._bpf = None
+        self._ipr = None
+        self._fns: dict[str, object] = {}
+        self._attached: list[tuple] = []       # undo log, newest last
+        self._pending: list[Segment] = []
+        self._offset_ns = 0
+        self._received = 0
+        self._malformed = 0
+        self._perf_lost = 0
+        self._active = False
+
+    # --- start ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> "LiveCapture":
+        indexes = {}
+        for name in self.interfaces:
+            try:
+                indexes[name] = socket.if_nametoindex(name)
+            except OSError:
+                raise LiveError(f"no such interface: {name} (imaptap -D lists them)") from None
+        missing = missing_capabilities()
+        if missing:
+            raise LiveError("live capture needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
+                            f" (missing {', '.join(missing)})")
+        try:
+            import bcc  # noqa: F401
+        except ImportError:
+            raise LiveError("bcc is missing: install python3-bpfcc (Debian/Ubuntu) and run imaptap with"
+                            " a Python that sees system packages") from None
+        try:
+            from pyroute2 import IPRoute
+        except ImportError:
+            raise LiveError("pyroute2 is missing: pip install pyroute2 (or install python3-pyroute2)") from None
+
+        use_xdp = self.use_xdp
+        if use_xdp and not has_xdp_load_bytes():
+            if self.xdp_mode is not None:
+                raise LiveError(f"XDP capture needs kernel 5.18+ (bpf_xdp_load_bytes); this is "
+                                f"{platform.release()}: use --no-xdp")
+            use_xdp = False
+            self.notes.append(f"kernel {platform.release()} lacks bpf_xdp_load_bytes (5.18+): "
+                              "capturing ingress with TC instead of XDP")
+        self.use_xdp = use_xdp
+        self.ringbuf = has_ringbuf() if self._output is None else self._output == "ringbuf"
+        if self.snaplen > self.max_copy():
+            raise LiveError(f"snap length {self.snaplen} exceeds what the kernel program copies"
+                            f" ({self.max_copy()})")
+
+        self._ipr = IPRoute()
+        try:
+            with _Held():
+                stale = self._inspect(indexes)
+                if not kernel_headers_present():
+                    r = platform.release()
+                    raise LiveError(f"kernel headers for {r} are missing: install linux-headers-{r}, or on a"
+                                    f" kernel without a header package link the distribution's generic"
+                                    f" headers to /lib/modules/{r}/build and source (scripts/setup does this)")
+                self._load()
+                self._remove_stale(stale)
+                self._open_output()
+                self._refresh_clock()
+                self._attach(indexes)
+                self._active = True
+        except BaseException:
+            try:
+                self._teardown()
+            except LiveError:
+                pass  # the original error matters more
+            raise
+        return self
+
+    def max_copy(self) -> int:
+        """Largest payload one record carries: the snap length may not exceed it, WHOLE mode is cut to it."""
+        return WHOLE_PAYLOAD_CAP if self.ringbuf else PERF_PAYLOAD_CAP
+
+    def _inspect(self, indexes: dict[str, int]) -> list[tuple]:
+        """Refuse foreign XDP programs and running imaptaps; list our stale programs to remove."""
+        stale = []
+        running: set[int] | None = None
+        for name, index in indexes.items():
+            link = self._ipr.get_links(index)[0]
+            xdp = _nested(link, "IFLA_XDP")
+            attached = [(_attr(xdp, key), mode) for key, mode in
+                        (("IFLA_XDP_DRV_PROG_ID", "xdp"), ("IFLA_XDP_SKB_PROG_ID", "xdpgeneric"),
+                         ("IFLA_XDP_HW_PROG_ID", "xdpoffload"))]
+            for prog_id, mode in attached:
+                if prog_id is None:
+                    continue
+                pname = prog_name_by_id(prog_id) or "?"
+                if not pname.startswith(PROG_PREFIX):
+                    if self.use_xdp:
+                        raise LiveError(f"{name} already has an XDP program of another tool (id {prog_id},"
+                                        f" name {pname}); imaptap does not replace it: detach it or use --no-xdp")
+                else:
+                    owner = prog_owner(prog_id)
+                    if owner is not None:
+                        raise LiveError(f"imaptap (pid {owner}) is already capturing on {name}")
+                    stale.append(("xdp", name, index, prog_id, mode))
+            for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
+                for flt in self._filters(index, parent):
+                    fname = _attr(_nested(flt, "TCA_OPTIONS"), "TCA_BPF_NAME") or ""
+                    if not fname.startswith(PROG_PREFIX):
+                        continue
+                    pid = _filter_pid(fname)
+                    if running is None:
+                        running = imaptap_pids()
+                    if pid in running and pid != os.getpid():
+                        raise LiveError(f"imaptap (pid {pid}) is already capturing on {name}")
+                    stale.append(("tc", name, index, parent, flt["info"] >> 16, flt["handle"]))
+        return stale
+
+    def _filters(self, index: int, parent: int) -> list:
+        try:
+            return [f for f in self._ipr.get_filters(index=index, parent=parent)
+                    if f.get_attr("TCA_KIND") == "bpf" and f["handle"]]
+        except Exception:  # no clsact qdisc: no filters
+            return []
+
+    def _load(self) -> None:
+        import bcc
+
+        src = bpf_source_dir()
+        cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(self.ringbuf)}", f"-DIMAPTAP_XDP={int(self.use_xdp)}",
+                  f"-DIMAPTAP_RING_PAGES={RING_PAGES}"]
+        try:
+            self._bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
+        except Exception as exc:
+            raise LiveError(f"the kernel program did not compile ({exc}); the compiler's messages are"
+                            f" above; kernel headers: /lib/modules/{platform.release()}/build") from None
+        wanted = [(PROG_TC_EG, bcc.BPF.SCHED_CLS)]
+        wanted.append((PROG_XDP, bcc.BPF.XDP) if self.use_xdp else (PROG_TC_IN, bcc.BPF.SCHED_CLS))
+        for fname, ptype in wanted:
+            try:
+                self._fns[fname] = self._bpf.load_func(fname, ptype)
+            except Exception as exc:
+                raise LiveError(f"the kernel refused the BPF program {fname} ({exc}); the verifier's log"
+                                " is above") from None
+        self._check_layout()
+        cfg = KernelConfig()
+        cfg.snaplen = self.snaplen
+        for p in self.ports:
+            cfg.ports[p >> 3] |= 1 << (p & 7)
+        self._bpf["config"][ctypes.c_int(0)] = cfg
+        self.policy._bind(self._bpf["flow_modes"])
+
+    def _check_layout(self) -> None:
+        """The ctypes mirrors must match what BCC compiled (imaptap.h changed without live.py?)."""
+        b = self._bpf
+        sizes = [("config", b["config"].Leaf, KernelConfig), ("flow_modes", b["flow_modes"].Key, KernelFlowKey),
+                 ("counters", b["counters"].sLeaf, KernelCounters)]
+        for table, compiled, mirror in sizes:
+            if ctypes.sizeof(compiled) != ctypes.sizeof(mirror):
+                raise LiveError(f"internal error: bpf/imaptap.h and capture/live.py disagree on {table}")
+
+    def _remove_stale(self, stale: list[tuple]) -> None:
+        for item in stale:
+            if item[0] == "xdp":
+                _, name, index, prog_id, mode = item
+                try:
+                    fd = prog_fd_by_id(prog_id)
+                except OSError:
+                    continue  # gone meanwhile
+                try:
+                    flags = XDP_FLAGS_REPLACE | (XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE)
+                    self._set_xdp(index, -1, flags, expected_fd=fd)
+                except Exception as exc:
+                    raise LiveError(f"could not remove imaptap's stale XDP program {prog_id} from {name}: {exc}") from None
+                finally:
+                    os.close(fd)
+                self.notes.append(f"removed a stale imaptap XDP program (id {prog_id}) from {name}")
+            else:
+                _, name, index, parent, prio, handle = item
+                try:
+                    self._ipr.tc("del-filter", "bpf", index, handle, parent=parent, prio=prio)
+                except Exception as exc:
+                    raise LiveError(f"could not remove imaptap's stale TC filter from {name}: {exc}") from None
+                self.notes.append(f"removed a stale imaptap TC filter from {name}")
+
+    def _set_xdp(self, index: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
+        attrs = [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]
+        if expected_fd is not None:
+            attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
+        self._ipr.link("set", index=index, xdp={"attrs": attrs})
+
+    def _open_output(self) -> None:
+        table = self._bpf["events"]
+        if self.ringbuf:
+            table.open_ring_buffer(self._on_ring_record)
+        else:
+            table.open_perf_buffer(self._on_perf_record, page_cnt=PERF_PAGES_PER_CPU, lost_cb=self._on_perf_lost)
+
+    def _attach(self, indexes: dict[str, int]) -> None:
+        pid = os.getpid()
+        for name, index in indexes.items():
+            if self.use_xdp:
+                self._attach_xdp(name, index)
+            if not any(q.get_attr("TCA_KIND") == "clsact" for q in self._ipr.get_qdiscs(index=index)):
+                try:
+                    self._ipr.tc("add", "clsact", index)
+                except Exception as exc:
+                    raise LiveError(f"could not add a clsact qdisc to {name}: {exc}") from None
+                self._attached.append(("clsact", name, index))
+            hooks = [(TC_PARENT_EGRESS, PROG_TC_EG)]
+            if not self.use_xdp:
+                hooks.insert(0, (TC_PARENT_INGRESS, PROG_TC_IN))
+            for parent, fname in hooks:
+                fn = self._fns[fname]
+                try:
+                    # The pid in the filter's name tells a later start whether this run is alive.
+                    self._ipr.tc("add-filter", "bpf", index, TC_HANDLE, fd=fn.fd, name=f"{fname} pid {pid}",
+                                 parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
+                except Exception as exc:
+                    raise LiveError(f"could not add the TC filter on {name}: {exc}") from None
+                self._attached.append(("tc", name, index, parent))
+
+    def _attach_xdp(self, name: str, index: int) -> None:
+        fd = self._fns[PROG_XDP].fd
+        modes = {"native": ["native"], "skb": ["skb"], None: ["native", "skb"]}[self.xdp_mode]
+        errors = []
+        for mode in modes:
+            flags = XDP_FLAGS_UPDATE_IF_NOEXIST | (XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
+            try:
+                self._set_xdp(index, fd, flags)
+            except Exception as exc:
+                code = getattr(exc, "code", None)
+                if code in (errno.EBUSY, errno.EEXIST):
+                    raise LiveError(f"{name} already has an XDP program of another tool; imaptap does not"
+                                    " replace it: detach it or use --no-xdp") from None
+                errors.append(f"{mode}: {exc}")
+                continue
+            self._attached.append(("xdp", name, index, flags))
+            self.xdp_modes[name] = mode
+            return
+        hint = "; try --xdp-mode skb" if self.xdp_mode == "native" else "; try --no-xdp"
+        raise LiveError(f"could not attach XDP to {name} ({', '.join(errors)}){hint}")
+
+    # --- stop ----------------------------------------------------------------------------------
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
+
+    def close(self) -> None:
+        """Detach everything this capture attached; safe to call twice."""
+        with _Held():
+            self._teardown()
+
+    def _teardown(self) -> None:
+        problems = []
+        while self._attached:
+            item = self._attached.pop()
+            try:
+                if item[0] == "xdp":
+                    _, name, index, flags = item
+                    mode_flags = flags & (XDP_FLAGS_SKB_MODE | XDP_FLAGS_DRV_MODE)
+                    # REPLACE with our fd as the expected one: never remove a program that
+                    # replaced ours meanwhile.
+                    self._set_xdp(index, -1, mode_flags | XDP_FLAGS_REPLACE,
+                                  expected_fd=self._fns[PROG_XDP].fd)
+                elif item[0] == "tc":
+                    _, name, index, parent = item
+                    self._ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO)
+                elif item[0] == "clsact":
+                    _, name, index = item
+                    # Only an empty clsact: another tool may have added filters since.
+                    if not self._filters_any(index):
+                        self._ipr.tc("del", "clsact", index)
+            except Exception as exc:
+                problems.append(f"{item[0]} on {item[1]}: {exc}")
+        self._active = False
+        if self._bpf is not None:
+            self._final_counters = self._read_counters()
+            bpf, self._bpf = self._bpf, None
+            self.policy._table = None
+            _close_bpf(bpf)
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+        if problems:
+            raise LiveError("could not detach everything: " + "; ".join(problems))
+
+    def _filters_any(self, index: int) -> bool:
+        try:
+            return any(True for _ in self._ipr.get_filters(index=index, parent=TC_PARENT_INGRESS)) or \
+                any(True for _ in self._ipr.get_filters(index=index, parent=TC_PARENT_EGRESS))
+        except Exception:
+            return False
+
+    # --- records -------------------------------------------------------------------------------
+
+    def _refresh_clock(self) -> None:
+        """bpf_ktime_get_ns() is CLOCK_MONOTONIC; keep the offset to the wall clock current."""
+        best = None
+        for _ in range(3):
+            t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            wall = time.time_ns()
+            t2 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if best is None or t2 - t1 < best[0]:
+                best = (t2 - t1, wall - (t1 + t2) // 2)
+        self._offset_ns = best[1]
+
+    def _decode(self, raw: bytes) -> Segment | None:
+        if len(raw) < 72:
+            self._malformed += 1
+            return None
+        (ts_ns, saddr, daddr, seq, ack, wire_len, ifindex, cap_len, sport, dport, ipver, flags,
+         _hook, _mode, _pad) = _EVENT.unpack_from(raw)
+        if cap_len > len(raw) - 72:
+            self._malformed += 1
+            return None
+        if ipver == 4:
+            src = socket.inet_ntop(socket.AF_INET, saddr[:4])
+            dst = socket.inet_ntop(socket.AF_INET, daddr[:4])
+        else:
+            src = socket.inet_ntop(socket.AF_INET6, saddr)
+            dst = socket.inet_ntop(socket.AF_INET6, daddr)
+        self._received += 1
+        return Segment((ts_ns + self._offset_ns) / 1e9, ipver, src, dst, sport, dport, seq, ack, flags,
+                       wire_len, raw[72:72 + cap_len], ifindex)
+
+    def _on_ring_record(self, _ctx, data, size) -> int:
+        seg = self._decode(ctypes.string_at(data, size))
+        if seg is not None:
+            self._pending.append(seg)
+        # A negative return stops this poll after the current record (which is kept).
+        return -1 if len(self._pending) >= MAX_BATCH else 0
+
+    def _on_perf_record(self, _cpu, data, size) -> None:
+        seg = self._decode(ctypes.string_at(data, size))
+        if seg is not None:
+            self._pending.append(seg)
+
+    def _on_perf_lost(self, count) -> None:
+        self._perf_lost += count
+
+    def poll(self, timeout_ms: int) -> list[Segment]:
+        """Segments received since the last call, in arrival order; waits up to timeout_ms for the first."""
+        if self._bpf is None:
+            raise LiveError("the capture is not running")
+        self._refresh_clock()
+        if not self._pending:
+            if self.ringbuf:
+                self._bpf.ring_buffer_poll(timeout_ms)
+            else:
+                self._bpf.perf_buffer_poll(timeout_ms)
+                # Per-CPU buffers: restore the order across CPUs.
+                self._pending.sort(key=lambda s: s.ts)
+        out, self._pending = self._pending, []
+        return out
+
+    def _read_counters(self) -> dict[str, int]:
+        totals = {name: 0 for name, _ in KernelCounters._fields_}
+        if self._bpf is not None:
+            per_cpu = self._bpf["counters"].getvalue(ctypes.c_int(0))
+            for c in per_cpu:
+                for name in totals:
+                    totals[name] += getattr(c, name)
+        return totals
+
+    def counters(self) -> dict[str, int]:
+        """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed)
+        and userspace ones (received, malformed, perf_lost, policy_errors)."""
+        kernel = self._read_counters() if self._bpf is not None else getattr(self, "_final_counters", None)
+        out = dict(kernel or {name: 0 for name, _ in KernelCounters._fields_})
+        out["lost"] += self._perf_lost
+        out.update(received=self._received, malformed=self._malformed, perf_lost=self._perf_lost,
+                   policy_errors=self.policy.kernel_errors)
+        return out
+
+    def prog_stats(self) -> dict[str, tuple[int, int]]:
+        """Program name -> (run_time_ns, run_cnt); non-zero only with kernel.bpf_stats_enabled=1."""
+        out = {}
+        for name, fn in self._fns.items():
+            if self._bpf is not None:
+                _, ns, cnt = prog_info(fn.fd)
+                out[name] = (ns, cnt)
+        return out
+
+
+def _filter_pid(name: str) -> int | None:
+    """The pid in a filter name "imaptap_tc_eg pid 123"."""
+    parts = name.split()
+    if len(parts) == 3 and parts[1] == "pid" and parts[2].isdigit():
+        return int(parts[2])
+    return None
+
+
+def _close_bpf(bpf) -> None:
+    """Free what BCC holds: program and map fds, the ring buffer reader, the module."""
+    from bcc import libbcc
+
+    mgr = getattr(bpf, "_ringbuf_manager", None)
+    if mgr:
+        libbcc.lib.bpf_free_ringbuf(mgr)
+        bpf._ringbuf_manager = None
+    try:
+        bpf.cleanup()
+    except Exception:
+        pass
