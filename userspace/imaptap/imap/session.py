@@ -53,9 +53,13 @@ class StartTls(enum.Enum):
     REFUSED = "refused"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Message:
-    """One IMAP line (with its literals) as seen on the wire, secrets masked."""
+    """One IMAP line (with its literals) as seen on the wire, secrets masked.
+
+    Not frozen: one is built per IMAP line, and a frozen dataclass's __init__ costs several
+    times more.  Nothing changes a Message after it is emitted.
+    """
 
     ts: float
     side: Side
