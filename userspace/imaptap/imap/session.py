@@ -246,12 +246,10 @@ class ImapSession:
             self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, command="DONE"))
             return
         tag_b, cmd, argpos = parse.command_words(head)
-        if cmd is None or not parse.is_tag(tag_b) or len(tag_b) > 256:
+        if cmd is None or not parse.is_tag(tag_b):
             # Not a command: maybe a SASL response or password of a session seen from the
-            # middle.  Its contents are never shown.
+            # middle, or mail text after a capture gap.  Counted, never shown.
             self._anomaly("bad_request")
-            self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, truncated=line.truncated,
-                               literals=tuple(lit.size for lit in line.literals)))
             return
         tag = tag_b.decode("ascii")
         known = cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID ") or cmd.startswith("X")
@@ -369,9 +367,9 @@ class ImapSession:
         word, _, after = rest.partition(b" ")
         status = word.decode("latin-1").upper()
         if status not in ("OK", "NO", "BAD") or not parse.is_tag(tag_b):
+            # Most often mail text: after a gap hid a literal's announcement, the stream
+            # resynchronises inside the literal.  Counted, never shown as a response.
             self._anomaly("bad_response")
-            self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, truncated=line.truncated, literals=lits,
-                               text=_clip(text(head)) if self.is_imap else None))
             return
         self.is_imap = True
         tag = tag_b.decode("latin-1")
