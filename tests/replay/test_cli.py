@@ -1,0 +1,84 @@
+"""The command line as users meet it: bad input gets one line and exit status 2, nothing seen is lost."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PUBLIC_PCAPS, ROOT
+
+NDPI = os.path.join(PUBLIC_PCAPS, "ndpi/imap.pcap")
+
+
+def one_line_error(r, *words):
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("imaptap: ") and "Traceback" not in r.stderr
+    for w in words:
+        assert w in lines[0]
+
+
+def test_truncated_capture_reports_what_it_saw(imaptap, tmp_path):
+    data = open(NDPI, "rb").read()
+    cut = tmp_path / "cut.pcap"
+    cut.write_bytes(data[: len(data) * 2 // 3 + 7])
+    r = imaptap("-r", str(cut), "--json", "-")
+    one_line_error(r, "cut.pcap", "truncated")
+    (f,) = r.flows  # the flow seen up to the cut is still reported
+    assert f["username"] == "samir" and f["end"] == "end"
+    assert r.stats["error"] and r.stats["segments"] > 10
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", ["empty"]),
+    (b"this is not a capture file at all\n" * 10, ["not a pcap"]),
+])
+def test_not_a_capture(imaptap, tmp_path, content, words):
+    p = tmp_path / "bad.pcap"
+    p.write_bytes(content)
+    r = imaptap("-r", str(p), "--json", "-")
+    one_line_error(r, "bad.pcap", *words)
+    assert r.flows == []
+
+
+def test_missing_file(imaptap, tmp_path):
+    one_line_error(imaptap("-r", str(tmp_path / "nope.pcap"), "--json", "-"), "nope.pcap")
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--port", "0"], ["port out of range"]),
+    (["--port", "70000"], ["port out of range"]),
+    (["--port", "imap"], ["not a port"]),
+    (["-s", "0"], ["snap length"]),
+    (["-i", "lo"], ["not both"]),
+    (["--bogus"], ["unrecognized arguments"]),
+    (["--max-flows", "0"], ["max-flows"]),
+])
+def test_bad_arguments(imaptap, args, words):
+    one_line_error(imaptap("-r", NDPI, "--json", "-", *args), *words)
+
+
+def test_unwritable_json_path(imaptap, tmp_path):
+    one_line_error(imaptap("-r", NDPI, "--json", str(tmp_path / "no" / "such" / "dir.jsonl")), "cannot write")
+
+
+def test_json_to_a_file_and_flows_only(imaptap, tmp_path):
+    out = tmp_path / "out.jsonl"
+    r = imaptap("-r", NDPI, "--json", str(out), "--flows-only")
+    assert r.returncode == 0 and r.stdout == ""
+    kinds = [line.split('"type":"')[1].split('"')[0] for line in out.read_text().splitlines()]
+    assert kinds == ["flow", "stats"]
+
+
+def test_without_a_tty_json_goes_to_stdout(imaptap):
+    r = imaptap("-r", NDPI)
+    assert r.returncode == 0 and len(r.flows) == 1 and r.messages
+
+
+def test_a_closed_pipe_is_not_an_error():
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
+    p = subprocess.run(f"{sys.executable} -m imaptap -r {NDPI} --json - | head -n 1", shell=True,
+                       capture_output=True, text=True, env=env)
+    assert p.stdout.count("\n") == 1 and "Traceback" not in p.stderr and "Error" not in p.stderr
