@@ -306,6 +306,16 @@ class ImapStream:
             if lf < 0:
                 self._append(data, pos, n)
                 return
+            if not self.buf and not self.chunks and lf - pos <= LINE_CAP:
+                # The common case: a whole line inside one segment, no literal.
+                line = data[pos:lf]
+                if line[-1:] == b"\r":
+                    line = line[:-1]
+                if line[-1:] != b"}":
+                    pos = lf + 1
+                    self.lines += 1
+                    self.on_line(RawLine([line], [], False))
+                    continue
             self._append(data, pos, lf)
             pos = lf + 1
             physical = bytes(self.buf)
