@@ -214,7 +214,7 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
 
 #pragma unroll
     for (int i = 0; i < 2; i++) {
-        if (proto != BE16(ETH_P_8021Q) && proto != BE16(ETH_P_8021AD))
+        if (proto != BE16(ETH_P_8021Q) && proto != BE16(ETH_P_8021AD) && proto != BE16(ETH_P_QINQ1))
             break;
         struct vlan_tag *tag = data + l3;
         if ((void *)(tag + 1) > data_end)

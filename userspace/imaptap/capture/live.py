@@ -650,7 +650,7 @@ class LiveCapture:
         wanted.append((PROG_XDP, bcc.BPF.XDP) if self.use_xdp else (PROG_TC_IN, bcc.BPF.SCHED_CLS))
         for fname, ptype in wanted:
             try:
-                self._fns[fname] = self._bpf.load_func(fname, ptype)
+                self._fns[fname] = self._bpf.load_func(fname.encode(), ptype)
             except Exception as exc:
                 raise LiveError(f"the kernel refused the BPF program {fname} ({exc}); the verifier's log"
                                 " is above") from None
@@ -659,14 +659,14 @@ class LiveCapture:
         cfg.snaplen = self.snaplen
         for p in self.ports:
             cfg.ports[p >> 3] |= 1 << (p & 7)
-        self._bpf["config"][ctypes.c_int(0)] = cfg
-        self.policy._bind(self._bpf["flow_modes"])
+        self._bpf[b"config"][ctypes.c_int(0)] = cfg
+        self.policy._bind(self._bpf[b"flow_modes"])
 
     def _check_layout(self) -> None:
         """The ctypes mirrors must match what BCC compiled (imaptap.h changed without live.py?)."""
         b = self._bpf
-        sizes = [("config", b["config"].Leaf, KernelConfig), ("flow_modes", b["flow_modes"].Key, KernelFlowKey),
-                 ("counters", b["counters"].sLeaf, KernelCounters)]
+        sizes = [("config", b[b"config"].Leaf, KernelConfig), ("flow_modes", b[b"flow_modes"].Key, KernelFlowKey),
+                 ("counters", b[b"counters"].sLeaf, KernelCounters)]
         for table, compiled, mirror in sizes:
             if ctypes.sizeof(compiled) != ctypes.sizeof(mirror):
                 raise LiveError(f"internal error: bpf/imaptap.h and capture/live.py disagree on {table}")
@@ -702,7 +702,7 @@ class LiveCapture:
         self._ipr.link("set", index=index, xdp={"attrs": attrs})
 
     def _open_output(self) -> None:
-        table = self._bpf["events"]
+        table = self._bpf[b"events"]
         if self.ringbuf:
             table.open_ring_buffer(self._on_ring_record)
         else:
@@ -870,7 +870,7 @@ class LiveCapture:
     def _read_counters(self) -> dict[str, int]:
         totals = {name: 0 for name, _ in KernelCounters._fields_}
         if self._bpf is not None:
-            per_cpu = self._bpf["counters"].getvalue(ctypes.c_int(0))
+            per_cpu = self._bpf[b"counters"].getvalue(ctypes.c_int(0))
             for c in per_cpu:
                 for name in totals:
                     totals[name] += getattr(c, name)

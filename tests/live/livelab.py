@@ -1,0 +1,251 @@
+"""Live-test helpers: a throw-away network namespace with a tiny IMAP-speaking server.
+
+Everything stays on this machine: a veth pair whose far end lives in a namespace made for the
+test (``imaptap-live-<pid>-<k>``, veth ``itl<k>h``/``itl<k>n``, 10.198.k.0/30 and
+fd00:198:k::/64).  Namespaces left by a killed test run (their pid is dead) are removed first.
+
+The fixtures using these are in conftest.py.
+"""
+
+from __future__ import annotations
+
+import array
+import fcntl
+import os
+import re
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+NETNS_PREFIX = "imaptap-live-"
+SERVER_PORT = 143
+OTHER_PORT = 8143
+#: A CI run must exercise the kernel; a workstation without root may skip.
+IN_CI = os.environ.get("CI") == "true"
+
+
+def live_unavailable() -> str | None:
+    """Why live tests cannot run here, or None."""
+    if os.geteuid() != 0:
+        return "live tests need root"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"live tests need {tool} (iproute2)"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "live tests need bcc (python3-bpfcc)"
+    try:
+        import pyroute2  # noqa: F401
+    except ImportError:
+        return "live tests need pyroute2"
+    from imaptap.capture.live import kernel_headers_present
+
+    if not kernel_headers_present():
+        return "live tests need kernel headers (scripts/setup links them)"
+    return None
+
+
+# --- the namespace -----------------------------------------------------------------------------
+
+SERVER = textwrap.dedent(r'''
+    # A tiny IMAP-shaped server: greeting, tagged OK for every command, FETCH n sends an
+    # n-byte literal, APPEND {n+} takes an n-byte literal, LOGOUT closes.
+    import socket, sys, threading
+
+    def body(n):
+        return bytes((i * 7 + 13) % 251 for i in range(n))
+
+    def serve(c):
+        try:
+            talk(c)
+        except OSError:  # a client that resets: fine
+            pass
+        finally:
+            c.close()
+
+    def talk(c):
+        f = c.makefile("rb")
+        c.sendall(b"* OK [CAPABILITY IMAP4rev1] tiny ready\r\n")
+        while True:
+            line = f.readline()
+            if not line:
+                break
+            words = line.split()
+            if words and words[-1].startswith(b"{") and words[-1].endswith(b"+}"):
+                f.read(int(words[-1][1:-2]))
+                f.readline()
+            tag = words[0] if words else b"*"
+            cmd = words[1].upper() if len(words) > 1 else b""
+            if cmd == b"FETCH":
+                n = int(words[2])
+                c.sendall(b"* 1 FETCH (BODY[] {%d}\r\n" % n + body(n) + b")\r\n" + tag + b" OK FETCH done\r\n")
+            elif cmd == b"LOGOUT":
+                c.sendall(b"* BYE\r\n" + tag + b" OK LOGOUT done\r\n")
+                break
+            else:
+                c.sendall(tag + b" OK done\r\n")
+
+    def listen(port):
+        s = socket.socket(socket.AF_INET6)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        s.bind(("::", port))
+        s.listen(64)
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+
+    for p in sys.argv[2:]:
+        threading.Thread(target=listen, args=(int(p),), daemon=True).start()
+    print("ready", flush=True)
+    threading.Event().wait()
+''')
+
+
+def server_body(n: int) -> bytes:
+    return bytes((i * 7 + 13) % 251 for i in range(n))
+
+
+def run(*cmd: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, check=check)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap_leftovers() -> None:
+    """Remove namespaces of earlier runs whose process is gone (their veths go with them)."""
+    out = run("ip", "netns", "list", check=False).stdout
+    for line in out.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = re.fullmatch(re.escape(NETNS_PREFIX) + r"(\d+)-(\d+)", name)
+        if m and not _pid_alive(int(m.group(1))):
+            run("ip", "netns", "del", name, check=False)
+
+
+ETHTOOL_SGRO = 0x2C
+SIOCETHTOOL = 0x8946
+
+
+def set_gro(ifname: str, enabled: bool) -> None:
+    """``ethtool -K IF gro on|off`` without ethtool."""
+    value = array.array("I", [ETHTOOL_SGRO, 1 if enabled else 0])
+    ifreq = struct.pack("16sP", ifname.encode(), value.buffer_info()[0]).ljust(40, b"\0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock.fileno(), SIOCETHTOOL, ifreq)
+
+
+@dataclass
+class NetLab:
+    """A veth pair into a private namespace with the tiny server listening on 143 and 8143."""
+
+    k: int
+    netns: str
+    host_if: str
+    ns_if: str
+    client4: str
+    server4: str
+    client6: str
+    server6: str
+    procs: list = field(default_factory=list)
+
+    @property
+    def ifindex(self) -> int:
+        return socket.if_nametoindex(self.host_if)
+
+    def xdp_attached(self) -> bool:
+        return "prog/xdp" in run("ip", "-d", "link", "show", "dev", self.host_if).stdout
+
+    def tc_filters(self, direction: str) -> str:
+        return run("tc", "filter", "show", "dev", self.host_if, direction, check=False).stdout.strip()
+
+    def has_clsact(self) -> bool:
+        return "clsact" in run("tc", "qdisc", "show", "dev", self.host_if).stdout
+
+
+def free_slot() -> int:
+    links = set(os.listdir("/sys/class/net"))
+    taken = {int(m.group(2)) for line in run("ip", "netns", "list", check=False).stdout.splitlines()
+             if (m := re.match(re.escape(NETNS_PREFIX) + r"(\d+)-(\d+)", line))}
+    for k in range(1, 255):
+        if f"itl{k}h" not in links and f"itl{k}n" not in links and k not in taken:
+            return k
+    raise RuntimeError("no free test slot")
+
+
+def wait_port(addr: str, port: int, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((addr, port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+# --- a client that remembers exactly what went each way -----------------------------------------
+
+
+class Client:
+    """A blocking IMAP-ish client recording both byte streams, to check payloads by offset."""
+
+    def __init__(self, addr: str, port: int = SERVER_PORT) -> None:
+        self.sock = socket.create_connection((addr, port), timeout=5)
+        self.local = self.sock.getsockname()[:2]
+        self.sent = bytearray()
+        self.received = bytearray()
+        self.expect(b"ready\r\n")
+
+    @property
+    def port(self) -> int:
+        return self.local[1]
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+        self.sent += data
+
+    def _until(self, start: int, pattern: bytes) -> None:
+        rx = re.compile(pattern)
+        while not rx.search(self.received, max(0, start - 2)):  # the CRLF before a line counts
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed before {pattern!r}")
+            self.received += chunk
+
+    def expect(self, suffix: bytes) -> None:
+        self._until(0, re.escape(suffix))
+
+    def command(self, tag: str, text: str, literal: bytes | None = None) -> None:
+        """Send one command (with a LITERAL+ literal if given) and wait for its tagged OK."""
+        start = len(self.received)
+        if literal is None:
+            self.send(f"{tag} {text}\r\n".encode())
+        else:
+            self.send(f"{tag} {text} {{{len(literal)}+}}\r\n".encode() + literal + b"\r\n")
+        self._until(start, rb"(?:^|\r\n)" + re.escape(tag.encode()) + rb" OK[^\r\n]*\r\n")
+
+    def logout(self) -> None:
+        self.command("z", "LOGOUT")
+        while True:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.received += chunk
+        self.sock.close()
