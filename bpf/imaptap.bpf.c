@@ -235,6 +235,8 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         if ((void *)(ip4 + 1) > data_end)
             return PARSE_SHORT;
         ipver = 4;
+        if (ip4->version != 4)
+            return PARSE_BAD;
         if (ip4->protocol != IPPROTO_TCP)
             return PARSE_DONE;
         l3_hdrs = ip4->ihl * 4;
@@ -253,6 +255,8 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         if ((void *)(ip6 + 1) > data_end)
             return PARSE_SHORT;
         ipver = 6;
+        if (ip6->version != 6)
+            return PARSE_BAD;
         __u8 nexthdr = ip6->nexthdr;
         l3_hdrs = sizeof(*ip6);
 #pragma unroll
@@ -317,9 +321,8 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         /* GSO super-packet without a length in the IP header: the packet's length decides. */
         wire_len = pkt_len > payload_off ? pkt_len - payload_off : 0;
     } else {
-        if (ip_len < doff)
-            return PARSE_BAD;
-        wire_len = ip_len - doff;
+        /* An IP length too short for the TCP header: no payload (as replay reads it). */
+        wire_len = ip_len > doff ? ip_len - doff : 0;
     }
     if (wire_len == 0 && !(flags & (TCP_FIN | TCP_SYN | TCP_RST)))
         return PARSE_DONE;  /* pure ACK: nothing for the analyzer */
