@@ -38,25 +38,34 @@ _RST = int(TcpFlag.RST)
 _ACK = int(TcpFlag.ACK)
 
 
+def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes, int]:
+    """The captured parts of a segment once its first ``k`` wire bytes are dropped."""
+    tail_start = wire_len - len(tail)
+    head = head[k:]
+    if k > tail_start:
+        tail = tail[k - tail_start :]
+    return head, tail, wire_len - k
+
+
 class _Direction:
     """TCP sequence tracking for one direction, feeding one `ImapStream`."""
 
     __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes")
 
-    def __init__(self, feed: Callable[[bytes], None], gap: Callable[[int], None]) -> None:
+    def __init__(self, feed: Callable[[bytes, bool], None], gap: Callable[[int], None]) -> None:
         self.next_seq: int | None = None
-        self.pending: dict[int, tuple[bytes, int]] = {}
+        self.pending: dict[int, tuple[bytes, bytes, int]] = {}
         self.feed = feed
         self.gap = gap
         self.retransmissions = 0
         self.out_of_order = 0
         self.holes = 0
-        """Bytes of sequence space never seen (lost by the capture), not counting cut prefixes."""
+        """Bytes of sequence space never seen (lost by the capture), not counting uncopied bytes."""
 
     def syn(self, seq: int) -> None:
         self.next_seq = (seq + 1) % _SEQ_MOD
 
-    def data(self, seq: int, payload: bytes, wire_len: int) -> None:
+    def data(self, seq: int, head: bytes, wire_len: int, tail: bytes = b"") -> None:
         if self.next_seq is None:
             self.next_seq = seq
         d = (seq - self.next_seq) % _SEQ_MOD
@@ -64,8 +73,8 @@ class _Direction:
             d -= _SEQ_MOD
         if d > 0:
             self.out_of_order += 1
-            if seq not in self.pending or self.pending[seq][1] < wire_len:
-                self.pending[seq] = (payload, wire_len)
+            if seq not in self.pending or self.pending[seq][2] < wire_len:
+                self.pending[seq] = (head, tail, wire_len)
             if len(self.pending) > MAX_OUT_OF_ORDER:
                 self.flush_one()
             return
@@ -73,18 +82,19 @@ class _Direction:
             if d + wire_len <= 0:
                 self.retransmissions += 1
                 return
-            skip = -d
-            payload = payload[skip:]
-            wire_len -= skip
-        self._deliver(payload, wire_len)
+            head, tail, wire_len = _skip(head, tail, wire_len, -d)
+        self._deliver(head, tail, wire_len)
         if self.pending:
             self._drain()
 
-    def _deliver(self, payload: bytes, wire_len: int) -> None:
-        if payload:
-            self.feed(payload)
-        if wire_len > len(payload):
-            self.gap(wire_len - len(payload))
+    def _deliver(self, head: bytes, tail: bytes, wire_len: int) -> None:
+        if head:
+            self.feed(head, True)
+        missing = wire_len - len(head) - len(tail)
+        if missing > 0:
+            self.gap(missing)
+        if tail:
+            self.feed(tail, False)
         self.next_seq = (self.next_seq + wire_len) % _SEQ_MOD
 
     def _drain(self) -> None:
@@ -96,11 +106,13 @@ class _Direction:
                     d -= _SEQ_MOD
                 if d > 0:
                     continue
-                payload, wire_len = self.pending.pop(seq)
+                head, tail, wire_len = self.pending.pop(seq)
                 if d + wire_len <= 0:
                     self.retransmissions += 1
                     continue
-                self._deliver(payload[-d:] if d else payload, wire_len + d)
+                if d:
+                    head, tail, wire_len = _skip(head, tail, wire_len, -d)
+                self._deliver(head, tail, wire_len)
                 progressed = True
             if not progressed:
                 return
@@ -245,9 +257,9 @@ class FlowTable:
             flow.syn_seen = True
             direction.syn(seg.seq)
             if seg.wire_len:
-                direction.data((seg.seq + 1) % _SEQ_MOD, seg.payload, seg.wire_len)
+                direction.data((seg.seq + 1) % _SEQ_MOD, seg.payload, seg.wire_len, seg.tail)
         elif seg.wire_len:
-            direction.data(seg.seq, seg.payload, seg.wire_len)
+            direction.data(seg.seq, seg.payload, seg.wire_len, seg.tail)
         if flags & _RST:
             flow.reset = True
             self._end(self.flows.pop(key), "rst")

@@ -11,8 +11,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-#: Default number of payload bytes copied per segment (tcpdump's ``-s``).
+#: Default number of payload bytes copied from the start of each segment (tcpdump's ``-s``).
 DEFAULT_SNAPLEN = 256
+
+#: Default number of payload bytes copied from the end of a segment longer than the snap
+#: length.  A server answers a command with one write that ends in the tagged completion
+#: (``a1 OK Logged in``), which a 256-byte prefix loses whenever the untagged data before it
+#: is longer: after LOGIN, SELECT and FETCH on Dovecot that is the rule, not the exception.
+DEFAULT_TAILLEN = 128
 
 #: Upper bound on what one segment may carry once a flow is compressed and whole payloads are
 #: copied.  Larger than any TCP segment on a 64 KiB-GSO path, small enough to bound memory.
@@ -55,6 +61,9 @@ class Segment:
     """The payload bytes that were copied: a prefix of the wire payload."""
     ifindex: int = 0
     """Interface the kernel saw it on (0 for replay)."""
+    tail: bytes = b""
+    """The last payload bytes, when the segment was longer than what ``payload`` holds: they
+    cover wire bytes ``[wire_len - len(tail), wire_len)``; anything between is not captured."""
 
 
 class PayloadMode(enum.IntEnum):
@@ -89,8 +98,9 @@ class PayloadPolicy:
     Replay applies them in Python; the live capture mirrors every change into the kernel map.
     """
 
-    def __init__(self, snaplen: int = DEFAULT_SNAPLEN) -> None:
+    def __init__(self, snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN) -> None:
         self.snaplen = snaplen
+        self.taillen = taillen
         self.modes: dict[FlowKey, PayloadMode] = {}
 
     def set(self, key: FlowKey, mode: PayloadMode) -> None:
@@ -102,11 +112,33 @@ class PayloadPolicy:
     def forget(self, key: FlowKey) -> None:
         self.modes.pop(key, None)
 
-    def cut(self, key: FlowKey, payload: bytes) -> bytes:
-        """The part of ``payload`` the capture copies for this flow."""
+    def cut(self, key: FlowKey, payload: bytes, wire_len: int) -> tuple[bytes, bytes]:
+        """``(head, tail)``: the parts of ``payload`` the capture copies for this flow.
+
+        ``payload`` may itself be shorter than ``wire_len`` (a file captured with a small snap
+        length); then its end is not the segment's end and there is no tail to take.
+        """
         mode = self.modes.get(key)
         if mode is None:
-            return payload[: self.snaplen]
+            if len(payload) < wire_len:
+                return payload[: self.snaplen], b""
+            return split_payload(payload, self.snaplen, self.taillen)
         if mode is PayloadMode.NONE:
-            return b""
-        return payload[:WHOLE_PAYLOAD_CAP]
+            return b"", b""
+        return payload[:WHOLE_PAYLOAD_CAP], b""
+
+
+def split_payload(payload: bytes, snaplen: int, taillen: int) -> tuple[bytes, bytes]:
+    """The first ``snaplen`` bytes and, past them, at most the last ``taillen`` bytes.
+
+    The kernel program makes exactly this cut, so replay and live capture see the same bytes.
+    """
+    n = len(payload)
+    if n <= snaplen:
+        return payload, b""
+    if taillen <= 0:
+        return payload[:snaplen], b""
+    start = n - taillen
+    if start < snaplen:
+        start = snaplen
+    return payload[:snaplen], payload[start:]

@@ -13,7 +13,7 @@ from typing import Any
 from imaptap.flows import FlowTable
 from imaptap.imap.session import Message
 from imaptap.output.jsonl import flow_record, message_record
-from imaptap.segment import DEFAULT_SNAPLEN, IMAP_PORT, PayloadPolicy, Segment, TcpFlag, flow_key
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, PayloadPolicy, Segment, TcpFlag, flow_key
 
 CLIENT = ("192.0.2.10", 40000)
 SERVER = ("192.0.2.20", IMAP_PORT)
@@ -71,10 +71,10 @@ def conversation(
 def replay_cut(segments: Iterable[Segment], policy: PayloadPolicy) -> Iterator[Segment]:
     """The segments as a capture would copy them, deciding each one only when it is reached."""
     for s in segments:
-        cut = policy.cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload)
-        if len(cut) != len(s.payload):
+        head, tail = policy.cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload, s.wire_len)
+        if len(head) != len(s.payload):
             s = Segment(s.ts, s.ip_version, s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags,
-                        s.wire_len, cut, s.ifindex)
+                        s.wire_len, head, s.ifindex, tail)
         yield s
 
 
@@ -98,10 +98,11 @@ def analyze(
     ports: Iterable[int] = (IMAP_PORT,),
     snaplen: int | None = DEFAULT_SNAPLEN,
     max_flows: int | None = None,
+    taillen: int = DEFAULT_TAILLEN,
 ) -> Analysis:
-    """Run segments through the flow table (cut to ``snaplen`` as replay does unless None)."""
+    """Run segments through the flow table, cut as replay cuts them (whole when snaplen is None)."""
     result = Analysis()
-    policy = PayloadPolicy(snaplen if snaplen is not None else 1 << 30)
+    policy = PayloadPolicy(snaplen if snaplen is not None else 1 << 30, taillen)
     kwargs = {} if max_flows is None else {"max_flows": max_flows}
 
     def on_message(flow, msg: Message) -> None:

@@ -13,8 +13,8 @@ from imaptap.testing import analyze, conversation
 GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n"
 
 
-def run(parts, snaplen=256, **kw):
-    return analyze(conversation(parts, **kw), snaplen=snaplen)
+def run(parts, snaplen=256, taillen=128, **kw):
+    return analyze(conversation(parts, **kw), snaplen=snaplen, taillen=taillen)
 
 
 def everything(result) -> str:
@@ -303,10 +303,10 @@ def test_capture_started_mid_connection():
     assert f["mailboxes"] == ["Drafts"] and f["server_software"] is None and f["greeting"] is None
 
 
-@pytest.mark.parametrize("snaplen, lines", [(None, 5), (256, 4)])
-def test_server_side_only_capture_invents_no_requests(snaplen, lines):
+@pytest.mark.parametrize("snaplen, taillen, lines", [(None, 0, 5), (256, 128, 5), (256, 0, 4)])
+def test_server_side_only_capture_invents_no_requests(snaplen, taillen, lines):
     r = run([("s", GREETING), ("s", b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n"),
-             ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")], snaplen=snaplen)
+             ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")], snaplen=snaplen, taillen=taillen)
     f = r.flow
     assert f["commands"] == {} and f["username"] is None
     assert [m["from"] for m in r.messages] == ["server"] * lines

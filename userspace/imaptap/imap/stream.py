@@ -160,8 +160,8 @@ class ImapStream:
 
     # --- input -------------------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> None:
-        """Bytes of one segment, in order."""
+    def feed(self, data: bytes, segment_start: bool = True) -> None:
+        """Captured bytes, in order: a segment's head (a segment start) or its tail (after a gap)."""
         if not data:
             return
         self.bytes_seen += len(data)
@@ -185,7 +185,7 @@ class ImapStream:
                 if self.on_tls is not None:
                     self.on_tls()
                 return
-        self._consume(data, True)
+        self._consume(data, segment_start)
 
     def gap(self, n: int) -> None:
         """``n`` bytes went by that were not captured."""
