@@ -17,7 +17,16 @@
  * headers, headers outside the first buffer of a multi-buffer XDP frame, and in TC headers
  * further than IMAPTAP_PULL_LEN bytes into the packet.
  *
+ * What is copied of a payload of n bytes (n: the TCP payload length, or less if the frame is
+ * cut short), by the flow's mode in the flow_modes map:
+ *   PREFIX (default)  the first IMAPTAP_SNAPLEN bytes and, if n is larger, the last bytes after
+ *                     them, at most IMAPTAP_TAILLEN: the tagged completion that ends a long
+ *                     server response is in the tail (segment.split_payload cuts the same);
+ *   NONE              nothing (encrypted after STARTTLS); the segment is still reported;
+ *   WHOLE             everything up to IMAPTAP_WHOLE_CAP (COMPRESS: userspace inflates).
+ *
  * Compile-time options (cflags from live.py):
+ *   -DIMAPTAP_SNAPLEN=N, -DIMAPTAP_TAILLEN=N  as above.
  *   -DIMAPTAP_RINGBUF=1     BPF ring buffer (kernel 5.8+); otherwise a perf buffer.
  *   -DIMAPTAP_RING_PAGES=N  ring buffer size in pages (a power of two).
  *   -DIMAPTAP_XDP=1         build the XDP program (needs bpf_xdp_load_bytes, kernel 5.18+).
@@ -34,6 +43,12 @@
 
 #ifndef IMAPTAP_RING_PAGES
 #define IMAPTAP_RING_PAGES 1024
+#endif
+#ifndef IMAPTAP_SNAPLEN
+#define IMAPTAP_SNAPLEN 256
+#endif
+#ifndef IMAPTAP_TAILLEN
+#define IMAPTAP_TAILLEN 128
 #endif
 
 /* TC: when the headers are not in the linear part of the skb (drivers that build skbs from
@@ -148,6 +163,31 @@ static __always_inline void emit_class(void *ctx, const int hook, struct imaptap
     cnt->submitted++;
 }
 
+#if IMAPTAP_TAILLEN > 0
+/* A PREFIX segment longer than the snap length: head and tail have constant room. */
+static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
+                                      __u32 off, __u32 tail_off, __u32 tail,
+                                      struct imaptap_counters *cnt)
+{
+    struct imaptap_event *e =
+        events.ringbuf_reserve(sizeof(struct imaptap_event) + IMAPTAP_SNAPLEN + IMAPTAP_TAILLEN);
+    if (!e) {
+        cnt->lost++;
+        return;
+    }
+    __builtin_memcpy(e, ev, sizeof(*ev));
+    __u8 *room = (__u8 *)(e + 1);
+    if ((IMAPTAP_SNAPLEN > 0 && load_payload(ctx, hook, off, room, IMAPTAP_SNAPLEN) != 0) ||
+        load_payload(ctx, hook, tail_off, room + IMAPTAP_SNAPLEN, bounded_len(tail, IMAPTAP_TAILLEN)) != 0) {
+        e->cap_len = 0;
+        e->tail_len = 0;
+        cnt->copy_failed++;
+    }
+    events.ringbuf_submit(e, 0);
+    cnt->submitted++;
+}
+#endif
+
 static __always_inline void emit(void *ctx, const int hook, struct imaptap_event *ev, __u32 off,
                                  __u32 cap, struct imaptap_counters *cnt)
 {
@@ -199,6 +239,34 @@ static __always_inline void emit(void *ctx, const int hook, struct imaptap_event
     else
         cnt->submitted++;
 }
+
+#if IMAPTAP_TAILLEN > 0
+static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
+                                      __u32 off, __u32 tail_off, __u32 tail,
+                                      struct imaptap_counters *cnt)
+{
+    __u32 zero = 0;
+    struct perf_record *r = scratch.lookup(&zero);
+    if (!r)
+        return;
+    __builtin_memcpy(&r->ev, ev, sizeof(*ev));
+    tail = bounded_len(tail, IMAPTAP_TAILLEN);
+    if ((IMAPTAP_SNAPLEN > 0 && load_payload(ctx, hook, off, r->payload, IMAPTAP_SNAPLEN) != 0) ||
+        load_payload(ctx, hook, tail_off, r->payload + IMAPTAP_SNAPLEN, tail) != 0) {
+        r->ev.cap_len = 0;
+        r->ev.tail_len = 0;
+        tail = 0;
+        cnt->copy_failed++;
+    }
+    __u64 size = sizeof(struct imaptap_event) + r->ev.cap_len + tail;
+    if (size > sizeof(struct imaptap_event) + IMAPTAP_SNAPLEN + IMAPTAP_TAILLEN)
+        size = sizeof(struct imaptap_event);   /* never: for the verifier */
+    if (events.perf_submit(ctx, r, size) != 0)
+        cnt->lost++;
+    else
+        cnt->submitted++;
+}
+#endif
 #endif
 
 /* Parse one frame; submit it if it is a TCP segment of a monitored port worth reporting. */
@@ -368,17 +436,26 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         mode = *m;
     ev.mode = mode;
 
-    __u32 limit = cfg->snaplen;
-    if (mode == IMAPTAP_MODE_NONE)
-        limit = 0;
-    else if (mode == IMAPTAP_MODE_WHOLE)
-        limit = IMAPTAP_WHOLE_CAP;
-    __u32 cap = wire_len < limit ? wire_len : limit;
-    __u32 avail = pkt_len > payload_off ? pkt_len - payload_off : 0;  /* a truncated frame */
-    if (cap > avail)
-        cap = avail;
-    if (cap > IMAPTAP_WHOLE_CAP)
-        cap = IMAPTAP_WHOLE_CAP;
+    __u32 n = pkt_len > payload_off ? pkt_len - payload_off : 0;  /* less in a cut-short frame */
+    if (n > wire_len)
+        n = wire_len;   /* Ethernet padding is not payload */
+    __u32 cap = 0;
+    if (mode == IMAPTAP_MODE_WHOLE) {
+        cap = n < IMAPTAP_WHOLE_CAP ? n : IMAPTAP_WHOLE_CAP;
+    } else if (mode != IMAPTAP_MODE_NONE) {
+#if IMAPTAP_TAILLEN > 0
+        if (n > IMAPTAP_SNAPLEN) {
+            __u32 tail = n - IMAPTAP_SNAPLEN;
+            if (tail > IMAPTAP_TAILLEN)
+                tail = IMAPTAP_TAILLEN;
+            ev.cap_len = IMAPTAP_SNAPLEN;
+            ev.tail_len = tail;
+            emit_long(ctx, hook, &ev, payload_off, payload_off + n - tail, tail, cnt);
+            return PARSE_DONE;
+        }
+#endif
+        cap = n < IMAPTAP_SNAPLEN ? n : IMAPTAP_SNAPLEN;
+    }
     ev.cap_len = cap;
     emit(ctx, hook, &ev, payload_off, cap, cnt);
     return PARSE_DONE;

@@ -28,7 +28,8 @@
 /* IPv6 extension headers walked before giving up on a packet (counted as unparsed). */
 #define IMAPTAP_MAX_EXT_HDRS 4
 
-/* One submitted TCP segment; `cap_len` payload bytes follow the struct in the same record. */
+/* One submitted TCP segment.  The record holds this struct, then `cap_len` bytes from the start
+ * of the payload, then `tail_len` bytes from its end (see segment.split_payload). */
 struct imaptap_event {
     __u64 ts_ns;        /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
     __be32 saddr[4];    /* network order; IPv4 in the first word, the rest zero */
@@ -37,14 +38,14 @@ struct imaptap_event {
     __u32 ack;
     __u32 wire_len;     /* TCP payload length from the IP header */
     __u32 ifindex;
-    __u32 cap_len;      /* payload bytes copied after this struct */
+    __u32 cap_len;      /* bytes from the start of the payload, right after this struct */
     __u16 sport;        /* host order */
     __u16 dport;
     __u8 ip_version;    /* 4 or 6 */
     __u8 tcp_flags;     /* byte 13 of the TCP header: FIN SYN RST PSH ACK URG ECE CWR */
     __u8 hook;          /* IMAPTAP_HOOK_* */
     __u8 mode;          /* IMAPTAP_MODE_* the segment was copied under */
-    __u32 _pad;
+    __u32 tail_len;     /* bytes from the end of the payload, after the cap_len ones */
 };
 
 /* Key of the per-flow mode map: one entry for both directions.  Canonical order: endpoint `a`
@@ -59,10 +60,9 @@ struct imaptap_flow_key {
     __u8 _pad[3];
 };
 
-/* Single-entry array: the options userspace sets before attaching. */
+/* Single-entry array filled by userspace before attaching.  (The snap and tail lengths are
+ * compile-time constants instead: constant copy sizes make simple, fast verified code.) */
 struct imaptap_config {
-    __u32 snaplen;          /* payload bytes copied in PREFIX mode */
-    __u32 _pad;
     __u8 ports[8192];       /* bitmap of monitored TCP ports: bit (port & 7) of byte port >> 3 */
 };
 

@@ -8,6 +8,7 @@ against what the client really sent and received.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,10 +18,10 @@ import time
 
 import pytest
 
-from livelab import OTHER_PORT, ROOT, SERVER_PORT, Client, server_body
+from livelab import OTHER_PORT, ROOT, SERVER_PORT, Client, server_body, set_gro
 from imaptap.capture import live
 from imaptap.capture.live import LiveCapture, LiveError
-from imaptap.segment import PayloadMode, Segment, TcpFlag, flow_key
+from imaptap.segment import DEFAULT_TAILLEN, PayloadMode, Segment, TcpFlag, flow_key, split_payload
 
 pytestmark = pytest.mark.live
 
@@ -50,9 +51,11 @@ def both_fins(client: Client):
     return done
 
 
-def check_stream(segs: list[Segment], sport: int, stream: bytes, snaplen: int) -> list[Segment]:
-    """Every data segment from ``sport`` carries the stream's bytes at its offset, cut at
-    ``snaplen``, and together they cover the whole stream; returns those segments."""
+def check_stream(segs: list[Segment], sport: int, stream: bytes, snaplen: int,
+                 taillen: int = DEFAULT_TAILLEN) -> list[Segment]:
+    """Every data segment from ``sport`` carries the stream's bytes at its offset, cut into head
+    and tail as `split_payload` cuts them, and together the segments cover the whole stream;
+    returns those segments."""
     (syn,) = {s for s in segs if s.sport == sport and s.flags & TcpFlag.SYN}
     base = (syn.seq + 1) & 0xFFFFFFFF
     data = [s for s in segs if s.sport == sport and s.wire_len > 0]
@@ -61,7 +64,7 @@ def check_stream(segs: list[Segment], sport: int, stream: bytes, snaplen: int) -
         off = (s.seq - base) & 0xFFFFFFFF
         want = stream[off:off + s.wire_len]
         assert len(want) == s.wire_len, f"segment at {off} beyond the stream"
-        assert s.payload == want[:snaplen], f"payload at offset {off} differs"
+        assert (s.payload, s.tail) == split_payload(want, snaplen, taillen), f"payload at offset {off} differs"
         if off <= covered:
             covered = max(covered, off + s.wire_len)
     assert covered == len(stream)
@@ -100,6 +103,10 @@ def test_ipv4_session_both_directions_cut_at_snaplen(netlab):
     assert {(s.src, s.dst) for s in mine} == {(netlab.client4, netlab.server4), (netlab.server4, netlab.client4)}
     assert any(s.wire_len > 64 and len(s.payload) == 64 for s in mine if s.sport == SERVER_PORT)
     assert any(s.wire_len > 64 and len(s.payload) == 64 for s in mine if s.sport == c.port)
+    # The tagged completion at the end of a long response is in the tail.
+    assert any(s.wire_len > 64 and s.tail.endswith(b"a2 OK FETCH done\r\n") and b"a2 OK" not in s.payload
+               for s in mine if s.sport == SERVER_PORT)
+    assert any(len(s.tail) == DEFAULT_TAILLEN for s in mine)
     counters = cap.counters()
     assert counters["lost"] == 0 and counters["unparsed"] == 0
     assert counters["submitted"] == counters["received"] >= len(mine)
@@ -162,7 +169,7 @@ def test_none_mode_stops_payload_copies_but_fin_is_reported(netlab):
     for offsets, before, none_end in ((c2s, sent_before, sent_none), (s2c, received_before, received_none)):
         for off, s in offsets:
             if before <= off < none_end:
-                assert s.payload == b"" and s.wire_len > 0
+                assert s.payload == b"" and s.tail == b"" and s.wire_len > 0
             elif s.wire_len:
                 assert s.payload, "payload copies must resume after forget()"
         assert any(before <= off < none_end for off, _ in offsets)
@@ -192,7 +199,7 @@ def test_whole_mode_copies_whole_payloads(netlab):
         assert cap.counters()["lost"] == 0
     for sport, stream in ((c.port, bytes(c.sent)), (SERVER_PORT, bytes(c.received))):
         data = check_stream(segs, sport, stream, live.WHOLE_PAYLOAD_CAP)
-        assert all(len(s.payload) == s.wire_len for s in data)
+        assert all(len(s.payload) == s.wire_len and s.tail == b"" for s in data)
         assert max(s.wire_len for s in data) > snaplen
 
 
@@ -427,3 +434,51 @@ def test_kernel_flow_key_is_canonical():
     assert bytes(c.addr_a[:4]) == socket.inet_aton("10.0.0.9")
     v6 = live.kernel_flow_key(flow_key("fd00::2", 143, "fd00::1", 40000))
     assert v6.ip_version == 6 and bytes(v6.addr_a) == socket.inet_pton(socket.AF_INET6, "fd00::2")
+
+
+# --- live against tcpdump + replay ---------------------------------------------------------------
+
+
+def test_live_segments_equal_a_replayed_tcpdump_capture(netlab, tmp_path):
+    """The same packets through the kernel and through tcpdump + replay give the same Segments."""
+    from imaptap.capture.replay import ReplayStats, open_capture
+    from imaptap.segment import PayloadPolicy
+
+    if shutil.which("tcpdump") is None:
+        pytest.fail("tcpdump is needed (scripts/setup installs it)")
+    # With GRO on, tcpdump would see merged ingress segments that XDP saw one by one.
+    set_gro(netlab.host_if, False)
+    snaplen = 128
+    pcap = tmp_path / "same.pcap"
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, snaplen) as cap:
+        # --immediate-mode: otherwise packets still in the ring when SIGINT comes are never written.
+        dump = subprocess.Popen(["tcpdump", "-i", netlab.host_if, "-n", "-s", "0", "--immediate-mode", "-w", str(pcap),
+                                 f"tcp port {SERVER_PORT}"], stderr=subprocess.PIPE, text=True)
+        try:
+            assert "listening on" in dump.stderr.readline()
+            c = Client(netlab.server4)
+            c.command("a1", "LOGIN alice secret")
+            c.command("a2", "FETCH 5000")
+            c.command("a3", "APPEND INBOX", literal=server_body(3000))
+            c.logout()
+            c6 = Client(netlab.server6)
+            c6.command("a1", "FETCH 2000")
+            c6.logout()
+            segs = collect(cap, lambda s: both_fins(c)(s) and both_fins(c6)(s))
+            time.sleep(0.3)
+        finally:
+            dump.send_signal(signal.SIGINT)
+            dump.wait(timeout=10)
+    with open_capture(pcap) as reader:
+        replayed = [s for s in reader.segments({SERVER_PORT}, PayloadPolicy(snaplen), ReplayStats())
+                    if s.wire_len > 0 or s.flags & LIFECYCLE]
+
+    def fields(s: Segment) -> tuple:
+        return (s.ip_version, s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags, s.wire_len, s.payload,
+                s.tail)
+
+    assert len(replayed) > 20
+    assert sorted(map(fields, segs)) == sorted(map(fields, replayed))
+    # Same order within each direction, and the clocks agree (monotonic -> wall clock offset).
+    for live_seg, file_seg in zip(sorted(segs, key=fields), sorted(replayed, key=fields)):
+        assert abs(live_seg.ts - file_seg.ts) < 0.05

@@ -21,11 +21,12 @@ import pytest
 
 from imaptap.capture import decode
 from imaptap.capture.live import LiveCapture
-from imaptap.segment import TcpFlag
+from imaptap.segment import TcpFlag, split_payload
 
 pytestmark = pytest.mark.live
 
 SNAPLEN = 64
+TAILLEN = 20
 PORTS = {143}
 DST_MAC = bytes.fromhex("02000000aa01")   # locally administered, unused
 SRC_MAC = bytes.fromhex("02000000aa02")
@@ -84,7 +85,10 @@ def frames(lab) -> list[tuple[str, bytes, bool]]:
     out = [
         ("ipv4", eth(0x0800, ipv4(c4, s4, tcp(1000, text))), False),
         ("ipv4 from the server", eth(0x0800, ipv4(s4, c4, tcp(2000, text, sport=143, dport=40000))), False),
-        ("ipv4 cut at snaplen", eth(0x0800, ipv4(c4, s4, tcp(3000, big))), False),
+        ("ipv4 cut at snaplen, with a tail", eth(0x0800, ipv4(c4, s4, tcp(3000, big))), False),
+        ("a tail shorter than the tail length", eth(0x0800, ipv4(c4, s4, tcp(3300, big[:SNAPLEN + 6]))), False),
+        ("exactly the snap length", eth(0x0800, ipv4(c4, s4, tcp(3600, big[:SNAPLEN]))), False),
+        ("cut short, with a tail", eth(0x0800, ipv4(c4, s4, tcp(3900, big[:150]), total_len=20 + 20 + 1000)), False),
         ("ipv4 options", eth(0x0800, ipv4(c4, s4, tcp(4000, text), options=b"\x01" * 8)), False),
         ("tcp options", eth(0x0800, ipv4(c4, s4, tcp(5000, text, options=b"\x01\x01\x08\x0a" + bytes(8)))), False),
         ("ethernet padding", eth(0x0800, ipv4(c4, s4, tcp(6000, b"ab")), trailer=bytes(20)), False),
@@ -146,13 +150,13 @@ def expected(frame: bytes):
     version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
     if wire_len == 0 and not flags & LIFECYCLE:
         return None  # pure ACKs stay in the kernel
-    return (version, src, dst, sport, dport, seq, ack, flags, wire_len, payload[:SNAPLEN])
+    return (version, src, dst, sport, dport, seq, ack, flags, wire_len, *split_payload(payload, SNAPLEN, TAILLEN))
 
 
 @pytest.mark.parametrize("hook", ["xdp", "tc-ingress", "tc-egress"])
 def test_kernel_parses_every_frame_as_replay_does(netlab, hook):
     cases = frames(netlab)
-    with LiveCapture([netlab.host_if], PORTS, SNAPLEN, use_xdp=hook == "xdp") as cap:
+    with LiveCapture([netlab.host_if], PORTS, SNAPLEN, use_xdp=hook == "xdp", taillen=TAILLEN) as cap:
         before = cap.counters()
         inject(netlab, "host" if hook == "tc-egress" else "ns", [f for _, f, _ in cases])
         segs = []
@@ -160,8 +164,8 @@ def test_kernel_parses_every_frame_as_replay_does(netlab, hook):
         while time.monotonic() < deadline:
             segs += cap.poll(100)
         after = cap.counters()
-    got = {s.seq: (s.ip_version, s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags, s.wire_len, s.payload)
-           for s in segs}
+    got = {s.seq: (s.ip_version, s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags, s.wire_len, s.payload,
+                   s.tail) for s in segs}
     assert len(got) == len(segs), "a frame was reported twice"
     problems = []
     for name, frame, kernel_limit in cases:

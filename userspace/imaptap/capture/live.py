@@ -31,7 +31,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from imaptap.segment import WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
+from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
 
 
 class LiveError(Exception):
@@ -44,7 +44,7 @@ HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
 
 
 class EventHeader(ctypes.Structure):
-    """struct imaptap_event; ``cap_len`` payload bytes follow it in the record."""
+    """struct imaptap_event; ``cap_len`` head bytes, then ``tail_len`` tail bytes follow it."""
 
     _fields_ = [
         ("ts_ns", ctypes.c_uint64),
@@ -61,7 +61,7 @@ class EventHeader(ctypes.Structure):
         ("tcp_flags", ctypes.c_uint8),
         ("hook", ctypes.c_uint8),
         ("mode", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint32),
+        ("tail_len", ctypes.c_uint32),
     ]
 
 
@@ -82,8 +82,6 @@ class KernelConfig(ctypes.Structure):
     """struct imaptap_config."""
 
     _fields_ = [
-        ("snaplen", ctypes.c_uint32),
-        ("_pad", ctypes.c_uint32),
         ("ports", ctypes.c_uint8 * 8192),
     ]
 
@@ -417,8 +415,8 @@ class KernelPayloadPolicy(PayloadPolicy):
     side changes (flows are forgotten after detach when the CLI closes them).
     """
 
-    def __init__(self, snaplen: int) -> None:
-        super().__init__(snaplen)
+    def __init__(self, snaplen: int, taillen: int) -> None:
+        super().__init__(snaplen, taillen)
         self._table = None
         self.kernel_errors = 0
         """Map updates the kernel refused (never expected; counted rather than raised)."""
@@ -492,8 +490,10 @@ class LiveCapture:
 
     def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
-                 output: str | None = None) -> None:
-        """``output``: "ringbuf" or "perf" to force one (tests); default: ring buffer if the kernel has it."""
+                 taillen: int = DEFAULT_TAILLEN, output: str | None = None) -> None:
+        """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
+        (see `segment.split_payload`).  ``output``: "ringbuf" or "perf" to force one (tests);
+        default: the ring buffer where the kernel has it."""
         if not interfaces:
             raise LiveError("no interface to capture on")
         self.interfaces = list(dict.fromkeys(interfaces))
@@ -508,10 +508,13 @@ class LiveCapture:
         if output not in (None, "ringbuf", "perf"):
             raise ValueError(output)
         self._output = output
-        if snaplen < 0:
-            raise LiveError(f"bad snap length {snaplen}")
+        if not 0 <= snaplen <= WHOLE_PAYLOAD_CAP:
+            raise LiveError(f"bad snap length {snaplen}: 0-{WHOLE_PAYLOAD_CAP}")
+        if not 0 <= taillen <= WHOLE_PAYLOAD_CAP:
+            raise LiveError(f"bad tail length {taillen}: 0-{WHOLE_PAYLOAD_CAP}")
         self.snaplen = snaplen
-        self.policy = KernelPayloadPolicy(snaplen)
+        self.taillen = taillen
+        self.policy = KernelPayloadPolicy(snaplen, taillen)
         self.notes: list[str] = []
         """Things the user should know about how the capture runs (fallbacks taken)."""
         self.ringbuf = True
@@ -561,9 +564,9 @@ class LiveCapture:
                               "capturing ingress with TC instead of XDP")
         self.use_xdp = use_xdp
         self.ringbuf = has_ringbuf() if self._output is None else self._output == "ringbuf"
-        if self.snaplen > self.max_copy():
-            raise LiveError(f"snap length {self.snaplen} exceeds what the kernel program copies"
-                            f" ({self.max_copy()})")
+        if self.snaplen + self.taillen > self.max_copy():
+            raise LiveError(f"snap length {self.snaplen} plus tail length {self.taillen} exceed what the"
+                            f" kernel program copies with a perf buffer ({self.max_copy()})")
 
         self._ipr = IPRoute()
         try:
@@ -589,8 +592,8 @@ class LiveCapture:
         return self
 
     def max_copy(self) -> int:
-        """Largest payload one record carries: the snap length may not exceed it, WHOLE mode is cut to it."""
-        return WHOLE_PAYLOAD_CAP if self.ringbuf else PERF_PAYLOAD_CAP
+        """Most payload bytes one record carries: WHOLE mode is cut to it, snap + tail length may not exceed it."""
+        return 2 * WHOLE_PAYLOAD_CAP if self.ringbuf else PERF_PAYLOAD_CAP
 
     def _inspect(self, indexes: dict[str, int]) -> list[tuple]:
         """Refuse foreign XDP programs and running imaptaps; list our stale programs to remove."""
@@ -640,7 +643,8 @@ class LiveCapture:
 
         src = bpf_source_dir()
         cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(self.ringbuf)}", f"-DIMAPTAP_XDP={int(self.use_xdp)}",
-                  f"-DIMAPTAP_RING_PAGES={RING_PAGES}"]
+                  f"-DIMAPTAP_RING_PAGES={RING_PAGES}", f"-DIMAPTAP_SNAPLEN={self.snaplen}",
+                  f"-DIMAPTAP_TAILLEN={self.taillen}"]
         try:
             self._bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
         except Exception as exc:
@@ -656,7 +660,6 @@ class LiveCapture:
                                 " is above") from None
         self._check_layout()
         cfg = KernelConfig()
-        cfg.snaplen = self.snaplen
         for p in self.ports:
             cfg.ports[p >> 3] |= 1 << (p & 7)
         self._bpf[b"config"][ctypes.c_int(0)] = cfg
@@ -823,8 +826,8 @@ class LiveCapture:
             self._malformed += 1
             return None
         (ts_ns, saddr, daddr, seq, ack, wire_len, ifindex, cap_len, sport, dport, ipver, flags,
-         _hook, _mode, _pad) = _EVENT.unpack_from(raw)
-        if cap_len > len(raw) - 72:
+         _hook, _mode, tail_len) = _EVENT.unpack_from(raw)
+        if cap_len + tail_len > len(raw) - 72:
             self._malformed += 1
             return None
         if ipver == 4:
@@ -835,7 +838,8 @@ class LiveCapture:
             dst = socket.inet_ntop(socket.AF_INET6, daddr)
         self._received += 1
         return Segment((ts_ns + self._offset_ns) / 1e9, ipver, src, dst, sport, dport, seq, ack, flags,
-                       wire_len, raw[72:72 + cap_len], ifindex)
+                       wire_len, raw[72:72 + cap_len], ifindex,
+                       raw[72 + cap_len:72 + cap_len + tail_len] if tail_len else b"")
 
     def _on_ring_record(self, _ctx, data, size) -> int:
         seg = self._decode(ctypes.string_at(data, size))
