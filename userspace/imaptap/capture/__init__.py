@@ -1,0 +1,1 @@
+"""Capture sources: each turns packets into `imaptap.segment.Segment`s for the analyzer."""
