@@ -71,7 +71,7 @@ def test_flow_ends_on_fin_rst_and_pure_acks_do_not_revive_it():
     ack = dataclasses.replace(segs[-1], flags=int(TcpFlag.ACK), wire_len=0, payload=b"")
     r = analyze(segs + [ack])
     assert len(r.flows) == 1 and r.flow["end"] == "fin"
-    assert r.table.stats.pure_acks == 1
+    assert r.table.stats.empty == 1
     rst = conversation(SESSION[:2], close=False) + [dataclasses.replace(segs[-1], flags=int(TcpFlag.RST))]
     assert analyze(rst).flow["end"] == "rst"
 

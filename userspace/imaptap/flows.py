@@ -50,7 +50,7 @@ def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes
 class _Direction:
     """TCP sequence tracking for one direction, feeding one `ImapStream`."""
 
-    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes")
+    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes")
 
     def __init__(self, feed: Callable[[bytes, bool], None], gap: Callable[[int], None]) -> None:
         self.next_seq: int | None = None
@@ -60,7 +60,8 @@ class _Direction:
         self.retransmissions = 0
         self.out_of_order = 0
         self.holes = 0
-        """Bytes of sequence space never seen (lost by the capture), not counting uncopied bytes."""
+        """Holes in the sequence space: segments the capture lost (not bytes it chose not to copy)."""
+        self.hole_bytes = 0
 
     def syn(self, seq: int) -> None:
         self.next_seq = (seq + 1) % _SEQ_MOD
@@ -121,7 +122,8 @@ class _Direction:
         """Give up waiting for the earliest hole: report it as a gap and go on from there."""
         nearest = min(self.pending, key=lambda s: (s - self.next_seq) % _SEQ_MOD)
         hole = (nearest - self.next_seq) % _SEQ_MOD
-        self.holes += hole
+        self.holes += 1
+        self.hole_bytes += hole
         self.gap(hole)
         self.next_seq = nearest
         self._drain()
@@ -176,8 +178,8 @@ class Flow:
 class FlowStats:
     segments: int = 0
     """Segments handed to the tracker."""
-    pure_acks: int = 0
-    """Segments without payload or SYN/FIN/RST, ignored as the kernel would."""
+    empty: int = 0
+    """Segments without payload or SYN/FIN/RST: ignored (captures do not deliver them)."""
     orphans: int = 0
     """Segments of no known flow that cannot start one (a FIN or RST after the end)."""
     flows: int = 0
@@ -189,6 +191,9 @@ class FlowStats:
     retransmissions: int = 0
     out_of_order: int = 0
     gaps: int = 0
+    """Holes in sequence space: segments the capture lost."""
+    resyncs: int = 0
+    """Times the IMAP parser lost a line to uncaptured bytes and found the next one."""
     anomalies: int = 0
 
 
@@ -224,7 +229,7 @@ class FlowTable:
         stats.segments += 1
         flags = seg.flags
         if seg.wire_len == 0 and not flags & (_SYN | _FIN | _RST):
-            stats.pure_acks += 1
+            stats.empty += 1
             return
         ts = seg.ts
         if ts > self.now:
@@ -344,7 +349,8 @@ class FlowTable:
             stats.imap_flows += 1
         stats.retransmissions += flow.c2s.retransmissions + flow.s2c.retransmissions
         stats.out_of_order += flow.c2s.out_of_order + flow.s2c.out_of_order
-        stats.gaps += session.client.gaps + session.server.gaps
+        stats.gaps += flow.c2s.holes + flow.s2c.holes
+        stats.resyncs += session.client.resyncs + session.server.resyncs
         stats.anomalies += sum(session.anomalies.values())
         if self.policy is not None:
             self.policy.forget(flow.key)

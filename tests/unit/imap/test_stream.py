@@ -59,7 +59,7 @@ def test_gap_inside_literal_only_shortens_it():
     c.stream.feed(b"y" * 20 + b")\r\na5 OK done\r\n")
     assert c.heads == [b"* 1 FETCH (BODY[] {1000}", b"a5 OK done"]
     assert c.lines[0].literals[0].complete is False
-    assert c.stream.gaps == 0
+    assert c.stream.resyncs == 0
 
 
 def test_gap_outside_literal_truncates_and_resyncs_at_next_line():
@@ -69,7 +69,7 @@ def test_gap_outside_literal_truncates_and_resyncs_at_next_line():
     c.stream.feed(b"fts-rest-of-a-line\r\n* LIST () \"/\" Sent\r\n")
     assert c.heads == [b'* LIST () "/" INBOX', b'* LIST () "/" Dra', b'* LIST () "/" Sent']
     assert c.lines[1].truncated
-    assert c.stream.gaps == 1
+    assert c.stream.resyncs == 1
 
 
 def test_resync_accepts_a_segment_that_starts_with_a_line():

@@ -95,6 +95,22 @@ class _Sasl:
 
 
 _CRED_COMMANDS = frozenset({"LOGIN", "AUTHENTICATE"})
+#: Commands whose tagged completion changes the session's state.
+_STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
+_TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
+_UNTAGGED = re.compile(rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$", re.S)
+#: Untagged data responses with a message number (RFC 3501, 9051).
+_NUMBERED_DATA = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH"})
+#: Untagged data responses without one, from RFC 3501/9051 and the common extensions.
+_UNTAGGED_DATA = frozenset(
+    """CAPABILITY LIST LSUB STATUS SEARCH ESEARCH FLAGS ID ENABLED NAMESPACE QUOTA QUOTAROOT ACL
+    LISTRIGHTS MYRIGHTS METADATA SORT THREAD VANISHED XLIST LANGUAGE COMPARATOR CONVERTED
+    GENURLAUTH URLFETCH ANNOTATION""".split()
+)
+
+
+def _sizes(line: RawLine) -> tuple[int, ...]:
+    return tuple(lit.size for lit in line.literals) if line.literals else ()
 
 _PRODUCTS = [
     (re.compile(r"\bDovecot\b", re.I), lambda m, t: "Dovecot"),
@@ -269,7 +285,7 @@ class ImapSession:
         elif cmd == "AUTHENTICATE":
             args = self._authenticate(line, argpos, tag, pending)
         else:
-            args = self._display_args(line, argpos) if known else None
+            args = self._display_args(line, argpos) if known and self.on_message is not None else None
             if cmd == "STARTTLS":
                 if self.starttls is not StartTls.COMPLETED:
                     self.starttls = StartTls.REQUESTED
@@ -287,8 +303,9 @@ class ImapSession:
             elif cmd == "IDLE":
                 self._idle_tag = tag
                 self.idles += 1
-        self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, tag=tag, command=cmd, args=args,
-                           literals=tuple(lit.size for lit in line.literals), truncated=line.truncated))
+        if self.on_message is not None:
+            self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, tag, cmd, args, None, None, None, None,
+                               _sizes(line), None, line.truncated))
 
     def _display_args(self, line: RawLine, argpos: int) -> str | None:
         raw = line.head[argpos:]
@@ -355,18 +372,19 @@ class ImapSession:
         first = self._server_lines == 0
         self._server_lines += 1
         head = line.head
-        lits = tuple(lit.size for lit in line.literals)
-        if head[:1] == b"+":
-            self._emit(Message(self.now, Side.SERVER, Kind.CONTINUATION,
-                               text=_clip(text(head[1:].lstrip(b" "))), truncated=line.truncated))
+        c0 = head[:1]
+        if c0 == b"*" and head[1:2] == b" ":
+            self._untagged(line, head, first)
             return
-        if head[:2] == b"* ":
-            self._untagged(line, head, first, lits)
+        if c0 == b"+":
+            if self.on_message is not None:
+                self._emit(Message(self.now, Side.SERVER, Kind.CONTINUATION, None, None, None, None, None,
+                                   _clip(text(head[1:].lstrip(b" "))), None, (), None, line.truncated))
             return
         tag_b, _, rest = head.partition(b" ")
         word, _, after = rest.partition(b" ")
-        status = word.decode("latin-1").upper()
-        if status not in ("OK", "NO", "BAD") or not parse.is_tag(tag_b):
+        status = _TAGGED_STATUS.get(word.upper())
+        if status is None or not parse.is_tag(tag_b):
             # Most often mail text: after a gap hid a literal's announcement, the stream
             # resynchronises inside the literal.  Counted, never shown as a response.
             self._anomaly("bad_response")
@@ -377,21 +395,28 @@ class ImapSession:
         if code is not None:
             self._response_code(code, line.truncated and not rest_text)
         pending = self._pending.pop(tag, None)
-        command = pending.command if pending else None
-        latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
-        self.statuses[status] += 1
-        self.last_status = status
-        if latency is not None:
-            self.last_latency_ms = latency
         if pending is None:
             client_head = self.client.pending_head
             if client_head is not None and client_head.split(b" ", 1)[0] == tag_b and status != "OK":
                 # A refused synchronising literal: its bytes will never come.
                 self.client.cancel_literal()
                 pending = self._pending.pop(tag, None)
-                command = pending.command if pending else None
+        command = pending.command if pending else None
+        latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
+        self.statuses[status] += 1
+        self.last_status = status
+        if latency is not None:
+            self.last_latency_ms = latency
         if self._sasl is not None and self._sasl.tag == tag:
             self._sasl = None
+        if command is not None and command in _STATE_COMMANDS:
+            self._completed(command, status)
+        if self.on_message is not None:
+            self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status, _clip(code),
+                               _clip(text(rest_text)), latency, _sizes(line), None, line.truncated))
+
+    def _completed(self, command: str, status: str) -> None:
+        """State changes that a tagged completion of ``command`` brings."""
         if command in _CRED_COMMANDS:
             if status == "OK":
                 self.login_ok = True
@@ -419,15 +444,17 @@ class ImapSession:
                 self._set_payload_mode(PayloadMode.PREFIX)
         elif command == "IDLE":
             self._idle_tag = None
-        self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, tag=tag, command=command, status=status,
-                           code=_clip(code), text=_clip(text(rest_text)), latency_ms=latency,
-                           literals=lits, truncated=line.truncated))
 
-    def _untagged(self, line: RawLine, head: bytes, first: bool, lits: tuple[int, ...]) -> None:
-        rest = head[2:]
-        word, _, after = rest.partition(b" ")
-        upper = word.decode("latin-1").upper()
-        if upper in parse.STATUSES:
+    def _untagged(self, line: RawLine, head: bytes, first: bool) -> None:
+        m = _UNTAGGED.match(head)
+        if m is None:
+            self._anomaly("bad_untagged")
+            return
+        number_b, word_b, after = m.groups()
+        upper = word_b.decode("latin-1").upper()
+        if after is None:
+            after = b""
+        if number_b is None and upper in parse.STATUSES:
             code, rest_text = parse.split_resp_text(after)
             if code is not None:
                 self._response_code(code, line.truncated and not rest_text)
@@ -442,31 +469,34 @@ class ImapSession:
             self.statuses[upper] += 1
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
-            self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, status=upper, code=_clip(code),
-                               text=_clip(txt), literals=lits, truncated=line.truncated))
+            if self.on_message is not None:
+                self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, None, None, None, upper, _clip(code),
+                                   _clip(txt), None, _sizes(line), None, line.truncated))
             return
-        number = None
-        command = upper
-        args_raw = after
-        if word.isdigit() and len(word) <= 10:
-            number = int(word)
-            word2, _, args_raw = after.partition(b" ")
-            command = word2.decode("latin-1").upper()
-        if not command.replace("-", "").replace(".", "").isalnum():
-            command = None
-            self._anomaly("bad_untagged")
-        elif command == "CAPABILITY":
-            self.capabilities = parse.capability_list(after, drop_last=line.truncated)
-            self._offered()
-        elif command == "ID":
-            self.server_id = parse.id_params(parse.tokens(line, 0, 2 + len(word) + 1))
-            if self.server_software is None and self.server_id and self.server_id.get("name"):
-                self.server_software = self.server_id["name"][:MAX_SOFTWARE]
-        if len(line.chunks) > 1:
-            args_raw = args_raw + b"".join(line.chunks[1:])
-        self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, command=command,
-                           args=_clip(text(args_raw)) if args_raw else None, number=number,
-                           literals=lits, truncated=line.truncated))
+        if number_b is not None:
+            if upper not in _NUMBERED_DATA:
+                self._anomaly("unknown_untagged")
+                return
+            number = int(number_b)
+        else:
+            # Mail text after a capture gap often starts with "* " (a bullet list): only
+            # response names IMAP defines are taken as responses.
+            if upper not in _UNTAGGED_DATA and not upper.startswith("X"):
+                self._anomaly("unknown_untagged")
+                return
+            number = None
+            if upper == "CAPABILITY":
+                self.capabilities = parse.capability_list(after, drop_last=line.truncated)
+                self._offered()
+            elif upper == "ID":
+                self.server_id = parse.id_params(parse.tokens(line, 0, m.start(3)))
+                if self.server_software is None and self.server_id and self.server_id.get("name"):
+                    self.server_software = self.server_id["name"][:MAX_SOFTWARE]
+        if self.on_message is not None:
+            if len(line.chunks) > 1:
+                after = after + b"".join(line.chunks[1:])
+            self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, None, upper, _clip(text(after)) if after else None,
+                               None, None, None, None, _sizes(line), number, line.truncated))
 
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")

@@ -87,7 +87,7 @@ class ImapStream:
         "bytes_encrypted",
         "bytes_inflated",
         "lines",
-        "gaps",
+        "resyncs",
         "line_start",
     )
 
@@ -121,8 +121,8 @@ class ImapStream:
         self.bytes_encrypted = 0
         self.bytes_inflated = 0
         self.lines = 0
-        self.gaps = 0
-        """Holes outside literals, each of which cost a line."""
+        self.resyncs = 0
+        """Uncaptured bytes outside literals, each of which cost a line."""
         self.line_start = (_SERVER_LINE_START if server else _CLIENT_LINE_START).match
 
     # --- state switches, called by the session --------------------------------------------
@@ -213,7 +213,7 @@ class ImapStream:
                 return
         if self.mode is Mode.RESYNC:
             return
-        self.gaps += 1
+        self.resyncs += 1
         if self.buf or self.chunks:
             self.truncated = True
             physical = bytes(self.buf)

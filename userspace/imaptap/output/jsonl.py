@@ -10,7 +10,7 @@ import json
 from typing import IO, Any
 
 from imaptap.flows import Flow
-from imaptap.imap.session import Message
+from imaptap.imap.session import Kind, Message, Side
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 # The C string encoder json itself uses for ensure_ascii=False (quotes, escapes, no ASCII-fication).
@@ -90,7 +90,9 @@ def flow_record(flow: Flow) -> dict[str, Any]:
         "commands": dict(s.commands),
         "statuses": dict(s.statuses),
         "anomalies": dict(s.anomalies),
-        "gaps": s.client.gaps + s.server.gaps,
+        "gaps": flow.c2s.holes + flow.s2c.holes,
+        "gap_bytes": flow.c2s.hole_bytes + flow.s2c.hole_bytes,
+        "resyncs": s.client.resyncs + s.server.resyncs,
         "bytes_not_captured": s.client.bytes_missed + s.server.bytes_missed,
         "bytes_inflated": s.client.bytes_inflated + s.server.bytes_inflated,
         "retransmissions": flow.c2s.retransmissions + flow.s2c.retransmissions,
@@ -98,8 +100,7 @@ def flow_record(flow: Flow) -> dict[str, Any]:
     }
 
 
-def _str(v: str | None) -> str:
-    return "null" if v is None else _quote(v)
+_SIDE_KIND = {(side, kind): f'"from":"{side.value}","kind":"{kind.value}",' for side in Side for kind in Kind}
 
 
 class JsonlWriter:
@@ -120,11 +121,14 @@ class JsonlWriter:
             prefix = self._prefix[flow.id] = (
                 f'"flow":{flow.id},"client":{_quote(endpoint(flow.client))},"server":{_quote(endpoint(flow.server))},'
             )
-        lat = msg.latency_ms
+        q = _quote
+        tag, command, args, status, code, txt, lat = (msg.tag, msg.command, msg.args, msg.status, msg.code,
+                                                      msg.text, msg.latency_ms)
         line = (
-            f'{{"type":"message","ts":{msg.ts!r},{prefix}"from":"{msg.side.value}","kind":"{msg.kind.value}",'
-            f'"tag":{_str(msg.tag)},"command":{_str(msg.command)},"args":{_str(msg.args)},'
-            f'"status":{_str(msg.status)},"code":{_str(msg.code)},"text":{_str(msg.text)},'
+            f'{{"type":"message","ts":{msg.ts!r},{prefix}{_SIDE_KIND[msg.side, msg.kind]}'
+            f'"tag":{"null" if tag is None else q(tag)},"command":{"null" if command is None else q(command)},'
+            f'"args":{"null" if args is None else q(args)},"status":{"null" if status is None else q(status)},'
+            f'"code":{"null" if code is None else q(code)},"text":{"null" if txt is None else q(txt)},'
             f'"latency_ms":{"null" if lat is None else repr(lat)}'
         )
         if msg.literals:

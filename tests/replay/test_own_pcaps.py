@@ -1,0 +1,49 @@
+"""Captures of a real Dovecot and real clients (scripts/make-captures), checked against pcaps/facts.json.
+
+facts.json was written by the script that drove each session, from what it did, not from
+imaptap's output.  Each capture is replayed twice: with the default 256-byte prefixes, as the
+kernel copies them, and whole (-s 65535); both must give the same facts.
+"""
+
+import collections
+import json
+import os
+
+import pytest
+
+from conftest import OWN_PCAPS
+
+FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
+SCALARS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
+           "compressed", "mailboxes", "client_id", "server_id", "server_software", "cleartext_credentials")
+
+
+def replay(imaptap, name, *extra):
+    spec = FACTS[name]
+    ports = [a for p in spec["ports"] for a in ("--port", str(p))]
+    r = imaptap("-r", os.path.join(OWN_PCAPS, name), "--json", "-", *ports, *extra)
+    assert r.returncode == 0, r.stderr
+    return r
+
+
+@pytest.mark.parametrize("snap", ["256", "65535"])
+@pytest.mark.parametrize("name", sorted(FACTS))
+def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
+    spec = FACTS[name]
+    r = replay(imaptap, name, "-s", snap)
+    flows = sorted(r.flows, key=lambda f: f["first_ts"])
+    assert len(flows) == len(spec["flows"]), [f["client"] for f in flows]
+    for got, want in zip(flows, spec["flows"]):
+        assert got["imap"] is True
+        assert got["server"].endswith(f":{want['port']}")
+        assert got["ip_version"] == (6 if want["family"] == "ipv6" else 4)
+        for key in SCALARS:
+            if key in want:
+                assert got[key] == want[key], (key, got[key], want[key])
+        if "commands" in want:
+            assert got["commands"] == dict(collections.Counter(want["commands"]))
+    everything = r.stdout + r.stderr
+    for secret in spec["secrets"]:
+        assert secret not in everything
+    for decoy in spec.get("decoys", []):
+        assert decoy not in json.dumps(r.flows)
