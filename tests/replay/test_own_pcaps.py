@@ -47,3 +47,17 @@ def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
         assert secret not in everything
     for decoy in spec.get("decoys", []):
         assert decoy not in json.dumps(r.flows)
+
+
+def test_the_tail_holds_the_login_completion(imaptap):
+    # Dovecot answers LOGIN with ~430 bytes: untagged CAPABILITY, then "tag OK Logged in".
+    with_tail = replay(imaptap, "login-atom.pcap")
+    (f,) = with_tail.flows
+    assert f["login_ok"] is True and "login_completion_lost" not in f["anomalies"]
+    ok = [m for m in with_tail.messages if m["command"] == "LOGIN" and m["kind"] == "response"]
+    assert ok and ok[0]["text"] == "Logged in" and ok[0]["latency_ms"] is not None
+    # without the tail the completions of LOGIN, SELECT and FETCH are all lost
+    g = replay(imaptap, "login-atom.pcap", "--tail", "0")
+    (f,) = g.flows
+    assert f["login_ok"] is None and f["username"] == "alice"
+    assert [m["command"] for m in g.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGOUT"]

@@ -19,7 +19,7 @@ from typing import IO
 
 from imaptap import __version__
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowTable
-from imaptap.segment import DEFAULT_SNAPLEN, IMAP_PORT, PayloadPolicy, Segment
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, PayloadPolicy, Segment
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -71,6 +71,16 @@ def _snaplen(value: str) -> int:
     return n
 
 
+def _taillen(value: str) -> int:
+    try:
+        n = int(value, 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a tail length: {value!r}") from None
+    if not 0 <= n <= MAX_SNAPLEN:
+        raise argparse.ArgumentTypeError(f"tail length out of range 0-{MAX_SNAPLEN}: {n}")
+    return n
+
+
 def _positive(value: str) -> float:
     try:
         x = float(value)
@@ -98,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", action="append", type=_port, metavar="N",
                    help=f"TCP port treated as IMAP (repeatable; default {IMAP_PORT})")
     p.add_argument("-s", "--snaplen", type=_snaplen, default=DEFAULT_SNAPLEN, metavar="BYTES",
-                   help=f"payload bytes copied per segment (default {DEFAULT_SNAPLEN})")
+                   help=f"payload bytes copied from the start of each segment (default {DEFAULT_SNAPLEN})")
+    p.add_argument("--tail", type=_taillen, default=DEFAULT_TAILLEN, metavar="BYTES",
+                   help=f"payload bytes also copied from the end of a longer segment, where the tagged "
+                   f"completion is (default {DEFAULT_TAILLEN}; 0: none)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write JSON Lines to PATH ('-' for stdout); no TUI")
     out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
@@ -196,7 +209,7 @@ def _main(args: argparse.Namespace) -> int:
     source_stats: dict[str, object] = {}
     try:
         if args.read:
-            error = _replay(args.read, ports, args.snaplen, table, source_stats)
+            error = _replay(args.read, ports, PayloadPolicy(args.snaplen, args.tail), table, source_stats)
         else:
             error = _live(args, ports, table, source_stats)
     except (KeyboardInterrupt, _Stop):
@@ -222,10 +235,9 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _replay(path: str, ports: frozenset[int], snaplen: int, table: FlowTable, stats_out: dict) -> str | None:
+def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: FlowTable, stats_out: dict) -> str | None:
     from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 
-    policy = PayloadPolicy(snaplen)
     table.policy = policy
     try:
         reader = open_capture(path)
@@ -249,7 +261,8 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
         return f"live capture unavailable: {exc}"
     interfaces = args.interface or [live.default_interface()]
     try:
-        capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp)
+        capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
+                                   use_xdp=not args.no_xdp, taillen=args.tail)
         table.policy = capture.policy
         with capture:
             add = table.add

@@ -349,3 +349,16 @@ def test_hostile_strings_are_plain_data():
     user = "[bold red]root[/]\x1b[31mevil\x1b[0m"
     r = run([("s", GREETING), ("c", b'a1 LOGIN "' + user.encode() + b'" pw\r\n'), ("s", b"a1 NO failed\r\n")])
     assert r.flow["username"] == user
+
+
+def test_lost_login_completions_are_inferred_from_what_follows():
+    lost = b"a1 OK " + b"x" * 4000 + b"\r\n"  # a completion the capture cuts off
+    ok = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
+              ("c", b"a2 SELECT INBOX\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    assert ok.flow["login_ok"] is True and ok.flow["anomalies"]["login_completion_lost"] == 1
+    failed = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
+                  ("c", b"a2 LOGIN alice pw2\r\n"), ("s", b"a2 OK in\r\n")], taillen=0)
+    assert failed.flow["login_failures"] == 1 and failed.flow["login_ok"] is True
+    unknown = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
+                   ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    assert unknown.flow["login_ok"] is None

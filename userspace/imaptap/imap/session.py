@@ -95,6 +95,11 @@ class _Sasl:
 
 
 _CRED_COMMANDS = frozenset({"LOGIN", "AUTHENTICATE"})
+#: Commands only an authenticated session may issue (RFC 3501 6.3, 6.4).
+_AUTHENTICATED_COMMANDS = frozenset(
+    """SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND NAMESPACE
+    ENABLE IDLE CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY MOVE UNSELECT GETQUOTA GETQUOTAROOT""".split()
+) | {"UID " + c for c in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE")}
 #: Commands whose tagged completion changes the session's state.
 _STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
@@ -196,6 +201,7 @@ class ImapSession:
         self._sasl: _Sasl | None = None
         self._attempt_user: str | None = None
         self._idle_tag: str | None = None
+        self._login_tag: str | None = None
         self._client_lines = 0
         self._server_lines = 0
 
@@ -280,6 +286,10 @@ class ImapSession:
         self._pending[tag] = pending
 
         args: str | None
+        if cmd in _CRED_COMMANDS:
+            if self._login_tag is not None and self._login_tag in self._pending:
+                self._lost_login_completion(cmd, "")
+            self._login_tag = tag
         if cmd == "LOGIN":
             args = self._login(line, argpos)
         elif cmd == "AUTHENTICATE":
@@ -409,15 +419,37 @@ class ImapSession:
             self.last_latency_ms = latency
         if self._sasl is not None and self._sasl.tag == tag:
             self._sasl = None
+        if self._login_tag is not None and self._login_tag != tag and pending is not None:
+            self._lost_login_completion(command, status)
         if command is not None and command in _STATE_COMMANDS:
             self._completed(command, status)
         if self.on_message is not None:
             self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status, _clip(code),
                                _clip(text(rest_text)), latency, _sizes(line), None, line.truncated))
 
+    def _lost_login_completion(self, command: str | None, status: str) -> None:
+        """A later command was sent or completed while LOGIN/AUTHENTICATE's own completion was
+        never seen (cut from the capture): what the later one implies about the login."""
+        login_tag = self._login_tag
+        if command in _CRED_COMMANDS:
+            # nobody logs in again after a success: the earlier attempt failed
+            self._pending.pop(login_tag, None)
+            self._anomaly("login_completion_lost")
+            self._login_tag = None
+            self.login_failures += 1
+            if self.login_ok is None:
+                self.login_ok = False
+        elif command in _AUTHENTICATED_COMMANDS and status == "OK":
+            # only an authenticated session may do this: the login succeeded
+            self._pending.pop(login_tag, None)
+            self._anomaly("login_completion_lost")
+            self._login_tag = None
+            self._completed("LOGIN", "OK")
+
     def _completed(self, command: str, status: str) -> None:
         """State changes that a tagged completion of ``command`` brings."""
         if command in _CRED_COMMANDS:
+            self._login_tag = None
             if status == "OK":
                 self.login_ok = True
                 if self._attempt_user is not None:
