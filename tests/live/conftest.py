@@ -7,13 +7,17 @@ FAIL when CI=true, so CI can never pass by skipping the kernel.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
-from livelab import (IN_CI, NETNS_PREFIX, OTHER_PORT, SERVER, SERVER_PORT, NetLab, free_slot, run,
-                     wait_port, live_unavailable, reap_leftovers)
+from livelab import (IN_CI, NETNS_PREFIX, OTHER_PORT, ROOT, SERVER, SERVER_PORT, NetLab, free_slot,
+                     live_unavailable, reap_leftovers, run, wait_port)
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from imaplab import Lab  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +63,13 @@ def netlab(live_ready, tmp_path):
         run("ip", "link", "del", lab.host_if, check=False)
 
 
+@pytest.fixture
+def lab(live_ready):
+    """A real Dovecot in its own namespace (scripts/imaplab.py), torn down afterwards."""
+    for tool in ("dovecot", "doveadm", "tcpdump", "openssl"):
+        if shutil.which(tool) is None:
+            if IN_CI:
+                pytest.fail(f"CI=true and {tool} is missing (scripts/setup installs it)", pytrace=False)
+            pytest.skip(f"needs {tool}")
+    with Lab() as lab:
+        yield lab

@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imaptap.capture.live import LiveCapture
+from imaptap.segment import DEFAULT_TAILLEN, Segment, TcpFlag, split_payload
+
 ROOT = Path(__file__).resolve().parents[2]
 NETNS_PREFIX = "imaptap-live-"
 SERVER_PORT = 143
@@ -209,9 +212,10 @@ class Client:
     def __init__(self, addr: str, port: int = SERVER_PORT) -> None:
         self.sock = socket.create_connection((addr, port), timeout=5)
         self.local = self.sock.getsockname()[:2]
+        self.server_port = port
         self.sent = bytearray()
         self.received = bytearray()
-        self.expect(b"ready\r\n")
+        self._until(0, rb"^\* OK[^\r\n]*\r\n")   # the greeting
 
     @property
     def port(self) -> int:
@@ -249,3 +253,70 @@ class Client:
                 break
             self.received += chunk
         self.sock.close()
+
+
+# --- checking what the capture handed over ---------------------------------------------------
+
+LIFECYCLE = TcpFlag.SYN | TcpFlag.FIN | TcpFlag.RST
+
+
+def collect(cap: LiveCapture, done, timeout: float = 5.0) -> list[Segment]:
+    """Poll until ``done(segments)`` holds (then a little longer for stragglers) or the timeout."""
+    segs: list[Segment] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        segs += cap.poll(100)
+        if done(segs):
+            segs += cap.poll(100)
+            return segs
+    return segs
+
+
+def of_client(segs: list[Segment], client: Client) -> list[Segment]:
+    """The segments of one client's connection."""
+    ends = {client.port, client.server_port}
+    return [s for s in segs if {s.sport, s.dport} == ends]
+
+
+def both_fins(client: Client):
+    def done(segs):
+        fins = {s.sport for s in of_client(segs, client) if s.flags & TcpFlag.FIN}
+        return {client.port, client.server_port} <= fins
+    return done
+
+
+def check_stream(segs: list[Segment], sport: int, stream: bytes, snaplen: int,
+                 taillen: int = DEFAULT_TAILLEN) -> list[Segment]:
+    """Every data segment from ``sport`` carries the stream's bytes at its offset, cut into head
+    and tail as `split_payload` cuts them, and together the segments cover the whole stream;
+    returns those segments."""
+    (syn,) = {s for s in segs if s.sport == sport and s.flags & TcpFlag.SYN}
+    base = (syn.seq + 1) & 0xFFFFFFFF
+    data = [s for s in segs if s.sport == sport and s.wire_len > 0]
+    covered = 0
+    for s in data:
+        off = (s.seq - base) & 0xFFFFFFFF
+        want = stream[off:off + s.wire_len]
+        assert len(want) == s.wire_len, f"segment at {off} beyond the stream"
+        assert (s.payload, s.tail) == split_payload(want, snaplen, taillen), f"payload at offset {off} differs"
+        if off <= covered:
+            covered = max(covered, off + s.wire_len)
+    assert covered == len(stream)
+    return data
+
+
+def check_session(segs, client: Client, snaplen: int, ifindex: int, t0: float, t1: float) -> None:
+    """A whole session: handshake, both FINs, no pure ACK, the interface, times, every byte."""
+    mine = of_client(segs, client)
+    assert mine, "no segment of the session"
+    c2s = [s for s in mine if s.sport == client.port]
+    s2c = [s for s in mine if s.sport == client.server_port]
+    assert any(s.flags & TcpFlag.SYN and not s.flags & TcpFlag.ACK for s in c2s)
+    assert any(s.flags & TcpFlag.SYN and s.flags & TcpFlag.ACK for s in s2c)
+    assert any(s.flags & TcpFlag.FIN for s in c2s) and any(s.flags & TcpFlag.FIN for s in s2c)
+    # Pure ACKs never leave the kernel.
+    assert all(s.wire_len > 0 or s.flags & LIFECYCLE for s in mine)
+    assert all(s.ifindex == ifindex for s in mine)
+    assert all(t0 - 0.05 <= s.ts <= t1 + 0.05 for s in mine)
+    check_stream(mine, client.port, bytes(client.sent), snaplen)
+    check_stream(mine, client.server_port, bytes(client.received), snaplen)

@@ -1,0 +1,231 @@
+"""Attaching and detaching: nothing left behind, stale programs replaced, others respected.
+
+Runs on a veth into a private namespace with a tiny IMAP-shaped server (conftest.py): these
+tests are about the programs on the interface, not about IMAP.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from livelab import ROOT, SERVER_PORT, Client, both_fins, check_stream, collect, of_client
+from imaptap.capture import live
+from imaptap.capture.live import LiveCapture, LiveError
+from imaptap.segment import flow_key
+
+pytestmark = pytest.mark.live
+
+
+def test_detach_leaves_nothing_behind(netlab):
+    assert not netlab.has_clsact()
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+        assert netlab.xdp_attached()
+        assert "imaptap_tc_eg" in netlab.tc_filters("egress")
+        assert cap.xdp_modes == {netlab.host_if: "native"}
+    assert not netlab.xdp_attached()
+    assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
+    assert not netlab.has_clsact()
+
+
+def test_detach_on_exception_and_no_xdp(netlab):
+    with pytest.raises(RuntimeError):
+        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False):
+            assert not netlab.xdp_attached()
+            assert "imaptap_tc_in" in netlab.tc_filters("ingress")
+            raise RuntimeError("boom")
+    assert not netlab.xdp_attached()
+    assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
+    assert not netlab.has_clsact()
+
+
+def test_clsact_of_someone_else_stays(netlab):
+    subprocess.run(["tc", "qdisc", "add", "dev", netlab.host_if, "clsact"], check=True)
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):
+        pass
+    assert netlab.has_clsact()
+    assert netlab.tc_filters("egress") == ""
+
+
+def test_snaplen_over_the_copy_limit_is_refused(netlab):
+    with pytest.raises(LiveError, match="snap length"):
+        with LiveCapture([netlab.host_if], {SERVER_PORT}, 40000, output="perf"):
+            pass
+
+
+# --- other programs, other runs ---------------------------------------------------------------
+
+CAPTURE_SCRIPT = textwrap.dedent('''
+    import signal, sys, time
+    sys.path.insert(0, {userspace!r})
+    from imaptap.capture.live import LiveCapture
+    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
+    with LiveCapture([{iface!r}], {{143}}, 256, use_xdp={use_xdp!r}) as cap:
+        print("ready", flush=True)
+        while True:
+            cap.poll(100)
+''')
+
+
+def start_capture_process(iface: str, use_xdp: bool = True) -> subprocess.Popen:
+    script = CAPTURE_SCRIPT.format(userspace=str(ROOT / "userspace"), iface=iface, use_xdp=use_xdp)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.strip() == "ready", "capture process did not start"
+    return proc
+
+
+@pytest.mark.parametrize("use_xdp", [True, False], ids=["xdp", "tc-only"])
+def test_after_sigkill_the_next_capture_replaces_the_stale_programs(netlab, use_xdp):
+    proc = start_capture_process(netlab.host_if, use_xdp)
+    proc.kill()
+    proc.wait()
+    # SIGKILL leaves the program attached, running for nobody.
+    assert netlab.xdp_attached() == use_xdp
+    assert "imaptap_tc_eg" in netlab.tc_filters("egress")
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp) as cap:
+        assert any("stale" in note for note in cap.notes)
+        filters = [line for line in netlab.tc_filters("egress").splitlines() if "handle" in line]
+        assert len(filters) == 1 and f"imaptap_tc_eg pid {os.getpid()}" in filters[0]
+        c = Client(netlab.server4)
+        c.command("a1", "NOOP")
+        c.logout()
+        segs = collect(cap, both_fins(c))
+    check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)
+    assert not netlab.xdp_attached()
+    assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
+
+
+def test_a_running_capture_is_not_replaced(netlab):
+    proc = start_capture_process(netlab.host_if)
+    try:
+        with pytest.raises(LiveError, match=rf"imaptap \(pid {proc.pid}\) is already capturing"):
+            with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):
+                pass
+        assert netlab.xdp_attached()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=10) == 0
+    # The running one cleaned up after itself on SIGTERM.
+    assert not netlab.xdp_attached()
+    assert netlab.tc_filters("egress") == ""
+
+
+def test_sigint_detaches(netlab):
+    proc = start_capture_process(netlab.host_if)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=10)
+    assert not netlab.xdp_attached()
+    assert netlab.tc_filters("egress") == "" and not netlab.has_clsact()
+
+
+OTHER_XDP = b"int other_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
+
+
+def test_another_tools_xdp_program_is_refused_and_kept(netlab):
+    import bcc
+
+    other = bcc.BPF(text=OTHER_XDP)
+    fn = other.load_func(b"other_xdp", bcc.BPF.XDP)
+    bcc.BPF.attach_xdp(netlab.host_if.encode(), fn, 0)
+    try:
+        with pytest.raises(LiveError, match="XDP program of another tool.*other_xdp.*--no-xdp"):
+            with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):
+                pass
+        assert "other_xdp" in subprocess.run(["ip", "-d", "link", "show", netlab.host_if],
+                                             capture_output=True, text=True).stdout
+        # TC on ingress leaves it alone and works.
+        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False) as cap:
+            c = Client(netlab.server4)
+            c.logout()
+            segs = collect(cap, both_fins(c))
+        check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)
+        assert "other_xdp" in subprocess.run(["ip", "-d", "link", "show", netlab.host_if],
+                                             capture_output=True, text=True).stdout
+    finally:
+        bcc.BPF.remove_xdp(netlab.host_if.encode(), 0)
+        other.cleanup()
+
+
+# --- user errors ------------------------------------------------------------------------------
+
+
+def test_missing_interface(live_ready):
+    with pytest.raises(LiveError, match="no such interface: nosuch0"):
+        with LiveCapture(["nosuch0"], {143}, 256):
+            pass
+
+
+def test_without_privileges(netlab):
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {str(ROOT / "userspace")!r})
+        from imaptap.capture.live import LiveCapture, LiveError
+        try:
+            with LiveCapture([{netlab.host_if!r}], {{143}}, 256):
+                print("attached")
+        except LiveError as e:
+            print("LiveError:", e)
+    ''')
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          "--bounding-set=-all", sys.executable, "-c", script],
+                         capture_output=True, text=True, timeout=30, cwd="/")
+    assert out.stdout.startswith("LiveError: live capture needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"), out
+    assert not netlab.xdp_attached()
+
+
+def test_missing_bcc_and_headers_say_what_to_install(netlab, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    with pytest.raises(LiveError, match="install python3-bpfcc"):
+        with LiveCapture([netlab.host_if], {143}, 256):
+            pass
+    monkeypatch.undo()
+    monkeypatch.setattr(live, "kernel_headers_present", lambda: False)
+    with pytest.raises(LiveError, match=r"kernel headers for \S+ are missing: install linux-headers-"):
+        with LiveCapture([netlab.host_if], {143}, 256):
+            pass
+    assert not netlab.xdp_attached() and not netlab.has_clsact()
+
+
+def test_bad_arguments():
+    with pytest.raises(LiveError, match="bad port"):
+        LiveCapture(["lo"], {0}, 256)
+    with pytest.raises(LiveError, match="XDP mode"):
+        LiveCapture(["lo"], {143}, 256, xdp_mode="offload")
+    with pytest.raises(LiveError):
+        LiveCapture([], {143}, 256)
+
+
+def test_interfaces_listed_like_tcpdump():
+    listed = live.list_interfaces()
+    names = {name for _, name, _ in listed}
+    assert {name for _, name in socket.if_nameindex()} == names
+    lo = next(entry for entry in listed if entry[1] == "lo")
+    assert lo[0] == socket.if_nametoindex("lo") and "Loopback" in lo[2]
+
+
+def test_default_interface_is_a_real_interface():
+    try:
+        name = live.default_interface()
+    except LiveError as exc:
+        assert "no default route" in str(exc)
+        return
+    assert name in {n for _, n in socket.if_nameindex()}
+
+
+def test_kernel_flow_key_is_canonical():
+    a = live.kernel_flow_key(flow_key("10.0.0.9", 50000, "10.0.0.10", 143))
+    b = live.kernel_flow_key(flow_key("10.0.0.10", 143, "10.0.0.9", 50000))
+    assert bytes(a) == bytes(b)
+    assert a.port_a == 143 and bytes(a.addr_a[:4]) == socket.inet_aton("10.0.0.10")
+    # Equal ports: the smaller address bytes first, although "10.0.0.10" < "10.0.0.9" as text.
+    c = live.kernel_flow_key(flow_key("10.0.0.9", 143, "10.0.0.10", 143))
+    assert bytes(c.addr_a[:4]) == socket.inet_aton("10.0.0.9")
+    v6 = live.kernel_flow_key(flow_key("fd00::2", 143, "fd00::1", 40000))
+    assert v6.ip_version == 6 and bytes(v6.addr_a) == socket.inet_pton(socket.AF_INET6, "fd00::2")
