@@ -188,8 +188,12 @@ def _main(args: argparse.Namespace) -> int:
     if json_path is None and not sys.stdout.isatty():
         json_path = "-"
     if json_path is None:
-        # The TUI is issue #4; until it lands a terminal gets JSON Lines too.
-        print("imaptap: the TUI is not available yet; writing JSON Lines (use --json PATH)", file=sys.stderr)
+        from imaptap import tui  # imports Textual only inside tui.run
+
+        if tui.available():
+            return tui.run(args, ports)
+        print("imaptap: the TUI needs Textual (pip install 'imaptap[tui]'); writing JSON Lines (use --json PATH)",
+              file=sys.stderr)
         json_path = "-"
 
     from imaptap.output.jsonl import JsonlWriter
