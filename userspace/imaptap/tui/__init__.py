@@ -23,7 +23,7 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
         from imaptap.capture.replay import CaptureFileError
 
         try:
-            source = ReplaySource(args.read, ports, args.snaplen)
+            source = ReplaySource(args.read, ports, args.snaplen, args.tail)
         except CaptureFileError as exc:
             print(f"imaptap: {exc}", file=sys.stderr)
             return 2
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
         try:
             interfaces = args.interface or [live.default_interface()]
             capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                                       use_xdp=not args.no_xdp)
+                                       use_xdp=not args.no_xdp, taillen=args.tail)
         except live.LiveError as exc:
             print(f"imaptap: {exc}", file=sys.stderr)
             return 2

@@ -27,7 +27,7 @@ from typing import Any
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, Flow, FlowTable
 from imaptap.imap.session import Message
 from imaptap.output.jsonl import flow_record
-from imaptap.segment import DEFAULT_SNAPLEN, PayloadPolicy, Segment
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, PayloadPolicy, Segment
 
 #: Seconds between two updates to the UI: 4 Hz looks live and leaves the UI thread idle.
 FLUSH_INTERVAL = 0.25
@@ -169,12 +169,13 @@ class Source:
 class ReplaySource(Source):
     """A pcap or pcapng file, read as fast as it goes; opened here so a bad file fails before the UI starts."""
 
-    def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN) -> None:
+    def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
+                 taillen: int = DEFAULT_TAILLEN) -> None:
         from imaptap.capture.replay import ReplayStats, open_capture
 
         self.label = path
         self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen)
+        self.policy = PayloadPolicy(snaplen, taillen)
         self.reader = open_capture(path)  # CaptureFileError: the caller says so and exits
         try:
             self.size = os.path.getsize(path)
@@ -246,11 +247,11 @@ class SegmentsSource(Source):
     """Segments from memory (tests, benchmarks), cut to the snap length as a replay would."""
 
     def __init__(self, segments: Iterable[Segment], ports: Iterable[int] = (143,), label: str = "segments",
-                 snaplen: int = DEFAULT_SNAPLEN, close_at_end: bool = True) -> None:
+                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, close_at_end: bool = True) -> None:
         self.segments = segments
         self.label = label
         self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen)
+        self.policy = PayloadPolicy(snaplen, taillen)
         self.close_at_end = close_at_end
 
     def chunks(self) -> Iterator[Iterable[Segment]]:
