@@ -126,28 +126,37 @@ def timestamp(ts: float) -> str:
 
 @dataclass(frozen=True)
 class Column:
-    """One column of a `VirtualTable`: at least ``width`` cells, plus a share of the spare room."""
+    """One column of a `VirtualTable`: ``width`` cells, a share of the spare room, or less when narrow."""
 
     key: str
     label: str
     width: int
     flex: int = 0
+    """Share of the room beyond every column's width."""
+    min: int | None = None
+    """Narrowest it gets before columns are dropped (default: ``width``)."""
+    drop: int = 0
+    """When even the narrowest widths do not fit, columns go highest ``drop`` first (0: never)."""
     right: bool = False
     """Right-aligned (numbers)."""
+
+    @property
+    def min_width(self) -> int:
+        return self.width if self.min is None else self.min
 
 
 FLOW_COLUMNS: tuple[Column, ...] = (
     Column("mark", "", 1),
-    Column("client", "client", 21, flex=2),
+    Column("client", "client", 21, flex=2),  # a whole IPv4 address and port
     Column("server", "server", 21, flex=2),
-    Column("user", "user", 12, flex=2),
-    Column("software", "server software", 15, flex=1),
-    Column("state", "state", 20, flex=3),
-    Column("last", "last command", 14, flex=1),
-    Column("commands", "cmds", 5, right=True),
+    Column("user", "user", 12, flex=2, min=8),
+    Column("software", "server software", 15, flex=1, min=8, drop=5),
+    Column("state", "state", 20, flex=3, min=12),
+    Column("last", "last command", 14, flex=1, min=8, drop=3),
+    Column("commands", "cmds", 5, right=True, drop=2),
     Column("failed", "fail", 4, right=True),
-    Column("latency", "latency", 8, right=True),
-    Column("age", "age", 6, right=True),
+    Column("latency", "latency", 8, right=True, drop=4),
+    Column("age", "age", 6, right=True, drop=1),
 )
 """The main table; ``mark`` is ● for an open flow, ○ for an ended one."""
 
@@ -396,12 +405,12 @@ def facts_table(snap: FlowSnapshot, shown: int, dropped: int) -> Table:
 TIMELINE_COLUMNS: tuple[Column, ...] = (
     Column("time", "time", 9, right=True),
     Column("dir", "dir", 3),
-    Column("kind", "kind", 8),
-    Column("tag", "tag", 6, flex=1),
-    Column("command", "command", 12, flex=1),
+    Column("kind", "kind", 8, drop=2),
+    Column("tag", "tag", 6, flex=1, min=4),
+    Column("command", "command", 12, flex=1, min=7),
     Column("status", "status", 6),
-    Column("detail", "detail", 20, flex=8),
-    Column("latency", "latency", 8, right=True),
+    Column("detail", "detail", 20, flex=8, min=10),
+    Column("latency", "latency", 8, right=True, drop=1),
 )
 
 _KIND = {"request": "request", "response": "response", "untagged": "untagged", "continuation": "cont"}

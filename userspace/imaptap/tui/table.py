@@ -22,37 +22,48 @@ from textual.strip import Strip
 from imaptap.tui.display import Column
 from imaptap.tui.messages import HeaderClicked, RowHighlighted, RowSelected
 
-#: Narrowest a flexible column gets when the terminal is too narrow for all of them.
-MIN_FLEX_WIDTH = 3
-
 #: Between two cells.
 SEPARATOR = " "
 
 
 def fit_widths(columns: Sequence[Column], total: int) -> list[int]:
-    """Column widths for ``total`` cells: the minimum widths, with spare room shared by ``flex``."""
-    widths = [c.width for c in columns]
-    gaps = len(SEPARATOR) * (len(columns) - 1)
-    spare = total - gaps - sum(widths)
-    flexible = [i for i, c in enumerate(columns) if c.flex]
-    weight = sum(columns[i].flex for i in flexible)
-    if not flexible or spare == 0:
-        return widths
+    """Column widths for ``total`` cells; 0 for a column dropped because the table is too narrow.
+
+    Every column gets its width and the flexible ones share what is left; when that is too
+    wide, columns shrink towards their minimum in proportion to how much they can give; when
+    even the minimums do not fit, columns are dropped in their ``drop`` order.
+    """
+    active = list(range(len(columns)))
+
+    def gaps() -> int:
+        return len(SEPARATOR) * max(0, len(active) - 1)
+
+    while sum(columns[i].min_width for i in active) + gaps() > total:
+        droppable = [i for i in active if columns[i].drop]
+        if not droppable:
+            break
+        active.remove(max(droppable, key=lambda i: columns[i].drop))
+    widths = [0] * len(columns)
+    for i in active:
+        widths[i] = columns[i].width
+    spare = total - gaps() - sum(widths)
     if spare > 0:
+        flexible = [i for i in active if columns[i].flex]
+        weight = sum(columns[i].flex for i in flexible)
         for i in flexible:
             widths[i] += spare * columns[i].flex // weight
-        # the rounding remainder to the first flexible columns
-        rest = total - gaps - sum(widths)
-        for i in flexible[:rest]:
+        rest = total - gaps() - sum(widths)
+        for i in flexible[:rest]:  # the rounding remainder
             widths[i] += 1
-        return widths
-    # too narrow: shrink the flexible columns in proportion, never under MIN_FLEX_WIDTH
-    need = -spare
-    room = sum(max(0, widths[i] - MIN_FLEX_WIDTH) for i in flexible)
-    if room:
-        for i in flexible:
-            cut = min(widths[i] - MIN_FLEX_WIDTH, -(-need * (widths[i] - MIN_FLEX_WIDTH) // room))
-            widths[i] -= max(0, cut)
+    elif spare < 0:
+        need = -spare
+        room = {i: columns[i].width - columns[i].min_width for i in active if columns[i].width > columns[i].min_width}
+        total_room = sum(room.values())
+        left = need
+        for i, r in room.items():  # the minimums fit (see above), so need <= total_room
+            cut = min(r, -(-need * r // total_room), left)
+            widths[i] -= cut
+            left -= cut
     return widths
 
 
