@@ -111,34 +111,44 @@ class ImaptapApp(App[int]):
         self._notes_shown: set[str] = set()
         self._worker: Worker | None = None
         self._quitting = False
+        # Built here, not looked up: updates from the worker may still arrive while the app
+        # is being torn down, when a query would find nothing.
+        self._filter_box = Input(placeholder="filter: alice  user:alice  port:143  status:NO  tls  cleartext  -ended"
+                                 "   (Enter keeps it, Esc clears it)", id="filter")
+        self._flows = VirtualTable(FLOW_COLUMNS, self._flow_cells, id="flows")
+        self._details: Horizontal
+        self._facts: VerticalScroll
+        self._facts_body = Static(id="facts-body")
+        self._timeline = VirtualTable(TIMELINE_COLUMNS, self._message_cells, id="timeline")
+        self._status_line = Static(id="status")
+        self._progress = ProgressBar(id="progress", show_eta=False)
 
     # --- layout ----------------------------------------------------------------------------------
 
     def compose(self) -> ComposeResult:
-        yield Input(placeholder="filter: alice  user:alice  port:143  status:NO  tls  cleartext  -ended   "
-                    "(Enter keeps it, Esc clears it)", id="filter")
-        yield VirtualTable(FLOW_COLUMNS, self._flow_cells, id="flows")
-        with Horizontal(id="details"):
-            with VerticalScroll(id="facts"):
-                yield Static(id="facts-body")
-            yield VirtualTable(TIMELINE_COLUMNS, self._message_cells, id="timeline")
+        yield self._filter_box
+        yield self._flows
+        with Horizontal(id="details") as self._details:
+            with VerticalScroll(id="facts") as self._facts:
+                yield self._facts_body
+            yield self._timeline
         with Horizontal(id="statusbar"):
-            yield Static(id="status")
-            yield ProgressBar(id="progress", show_eta=False)
+            yield self._status_line
+            yield self._progress
         yield Footer()
 
     @property
     def flows_table(self) -> VirtualTable:
-        return self.query_one("#flows", VirtualTable)
+        return self._flows
 
     @property
     def timeline(self) -> VirtualTable:
-        return self.query_one("#timeline", VirtualTable)
+        return self._timeline
 
     def on_mount(self) -> None:
         self.flows_table.focus()
-        self.query_one("#progress").display = not self.feed.source.live
-        self.query_one("#details").border_title = "details"
+        self._progress.display = not self.feed.source.live
+        self._details.border_title = "details"
         self._show_status()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
@@ -165,6 +175,8 @@ class ImaptapApp(App[int]):
     # --- updates from the worker ---------------------------------------------------------------
 
     def on_capture_updated(self, message: CaptureUpdated) -> None:
+        if not self.is_running:
+            return
         update = message.update
         self.status = update.status
         for note in update.status.notes:
@@ -269,8 +281,8 @@ class ImaptapApp(App[int]):
 
     def _show_details(self, new: bool = False) -> None:
         entry = self.store.flows.get(self.detail_id) if self.detail_id is not None else None
-        body = self.query_one("#facts-body", Static)
-        details = self.query_one("#details")
+        body = self._facts_body
+        details = self._details
         timeline = self.timeline
         if entry is None:
             body.update(Text("this flow is no longer kept (more than the ended flows kept ended after it)",
@@ -292,7 +304,7 @@ class ImaptapApp(App[int]):
         if keys and (new or at_end):
             timeline.move_to(keys[-1] if not new else keys[0])
         if new:
-            self.query_one("#facts", VerticalScroll).scroll_home(animate=False)
+            self._facts.scroll_home(animate=False)
 
     # --- status bar ------------------------------------------------------------------------------
 
@@ -307,7 +319,7 @@ class ImaptapApp(App[int]):
             out.append("LIVE " if feed.source.live else "REPLAY ", "bold")
             out.append_text(safe(feed.source.label))
             out.append(" · starting", "dim")
-            self.query_one("#status", Static).update(out)
+            self._status_line.update(out)
             return
         if st.live:
             out.append("LIVE ", "bold green" if not st.done else "bold")
@@ -346,12 +358,12 @@ class ImaptapApp(App[int]):
         if self.capture_error:
             out.append(" · ")
             out.append_text(safe(self.capture_error, "bold red"))
-        self.query_one("#status", Static).update(out)
+        self._status_line.update(out)
         if not st.live and st.size:
             # ReplayStats.bytes counts packet bytes, not the file's record headers: a finished
             # replay has read the whole file.
             done = st.size if st.done else min(st.bytes_read or 0, st.size)
-            self.query_one("#progress", ProgressBar).update(total=st.size, progress=done)
+            self._progress.update(total=st.size, progress=done)
 
     @staticmethod
     def _column_label(key: str) -> str:
@@ -363,7 +375,7 @@ class ImaptapApp(App[int]):
     # --- actions ---------------------------------------------------------------------------------
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self._filter_box
         box.add_class("-shown")
         box.focus()
 
@@ -379,7 +391,7 @@ class ImaptapApp(App[int]):
         self.flows_table.focus()
 
     def _clear_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self._filter_box
         box.value = ""  # Input.Changed refilters
         box.remove_class("-shown")
         self.flow_filter = Query("")
