@@ -45,6 +45,13 @@ def test_detach_on_exception_and_no_xdp(netlab):
     assert not netlab.has_clsact()
 
 
+def test_an_interface_removed_while_capturing_is_no_error(netlab):
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+        subprocess.run(["ip", "link", "del", netlab.host_if], check=True)
+        assert cap.poll(50) == []
+    assert netlab.host_if not in {name for _, name in socket.if_nameindex()}
+
+
 def test_clsact_of_someone_else_stays(netlab):
     subprocess.run(["tc", "qdisc", "add", "dev", netlab.host_if, "clsact"], check=True)
     with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):

@@ -441,7 +441,7 @@ class KernelPayloadPolicy(PayloadPolicy):
                     pass
             else:
                 self._table[k] = ctypes.c_uint8(int(mode))
-        except (OSError, ValueError, TypeError, Exception):  # bcc raises bare Exception
+        except Exception:  # bcc raises bare Exception
             self.kernel_errors += 1
 
     def set(self, key: FlowKey, mode: PayloadMode) -> None:
@@ -793,6 +793,8 @@ class LiveCapture:
                     if not self._filters_any(index):
                         self._ipr.tc("del", "clsact", index)
             except Exception as exc:
+                if _interface_gone(item[2]):
+                    continue  # removed while we captured: nothing of ours is left on it
                 problems.append(f"{item[0]} on {item[1]}: {exc}")
         self._active = False
         if self._bpf is not None:
@@ -917,6 +919,14 @@ class LiveCapture:
                 _, ns, cnt = prog_info(fn.fd)
                 out[name] = (ns, cnt)
         return out
+
+
+def _interface_gone(index: int) -> bool:
+    try:
+        socket.if_indextoname(index)
+    except OSError:
+        return True
+    return False
 
 
 def _filter_pid(name: str) -> int | None:
