@@ -48,6 +48,10 @@ KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+def _n(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 class HelpScreen(ModalScreen[None]):
     """Every key and what it does."""
 
@@ -147,7 +151,7 @@ class ImaptapApp(App[int]):
 
     def on_mount(self) -> None:
         self.flows_table.focus()
-        self._progress.display = not self.feed.source.live
+        self._progress.display = self.feed.source.progress()[1] is not None
         self._details.border_title = "details"
         self._show_status()
         if self.handle_signals:
@@ -331,11 +335,13 @@ class ImaptapApp(App[int]):
         elif st.done and st.totals is not None and not st.live:
             t = st.totals
             out.append(" · finished ", "bold")
-            out.append(f"in {t['seconds']:.2f} s: {t.get('packets', 0):,} packets, {t['segments']:,} segments, "
-                       f"{t['flows']:,} flows ({t['imap_flows']:,} IMAP)")
+            out.append(f"in {t['seconds']:.2f} s: ")
+            if "packets" in t:
+                out.append(f"{t['packets']:,} packets, ")
+            out.append(f"{t['segments']:,} segments, {_n(t['flows'], 'flow')} ({t['imap_flows']:,} IMAP)")
         else:
             out.append(f" · {display.count(st.segments_per_s)} seg/s · {st.segments:,} segments")
-            out.append(f" · {st.flows_total:,} flows, {st.flows_open:,} open")
+            out.append(f" · {_n(st.flows_total, 'flow')}, {st.flows_open:,} open")
         shown = len(self._visible)
         if self.flow_filter:
             out.append(" · filter ", "bold")

@@ -170,10 +170,10 @@ class ReplaySource(Source):
     """A pcap or pcapng file, read as fast as it goes; opened here so a bad file fails before the UI starts."""
 
     def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
-                 taillen: int = DEFAULT_TAILLEN) -> None:
+                 taillen: int = DEFAULT_TAILLEN, label: str | None = None) -> None:
         from imaptap.capture.replay import ReplayStats, open_capture
 
-        self.label = path
+        self.label = path if label is None else label
         self.ports = frozenset(ports)
         self.policy = PayloadPolicy(snaplen, taillen)
         self.reader = open_capture(path)  # CaptureFileError: the caller says so and exits
