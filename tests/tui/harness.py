@@ -43,7 +43,8 @@ def pcap_ports(name: str) -> tuple[int, ...]:
 
 def replay_app(name: str) -> ImaptapApp:
     """The app replaying one of pcaps/."""
-    return ImaptapApp(Feed(ReplaySource(pcap(name), pcap_ports(name)), clock=frozen, wallclock=frozen))
+    source = ReplaySource(pcap(name), pcap_ports(name), label=f"pcaps/{name}")  # the same in every checkout
+    return ImaptapApp(Feed(source, clock=frozen, wallclock=frozen))
 
 
 def segments_app(segments: Iterable[Segment], ports: Iterable[int] = (143,), close: bool = True,
@@ -152,7 +153,8 @@ class StepSource(Source):
 
 
 def step_app(source: StepSource) -> ImaptapApp:
-    return ImaptapApp(Feed(source, clock=time.monotonic, wallclock=frozen, flush_interval=0.0))
+    # Updates at 20 Hz: quick enough for the tests, idle enough for Pilot's wait for idleness.
+    return ImaptapApp(Feed(source, clock=time.monotonic, wallclock=frozen, flush_interval=0.05))
 
 
 def run(coro) -> None:
