@@ -125,7 +125,7 @@ def mixed_flows() -> list[Segment]:
 
 
 class StepSource(Source):
-    """A source that never ends: the test hands it chunks; it records entering and leaving."""
+    """A source that never ends: the test hands it lists of segments; it records entering and leaving."""
 
     def __init__(self, ports: Iterable[int] = (143,), counters: dict[str, int] | None = None) -> None:
         self.label = "step"
@@ -137,14 +137,15 @@ class StepSource(Source):
         self.left = False
         self.fake_counters = counters
 
-    def chunks(self) -> Iterator[Iterable[Segment]]:
+    def segments(self) -> Iterator[Segment | None]:
         self.entered = True
         try:
             while True:
                 try:
-                    yield self.queue.get(timeout=0.01)
+                    yield from self.queue.get(timeout=0.01)
                 except queue.Empty:
-                    yield ()
+                    pass
+                yield None
         finally:
             self.left = True
 

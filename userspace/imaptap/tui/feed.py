@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import islice
 from typing import Any
 
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, Flow, FlowTable
@@ -37,7 +36,7 @@ MAX_MESSAGES_PER_FLOW = 500
 #: Ended flows the UI keeps on screen (and the worker holds while the UI is paused); beyond it
 #: the oldest ended ones go.  Open flows are bounded by the flow table (--max-flows).
 MAX_ENDED_FLOWS = 10_000
-#: Replay segments handled between two looks at the clock and the stop flag.
+#: Segments handled between two looks at the clock and the stop flag.
 CHECK_EVERY = 512
 #: Milliseconds a live poll waits for the first segment: the stop flag is seen within this.
 POLL_MS = 100
@@ -136,7 +135,11 @@ def snapshot(flow: Flow) -> FlowSnapshot:
 
 
 class Source:
-    """Where segments come from; `chunks` yields them in batches, an empty one when idle."""
+    """Where segments come from: `segments` yields them one by one, None when there is nothing yet.
+
+    One at a time, never read ahead: the analyzer changes what the capture copies of a flow
+    (nothing after STARTTLS, whole payloads after COMPRESS) from the very next segment on.
+    """
 
     label = ""
     live = False
@@ -145,7 +148,7 @@ class Source:
     close_at_end = True
     """End every flow when the input ends, as the JSON output does for a replay."""
 
-    def chunks(self) -> Iterator[Iterable[Segment]]:
+    def segments(self) -> Iterator[Segment | None]:
         raise NotImplementedError
 
     def progress(self) -> tuple[int | None, int | None]:
@@ -183,23 +186,9 @@ class ReplaySource(Source):
             self.size = None
         self.stats = ReplayStats()
 
-    def chunks(self) -> Iterator[Iterable[Segment]]:
-        from imaptap.capture.replay import CaptureFileError
-
-        chunk: list[Segment] = []
-        error = None
-        try:
-            for seg in self.reader.segments(set(self.ports), self.policy, self.stats):
-                chunk.append(seg)
-                if len(chunk) >= CHECK_EVERY:
-                    yield chunk
-                    chunk = []
-        except CaptureFileError as exc:
-            error = exc  # a cut or corrupt file: what came before the bad record counts
-        if chunk:
-            yield chunk
-        if error is not None:
-            raise error
+    def segments(self) -> Iterator[Segment | None]:
+        # CaptureFileError (a cut or corrupt file) comes after the last good segment.
+        return self.reader.segments(set(self.ports), self.policy, self.stats)
 
     def progress(self) -> tuple[int | None, int | None]:
         return self.stats.bytes, self.size
@@ -212,7 +201,7 @@ class ReplaySource(Source):
 
 
 class LiveSource(Source):
-    """A `LiveCapture`: attached when the worker starts, detached when `chunks` is closed."""
+    """A `LiveCapture`: attached when the worker starts, detached when `segments` is closed."""
 
     live = True
     close_at_end = False
@@ -224,14 +213,15 @@ class LiveSource(Source):
         self.policy = capture.policy
         self._entered = False
 
-    def chunks(self) -> Iterator[Iterable[Segment]]:
-        # The generator is suspended inside the with block between chunks: closing it (the
-        # worker always does, in a finally) leaves the block and detaches the kernel programs.
+    def segments(self) -> Iterator[Segment | None]:
+        # The generator is suspended inside the with block: closing it (the worker always
+        # does, in a finally) leaves the block and detaches the kernel programs.
         with self.capture:
             self._entered = True
             poll = self.capture.poll
             while True:
-                yield poll(POLL_MS)
+                yield from poll(POLL_MS)
+                yield None
 
     def counters(self) -> dict[str, int] | None:
         return self.capture.counters() if self._entered else None
@@ -248,21 +238,16 @@ class SegmentsSource(Source):
 
     def __init__(self, segments: Iterable[Segment], ports: Iterable[int] = (143,), label: str = "segments",
                  snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, close_at_end: bool = True) -> None:
-        self.segments = segments
+        self.given = segments
         self.label = label
         self.ports = frozenset(ports)
         self.policy = PayloadPolicy(snaplen, taillen)
         self.close_at_end = close_at_end
 
-    def chunks(self) -> Iterator[Iterable[Segment]]:
+    def segments(self) -> Iterator[Segment | None]:
         from imaptap.testing import replay_cut
 
-        segments = replay_cut(self.segments, self.policy)
-        while True:
-            chunk = list(islice(segments, CHECK_EVERY))
-            if not chunk:
-                return
-            yield chunk
+        return replay_cut(self.given, self.policy)
 
 
 # --- the worker ----------------------------------------------------------------------------------
@@ -350,11 +335,16 @@ class Feed:
         self._started = clock()
         self._rate_mark = (self._started, 0)
         next_flush = self._started
-        chunks = source.chunks()
+        segments = source.segments()
+        pending = 0
         try:
-            for chunk in chunks:
-                for seg in chunk:
+            for seg in segments:
+                if seg is not None:
                     add(seg)
+                    pending += 1
+                    if pending < CHECK_EVERY:
+                        continue
+                pending = 0
                 if live:
                     table.expire(self.wallclock())
                 if self.stopping.is_set():
@@ -366,7 +356,8 @@ class Feed:
         except (CaptureFileError, *live_errors) as exc:
             self.error = str(exc)
         finally:
-            chunks.close()  # live: leaves the capture's with block, detaching the programs
+            if hasattr(segments, "close"):
+                segments.close()  # live: leaves the capture's with block, detaching the programs
             source.close()
         if source.close_at_end and not self.stopping.is_set():
             table.close_all("end")
