@@ -14,7 +14,7 @@ from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, safe
 from imaptap.tui.feed import Feed, FeedUpdate, MessageBatch, SegmentsSource
 from imaptap.tui.query import parse
-from imaptap.tui.store import FlowStore
+from imaptap.tui.store import FlowEntry, FlowStore
 from imaptap.tui.table import fit_widths
 
 
@@ -84,9 +84,7 @@ def test_messages_of_unknown_flows_and_gone_flows():
 
 def matching(text: str) -> list:
     q = parse(text)
-    from imaptap.tui.query import haystack
-
-    return sorted(s.record["username"] or "-" for s in snapshots(mixed_flows()) if q.matches(s, haystack(s)))
+    return sorted(s.record["username"] or "-" for s in snapshots(mixed_flows()) if q.matches(FlowEntry(s)))
 
 
 def test_filter_forms():
@@ -115,8 +113,8 @@ def test_filter_forms():
 @given(st.text(max_size=40))
 def test_any_filter_text_parses_and_matches_without_error(text):
     q = parse(text)
-    snap = _SNAPS[0]
-    q.matches(snap, "haystack")
+    for snap in _SNAPS:
+        q.matches(FlowEntry(snap))
 
 
 _SNAPS = snapshots(mixed_flows())

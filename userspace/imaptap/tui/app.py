@@ -204,9 +204,11 @@ class ImaptapApp(App[int]):
                 self._last_held = True
             else:
                 self.capture_complete = True
-        if not self.paused:
+        if not self.paused and update.status.now != self.now:
+            # Ages are shown in whole seconds: redraw for them only when one may have changed.
+            if int(update.status.now) != int(self.now):
+                self.flows_table.refresh()
             self.now = update.status.now
-            self.flows_table.refresh()
         self._show_status()
 
     def _apply(self, update: FeedUpdate) -> None:
@@ -222,8 +224,7 @@ class ImaptapApp(App[int]):
         visible -= removed
         matches = self.flow_filter.matches
         for fid in changed:
-            entry = flows[fid]
-            if matches(entry.snap, entry.haystack):
+            if matches(flows[fid]):
                 visible.add(fid)
             else:
                 visible.discard(fid)
@@ -241,28 +242,33 @@ class ImaptapApp(App[int]):
         self.flows_table.set_rows(ids)
 
     def _refilter(self) -> None:
-        matches = self.flow_filter.matches
-        self._visible = {fid for fid, e in self.store.flows.items() if matches(e.snap, e.haystack)}
+        if self.flow_filter:
+            matches = self.flow_filter.matches
+            self._visible = {fid for fid, entry in self.store.flows.items() if matches(entry)}
+        else:
+            self._visible = set(self.store.flows)
         self._reorder()
         self._show_status()
 
     # --- cells -----------------------------------------------------------------------------------
 
-    def _flow_cells(self, fid: Hashable) -> Sequence[Text]:
+    def _flow_cells(self, fid: Hashable) -> tuple[Hashable, Sequence[Text]]:
         entry = self.store.flows.get(fid)  # type: ignore[arg-type]
         if entry is None:
-            return ()
-        return [*entry.cells(), display.age_cell(entry.snap, self.now)]
+            return None, ()
+        age = display.age_cell(entry.snap, self.now)
+        return (entry.version, age.plain), [*entry.cells(), age]
 
-    def _message_cells(self, index: Hashable) -> Sequence[Text]:
+    def _message_cells(self, index: Hashable) -> tuple[Hashable, Sequence[Text]]:
         entry = self.store.flows.get(self.detail_id) if self.detail_id is not None else None
         if entry is None:
-            return ()
+            return None, ()
         pos = index - entry.dropped  # type: ignore[operator]
         if not 0 <= pos < len(entry.messages):
-            return ()
-        rec = message_record(entry.snap.ref, entry.messages[pos])  # type: ignore[arg-type]
-        return display.message_cells(rec, entry.snap.record["first_ts"])
+            return None, ()
+        msg = entry.messages[pos]
+        rec = message_record(entry.snap.ref, msg)  # type: ignore[arg-type]
+        return self.detail_id, display.message_cells(rec, entry.snap.record["first_ts"])
 
     # --- details ---------------------------------------------------------------------------------
 

@@ -17,13 +17,21 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from imaptap.tui.display import state_plain
 from imaptap.tui.feed import FlowSnapshot
 
-Predicate = Callable[[FlowSnapshot, str], bool]
-"""(snapshot, its haystack) -> matches."""
+class Searchable(Protocol):
+    """A flow as the filter sees it: its snapshot, and its text fields (built only when needed)."""
+
+    snap: FlowSnapshot
+
+    @property
+    def haystack(self) -> str: ...
+
+
+Predicate = Callable[[Searchable], bool]
 
 
 def _low(v: Any) -> str:
@@ -38,8 +46,8 @@ def _field(get: Callable[[FlowSnapshot], list[Any]], exact: bool = False) -> Cal
     def make(value: str) -> Predicate:
         v = value.lower()
         if exact:
-            return lambda s, h: any(_low(x) == v for x in get(s))
-        return lambda s, h: any(v in _low(x) for x in get(s))
+            return lambda f: any(_low(x) == v for x in get(f.snap))
+        return lambda f: any(v in _low(x) for x in get(f.snap))
 
     return make
 
@@ -70,7 +78,7 @@ ALIASES = {"command": "cmd", "ip": "host", "addr": "host", "sw": "software", "mb
 
 
 def _has(key: str) -> Predicate:
-    return lambda s, h: bool(s.record[key])
+    return lambda f: bool(f.snap.record[key])
 
 
 KEYWORDS: dict[str, Predicate] = {
@@ -79,12 +87,12 @@ KEYWORDS: dict[str, Predicate] = {
     "deflate": _has("compressed"),
     "failed": _has("login_failures"),
     "imap": _has("imap"),
-    "open": lambda s, h: s.record["end"] is None,
-    "ended": lambda s, h: s.record["end"] is not None,
-    "starttls": lambda s, h: s.record["starttls"] != "none",
+    "open": lambda f: f.snap.record["end"] is None,
+    "ended": lambda f: f.snap.record["end"] is not None,
+    "starttls": lambda f: f.snap.record["starttls"] != "none",
     "findings": _has("findings"),
-    "ipv6": lambda s, h: s.record["ip_version"] == 6,
-    "ipv4": lambda s, h: s.record["ip_version"] == 4,
+    "ipv6": lambda f: f.snap.record["ip_version"] == 6,
+    "ipv4": lambda f: f.snap.record["ip_version"] == 4,
 }
 """Bare words with a meaning of their own; quote one ("tls") to search for it as text."""
 KEYWORD_ALIASES = {"compressed": "deflate", "encrypted": "tls", "closed": "ended"}
@@ -100,9 +108,9 @@ class Query:
     terms: tuple[tuple[bool, Predicate], ...] = ()
     """(negated, predicate) pairs, all of which must hold."""
 
-    def matches(self, snap: FlowSnapshot, haystack: str) -> bool:
+    def matches(self, flow: Searchable) -> bool:
         for negated, pred in self.terms:
-            if pred(snap, haystack) == negated:
+            if pred(flow) == negated:
                 return False
         return True
 
@@ -112,7 +120,7 @@ class Query:
 
 def _substring(value: str) -> Predicate:
     v = value.lower()
-    return lambda s, h: v in h
+    return lambda f: v in f.haystack
 
 
 def parse(text: str) -> Query:

@@ -22,13 +22,15 @@ MAX_HISTORY_MESSAGES = 200_000
 class FlowEntry:
     """One flow as the UI knows it."""
 
-    __slots__ = ("snap", "messages", "received", "_haystack", "_cells")
+    __slots__ = ("snap", "messages", "received", "version", "_haystack", "_cells")
 
     def __init__(self, snap: FlowSnapshot) -> None:
         self.snap = snap
         self.messages: deque[Message] = deque(maxlen=MAX_MESSAGES_PER_FLOW)
         self.received = 0
         """Messages the flow had, kept or not."""
+        self.version = 0
+        """Counts snapshots: a drawn row is reused while this is unchanged."""
         self._haystack: str | None = None
         self._cells: list | None = None
 
@@ -61,6 +63,7 @@ class FlowEntry:
 
     def update(self, snap: FlowSnapshot) -> None:
         self.snap = snap
+        self.version += 1
         self._haystack = None
         self._cells = None
 

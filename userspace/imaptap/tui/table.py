@@ -15,7 +15,8 @@ from rich.style import Style
 from rich.text import Text
 from textual import events
 from textual.binding import Binding
-from textual.geometry import Size
+from textual.cache import LRUCache
+from textual.geometry import Region, Size
 from textual.scroll_view import ScrollView
 from textual.strip import Strip
 
@@ -24,6 +25,10 @@ from imaptap.tui.messages import HeaderClicked, RowHighlighted, RowSelected
 
 #: Between two cells.
 SEPARATOR = " "
+
+#: Drawn rows kept: a few screens' worth, so scrolling back and forth and a 4 Hz refresh
+#: redraw only the rows that changed.
+STRIP_CACHE = 512
 
 
 def fit_widths(columns: Sequence[Column], total: int) -> list[int]:
@@ -68,7 +73,8 @@ def fit_widths(columns: Sequence[Column], total: int) -> list[int]:
 
 
 class VirtualTable(ScrollView, can_focus=True):
-    """Rows are keys; `cells(key)` gives a row's cells (`rich.text.Text`, never markup)."""
+    """Rows are keys; ``cells(key)`` gives (version, cells): the row's cells (`rich.text.Text`,
+    never markup) and a hashable that changes whenever they do, for the cache of drawn rows."""
 
     BINDINGS = [
         Binding("up,k", "cursor_up", "Up", show=False),
@@ -99,7 +105,7 @@ class VirtualTable(ScrollView, can_focus=True):
     }
     """
 
-    def __init__(self, columns: Sequence[Column], cells: Callable[[Hashable], Sequence[Text]],
+    def __init__(self, columns: Sequence[Column], cells: Callable[[Hashable], tuple[Hashable, Sequence[Text]]],
                  *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)
         self.columns = tuple(columns)
@@ -110,6 +116,8 @@ class VirtualTable(ScrollView, can_focus=True):
         self.sort_column: str | None = None
         self.sort_reverse = False
         self._widths: tuple[int, list[int]] = (-1, [])
+        self._strips: LRUCache[tuple, Strip] = LRUCache(STRIP_CACHE)
+        self._frame: tuple[Style, Style, bool] = (Style(), Style(), False)
 
     # --- content -------------------------------------------------------------------------------
 
@@ -233,11 +241,18 @@ class VirtualTable(ScrollView, can_focus=True):
 
     def notify_style_update(self) -> None:
         super().notify_style_update()
+        self._strips.clear()
         self.refresh()
+
+    def render_lines(self, crop: Region) -> list[Strip]:
+        # Styles come from the DOM, which costs more than drawing a row: look them up once a frame.
+        cursor = self.get_component_rich_style("virtual-table--cursor")
+        self._frame = (self.rich_style, Style(bgcolor=cursor.bgcolor), self.has_focus)
+        return super().render_lines(crop)
 
     def render_line(self, y: int) -> Strip:
         width = self.scrollable_content_region.width
-        base = self.rich_style
+        base, cursor, focused = self._frame
         widths = self._fit()
         if y == 0:
             return self._header(widths, width, base)
@@ -245,18 +260,25 @@ class VirtualTable(ScrollView, can_focus=True):
         if row >= len(self.rows):
             return Strip.blank(width, base)
         key = self.rows[row]
+        version, cells = self.cells(key)
+        at_cursor = key == self.cursor_key
+        cache_key = (key, version, width, at_cursor, focused)
+        strip = self._strips.get(cache_key)
+        if strip is not None:
+            return strip
         line = Text(style=base, end="", no_wrap=True)
-        for column, w, cell in zip(self.columns, widths, self.cells(key)):
+        for column, w, cell in zip(self.columns, widths, cells):
             if w <= 0:
                 continue
             line.append_text(self._fitted(cell, w, column.right))
             line.append(SEPARATOR)
         style = base
-        if key == self.cursor_key:
-            cursor = self.get_component_rich_style("virtual-table--cursor")
-            style = base + Style(bgcolor=cursor.bgcolor, color=cursor.color if cursor.color else None)
-            line.stylize(Style(bgcolor=cursor.bgcolor))
-        return Strip(line.render(self.app.console), line.cell_len).crop_extend(0, width, style)
+        if at_cursor:
+            style = base + cursor
+            line.stylize(cursor)
+        strip = Strip(line.render(self.app.console), line.cell_len).crop_extend(0, width, style)
+        self._strips[cache_key] = strip
+        return strip
 
     @staticmethod
     def _fitted(cell: Text, width: int, right: bool) -> Text:
