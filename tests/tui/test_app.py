@@ -302,3 +302,61 @@ def _result(coro):
     import asyncio
 
     return asyncio.run(coro)
+
+
+class FakeCapture:
+    """Stands in for `LiveCapture`: a context manager with poll() and counters()."""
+
+    def __init__(self, segments) -> None:
+        from imaptap.segment import PayloadPolicy
+
+        self.interfaces = ["veth-test", "lo"]
+        self.ports = {143}
+        self.policy = PayloadPolicy()
+        self.notes = ["kernel 5.10 lacks bpf_xdp_load_bytes (5.18+): capturing ingress with TC instead of XDP"]
+        self.pending = list(segments)
+        self.entered = self.exited = False
+        self.lost = 0
+
+    def __enter__(self):
+        self.entered = True
+        return self
+
+    def __exit__(self, *exc):
+        self.exited = True
+        return False
+
+    def poll(self, timeout_ms):
+        import time
+
+        assert self.entered and not self.exited
+        out, self.pending = self.pending, []
+        if not out:
+            time.sleep(timeout_ms / 1000)
+        return out
+
+    def counters(self):
+        return {"seen": 1000, "matched": 40, "submitted": 40, "lost": self.lost, "copy_failed": 0}
+
+
+def test_live_capture_counters_notes_and_q_detaches():
+    from harness import frozen
+
+    from imaptap.tui.feed import Feed, LiveSource
+
+    async def go():
+        capture = FakeCapture(login("alice", 1, close=False))
+        app = ImaptapApp(Feed(LiveSource(capture), wallclock=frozen, flush_interval=0.05))
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.flows_table.row_count == 1)
+            text = status_text(app)
+            assert text.startswith("LIVE veth-test,lo") and "lost 0" in text and "matched 40" in text
+            assert "lacks bpf_xdp_load_bytes" in str([n.message for n in app._notifications])
+            capture.lost = 7
+            await wait_for(pilot, lambda: "lost 7" in status_text(app))
+            assert capture.entered and not capture.exited
+            await pilot.press("q")
+            await wait_for(pilot, lambda: capture.exited, timeout=5)
+        assert capture.exited and app.return_code == 0
+
+    run(go())
