@@ -23,7 +23,7 @@ from textual.worker import Worker, WorkerState
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, SORT_KEYS, TIMELINE_COLUMNS, safe
-from imaptap.tui.feed import CaptureStatus, Feed, FeedUpdate
+from imaptap.tui.feed import MAX_ENDED_FLOWS, CaptureStatus, Feed, FeedUpdate
 from imaptap.tui.messages import CaptureUpdated, HeaderClicked, RowHighlighted, RowSelected
 from imaptap.tui.query import Query, parse
 from imaptap.tui.store import FlowStore
@@ -295,7 +295,7 @@ class ImaptapApp(App[int]):
         details = self._details
         timeline = self.timeline
         if entry is None:
-            body.update(Text("this flow is no longer kept (more than the ended flows kept ended after it)",
+            body.update(Text(f"this flow is no longer kept: only the last {MAX_ENDED_FLOWS:,} ended flows are",
                              style="dim"))
             details.border_title = "details"
             timeline.set_rows([])
