@@ -146,7 +146,7 @@ class Column:
 
 
 FLOW_COLUMNS: tuple[Column, ...] = (
-    Column("mark", "", 1),
+    Column("mark", "", 2),
     Column("client", "client", 21, flex=2),  # a whole IPv4 address and port
     Column("server", "server", 21, flex=2),
     Column("user", "user", 12, flex=2, min=8),
@@ -158,7 +158,8 @@ FLOW_COLUMNS: tuple[Column, ...] = (
     Column("latency", "latency", 8, right=True, drop=4),
     Column("age", "age", 6, right=True, drop=1),
 )
-"""The main table; ``mark`` is ● for an open flow, ○ for an ended one."""
+"""The main table; ``mark`` is ● for an open flow, ○ for an ended one, then ! when a password
+or SASL secret crossed in clear (so it shows without colours too)."""
 
 
 def user_of(snap: FlowSnapshot) -> str | None:
@@ -229,7 +230,8 @@ def flow_cells(snap: FlowSnapshot) -> list[Text]:
     commands = sum(r["commands"].values())
     failures = r["login_failures"]
     return [
-        Text("○" if ended else "●", style="dim" if ended else "green", end=""),
+        Text.assemble(("○", "dim") if ended else ("●", "green"),
+                      ("!", STYLE_CLEARTEXT) if r["cleartext_credentials"] else " ", end=""),
         Text(r["client"], style=dim, end=""),
         Text(r["server"], style=dim, end=""),
         safe(r["username"], user_style),
