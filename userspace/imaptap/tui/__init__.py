@@ -46,7 +46,12 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
 
     feed = Feed(source, max_flows=args.max_flows, idle_timeout=args.idle_timeout)
     app = ImaptapApp(feed, handle_signals=True)
-    status = app.run()
+    try:
+        status = app.run()
+    finally:
+        # However the app ended, the worker must end too: Python waits for it at exit, and a
+        # live capture's programs are detached only when it leaves its with block.
+        feed.stop()
     if app.capture_error:
         print(f"imaptap: {app.capture_error}", file=sys.stderr)
     return status if status is not None else app.exit_status

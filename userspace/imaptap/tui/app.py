@@ -48,6 +48,10 @@ KEYS: tuple[tuple[str, str], ...] = (
 )
 
 
+#: Signals that quit as q does (the terminal is raw, so ctrl+c is a key, not SIGINT).
+QUIT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _n(n: int, word: str) -> str:
     return f"{n:,} {word}" + ("" if n == 1 else "s")
 
@@ -156,7 +160,7 @@ class ImaptapApp(App[int]):
         self._show_status()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in QUIT_SIGNALS:
                 loop.add_signal_handler(sig, lambda: self.call_later(self.action_quit))
         self._worker = self._capture()
 
@@ -165,7 +169,7 @@ class ImaptapApp(App[int]):
         self.feed.stop()
         if self.handle_signals:
             loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGHUP):
+            for sig in QUIT_SIGNALS:
                 loop.remove_signal_handler(sig)
 
     @work(thread=True, name="capture", exit_on_error=True)

@@ -36,6 +36,8 @@ MAX_MESSAGES_PER_FLOW = 500
 #: Ended flows the UI keeps on screen (and the worker holds while the UI is paused); beyond it
 #: the oldest ended ones go.  Open flows are bounded by the flow table (--max-flows).
 MAX_ENDED_FLOWS = 10_000
+#: Seconds over which segments/s is counted: one flush interval is too short a sample.
+RATE_WINDOW = 1.0
 #: Segments handled between two looks at the clock and the stop flag.
 CHECK_EVERY = 512
 #: Milliseconds a live poll waits for the first segment: the stop flag is seen within this.
@@ -409,7 +411,7 @@ class Feed:
         table = self.table
         segments = table.stats.segments
         t0, n0 = self._rate_mark
-        if now > t0:
+        if now - t0 >= RATE_WINDOW:
             self._rate = (segments - n0) / (now - t0)
             self._rate_mark = (now, segments)
         bytes_read, size = source.progress()
