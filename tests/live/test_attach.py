@@ -6,12 +6,15 @@ tests are about the programs on the interface, not about IMAP.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
@@ -43,6 +46,19 @@ def test_detach_on_exception_and_no_xdp(netlab):
     assert not netlab.xdp_attached()
     assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
     assert not netlab.has_clsact()
+
+
+def test_segments_still_buffered_at_close_come_with_the_last_poll(netlab):
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+        c = Client(netlab.server4)
+        c.command("a1", "FETCH 3000")
+        c.logout()
+        time.sleep(0.3)   # all of it in the ring buffer, nothing polled
+    segs = cap.poll(0)
+    check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)
+    assert cap.poll(0) == []
+    counters = cap.counters()
+    assert counters["submitted"] == counters["received"] == len(segs) and counters["lost"] == 0
 
 
 def test_an_interface_removed_while_capturing_is_no_error(netlab):
@@ -200,6 +216,25 @@ def test_missing_bcc_and_headers_say_what_to_install(netlab, monkeypatch):
     assert not netlab.xdp_attached() and not netlab.has_clsact()
 
 
+def map_max_entries(fd: int) -> int:
+    """max_entries from struct bpf_map_info (type, id, key_size, value_size, max_entries)."""
+    info = (ctypes.c_uint8 * 24)()
+    attr = (ctypes.c_uint8 * 16)()
+    struct.pack_into("<IIQ", attr, 0, fd, 24, ctypes.addressof(info))
+    live._bpf(15, attr)   # BPF_OBJ_GET_INFO_BY_FD
+    return struct.unpack_from("<I", bytes(info), 16)[0]
+
+
+def test_a_bigger_ring_buffer(netlab):
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, buffer_bytes=3 << 20) as cap:
+        assert cap.ring_pages * os.sysconf("SC_PAGE_SIZE") == 4 << 20
+        assert map_max_entries(cap._bpf[b"events"].map_fd) == 4 << 20   # a ring's size in bytes
+        c = Client(netlab.server4)
+        c.logout()
+        segs = collect(cap, both_fins(c))
+    check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)
+
+
 def test_bad_arguments():
     with pytest.raises(LiveError, match="bad port"):
         LiveCapture(["lo"], {0}, 256)
@@ -207,6 +242,8 @@ def test_bad_arguments():
         LiveCapture(["lo"], {143}, 256, xdp_mode="offload")
     with pytest.raises(LiveError):
         LiveCapture([], {143}, 256)
+    with pytest.raises(LiveError, match="buffer size"):
+        LiveCapture(["lo"], {143}, 256, buffer_bytes=10)
 
 
 def test_interfaces_listed_like_tcpdump():

@@ -104,16 +104,28 @@ _EVENT = struct.Struct("<Q16s16sIIIIIHHBBBBI")
 assert _EVENT.size == ctypes.sizeof(EventHeader) == 72
 assert ctypes.sizeof(KernelFlowKey) == 40
 
-#: Ring buffer size: 4 MiB holds ~12,000 records of a 256-byte snap length, about a second of a
-#: busy IMAP server's segments while the analyzer is slow; overflow is counted as ``lost``.
+#: Default ring buffer size: 4 MiB holds ~9,000 records of a long segment (72-byte header,
+#: 256-byte head, 128-byte tail), a second or two of a busy server's IMAP segments while the
+#: analyzer is slow; overflow is counted as ``lost``.  ``buffer_bytes`` changes it.
 RING_PAGES = 1024
-#: Perf buffer (kernels < 5.8) pages per CPU.
+#: Largest ring buffer accepted (BPF ring buffers are limited to a few GiB; this is plenty).
+MAX_RING_BYTES = 1 << 30
+#: Perf buffer (kernels < 5.8) pages per CPU; ``buffer_bytes`` does not apply to it.
 PERF_PAGES_PER_CPU = 256
 #: The perf buffer fallback builds records in a per-CPU map value (at most 32 KiB).
 PERF_PAYLOAD_CAP = 32768 - ctypes.sizeof(EventHeader)
 #: Records handed out by one poll(); the rest stay in the buffer for the next one, so a burst
 #: cannot starve the analyzer or grow memory without bound.
 MAX_BATCH = 8192
+
+#: poll() under load: while records arrive at BUSY_RATE per second or more (measured over
+#: RATE_WINDOW_S), each poll waits LINGER_S after the wake-up and takes everything that came
+#: meanwhile, since a wake-up per record or two costs more CPU than decoding them (measured:
+#: ~17 us a segment without, ~7-10 with).  Below that rate nothing waits, so an interactive
+#: session's STARTTLS or COMPRESS reaches the kernel's per-flow map without delay.
+BUSY_RATE = 1000
+RATE_WINDOW_S = 0.1
+LINGER_S = 0.002
 
 #: Address texts remembered by the decoder before it starts over.
 ADDR_CACHE_MAX = 4096
@@ -493,10 +505,13 @@ class LiveCapture:
 
     def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
-                 taillen: int = DEFAULT_TAILLEN, output: str | None = None) -> None:
+                 taillen: int = DEFAULT_TAILLEN, buffer_bytes: int | None = None,
+                 output: str | None = None) -> None:
         """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
-        (see `segment.split_payload`).  ``output``: "ringbuf" or "perf" to force one (tests);
-        default: the ring buffer where the kernel has it."""
+        (see `segment.split_payload`).  ``buffer_bytes``: ring buffer size (rounded up to a
+        power-of-two number of pages; default RING_PAGES pages), like tcpdump's -B: room for
+        bursts while the analyzer is busy.  ``output``: "ringbuf" or "perf" to force one
+        (tests); default: the ring buffer where the kernel has it."""
         if not interfaces:
             raise LiveError("no interface to capture on")
         self.interfaces = list(dict.fromkeys(interfaces))
@@ -517,6 +532,13 @@ class LiveCapture:
             raise LiveError(f"bad tail length {taillen}: 0-{WHOLE_PAYLOAD_CAP}")
         self.snaplen = snaplen
         self.taillen = taillen
+        page = os.sysconf("SC_PAGE_SIZE")
+        if buffer_bytes is None:
+            self.ring_pages = RING_PAGES
+        elif not page <= buffer_bytes <= MAX_RING_BYTES:
+            raise LiveError(f"bad buffer size {buffer_bytes}: {page}-{MAX_RING_BYTES} bytes")
+        else:
+            self.ring_pages = 1 << (-(-buffer_bytes // page) - 1).bit_length()
         self.policy = KernelPayloadPolicy(snaplen, taillen)
         self.notes: list[str] = []
         """Things the user should know about how the capture runs (fallbacks taken)."""
@@ -535,6 +557,10 @@ class LiveCapture:
         self._malformed = 0
         self._perf_lost = 0
         self._active = False
+        self._draining = False
+        self._busy = False
+        self._window_start = time.monotonic()
+        self._window_records = 0
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -575,22 +601,22 @@ class LiveCapture:
 
         self._ipr = IPRoute()
         try:
+            stale = self._inspect(indexes)
+            if not kernel_headers_present():
+                r = platform.release()
+                raise LiveError(f"kernel headers for {r} are missing: install linux-headers-{r}, or on a"
+                                f" kernel without a header package link the distribution's generic"
+                                f" headers to /lib/modules/{r}/build and source (scripts/setup does this)")
+            self._load()            # seconds of compiling: Ctrl-C stays possible here
+            self._open_output()
+            self._refresh_clock()
             with _Held():
-                stale = self._inspect(indexes)
-                if not kernel_headers_present():
-                    r = platform.release()
-                    raise LiveError(f"kernel headers for {r} are missing: install linux-headers-{r}, or on a"
-                                    f" kernel without a header package link the distribution's generic"
-                                    f" headers to /lib/modules/{r}/build and source (scripts/setup does this)")
-                self._load()
                 self._remove_stale(stale)
-                self._open_output()
-                self._refresh_clock()
                 self._attach(indexes)
                 self._active = True
         except BaseException:
             try:
-                self._teardown()
+                self.close()
             except LiveError:
                 pass  # the original error matters more
             raise
@@ -648,7 +674,7 @@ class LiveCapture:
 
         src = bpf_source_dir()
         cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(self.ringbuf)}", f"-DIMAPTAP_XDP={int(self.use_xdp)}",
-                  f"-DIMAPTAP_RING_PAGES={RING_PAGES}", f"-DIMAPTAP_SNAPLEN={self.snaplen}",
+                  f"-DIMAPTAP_RING_PAGES={self.ring_pages}", f"-DIMAPTAP_SNAPLEN={self.snaplen}",
                   f"-DIMAPTAP_TAILLEN={self.taillen}"]
         try:
             self._bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
@@ -798,6 +824,7 @@ class LiveCapture:
                 problems.append(f"{item[0]} on {item[1]}: {exc}")
         self._active = False
         if self._bpf is not None:
+            self._drain()
             self._final_counters = self._read_counters()
             bpf, self._bpf = self._bpf, None
             self.policy._table = None
@@ -867,7 +894,7 @@ class LiveCapture:
         if seg is not None:
             self._pending.append(seg)
         # A negative return stops this poll after the current record (which is kept).
-        return -1 if len(self._pending) >= MAX_BATCH else 0
+        return -1 if len(self._pending) >= MAX_BATCH and not self._draining else 0
 
     def _on_perf_record(self, _cpu, data, size) -> None:
         seg = self._decode(ctypes.string_at(data, size))
@@ -877,20 +904,57 @@ class LiveCapture:
     def _on_perf_lost(self, count) -> None:
         self._perf_lost += count
 
+    def _drain(self) -> None:
+        """After detaching: read what is left in the buffer, for one last poll()."""
+        self._draining = True
+        try:
+            while True:
+                before = len(self._pending)
+                if self.ringbuf:
+                    self._bpf.ring_buffer_consume()
+                else:
+                    self._bpf.perf_buffer_consume()
+                if len(self._pending) == before:
+                    break
+        except Exception:
+            pass  # never opened: nothing to read
+        finally:
+            self._draining = False
+        if not self.ringbuf:
+            self._pending.sort(key=lambda s: s.ts)
+
     def poll(self, timeout_ms: int) -> list[Segment]:
-        """Segments received since the last call, in arrival order; waits up to timeout_ms for the first."""
+        """Segments received since the last call, in arrival order; waits up to timeout_ms for the first.
+
+        After the capture is closed, one more call returns the segments that were still in the
+        buffer when it was detached (then nothing)."""
         if self._bpf is None:
-            raise LiveError("the capture is not running")
+            out, self._pending = self._pending, []
+            return out
         self._refresh_clock()
         if not self._pending:
             if self.ringbuf:
                 self._bpf.ring_buffer_poll(timeout_ms)
+                if self._busy and 0 < len(self._pending) < MAX_BATCH:
+                    # Under load, wait a moment and take what came meanwhile: a wake-up per
+                    # few records costs more CPU than decoding them.  Idle flows are not delayed.
+                    time.sleep(LINGER_S)
+                    self._bpf.ring_buffer_consume()
+                self._measure_rate(len(self._pending))
             else:
                 self._bpf.perf_buffer_poll(timeout_ms)
                 # Per-CPU buffers: restore the order across CPUs.
                 self._pending.sort(key=lambda s: s.ts)
         out, self._pending = self._pending, []
         return out
+
+    def _measure_rate(self, records: int) -> None:
+        """Decide whether poll() lingers: records per second over the last RATE_WINDOW_S."""
+        self._window_records += records
+        now = time.monotonic()
+        if now - self._window_start >= RATE_WINDOW_S:
+            self._busy = self._window_records >= BUSY_RATE * (now - self._window_start)
+            self._window_start, self._window_records = now, 0
 
     def _read_counters(self) -> dict[str, int]:
         totals = {name: 0 for name, _ in KernelCounters._fields_}
