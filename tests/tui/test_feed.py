@@ -178,3 +178,26 @@ def _until(cond, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             pytest.fail("timed out")
         time.sleep(0.005)
+
+
+def test_messages_waiting_for_an_absent_ui_are_bounded_in_total(monkeypatch):
+    monkeypatch.setattr(feed_module, "MAX_PENDING_MESSAGES", 30)
+    segments = []
+    for i in range(4):  # four flows of 21 messages each: 84 > 30
+        parts = [("s", b"* OK ready\r\n")] + [p for n in range(10) for p in
+                                                (("c", f"a{n} NOOP\r\n".encode()), ("s", f"a{n} OK\r\n".encode()))]
+        segments += conversation(parts, client=("10.0.0.9", 41000 + i), ts=1_700_000_000.0 + i)
+    feed = Feed(SegmentsSource(segments), lambda u: None, clock=Ticks())
+    feed.ready.clear()  # the UI never takes a batch until the end
+    updates = []
+    feed.emit = updates.append
+    for seg in feed.source.segments():
+        feed.table.add(seg)
+    assert feed._pending <= 30 + 4
+    feed.ready.set()
+    feed._flush(1.0)
+    (batch,) = [u for u in updates if u.batch]
+    kept = sum(len(b.messages) for b in batch.messages.values())
+    assert kept <= 34 and kept + sum(b.dropped for b in batch.messages.values()) == 84
+    for b in batch.messages.values():  # each flow kept its newest
+        assert b.messages[-1].tag == "a9" and b.messages[-1].kind.value == "response"

@@ -33,6 +33,11 @@ FLUSH_INTERVAL = 0.25
 #: Messages kept per flow for the details timeline; older ones are counted as dropped.  An IDLE
 #: session can run for days, and the timeline is for reading, not for archiving (--json is).
 MAX_MESSAGES_PER_FLOW = 500
+#: Messages waiting in the worker while the UI takes no batches (paused, or busy): beyond it
+#: every new message pushes out the oldest waiting one of its flow, as the UI's own timeline
+#: bound (store.MAX_HISTORY_MESSAGES) would.  Thousands of busy flows paused for an hour would
+#: otherwise pile up millions.
+MAX_PENDING_MESSAGES = 200_000
 #: Ended flows the UI keeps on screen (and the worker holds while the UI is paused); beyond it
 #: the oldest ended ones go.  Open flows are bounded by the flow table (--max-flows).
 MAX_ENDED_FLOWS = 10_000
@@ -289,6 +294,7 @@ class Feed:
         # Open flows already sent, with (last_ts, packets) as sent: anything newer gets a snapshot.
         self._ended: dict[int, tuple[Flow, bool]] = {}
         self._messages: dict[int, list] = {}  # flow id -> [deque of Message, count]
+        self._pending = 0  # messages in those deques
         self._gone: list[int] = []
         self._started = 0.0
         self._rate_mark = (0.0, 0)
@@ -300,7 +306,16 @@ class Feed:
         entry = self._messages.get(flow.id)
         if entry is None:
             entry = self._messages[flow.id] = [deque(maxlen=MAX_MESSAGES_PER_FLOW), 0]
-        entry[0].append(msg)
+        q = entry[0]
+        if len(q) == MAX_MESSAGES_PER_FLOW:
+            pass  # the deque pushes its oldest out
+        elif self._pending < MAX_PENDING_MESSAGES:
+            self._pending += 1
+        elif q:
+            q.popleft()
+        else:
+            self._pending += 1  # at least one per flow: over by at most the number of flows
+        q.append(msg)
         entry[1] += 1
 
     def _on_end(self, flow: Flow) -> None:
@@ -310,7 +325,9 @@ class Feed:
         if len(ended) > MAX_ENDED_FLOWS:
             old_id = next(iter(ended))
             _, old_shown = ended.pop(old_id)
-            self._messages.pop(old_id, None)
+            dropped = self._messages.pop(old_id, None)
+            if dropped is not None:
+                self._pending -= len(dropped[0])
             if old_shown:
                 self._gone.append(old_id)
 
@@ -403,6 +420,7 @@ class Feed:
         gone = tuple(self._gone)
         self._ended = {}
         self._messages = {}
+        self._pending = 0
         self._gone = []
         return tuple(snaps), messages, gone
 
