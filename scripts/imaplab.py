@@ -121,6 +121,9 @@ COMMAND_TIMEOUT = 30.0
 CAPTURE_START_TIMEOUT = 10.0
 """tcpdump prints "listening on" once the socket is open; wait at most this long."""
 CAPTURE_SETTLE = 1.0
+CAPTURE_BUFFER_KIB = 65536
+"""tcpdump's kernel buffer (-B): large enough that thousands of benchmark sessions on a busy
+two-core machine are recorded without drops (a drop fails the capture)."""
 """tcpdump gets this long before SIGINT: without it the last packets (FIN, final ACK)
 are often still in the kernel buffer and never written."""
 DEFAULT_PORT_FILTER = f"tcp port {IMAP_PORT} or tcp port {ALT_IMAP_PORT}"
@@ -709,7 +712,7 @@ class Lab:
         path.parent.mkdir(parents=True, exist_ok=True)
         proc = subprocess.Popen(
             ["tcpdump", "-i", self.host_if, "--immediate-mode", "-U", "-s", "0", "-n",
-             "-Z", "root", "-w", str(path), port_filter],
+             "-B", str(CAPTURE_BUFFER_KIB), "-Z", "root", "-w", str(path), port_filter],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             self._wait_listening(proc)

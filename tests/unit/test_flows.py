@@ -1,5 +1,3 @@
-import dataclasses
-
 from imaptap.flows import MAX_OUT_OF_ORDER, FlowTable
 from imaptap.segment import PayloadPolicy, Segment, TcpFlag
 from imaptap.testing import analyze, conversation
@@ -34,7 +32,7 @@ def test_out_of_order_segments_are_put_back_in_order():
 def test_partial_overlap_delivers_only_new_bytes():
     segs = conversation(SESSION, cuts=[[], [6], [], [], [], [], []])
     first = next(s for s in segs if s.payload == b"a1 LOG")
-    overlap = dataclasses.replace(first, payload=b"a1 LOGIN al", wire_len=11)
+    overlap = first._replace(payload=b"a1 LOGIN al", wire_len=11)
     i = segs.index(first)
     r = analyze(segs[:i] + [overlap] + segs[i + 1 :])
     assert r.flow["username"] == "alice" and r.flow["retransmissions"] == 0
@@ -61,18 +59,18 @@ def test_too_many_out_of_order_segments_give_up_on_the_hole():
 def test_sequence_numbers_wrap():
     segs = conversation(SESSION)
     base = (1 << 32) - 30
-    wrapped = [dataclasses.replace(s, seq=(s.seq - 1000 + base) % (1 << 32)) if s.sport == 40000 else s for s in segs]
+    wrapped = [s._replace(seq=(s.seq - 1000 + base) % (1 << 32)) if s.sport == 40000 else s for s in segs]
     r = analyze(wrapped)
     assert r.flow["commands"] == {"LOGIN": 1, "SELECT": 1, "LOGOUT": 1} and r.flow["gaps"] == 0
 
 
 def test_flow_ends_on_fin_rst_and_pure_acks_do_not_revive_it():
     segs = conversation(SESSION)
-    ack = dataclasses.replace(segs[-1], flags=int(TcpFlag.ACK), wire_len=0, payload=b"")
+    ack = segs[-1]._replace(flags=int(TcpFlag.ACK), wire_len=0, payload=b"")
     r = analyze(segs + [ack])
     assert len(r.flows) == 1 and r.flow["end"] == "fin"
     assert r.table.stats.empty == 1
-    rst = conversation(SESSION[:2], close=False) + [dataclasses.replace(segs[-1], flags=int(TcpFlag.RST))]
+    rst = conversation(SESSION[:2], close=False) + [segs[-1]._replace(flags=int(TcpFlag.RST))]
     assert analyze(rst).flow["end"] == "rst"
 
 

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from imaptap.imap.session import ImapSession, Message
-from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag, flow_key
+from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag
 
 #: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
 #: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
@@ -50,7 +50,8 @@ def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes
 class _Direction:
     """TCP sequence tracking for one direction, feeding one `ImapStream`."""
 
-    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes")
+    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes",
+                 "draining")
 
     def __init__(self, feed: Callable[[bytes, bool], None], gap: Callable[[int], None]) -> None:
         self.next_seq: int | None = None
@@ -62,33 +63,31 @@ class _Direction:
         self.holes = 0
         """Holes in the sequence space: segments the capture lost (not bytes it chose not to copy)."""
         self.hole_bytes = 0
+        self.draining = False
 
     def syn(self, seq: int) -> None:
         self.next_seq = (seq + 1) % _SEQ_MOD
 
     def data(self, seq: int, head: bytes, wire_len: int, tail: bytes = b"") -> None:
-        if self.next_seq is None:
-            self.next_seq = seq
-        d = (seq - self.next_seq) % _SEQ_MOD
-        if d >= _SEQ_HALF:
+        """A segment's captured head and tail, ``wire_len`` payload bytes from ``seq`` on."""
+        next_seq = self.next_seq
+        if next_seq is None:
+            next_seq = seq
+        d = (seq - next_seq) % _SEQ_MOD
+        if d:
+            if d < _SEQ_HALF:
+                self.out_of_order += 1
+                if seq not in self.pending or self.pending[seq][2] < wire_len:
+                    self.pending[seq] = (head, tail, wire_len)
+                if len(self.pending) > MAX_OUT_OF_ORDER:
+                    self.flush_one()
+                return
             d -= _SEQ_MOD
-        if d > 0:
-            self.out_of_order += 1
-            if seq not in self.pending or self.pending[seq][2] < wire_len:
-                self.pending[seq] = (head, tail, wire_len)
-            if len(self.pending) > MAX_OUT_OF_ORDER:
-                self.flush_one()
-            return
-        if d < 0:
             if d + wire_len <= 0:
                 self.retransmissions += 1
                 return
             head, tail, wire_len = _skip(head, tail, wire_len, -d)
-        self._deliver(head, tail, wire_len)
-        if self.pending:
-            self._drain()
-
-    def _deliver(self, head: bytes, tail: bytes, wire_len: int) -> None:
+        self.next_seq = (next_seq + wire_len) % _SEQ_MOD
         if head:
             self.feed(head, True)
         missing = wire_len - len(head) - len(tail)
@@ -96,27 +95,22 @@ class _Direction:
             self.gap(missing)
         if tail:
             self.feed(tail, False)
-        self.next_seq = (self.next_seq + wire_len) % _SEQ_MOD
+        if self.pending and not self.draining:
+            self._drain()
 
     def _drain(self) -> None:
-        while self.pending:
-            progressed = False
-            for seq in list(self.pending):
-                d = (seq - self.next_seq) % _SEQ_MOD
-                if d >= _SEQ_HALF:
-                    d -= _SEQ_MOD
-                if d > 0:
-                    continue
-                head, tail, wire_len = self.pending.pop(seq)
-                if d + wire_len <= 0:
-                    self.retransmissions += 1
-                    continue
-                if d:
-                    head, tail, wire_len = _skip(head, tail, wire_len, -d)
-                self._deliver(head, tail, wire_len)
-                progressed = True
-            if not progressed:
-                return
+        """Deliver held segments that the sequence space has now reached."""
+        self.draining = True
+        try:
+            while self.pending:
+                ready = [s for s in self.pending if (s - self.next_seq) % _SEQ_MOD >= _SEQ_HALF or s == self.next_seq]
+                if not ready:
+                    return
+                for seq in ready:
+                    head, tail, wire_len = self.pending.pop(seq)
+                    self.data(seq, head, wire_len, tail)
+        finally:
+            self.draining = False
 
     def flush_one(self) -> None:
         """Give up waiting for the earliest hole: report it as a gap and go on from there."""
@@ -227,44 +221,44 @@ class FlowTable:
         """Account one segment to its flow and feed its payload to the IMAP session."""
         stats = self.stats
         stats.segments += 1
-        flags = seg.flags
-        if seg.wire_len == 0 and not flags & (_SYN | _FIN | _RST):
+        ts, _, src, dst, sport, dport, seq, _, flags, wire_len, head, _, tail = seg
+        if wire_len == 0 and not flags & (_SYN | _FIN | _RST):
             stats.empty += 1
             return
-        ts = seg.ts
         if ts > self.now:
             self.now = ts
             if ts >= self._next_sweep:
                 self._next_sweep = ts + EXPIRY_SWEEP
                 self.expire(ts)
-        key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
+        key = (src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport)  # flow_key()
         flow = self.flows.pop(key, None)
         if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
             self._end(flow, "reused")
             flow = None
         if flow is None:
-            if seg.wire_len == 0 and not flags & _SYN:
+            if wire_len == 0 and not flags & _SYN:
                 stats.orphans += 1
                 return
             flow = self._new_flow(seg, key)
         self.flows[key] = flow
-        from_client = seg.src == flow.client[0] and seg.sport == flow.client[1]
+        from_client = sport == flow.client[1] and src == flow.client[0]
         flow.last_ts = ts
         flow.session.now = ts
-        direction = flow.c2s if from_client else flow.s2c
         if from_client:
+            direction = flow.c2s
             flow.packets_c2s += 1
-            flow.bytes_c2s += seg.wire_len
+            flow.bytes_c2s += wire_len
         else:
+            direction = flow.s2c
             flow.packets_s2c += 1
-            flow.bytes_s2c += seg.wire_len
+            flow.bytes_s2c += wire_len
         if flags & _SYN:
             flow.syn_seen = True
-            direction.syn(seg.seq)
-            if seg.wire_len:
-                direction.data((seg.seq + 1) % _SEQ_MOD, seg.payload, seg.wire_len, seg.tail)
-        elif seg.wire_len:
-            direction.data(seg.seq, seg.payload, seg.wire_len, seg.tail)
+            direction.syn(seq)
+            if wire_len:
+                direction.data((seq + 1) % _SEQ_MOD, head, wire_len, tail)
+        elif wire_len:
+            direction.data(seq, head, wire_len, tail)
         if flags & _RST:
             flow.reset = True
             self._end(self.flows.pop(key), "rst")

@@ -9,7 +9,7 @@ so the stream can skip bytes it never received, such as the rest of a message bo
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from typing import NamedTuple
 
 #: Default number of payload bytes copied from the start of each segment (tcpdump's ``-s``).
 DEFAULT_SNAPLEN = 256
@@ -37,9 +37,13 @@ class TcpFlag(enum.IntFlag):
     URG = 0x20
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
-    """One TCP segment on a monitored port, as the capture saw it."""
+class Segment(NamedTuple):
+    """One TCP segment on a monitored port, as the capture saw it.
+
+    A NamedTuple rather than a frozen dataclass: one is built per captured segment, and a
+    frozen dataclass's ``__init__`` (a ``object.__setattr__`` per field) cost as much as
+    decoding the packet headers.
+    """
 
     ts: float
     """Capture time, seconds since the epoch."""

@@ -39,7 +39,9 @@ FLOW = a_flow()
 @given(messages)
 def test_fast_message_line_equals_the_record(msg):
     out = io.StringIO()
-    JsonlWriter(out).message(FLOW, msg)
+    writer = JsonlWriter(out)
+    writer.message(FLOW, msg)
+    writer.flush()
     line = out.getvalue()
     assert line.endswith("\n") and line.count("\n") == 1
     assert json.loads(line) == message_record(FLOW, msg)
@@ -52,5 +54,7 @@ def test_endpoint_forms():
 
 def test_control_characters_are_escaped_in_json():
     out = io.StringIO()
-    JsonlWriter(out).message(FLOW, Message(1.0, Side.CLIENT, Kind.REQUEST, tag="a", command="LOGIN", args="\x1b[31mx\x00 ***"))
+    writer = JsonlWriter(out)
+    writer.message(FLOW, Message(1.0, Side.CLIENT, Kind.REQUEST, tag="a", command="LOGIN", args="\x1b[31mx\x00 ***"))
+    writer.flush()
     assert "\x1b" not in out.getvalue() and "\\u001b" in out.getvalue()

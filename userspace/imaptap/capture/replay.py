@@ -120,6 +120,9 @@ class ReplayStats:
     """Segments yielded."""
 
 
+# tuple.__new__ builds a Segment without the NamedTuple's Python-level __new__.
+new_segment = tuple.__new__
+
 #: SYN, FIN and RST: the flags that drive a flow's life cycle even without payload.
 _LIFECYCLE = 0x07
 
@@ -195,7 +198,7 @@ class CaptureReader:
                 continue
             payload, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
             stats.segments += 1
-            yield Segment(ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail)
+            yield new_segment(Segment, (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
 
     def _records(self, stats: ReplayStats) -> Iterator[tuple[float, LinkDecoder, bytes]]:
         """(time, the decoder for the record's link type, captured bytes) per packet record."""

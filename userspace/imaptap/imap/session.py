@@ -13,6 +13,7 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from imaptap.imap import parse
 from imaptap.imap.parse import RawLine, text
@@ -53,12 +54,10 @@ class StartTls(enum.Enum):
     REFUSED = "refused"
 
 
-@dataclass(slots=True)
-class Message:
+class Message(NamedTuple):
     """One IMAP line (with its literals) as seen on the wire, secrets masked.
 
-    Not frozen: one is built per IMAP line, and a frozen dataclass's __init__ costs several
-    times more.  Nothing changes a Message after it is emitted.
+    A NamedTuple, built with ``tuple.__new__`` on the hot paths: one is made per IMAP line.
     """
 
     ts: float
@@ -78,6 +77,9 @@ class Message:
     number: int | None = None
     """The message number of ``* n EXISTS`` / ``* n FETCH``."""
     truncated: bool = False
+
+
+_message = tuple.__new__
 
 
 @dataclass(slots=True)
@@ -314,8 +316,8 @@ class ImapSession:
                 self._idle_tag = tag
                 self.idles += 1
         if self.on_message is not None:
-            self._emit(Message(self.now, Side.CLIENT, Kind.REQUEST, tag, cmd, args, None, None, None, None,
-                               _sizes(line), None, line.truncated))
+            self.on_message(_message(Message, (self.now, Side.CLIENT, Kind.REQUEST, tag, cmd, args, None, None,
+                                               None, None, _sizes(line), None, line.truncated)))
 
     def _display_args(self, line: RawLine, argpos: int) -> str | None:
         raw = line.head[argpos:]
@@ -388,8 +390,9 @@ class ImapSession:
             return
         if c0 == b"+":
             if self.on_message is not None:
-                self._emit(Message(self.now, Side.SERVER, Kind.CONTINUATION, None, None, None, None, None,
-                                   _clip(text(head[1:].lstrip(b" "))), None, (), None, line.truncated))
+                self.on_message(_message(Message, (self.now, Side.SERVER, Kind.CONTINUATION, None, None, None, None,
+                                                   None, _clip(text(head[1:].lstrip(b" "))), None, (), None,
+                                                   line.truncated)))
             return
         tag_b, _, rest = head.partition(b" ")
         word, _, after = rest.partition(b" ")
@@ -424,8 +427,9 @@ class ImapSession:
         if command is not None and command in _STATE_COMMANDS:
             self._completed(command, status)
         if self.on_message is not None:
-            self._emit(Message(self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status, _clip(code),
-                               _clip(text(rest_text)), latency, _sizes(line), None, line.truncated))
+            self.on_message(_message(Message, (self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status,
+                                               _clip(code), _clip(text(rest_text)), latency, _sizes(line), None,
+                                               line.truncated)))
 
     def _lost_login_completion(self, command: str | None, status: str) -> None:
         """A later command was sent or completed while LOGIN/AUTHENTICATE's own completion was
@@ -502,8 +506,9 @@ class ImapSession:
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
             if self.on_message is not None:
-                self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, None, None, None, upper, _clip(code),
-                                   _clip(txt), None, _sizes(line), None, line.truncated))
+                self.on_message(_message(Message, (self.now, Side.SERVER, Kind.UNTAGGED, None, None, None, upper,
+                                                   _clip(code), _clip(txt), None, _sizes(line), None,
+                                                   line.truncated)))
             return
         if number_b is not None:
             if upper not in _NUMBERED_DATA:
@@ -527,8 +532,9 @@ class ImapSession:
         if self.on_message is not None:
             if len(line.chunks) > 1:
                 after = after + b"".join(line.chunks[1:])
-            self._emit(Message(self.now, Side.SERVER, Kind.UNTAGGED, None, upper, _clip(text(after)) if after else None,
-                               None, None, None, None, _sizes(line), number, line.truncated))
+            self.on_message(_message(Message, (self.now, Side.SERVER, Kind.UNTAGGED, None, upper,
+                                               _clip(text(after)) if after else None, None, None, None, None,
+                                               _sizes(line), number, line.truncated)))
 
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")
