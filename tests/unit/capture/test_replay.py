@@ -397,8 +397,7 @@ def test_replay_can_run_twice(tmp_path):
 
 def public(name):
     path = os.path.join(PUBLIC_PCAPS, name)
-    if not os.path.exists(path):
-        pytest.skip(f"{path} not present")
+    assert os.path.exists(path), f"missing public capture {path}"
     return path
 
 
