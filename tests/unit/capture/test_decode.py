@@ -146,7 +146,11 @@ def test_ethernet_padding_and_fcs_are_not_payload():
     assert len(frame) == 56
     padded = frame + bytes(60 - len(frame)) + b"\xde\xad\xbe\xef"  # minimum frame + FCS
     expect_v4(decode_packet(1, padded), payload=b"ok")
-    expect_v4(decode_packet(1, ethernet(ipv4(tcp(b""))) + bytes(6)), payload=b"")
+    # a FIN without payload, padded to the minimum frame: the padding is not payload
+    fin = decode_packet(1, ethernet(ipv4(tcp(b"", flags=0x11))) + bytes(6))
+    assert isinstance(fin, TcpPacket) and fin.payload == b"" and fin.wire_len == 0
+    # a pure ACK is dropped as the kernel program drops it
+    assert decode_packet(1, ethernet(ipv4(tcp(b"", flags=0x10))) + bytes(6)) is Skip.EMPTY
 
 
 # -- IPv4 ------------------------------------------------------------------------------------
@@ -195,7 +199,7 @@ def test_zero_total_length_from_segmentation_offload_uses_the_capture():
 
 
 def test_total_length_shorter_than_the_headers_gives_zero_not_negative():
-    packet = bytearray(ipv4(tcp(b"hello")))
+    packet = bytearray(ipv4(tcp(b"hello", flags=0x19)))  # FIN: kept even without payload
     packet[2:4] = struct.pack("!H", 30)  # IP header 20 + 10: not even the TCP header
     p = decode_ipv4(bytes(packet))
     assert isinstance(p, TcpPacket) and p.wire_len == 0 and p.payload == b""

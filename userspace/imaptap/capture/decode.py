@@ -42,6 +42,9 @@ class Skip(enum.IntEnum):
     """TCP, but neither port is monitored."""
     UNDECODABLE = 4
     """Headers that are cut short by the capture or contradict themselves."""
+    EMPTY = 5
+    """TCP without payload and without SYN, FIN or RST (a pure ACK): the kernel program never
+    copies these, so replay drops them here, before it spends anything on them."""
 
 
 class TcpPacket(NamedTuple):
@@ -154,6 +157,9 @@ NOT_TCP = Skip.NOT_TCP
 FRAGMENT = Skip.FRAGMENT
 OTHER_PORT = Skip.OTHER_PORT
 UNDECODABLE = Skip.UNDECODABLE
+EMPTY = Skip.EMPTY
+#: SYN, FIN and RST: the flags that drive a flow's life cycle even without payload.
+_LIFECYCLE = 0x07
 
 
 def _tcp_packet(buf: bytes, off: int, ip_end: int, version: int, addr: int) -> Decoded:
@@ -164,7 +170,9 @@ def _tcp_packet(buf: bytes, off: int, ip_end: int, version: int, addr: int) -> D
         return UNDECODABLE
     start = off + header_len
     wire_len = ip_end - start
-    if wire_len < 0:
+    if wire_len <= 0:
+        if not flags & _LIFECYCLE:
+            return EMPTY
         wire_len = 0
     # ip_end, not the end of the record: Ethernet padding and trailers are not payload.
     payload = buf[start:ip_end]

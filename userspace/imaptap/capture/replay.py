@@ -123,8 +123,6 @@ class ReplayStats:
 # tuple.__new__ builds a Segment without the NamedTuple's Python-level __new__.
 new_segment = tuple.__new__
 
-#: SYN, FIN and RST: the flags that drive a flow's life cycle even without payload.
-_LIFECYCLE = 0x07
 
 
 def open_capture(path: str | os.PathLike[str]) -> CaptureReader:
@@ -176,7 +174,7 @@ class CaptureReader:
             raise self._error(f"read error: {exc.strerror or exc}") from None
 
     def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats) -> Iterator[Segment]:
-        not_tcp, fragment, other_port = Skip.NOT_TCP, Skip.FRAGMENT, Skip.OTHER_PORT
+        not_tcp, fragment, other_port, empty = Skip.NOT_TCP, Skip.FRAGMENT, Skip.OTHER_PORT, Skip.EMPTY
         cut = policy.cut
         for ts, decode, data in self._records(stats):
             stats.packets += 1
@@ -185,6 +183,8 @@ class CaptureReader:
             if p.__class__ is Skip:
                 if p is other_port:
                     stats.other_ports += 1
+                elif p is empty:
+                    stats.pure_acks += 1
                 elif p is not_tcp:
                     stats.non_tcp += 1
                 elif p is fragment:
@@ -193,9 +193,6 @@ class CaptureReader:
                     stats.undecodable += 1
                 continue
             version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-            if not wire_len and not flags & _LIFECYCLE:
-                stats.pure_acks += 1
-                continue
             payload, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
             stats.segments += 1
             yield new_segment(Segment, (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
