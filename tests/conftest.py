@@ -1,59 +1,11 @@
-"""Shared test set-up: the package is importable from the source tree as well as installed."""
-
-import os
-import sys
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "userspace"))
-
-#: Public captures from other projects' test suites, used in place (read-only).
-PUBLIC_PCAPS = os.environ.get("IMAPTAP_PUBLIC_PCAPS", os.path.join(os.path.dirname(ROOT), "shared", "pcaps-public"))
-#: Captures this project made from a real Dovecot and real clients (scripts/make-captures).
-OWN_PCAPS = os.path.join(ROOT, "pcaps")
-
-import json
-import subprocess
-from dataclasses import dataclass, field
+"""Shared fixtures; the shared paths and helpers live in testenv.py."""
 
 import pytest
 
-
-@dataclass
-class CliRun:
-    """One run of the real ``imaptap`` command and what it printed."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-    records: list = field(default_factory=list)
-
-    def of_type(self, kind: str) -> list:
-        return [r for r in self.records if r["type"] == kind]
-
-    @property
-    def flows(self) -> list:
-        return self.of_type("flow")
-
-    @property
-    def messages(self) -> list:
-        return self.of_type("message")
-
-    @property
-    def stats(self) -> dict:
-        (s,) = self.of_type("stats")
-        return s
-
-
-def run_imaptap(*args: str, timeout: float = 120) -> CliRun:
-    """Run ``python -m imaptap ARGS`` as a user would and parse its JSON Lines on stdout."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
-    proc = subprocess.run([sys.executable, "-m", "imaptap", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, stdin=subprocess.DEVNULL)
-    records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    return CliRun(proc.returncode, proc.stdout, proc.stderr, records)
+from testenv import run_imaptap
 
 
 @pytest.fixture
 def imaptap():
+    """Run the real imaptap command: ``imaptap("-r", path, "--json", "-")``."""
     return run_imaptap

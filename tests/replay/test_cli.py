@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import PUBLIC_PCAPS, ROOT
+from testenv import PUBLIC_PCAPS, ROOT
 
 NDPI = os.path.join(PUBLIC_PCAPS, "ndpi/imap.pcap")
 

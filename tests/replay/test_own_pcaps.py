@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from conftest import OWN_PCAPS
+from testenv import OWN_PCAPS
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 SCALARS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from conftest import PUBLIC_PCAPS
+from testenv import PUBLIC_PCAPS
 
 ZEEK_CAPS = open(os.path.join(PUBLIC_PCAPS, "zeek/baseline-capabilities/stdout")).read().splitlines()[-1]
 

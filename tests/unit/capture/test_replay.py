@@ -10,7 +10,7 @@ from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDe
                          InterfaceDescriptionBlockLE, PcapngOption, PcapngOptionLE, SectionHeaderBlock,
                          SectionHeaderBlockLE)
 
-from conftest import PUBLIC_PCAPS
+from testenv import PUBLIC_PCAPS
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
                              Segment, flow_key)
