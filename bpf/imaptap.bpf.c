@@ -1,21 +1,24 @@
 /* imaptap.bpf.c: hand TCP segments of monitored ports to userspace, payload cut in the kernel.
  *
  * Attached by capture/live.py (BCC) as XDP on ingress and as a TC clsact filter on egress (or
- * TC on both with --no-xdp).  For every packet it parses Ethernet, up to two 802.1Q/802.1ad
- * tags, IPv4 (with options) or IPv6 (hop-by-hop, routing, destination options, AH and atomic
- * fragment headers, at most IMAPTAP_MAX_EXT_HDRS of them) and TCP.  A segment to or from a
- * monitored port goes to userspace as one record: a fixed struct imaptap_event and a payload
- * prefix cut according to the flow's mode.  Pure ACKs are not submitted; SYN, FIN and RST are.
+ * TC on both with --no-xdp).  For every packet it parses Ethernet, up to two 802.1Q, 802.1ad
+ * or 0x9100 tags, IPv4 (with options) or IPv6 (hop-by-hop, routing, destination options, AH
+ * and atomic fragment headers, at most IMAPTAP_MAX_EXT_HDRS of them) and TCP.  A segment to or
+ * from a monitored port goes to userspace as one record: a fixed struct imaptap_event and the
+ * payload bytes the flow's mode asks for (below).  Pure ACKs are not submitted; SYN, FIN and
+ * RST are, with or without payload.  capture/decode.py (replay) parses the same way; the live
+ * tests compare the two frame by frame.
  *
- * Cost: every packet pays one parse and two array lookups (inlined by the verifier); only
- * matched segments pay the flow-mode lookup, a ring buffer record and the payload copy.
+ * Cost: every packet pays one parse and two array lookups; only matched segments pay the
+ * flow-mode lookup (LRU hash), a ring buffer record and the payload copy.
  * The program never drops or changes a packet: XDP_PASS, and TC_ACT_UNSPEC so that other
  * tools' TC filters after ours still run and decide (TC_ACT_OK would end the filter chain).
  *
  * Limits (counted as "unparsed", packet passed on untouched): IPv4 fragments and non-atomic
  * IPv6 fragments (TCP over IP fragments is rare), more than IMAPTAP_MAX_EXT_HDRS IPv6 extension
  * headers, headers outside the first buffer of a multi-buffer XDP frame, and in TC headers
- * further than IMAPTAP_PULL_LEN bytes into the packet.
+ * further than IMAPTAP_PULL_LEN bytes into the packet.  A third VLAN tag is passed on as not
+ * IP (not counted).  Replay has neither the tag nor the extension-header limit.
  *
  * What is copied of a payload of n bytes (n: the TCP payload length, or less if the frame is
  * cut short), by the flow's mode in the flow_modes map:
