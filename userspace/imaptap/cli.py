@@ -263,23 +263,33 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
         from imaptap.capture import live
     except ImportError as exc:  # pragma: no cover - depends on the machine
         return f"live capture unavailable: {exc}"
-    interfaces = args.interface or [live.default_interface()]
     try:
+        interfaces = args.interface or [live.default_interface()]
         capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
                                    use_xdp=not args.no_xdp, taillen=args.tail)
-        table.policy = capture.policy
+    except live.LiveError as exc:
+        return str(exc)
+    table.policy = capture.policy
+    error = None
+    try:
         with capture:
+            for note in capture.notes:
+                print(f"imaptap: {note}", file=sys.stderr)
             add = table.add
             while True:
                 for seg in capture.poll(200):
                     add(seg)
                 table.expire(time.time())
     except live.LiveError as exc:
-        return str(exc)
+        error = str(exc)
+    except (KeyboardInterrupt, _Stop):
+        stats_out["stopped_by_signal"] = True
     finally:
-        if "capture" in locals():
-            stats_out.update(capture.counters())
-    return None
+        # What the kernel had delivered before the programs were detached is still analysed.
+        for seg in capture.poll(0):
+            table.add(seg)
+        stats_out.update(capture.counters())
+    return error
 
 
 def _public(obj: object) -> dict:

@@ -1,0 +1,164 @@
+"""The whole tool live: `imaptap -i` on the lab's veth, real clients, SIGINT, JSON facts.
+
+Dovecot runs in its own namespace (scripts/imaplab.py); imaplib, curl and mbsync talk to it
+over IPv4 and IPv6 while imaptap's kernel program watches the host end of the veth and tcpdump
+records the same sessions.  After SIGINT the JSON must hold the facts of every session, no
+password, and the replayed tcpdump capture must give the same facts.
+"""
+
+from __future__ import annotations
+
+import base64
+import imaplib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from livelab import ROOT
+
+FACTS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
+         "encrypted", "compressed", "mailboxes", "commands", "cleartext_credentials", "server_software")
+ATTACH_TIMEOUT = 120.0
+MBSYNC_CONF = """\
+IMAPAccount lab
+Host {host}
+Port 143
+User {user}
+Pass "{password}"
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore far
+Account lab
+
+MaildirStore near
+Path {tmp}/
+Inbox {tmp}/INBOX
+
+Channel lab
+Far :far:
+Near :near:
+Sync Pull
+Create Near
+SyncState *
+"""
+
+
+def imaptap_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "imaptap", *args]
+
+
+def env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(ROOT / "userspace"))
+
+
+def attached(ifname: str) -> bool:
+    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "egress"], capture_output=True, text=True).stdout
+    return "imaptap" in out
+
+
+def wait_attached(proc: subprocess.Popen, ifname: str) -> None:
+    deadline = time.monotonic() + ATTACH_TIMEOUT
+    while not attached(ifname):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "imaptap did not attach in time"
+        time.sleep(0.2)
+    time.sleep(0.5)  # the XDP program goes on after the TC filter
+
+
+def sessions(lab) -> dict[str, str]:
+    """Real clients against the lab; returns what each flow's user should be, by client kind."""
+    users = lab.users
+    alice, bob, carol, dave = (users[u] for u in ("alice", "bob", "carol", "dave"))
+    # imaplib, IPv4, LOGIN, SELECT, FETCH a whole mail
+    imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+    imap.login("alice", alice)
+    imap.select("INBOX")
+    imap.fetch("1", "(BODY.PEEK[])")
+    imap.logout()
+    # imaplib, IPv6, AUTHENTICATE PLAIN after a continuation
+    imap = imaplib.IMAP4(lab.server6, 143, timeout=30)
+    imap.authenticate("PLAIN", lambda _: f"\0bob\0{bob}".encode())
+    imap.select("INBOX")
+    imap.logout()
+    # imaplib, STARTTLS, then a login nobody on the wire can read
+    imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    imap.starttls(ctx)
+    imap.login("carol", carol)
+    imap.logout()
+    # curl with SASL-IR PLAIN on the non-standard port
+    subprocess.run(["curl", "-sS", "--max-time", "30", "--sasl-ir", "--login-options", "AUTH=PLAIN",
+                    "-u", f"alice:{alice}", f"imap://{lab.server4}:10143/"],
+                   check=True, capture_output=True)
+    # mbsync: COMPRESS DEFLATE right after LOGIN
+    with tempfile.TemporaryDirectory(prefix="imaptap-mbsync-") as tmp:
+        conf = Path(tmp) / "mbsyncrc"
+        conf.write_text(MBSYNC_CONF.format(host=lab.server4, user="dave", password=dave, tmp=tmp))
+        subprocess.run(["mbsync", "-c", str(conf), "-a"], check=True, capture_output=True, timeout=60)
+    return {"alice": alice, "bob": bob, "carol": carol, "dave": dave}
+
+
+def facts(flow: dict) -> dict:
+    return {k: flow[k] for k in FACTS}
+
+
+def test_live_cli_on_real_sessions(lab, tmp_path):
+    for user in ("alice", "bob", "dave"):
+        for n in range(3):
+            lab.deliver(user, f"Subject: live {n}\r\n\r\n{'body line ' * 40}\r\n".encode())
+    out = tmp_path / "live.jsonl"
+    pcap = tmp_path / "same.pcap"
+    proc = subprocess.Popen(imaptap_cmd("-i", lab.host_if, "--port", "143", "--port", "10143", "--json", str(out)),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env())
+    try:
+        wait_attached(proc, lab.host_if)
+        with lab.capture(pcap):
+            passwords = sessions(lab)
+            time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not attached(lab.host_if)
+    assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+
+    text = out.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    stats = records[-1]
+    assert stats["type"] == "stats" and stats["stopped_by_signal"] is True
+    assert stats["lost"] == 0 and stats["submitted"] > 0
+    live_flows = sorted((r for r in records if r["type"] == "flow"), key=lambda f: f["first_ts"])
+    by_user = {f["username"]: f for f in live_flows if f["username"]}
+
+    alice = [f for f in live_flows if f["username"] == "alice"]
+    assert len(alice) == 2
+    assert alice[0]["auth_command"] == "LOGIN" and alice[0]["mailboxes"] == ["INBOX"] and alice[0]["login_ok"]
+    assert alice[1]["server"].endswith(":10143") and alice[1]["auth_mechanism"] == "PLAIN"
+    bob = by_user["bob"]
+    assert bob["server"].startswith("[fd00:") and bob["auth_mechanism"] == "PLAIN" and bob["login_ok"]
+    tls = [f for f in live_flows if f["starttls"] == "completed"]
+    assert len(tls) == 1 and tls[0]["username"] is None and tls[0]["encrypted"]
+    assert "carol" not in text
+    dave = by_user["dave"]
+    assert dave["compressed"] and dave["anomalies"] == {} and dave["mailboxes"] == ["INBOX"]
+    assert dave["commands"]["UID FETCH"] >= 2  # read from the inflated stream
+    for user, password in passwords.items():
+        assert password not in text
+        assert base64.b64encode(f"\0{user}\0{password}".encode()).decode() not in text
+
+    replayed = subprocess.run(imaptap_cmd("-r", str(pcap), "--port", "143", "--port", "10143", "--json", "-",
+                                          "--flows-only"), capture_output=True, text=True, env=env(), check=True)
+    replay_flows = sorted((json.loads(line) for line in replayed.stdout.splitlines()), key=lambda r: r.get("first_ts", 0))
+    replay_flows = [f for f in replay_flows if f["type"] == "flow"]
+    assert [facts(f) for f in replay_flows] == [facts(f) for f in live_flows]
