@@ -50,13 +50,14 @@ def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes
 class _Direction:
     """TCP sequence tracking for one direction, feeding one `ImapStream`."""
 
-    __slots__ = ("next_seq", "pending", "feed", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes",
+    __slots__ = ("next_seq", "pending", "segment", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes",
                  "draining")
 
-    def __init__(self, feed: Callable[[bytes, bool], None], gap: Callable[[int], None]) -> None:
+    def __init__(self, segment: Callable[[bytes, int, bytes], None], gap: Callable[[int], None]) -> None:
         self.next_seq: int | None = None
         self.pending: dict[int, tuple[bytes, bytes, int]] = {}
-        self.feed = feed
+        self.segment = segment
+        """Takes a segment's captured head, its wire length and its captured tail, in order."""
         self.gap = gap
         self.retransmissions = 0
         self.out_of_order = 0
@@ -88,13 +89,7 @@ class _Direction:
                 return
             head, tail, wire_len = _skip(head, tail, wire_len, -d)
         self.next_seq = (next_seq + wire_len) % _SEQ_MOD
-        if head:
-            self.feed(head, True)
-        missing = wire_len - len(head) - len(tail)
-        if missing > 0:
-            self.gap(missing)
-        if tail:
-            self.feed(tail, False)
+        self.segment(head, wire_len, tail)
         if self.pending and not self.draining:
             self._drain()
 
@@ -156,8 +151,8 @@ class Flow:
     s2c: _Direction = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.c2s = _Direction(self.session.client.feed, self.session.client.gap)
-        self.s2c = _Direction(self.session.server.feed, self.session.server.gap)
+        self.c2s = _Direction(self.session.client.segment, self.session.client.gap)
+        self.s2c = _Direction(self.session.server.segment, self.session.server.gap)
 
     @property
     def packets(self) -> int:

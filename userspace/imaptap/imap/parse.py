@@ -13,8 +13,10 @@ import base64
 import binascii
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-#: Bytes kept of a literal's contents: enough for usernames and ID values, never a mail body.
+#: Largest literal whose contents are kept: enough for usernames and ID values, never a mail
+#: body.  A larger literal is only counted.
 LITERAL_KEEP = 1024
 
 #: Tokens parsed from one line at most; the rest of a hostile line is not looked at.
@@ -43,9 +45,11 @@ class Literal:
         return bytes(self.data) if self.complete and len(self.data) == self.size else None
 
 
-@dataclass(slots=True)
-class RawLine:
-    """One logical line: its physical lines (CRLF removed) and the literals between them."""
+class RawLine(NamedTuple):
+    """One logical line: its physical lines (CRLF removed) and the literals between them.
+
+    A NamedTuple built with ``tuple.__new__`` by the stream: one is made per IMAP line.
+    """
 
     chunks: list[bytes]
     literals: list[Literal]
@@ -71,6 +75,9 @@ _LITERAL_MARK = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}$")
 # atom-specials (RFC 3501 section 9): ( ) { SP CTL % * " \ ]
 _ATOM_STOP = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
 _TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
+_TAG_BYTES = bytes(sorted(_TAG_CHARS))
+# atom characters: printable ASCII but atom-specials
+_ATOM_BYTES = bytes(c for c in range(0x21, 0x7F) if c not in _ATOM_STOP)
 
 
 def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
@@ -85,7 +92,8 @@ def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
 
 def is_tag(word: bytes) -> bool:
     """True for a word that RFC 3501's tag grammar allows (any ASTRING-CHAR but ``+``)."""
-    return bool(word) and all(c in _TAG_CHARS for c in word)
+    # translate() deletes every allowed byte in C; anything left is not allowed
+    return bool(word) and not word.translate(None, _TAG_BYTES)
 
 
 def text(data: bytes | bytearray) -> str:
@@ -373,7 +381,7 @@ def command_words(head: bytes) -> tuple[bytes, str | None, int]:
     if end < 0:
         end = len(head)
     word = head[start:end]
-    if not word or not all(0x21 <= c < 0x7F and c not in _ATOM_STOP for c in word):
+    if not word or word.translate(None, _ATOM_BYTES):
         return tag, None, start
     cmd = word.decode("ascii").upper()
     if cmd == "UID" and end < len(head):
@@ -381,7 +389,7 @@ def command_words(head: bytes) -> tuple[bytes, str | None, int]:
         if end2 < 0:
             end2 = len(head)
         sub = head[end + 1 : end2]
-        if sub and all(0x21 <= c < 0x7F and c not in _ATOM_STOP for c in sub):
+        if sub and not sub.translate(None, _ATOM_BYTES):
             cmd = "UID " + sub.decode("ascii").upper()
             end = end2
     return tag, cmd, min(end + 1, len(head))

@@ -259,7 +259,7 @@ class ImapSession:
 
     def _client_line(self, line: RawLine) -> None:
         self._client_lines += 1
-        head = line.head
+        head = line.chunks[0]
         if self._sasl is not None:
             word = head.strip()
             if word and b" " not in word:
@@ -320,7 +320,7 @@ class ImapSession:
                                                None, None, _sizes(line), None, line.truncated)))
 
     def _display_args(self, line: RawLine, argpos: int) -> str | None:
-        raw = line.head[argpos:]
+        raw = line.chunks[0][argpos:]
         if len(line.chunks) > 1:
             raw = raw + b"".join(line.chunks[1:])
         return _clip(text(raw)) if raw else None
@@ -342,7 +342,7 @@ class ImapSession:
         return f"{_quote(shown)} {MASK}"
 
     def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending) -> str:
-        head = line.head
+        head = line.chunks[0]
         words = head[argpos:].split()
         mech = words[0].decode("latin-1").upper()[:64] if words else "?"
         self.auth_command = "AUTHENTICATE"
@@ -383,7 +383,7 @@ class ImapSession:
     def _server_line(self, line: RawLine) -> None:
         first = self._server_lines == 0
         self._server_lines += 1
-        head = line.head
+        head = line.chunks[0]
         c0 = head[:1]
         if c0 == b"*" and head[1:2] == b" ":
             self._untagged(line, head, first)

@@ -36,6 +36,8 @@ LARGE_LITERAL = 1 << 30
 #: Bytes at the end of an over-long physical line kept to see whether it ends in a literal marker.
 _MARK_TAIL = 32
 
+_raw_line = tuple.__new__
+
 _TLS_RECORD = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
 
 # Where a resynchronising stream may start again at a segment start: a line that can only be
@@ -160,6 +162,27 @@ class ImapStream:
 
     # --- input -------------------------------------------------------------------------------
 
+    def segment(self, head: bytes, wire_len: int, tail: bytes = b"") -> None:
+        """One segment: its captured head and tail, ``wire_len`` bytes on the wire."""
+        lit = self.lit
+        if (self.mode is Mode.LITERAL and self.lit_left > wire_len and lit.size > LITERAL_KEEP
+                and self.inflater is None):
+            # Wholly inside a literal too large to keep (the body of a mail): count it.
+            captured = len(head) + len(tail)
+            self.lit_left -= wire_len
+            self.bytes_seen += captured
+            if wire_len > captured:
+                self.bytes_missed += wire_len - captured
+                lit.complete = False
+            return
+        if head:
+            self.feed(head, True)
+        missing = wire_len - len(head) - len(tail)
+        if missing > 0:
+            self.gap(missing)
+        if tail:
+            self.feed(tail, False)
+
     def feed(self, data: bytes, segment_start: bool = True) -> None:
         """Captured bytes, in order: a segment's head (a segment start) or its tail (after a gap)."""
         if not data:
@@ -277,7 +300,9 @@ class ImapStream:
             if mode is Mode.LITERAL:
                 take = self.lit_left if self.lit_left < n - pos else n - pos
                 lit = self.lit
-                room = LITERAL_KEEP - len(lit.data)
+                # Only literals that can be kept whole are kept (user names, ID values);
+                # the contents of a mail body are never needed.
+                room = LITERAL_KEEP - len(lit.data) if lit.size <= LITERAL_KEEP else 0
                 if room > 0:
                     lit.data += data[pos : pos + (take if take < room else room)]
                 self.lit_left -= take
@@ -314,7 +339,7 @@ class ImapStream:
                 if line[-1:] != b"}":
                     pos = lf + 1
                     self.lines += 1
-                    self.on_line(RawLine([line], [], False))
+                    self.on_line(_raw_line(RawLine, ([line], [], False)))
                     continue
             self._append(data, pos, lf)
             pos = lf + 1
@@ -365,7 +390,7 @@ class ImapStream:
             self.mode = Mode.LITERAL
 
     def _emit(self) -> None:
-        line = RawLine(self.chunks, self.literals, self.truncated)
+        line = _raw_line(RawLine, (self.chunks, self.literals, self.truncated))
         self.chunks = []
         self.literals = []
         self.kept = 0

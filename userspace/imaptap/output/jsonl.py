@@ -125,6 +125,8 @@ class JsonlWriter:
         self._prefix: dict[int, str] = {}
         self._lines: list[str] = []
         self._append = self._lines.append
+        self._ts = -1.0
+        self._ts_text = ""
 
     def write(self, line: str) -> None:
         """Queue one line; lines go out in batches, in order (one write call per line was a
@@ -151,8 +153,12 @@ class JsonlWriter:
         q = _quote
         tag, command, args, status, code, txt, lat = (msg.tag, msg.command, msg.args, msg.status, msg.code,
                                                       msg.text, msg.latency_ms)
+        ts = msg.ts
+        if ts != self._ts:  # the lines of one segment share its time: format it once
+            self._ts = ts
+            self._ts_text = repr(ts)
         line = (
-            f'{{"type":"message","ts":{msg.ts!r},{prefix}{_side_kind(msg)}'
+            f'{{"type":"message","ts":{self._ts_text},{prefix}{_side_kind(msg)}'
             f'"tag":{"null" if tag is None else q(tag)},"command":{"null" if command is None else q(command)},'
             f'"args":{"null" if args is None else q(args)},"status":{"null" if status is None else q(status)},'
             f'"code":{"null" if code is None else q(code)},"text":{"null" if txt is None else q(txt)},'
