@@ -117,7 +117,9 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
             lab.deliver(user, f"Subject: live {n}\r\n\r\n{'body line ' * 40}\r\n".encode())
     out = tmp_path / "live.jsonl"
     pcap = tmp_path / "same.pcap"
-    proc = subprocess.Popen(imaptap_cmd("-i", lab.host_if, "--port", "143", "--port", "10143", "--json", str(out)),
+    written = tmp_path / "written.pcap"
+    proc = subprocess.Popen(imaptap_cmd("-i", lab.host_if, "--port", "143", "--port", "10143", "--json", str(out),
+                                        "-w", str(written)),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env())
     try:
@@ -162,3 +164,13 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
     replay_flows = sorted((json.loads(line) for line in replayed.stdout.splitlines()), key=lambda r: r.get("first_ts", 0))
     replay_flows = [f for f in replay_flows if f["type"] == "flow"]
     assert [facts(f) for f in replay_flows] == [facts(f) for f in live_flows]
+
+    # -w wrote what the kernel copied (heads only): replayed, the same users, commands, mailboxes
+    again = subprocess.run(imaptap_cmd("-r", str(written), "--port", "143", "--port", "10143", "--json", "-",
+                                       "--flows-only"), capture_output=True, text=True, env=env(), check=True)
+    assert not any(password in again.stdout for password in passwords.values())
+    written_flows = sorted((json.loads(line) for line in again.stdout.splitlines()), key=lambda r: r.get("first_ts", 0))
+    written_flows = [f for f in written_flows if f["type"] == "flow"]
+    keys = ("username", "auth_mechanism", "mailboxes", "starttls")
+    assert [{k: f[k] for k in keys} for f in written_flows] == [{k: f[k] for k in keys} for f in live_flows]
+    assert stats["written"] == stats["received"]

@@ -270,12 +270,25 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
     except live.LiveError as exc:
         return str(exc)
     table.policy = capture.policy
+    writer = None
+    if args.write:
+        from imaptap.capture.pcapwrite import SegmentWriter
+
+        try:
+            writer = SegmentWriter(args.write)
+        except OSError as exc:
+            return f"cannot write {args.write}: {exc.strerror}"
+
+    def add(seg: Segment) -> None:
+        if writer is not None:
+            writer.write(seg)
+        table.add(seg)
+
     error = None
     try:
         with capture:
             for note in capture.notes:
                 print(f"imaptap: {note}", file=sys.stderr)
-            add = table.add
             while True:
                 for seg in capture.poll(200):
                     add(seg)
@@ -287,8 +300,11 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
     finally:
         # What the kernel had delivered before the programs were detached is still analysed.
         for seg in capture.poll(0):
-            table.add(seg)
+            add(seg)
         stats_out.update(capture.counters())
+        if writer is not None:
+            writer.close()
+            stats_out["written"] = writer.records
     return error
 
 
