@@ -40,7 +40,16 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
         except live.LiveError as exc:
             print(f"imaptap: {exc}", file=sys.stderr)
             return 2
-        source = LiveSource(capture)
+        writer = None
+        if args.write:
+            from imaptap.capture.pcapwrite import SegmentWriter
+
+            try:
+                writer = SegmentWriter(args.write)
+            except OSError as exc:
+                print(f"imaptap: cannot write {args.write}: {exc.strerror}", file=sys.stderr)
+                return 2
+        source = LiveSource(capture, writer)
 
     from imaptap.tui.app import ImaptapApp
 

@@ -213,8 +213,10 @@ class LiveSource(Source):
     live = True
     close_at_end = False
 
-    def __init__(self, capture: Any) -> None:
+    def __init__(self, capture: Any, writer: Any = None) -> None:
         self.capture = capture
+        self.writer = writer
+        """A `SegmentWriter` for ``-w``, or None."""
         self.label = ",".join(capture.interfaces)
         self.ports = frozenset(capture.ports)
         self.policy = capture.policy
@@ -223,12 +225,21 @@ class LiveSource(Source):
     def segments(self) -> Iterator[Segment | None]:
         # The generator is suspended inside the with block: closing it (the worker always
         # does, in a finally) leaves the block and detaches the kernel programs.
-        with self.capture:
-            self._entered = True
-            poll = self.capture.poll
-            while True:
-                yield from poll(POLL_MS)
-                yield None
+        writer = self.writer
+        try:
+            with self.capture:
+                self._entered = True
+                poll = self.capture.poll
+                while True:
+                    segs = poll(POLL_MS)
+                    if writer is not None:
+                        for seg in segs:
+                            writer.write(seg)
+                    yield from segs
+                    yield None
+        finally:
+            if writer is not None:
+                writer.close()
 
     def counters(self) -> dict[str, int] | None:
         return self.capture.counters() if self._entered else None
