@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from imaptap.imap.session import ImapSession, Message
-from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag
+from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag
 
 #: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
 #: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
@@ -278,24 +279,12 @@ class FlowTable:
             self._end(self.flows.pop(oldest), "evicted")
         flow_id = self._next_id
         self._next_id += 1
-        holder: list[Flow] = []
-        on_message = None
-        if self.on_message is not None:
-            sink = self.on_message
-
-            def on_message(msg: Message) -> None:
-                sink(holder[0], msg)
-
-        on_mode = None
-        if self.policy is not None:
-            policy = self.policy
-
-            def on_mode(mode: PayloadMode) -> None:
-                policy.set(key, mode)
-
-        session = ImapSession(on_message, on_mode)
+        # partial() binds in C: one call fewer per message than a closure
+        on_mode = None if self.policy is None else partial(self.policy.set, key)
+        session = ImapSession(None, on_mode)
         flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
-        holder.append(flow)
+        if self.on_message is not None:
+            session.on_message = partial(self.on_message, flow)
         self.stats.flows += 1
         return flow
 

@@ -150,6 +150,12 @@ def server_software(greeting: str) -> str | None:
     return cleaned[:MAX_SOFTWARE] or None
 
 
+def _shown(data: bytes) -> str:
+    """Network bytes as shown in a message: decoded without loss, cut at `DISPLAY_CAP`."""
+    s = data.decode("utf-8", "backslashreplace")
+    return s if len(s) <= DISPLAY_CAP else s[:DISPLAY_CAP] + "…"
+
+
 def _clip(s: str | None) -> str | None:
     if s is None or len(s) <= DISPLAY_CAP:
         return s
@@ -323,7 +329,7 @@ class ImapSession:
         raw = line.chunks[0][argpos:]
         if len(line.chunks) > 1:
             raw = raw + b"".join(line.chunks[1:])
-        return _clip(text(raw)) if raw else None
+        return _shown(raw) if raw else None
 
     def _login(self, line: RawLine, argpos: int) -> str:
         toks = parse.tokens(line, 0, argpos)
@@ -391,7 +397,7 @@ class ImapSession:
         if c0 == b"+":
             if self.on_message is not None:
                 self.on_message(_message(Message, (self.now, Side.SERVER, Kind.CONTINUATION, None, None, None, None,
-                                                   None, _clip(text(head[1:].lstrip(b" "))), None, (), None,
+                                                   None, _shown(head[1:].lstrip(b" ")), None, (), None,
                                                    line.truncated)))
             return
         tag_b, _, rest = head.partition(b" ")
@@ -428,7 +434,7 @@ class ImapSession:
             self._completed(command, status)
         if self.on_message is not None:
             self.on_message(_message(Message, (self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status,
-                                               _clip(code), _clip(text(rest_text)), latency, _sizes(line), None,
+                                               _clip(code), _shown(rest_text), latency, _sizes(line), None,
                                                line.truncated)))
 
     def _lost_login_completion(self, command: str | None, status: str) -> None:
@@ -533,7 +539,7 @@ class ImapSession:
             if len(line.chunks) > 1:
                 after = after + b"".join(line.chunks[1:])
             self.on_message(_message(Message, (self.now, Side.SERVER, Kind.UNTAGGED, None, upper,
-                                               _clip(text(after)) if after else None, None, None, None, None,
+                                               _shown(after) if after else None, None, None, None, None,
                                                _sizes(line), number, line.truncated)))
 
     def _response_code(self, code: str, cut: bool) -> None:
