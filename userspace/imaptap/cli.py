@@ -51,34 +51,24 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see imaptap --help)")
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {value!r}") from None
-    if not 1 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range 1-65535: {port}")
-    return port
+def _int_in(what: str, low: int, high: int):
+    """An argparse type: a whole number from ``low`` to ``high``, else a one-line error."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value, 10)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {what}: {value!r}") from None
+        if not low <= n <= high:
+            raise argparse.ArgumentTypeError(f"{what} out of range {low}-{high}: {n}")
+        return n
+
+    return parse
 
 
-def _snaplen(value: str) -> int:
-    try:
-        n = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a snap length: {value!r}") from None
-    if not 1 <= n <= MAX_SNAPLEN:
-        raise argparse.ArgumentTypeError(f"snap length out of range 1-{MAX_SNAPLEN}: {n}")
-    return n
-
-
-def _taillen(value: str) -> int:
-    try:
-        n = int(value, 10)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a tail length: {value!r}") from None
-    if not 0 <= n <= MAX_SNAPLEN:
-        raise argparse.ArgumentTypeError(f"tail length out of range 0-{MAX_SNAPLEN}: {n}")
-    return n
+_port = _int_in("port", 1, 65535)
+_snaplen = _int_in("snap length", 1, MAX_SNAPLEN)
+_taillen = _int_in("tail length", 0, MAX_SNAPLEN)
 
 
 def _positive(value: str) -> float:

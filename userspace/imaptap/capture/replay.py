@@ -294,6 +294,7 @@ class _PcapReader(CaptureReader):
                     else:
                         _count_skip(stats, p)
                     continue
+                # the same steps as CaptureReader._segments, with flow_key() inlined
                 version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
                 payload, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
                                     payload, wire_len)
