@@ -17,7 +17,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import textwrap
 import time
 from dataclasses import dataclass, field

@@ -232,7 +232,6 @@ def test_compress_is_inflated_when_whole_payloads_are_copied():
 
 def test_compress_without_whole_payloads_prints_no_deflate_bytes():
     # A capture that kept only prefixes, e.g. tcpdump -s 64: nothing after COMPRESS can be read.
-    from imaptap.segment import PayloadPolicy
     from imaptap.testing import Analysis
     from imaptap.flows import FlowTable
     from imaptap.output.jsonl import flow_record, message_record
