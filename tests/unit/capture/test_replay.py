@@ -347,7 +347,7 @@ def test_pcapng_cut_in_the_section_header(tmp_path):
 
 
 def test_header_only_files_are_empty_captures_not_errors(tmp_path):
-    assert replay(write_pcap(tmp_path / "none.pcap", [])) == ([], ReplayStats(link_type="EN10MB"))
+    assert replay(write_pcap(tmp_path / "none.pcap", [])) == ([], ReplayStats(link_type="EN10MB", position=24))
     path = tmp_path / "none.pcapng"
     path.write_bytes(bytes(SectionHeaderBlockLE()) + idb(1))
     assert replay(path)[0] == []
@@ -429,3 +429,12 @@ def test_suricata_asymmetric_capture_is_server_to_client_only(tmp_path):
     assert (len(segs), stats.pure_acks) == (136, 3)
     assert {s.sport for s in segs} == {143}
     assert {(s.src, s.dst) for s in segs} == {("123.125.50.47", "10.0.1.150")}
+
+
+@pytest.mark.parametrize("name", ["ndpi/imap.pcap", "ndpi/imaps.pcap"])
+def test_position_reaches_the_file_size(name):
+    path = public(name)
+    stats = ReplayStats()
+    reader = open_capture(path)
+    list(reader.segments(None, PayloadPolicy(), stats))
+    assert stats.position == os.path.getsize(path)

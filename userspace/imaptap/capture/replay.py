@@ -118,6 +118,8 @@ class ReplayStats:
     """Segments without payload, SYN, FIN or RST: skipped, as the kernel program skips them."""
     segments: int = 0
     """Segments yielded."""
+    position: int = 0
+    """File offset read up to (a progress bar divides it by the file size)."""
 
 
 # tuple.__new__ builds a Segment without the NamedTuple's Python-level __new__.
@@ -301,6 +303,7 @@ class _PcapReader(CaptureReader):
                 stats.segments += 1
                 yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
                                             wire_len, payload, 0, tail))
+            stats.position = base + off
             if end_of_file:
                 if off < n:
                     what = "record header" if n - off < record_len else "record"
@@ -421,6 +424,7 @@ class _PcapngReader(CaptureReader):
         ts = 0.0
         order = ""
         for btype, pos, block in self._blocks():
+            stats.position = pos + len(block)
             if btype not in PACKET_BLOCKS:
                 if btype == BT_IDB:
                     stats.link_type = self._link_names()

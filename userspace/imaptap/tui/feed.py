@@ -198,7 +198,7 @@ class ReplaySource(Source):
         return self.reader.segments(set(self.ports), self.policy, self.stats)
 
     def progress(self) -> tuple[int | None, int | None]:
-        return self.stats.bytes, self.size
+        return self.stats.position, self.size
 
     def totals(self) -> dict[str, Any]:
         return dataclasses.asdict(self.stats)
