@@ -177,3 +177,12 @@ def test_column_widths_fill_the_width_then_shrink_then_drop():
     narrow = dict(zip((c.key for c in FLOW_COLUMNS), fit_widths(FLOW_COLUMNS, 90)))
     assert narrow["software"] == narrow["latency"] == narrow["last"] == 0  # dropped first
     assert narrow["state"] >= 12 and narrow["user"] >= 8 and narrow["failed"] == 4
+
+
+def test_literal_sizes_are_shown_once():
+    base = {"ts": 1.0, "from": "client", "kind": "request", "tag": "a2", "command": "APPEND",
+            "status": None, "code": None, "text": None, "latency_ms": None}
+    append = display.message_cells({**base, "args": "INBOX {3120}", "literals": [3120]}, 0.0)
+    assert " ".join(c.plain for c in append).count("{3120}") == 1
+    login = display.message_cells({**base, "command": "LOGIN", "args": "carol ***", "literals": [5, 13]}, 0.0)
+    assert "{5} {13}" in " ".join(c.plain for c in login)

@@ -436,8 +436,13 @@ def message_cells(rec: dict[str, Any], first_ts: float) -> list[Text]:
         add(Text.assemble(("[", "dim"), safe(rec["code"], "cyan"), ("]", "dim")))
     if rec["text"] is not None:
         add(safe(rec["text"]))
-    if rec.get("literals"):
-        add(Text(" ".join(f"{{{n}}}" for n in rec["literals"]), style="dim"))
+    literals = rec.get("literals")
+    if literals:
+        # Sizes the arguments do not already show (a masked LOGIN hides its {n} markers).
+        shown = rec["args"] or ""
+        hidden = [n for n in literals if f"{{{n}}}" not in shown and f"{{{n}+}}" not in shown]
+        if hidden:
+            add(Text(" ".join(f"{{{n}}}" for n in hidden), style="dim"))
     if rec.get("truncated"):
         add(Text("(cut at the snap length)", style="yellow"))
     status = rec["status"]
