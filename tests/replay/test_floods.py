@@ -154,3 +154,51 @@ def test_invalid_utf8_in_commands(flood, tmp_path):
     assert f["username"] == "alice" and f["login_ok"] is True
     # not valid modified UTF-7 nor UTF-8: shown with every byte escaped, nothing dropped
     assert f["mailboxes"] == ["In\\xffbox\\xc3"]
+
+
+#: State one flow may hold however hostile its commands: 32,768 flows (the default cap) then
+#: stay within 1 GB.  An idle flow costs ~4.8 KB (scripts/bench-flood).
+FLOW_STATE_BOUND = 32 << 10
+
+
+def flow_state_bytes(client_lines: list[bytes], snaplen: int) -> int:
+    """Python heap bytes one open flow holds after the client sends ``client_lines``."""
+    import tracemalloc
+
+    from imaptap.flows import FlowTable
+    from imaptap.segment import PayloadPolicy
+    from imaptap.testing import conversation, replay_cut
+
+    policy = PayloadPolicy(snaplen, 128)
+    segs = list(replay_cut(conversation([("s", b"* OK ready\r\n")] + [("c", x) for x in client_lines], close=False),
+                           policy))
+    table = FlowTable({143}, policy)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        for s in segs:
+            table.add(s)
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    assert len(table.flows) == 1
+    return sum(d.size_diff for d in after.compare_to(before, "filename"))
+
+
+# Per-flow caps (MAX_PENDING 256 tags, MAX_MAILBOXES 1000 names) hold whole tags and names, up
+# to LINE_CAP each: measured 4.1 MB per flow of pending 16,000-byte tags and 16 MB of
+# 16,000-byte mailbox names at -s 65535 (105 KB and 324 KB at the default -s 256), times
+# 32,768 flows.  Open until the session caps what it keeps by bytes, not only by count.
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="pending tags are kept whole: MAX_PENDING x LINE_CAP per flow")
+@pytest.mark.parametrize("snaplen, size", [(256, 200), (65535, 16_000)])
+def test_one_flow_of_long_tags_stays_small(snaplen, size):
+    lines = [b"t%05d" % i + b"x" * size + b" NOOP\r\n" for i in range(300)]
+    assert flow_state_bytes(lines, snaplen) < FLOW_STATE_BOUND
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="mailbox names are kept whole: MAX_MAILBOXES x LINE_CAP per flow")
+@pytest.mark.parametrize("snaplen, size", [(256, 200), (65535, 16_000)])
+def test_one_flow_of_long_mailbox_names_stays_small(snaplen, size):
+    # 40 are enough to pass the bound; the tokenizer walks a 16,000-byte atom in Python (~2 ms)
+    lines = [b"a%d SELECT %05d%s\r\n" % (i, i, b"m" * size) for i in range(40 if size > 1000 else 300)]
+    assert flow_state_bytes(lines, snaplen) < FLOW_STATE_BOUND
