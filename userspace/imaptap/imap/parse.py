@@ -269,7 +269,7 @@ def capability_list(words: bytes | str, drop_last: bool = False) -> list[str]:
     """
     if isinstance(words, bytes):
         words = words.decode("latin-1")
-    caps = [w.upper() for w in words.split() if w]
+    caps = [w.upper()[:MAX_CAPABILITY] for w in words.split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES] if w]
     if drop_last and caps:
         caps.pop()
     return caps
@@ -331,8 +331,11 @@ CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
 
 #: Field/value pairs kept from one ID list (RFC 2971 allows 30).
 MAX_ID_FIELDS = 30
-#: Characters kept of one ID value (RFC 2971 caps values at 1024 octets).
-MAX_ID_VALUE = 1024
+#: Characters kept of one ID value (RFC 2971 allows 1024 octets; real ones are short).
+MAX_ID_VALUE = 256
+#: Capability names kept from one list, and characters kept of each.
+MAX_CAPABILITIES = 128
+MAX_CAPABILITY = 64
 
 
 def id_params(toks: list) -> dict[str, str | None] | None:

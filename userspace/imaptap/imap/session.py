@@ -9,6 +9,7 @@ the outcome, and never keeps a password or a SASL response in anything it output
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -23,9 +24,19 @@ from imaptap.segment import PayloadMode
 #: Characters of arguments or response text shown per message; the rest is cut with "…".
 DISPLAY_CAP = 512
 #: Requests waiting for their tagged completion; a client that never gets answers cannot grow it.
-MAX_PENDING = 256
-#: SELECT/EXAMINE targets kept per flow, in order.
-MAX_MAILBOXES = 1000
+MAX_PENDING = 64
+#: Characters of SELECT/EXAMINE targets kept per flow, in order; later ones are counted in
+#: ``mailboxes_dropped``.  Every per-flow store has such a bound, so that a hostile client
+#: cannot make one flow hold more than a few tens of KB (MAX_FLOWS of them must fit in memory).
+MAILBOX_BUDGET = 4096
+#: Characters kept of one mailbox name.
+MAX_MAILBOX_NAME = 256
+#: Longest tag kept as it is; a longer one is kept as its start and a hash (still matched).
+MAX_TAG = 64
+#: Distinct command names counted per flow; further names are counted as "OTHER".
+MAX_COMMAND_NAMES = 64
+#: Longest command name taken as a command at all.
+MAX_COMMAND_NAME = 32
 #: Characters kept of a user name.
 MAX_USERNAME = 256
 #: Characters kept of the server software string.
@@ -116,6 +127,13 @@ _UNTAGGED_DATA = frozenset(
 )
 
 
+def _tag(raw: bytes) -> str:
+    """A tag as kept and shown: whole up to MAX_TAG, else its start and a hash of all of it."""
+    if len(raw) <= MAX_TAG:
+        return raw.decode("latin-1")
+    return raw[: MAX_TAG - 17].decode("latin-1") + "~" + hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
 def _sizes(line: RawLine) -> tuple[int, ...]:
     return tuple(lit.size for lit in line.literals) if line.literals else ()
 
@@ -197,6 +215,8 @@ class ImapSession:
         self.client_id: dict[str, str | None] | None = None
         self.server_id: dict[str, str | None] | None = None
         self.mailboxes: list[str] = []
+        self.mailboxes_dropped = 0
+        self._mailbox_chars = 0
         self.commands: Counter[str] = Counter()
         self.statuses: Counter[str] = Counter()
         self.anomalies: Counter[str] = Counter()
@@ -281,11 +301,17 @@ class ImapSession:
             # middle, or mail text after a capture gap.  Counted, never shown.
             self._anomaly("bad_request")
             return
-        tag = tag_b.decode("ascii")
+        if len(cmd) > MAX_COMMAND_NAME:
+            self._anomaly("bad_request")
+            return
+        tag = _tag(tag_b)
         known = cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID ") or cmd.startswith("X")
         if cmd in parse.KNOWN_COMMANDS:
             self.is_imap = True
-        self.commands[cmd] += 1
+        if cmd in self.commands or len(self.commands) < MAX_COMMAND_NAMES:
+            self.commands[cmd] += 1
+        else:
+            self.commands["OTHER"] += 1
         self.last_command = cmd
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
@@ -314,8 +340,8 @@ class ImapSession:
             elif cmd in ("SELECT", "EXAMINE"):
                 toks = parse.tokens(line, 0, argpos)
                 raw = parse.astring(toks[0]) if toks else None
-                if raw is not None and len(self.mailboxes) < MAX_MAILBOXES:
-                    self.mailboxes.append(parse.decode_mailbox(raw))
+                if raw is not None:
+                    self._mailbox(parse.decode_mailbox(raw))
             elif cmd == "ID":
                 self.client_id = parse.id_params(parse.tokens(line, 0, argpos))
             elif cmd == "IDLE":
@@ -324,6 +350,15 @@ class ImapSession:
         if self.on_message is not None:
             self.on_message(_message(Message, (self.now, Side.CLIENT, Kind.REQUEST, tag, cmd, args, None, None,
                                                None, None, _sizes(line), None, line.truncated)))
+
+    def _mailbox(self, name: str) -> None:
+        if len(name) > MAX_MAILBOX_NAME:
+            name = name[:MAX_MAILBOX_NAME] + "…"
+        if self._mailbox_chars + len(name) > MAILBOX_BUDGET:
+            self.mailboxes_dropped += 1
+            return
+        self._mailbox_chars += len(name)
+        self.mailboxes.append(name)
 
     def _display_args(self, line: RawLine, argpos: int) -> str | None:
         raw = line.chunks[0][argpos:]
@@ -409,7 +444,7 @@ class ImapSession:
             self._anomaly("bad_response")
             return
         self.is_imap = True
-        tag = tag_b.decode("latin-1")
+        tag = _tag(tag_b)
         code, rest_text = parse.split_resp_text(after)
         if code is not None:
             self._response_code(code, line.truncated and not rest_text)

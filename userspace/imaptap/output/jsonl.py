@@ -86,6 +86,7 @@ def flow_record(flow: Flow) -> dict[str, Any]:
         "client_id": s.client_id,
         "server_id": s.server_id,
         "mailboxes": s.mailboxes,
+        "mailboxes_dropped": s.mailboxes_dropped,
         "idles": s.idles,
         "commands": dict(s.commands),
         "statuses": dict(s.statuses),
