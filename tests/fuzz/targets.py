@@ -20,7 +20,10 @@ from imaptap.flows import FlowTable  # noqa: E402
 from imaptap.imap.parse import LITERAL_KEEP  # noqa: E402
 from imaptap.imap.session import (  # noqa: E402
     DISPLAY_CAP,
-    MAX_MAILBOXES,
+    MAILBOX_BUDGET,
+    MAX_COMMAND_NAMES,
+    MAX_MAILBOX_NAME,
+    MAX_TAG,
     MAX_PENDING,
     MAX_USERNAME,
     ImapSession,
@@ -68,7 +71,10 @@ def _check_session(session) -> None:
     _check_stream(session.client)
     _check_stream(session.server)
     assert len(session._pending) <= MAX_PENDING
-    assert len(session.mailboxes) <= MAX_MAILBOXES
+    assert sum(len(m) for m in session.mailboxes) <= MAILBOX_BUDGET
+    assert all(len(m) <= MAX_MAILBOX_NAME + 1 for m in session.mailboxes)
+    assert all(len(t) <= MAX_TAG for t in session._pending)
+    assert len(session.commands) <= MAX_COMMAND_NAMES + 1
     assert session.username is None or len(session.username) <= MAX_USERNAME
 
 

@@ -7,8 +7,10 @@ one test's figure never includes another's.  scripts/bench-flood runs the full-s
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from testenv import ROOT
@@ -200,3 +202,27 @@ def test_one_flow_of_long_mailbox_names_stays_small(snaplen, size):
     # 40 are enough to pass the bound; the tokenizer walks a 16,000-byte atom in Python (~2 ms)
     lines = [b"a%d SELECT %05d%s\r\n" % (i, i, b"m" * size) for i in range(40 if size > 1000 else 300)]
     assert flow_state_bytes(lines, snaplen) < FLOW_STATE_BOUND
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_during_replay_reports_every_flow_seen_and_exits_0(flood, tmp_path, signum):
+    path = flood("sessions", "-n", "50000")
+    out = tmp_path / "out.jsonl"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
+    proc = subprocess.Popen([sys.executable, "-m", "imaptap", "-r", path, "--json", str(out)],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    deadline = time.monotonic() + 60
+    while (not out.exists() or out.stat().st_size < 100_000) and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the replay is well under way
+    assert proc.poll() is None, "the replay ended before the signal could be sent"
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in err
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    stats = records[-1]
+    assert stats["type"] == "stats" and stats["stopped_by_signal"] is True
+    flows = [r for r in records if r["type"] == "flow"]
+    # stopped part-way, and every flow it had seen is reported once, including the open ones
+    assert 0 < len(flows) < 50_000 and len(flows) == stats["flows"]
+    assert len({f["flow"] for f in flows}) == len(flows)

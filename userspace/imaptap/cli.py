@@ -119,12 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _Stop(Exception):
-    """Raised from a signal handler to end the capture cleanly."""
+#: The signals received, in order.  The handler only records them and the capture loops look
+#: after each segment: an exception raised wherever the signal lands could leave a flow counted
+#: but never reported (between its creation and its entry in the table).
+_stop: list[int] = []
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    raise _Stop(signum)
+    _stop.append(signum)
 
 
 def _open_output(path: str) -> tuple[IO[str], bool]:
@@ -140,6 +142,8 @@ def _run(segments: Iterable[Segment], table: FlowTable) -> None:
     add = table.add
     for seg in segments:
         add(seg)
+        if _stop:
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +201,9 @@ def _main(args: argparse.Namespace) -> int:
         max_flows=args.max_flows,
         idle_timeout=args.idle_timeout,
     )
-    old = {s: signal.signal(s, _on_signal) for s in (signal.SIGTERM, signal.SIGHUP)}
+    _stop.clear()
+    stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, _on_signal) for s in stop_signals}
     error: str | None = None
     started = time.monotonic()
     source_stats: dict[str, object] = {}
@@ -206,12 +212,15 @@ def _main(args: argparse.Namespace) -> int:
             error = _replay(args.read, ports, PayloadPolicy(args.snaplen, args.tail), table, source_stats)
         else:
             error = _live(args, ports, table, source_stats)
-    except (KeyboardInterrupt, _Stop):
-        source_stats["stopped_by_signal"] = True
+    except KeyboardInterrupt:  # before the handlers were in place
+        _stop.append(signal.SIGINT)
     finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-        # Everything seen so far is reported, whatever stopped the input.
+        if _stop:
+            source_stats["stopped_by_signal"] = True
+        # Everything seen so far is reported, whatever stopped the input; a second signal
+        # must not cut that short, so they wait until it is written.
+        for s in stop_signals:
+            signal.signal(s, signal.SIG_IGN)
         table.close_all("end")
         record = {"source": args.read or ",".join(args.interface or []) or "live"}
         record.update(source_stats)
@@ -223,6 +232,8 @@ def _main(args: argparse.Namespace) -> int:
         writer.flush()
         if close_out:
             out.close()
+        for s, h in old.items():
+            signal.signal(s, h)
     if error:
         print(f"imaptap: {error}", file=sys.stderr)
         return EXIT_USAGE
@@ -279,14 +290,12 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
         with capture:
             for note in capture.notes:
                 print(f"imaptap: {note}", file=sys.stderr)
-            while True:
+            while not _stop:
                 for seg in capture.poll(200):
                     add(seg)
                 table.expire(time.time())
     except live.LiveError as exc:
         error = str(exc)
-    except (KeyboardInterrupt, _Stop):
-        stats_out["stopped_by_signal"] = True
     finally:
         # What the kernel had delivered before the programs were detached is still analysed.
         for seg in capture.poll(0):
