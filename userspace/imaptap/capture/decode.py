@@ -30,6 +30,8 @@ import struct
 from collections.abc import Callable, Collection
 from typing import NamedTuple
 
+from imaptap.segment import TcpFlag
+
 
 class Skip(enum.IntEnum):
     """Why a packet gave no TCP segment; the replay counts each reason."""
@@ -159,7 +161,7 @@ OTHER_PORT = Skip.OTHER_PORT
 UNDECODABLE = Skip.UNDECODABLE
 EMPTY = Skip.EMPTY
 #: SYN, FIN and RST: the flags that drive a flow's life cycle even without payload.
-_LIFECYCLE = 0x07
+_LIFECYCLE = int(TcpFlag.SYN | TcpFlag.FIN | TcpFlag.RST)
 
 
 def _tcp_packet(buf: bytes, off: int, ip_end: int, version: int, addr: int) -> Decoded:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import socket
 import struct
 
+from imaptap.capture.decode import IPPROTO_TCP, IPV4_MIN_LEN, IPV6_LEN, TCP_MIN_LEN
 from imaptap.segment import Segment
 
 #: LINKTYPE_RAW: the record starts with the IP header.
@@ -27,10 +28,11 @@ _PCAP_MAGIC = 0xA1B2C3D4
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _IPV6 = struct.Struct("!IHBB16s16s")
 _TCP = struct.Struct("!HHIIBBHHH")
-_TCP_HEADER = 20
-_IPV4_HEADER = 20
-_IPV6_HEADER = 40
-_PROTO_TCP = 6
+# the headers written are the smallest ones, as the reader defines them
+_TCP_HEADER = TCP_MIN_LEN
+_IPV4_HEADER = IPV4_MIN_LEN
+_IPV6_HEADER = IPV6_LEN
+_PROTO_TCP = IPPROTO_TCP
 _TTL = 64
 _WINDOW = 65535
 
