@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
 from livelab import ROOT
 
 FACTS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
@@ -70,6 +72,15 @@ def wait_attached(proc: subprocess.Popen, ifname: str) -> None:
         assert time.monotonic() < deadline, "imaptap did not attach in time"
         time.sleep(0.2)
     time.sleep(0.5)  # the XDP program goes on after the TC filter
+
+
+def assert_dropped(pid: int) -> None:
+    """The process runs as nobody with only CAP_NET_ADMIN and CAP_BPF, and no way back."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+    assert status["Uid"].split() == ["65534"] * 4
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 1 << 12 | 1 << 39
+    assert int(status["CapBnd"], 16) == 1 << 12 | 1 << 39
+    assert status["NoNewPrivs"].strip() == "1"
 
 
 def sessions(lab) -> dict[str, str]:
@@ -124,6 +135,7 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
                             env=env())
     try:
         wait_attached(proc, lab.host_if)
+        assert_dropped(proc.pid)
         with lab.capture(pcap):
             passwords = sessions(lab)
             time.sleep(1.0)
@@ -140,6 +152,8 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
     stats = records[-1]
     assert stats["type"] == "stats" and stats["stopped_by_signal"] is True
     assert stats["lost"] == 0 and stats["submitted"] > 0
+    # after the drop to nobody, the kernel still learnt of the STARTTLS flow (see below)
+    assert stats["user"] == "nobody" and stats["policy_errors"] == 0
     live_flows = sorted((r for r in records if r["type"] == "flow"), key=lambda f: f["first_ts"])
     by_user = {f["username"]: f for f in live_flows if f["username"]}
 
@@ -174,3 +188,36 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
     keys = ("username", "auth_mechanism", "mailboxes", "starttls")
     assert [{k: f[k] for k in keys} for f in written_flows] == [{k: f[k] for k in keys} for f in live_flows]
     assert stats["written"] == stats["received"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_flush_open_flows_and_detach(lab, tmp_path, signum):
+    out = tmp_path / "live.jsonl"
+    proc = subprocess.Popen(imaptap_cmd("-i", lab.host_if, "--json", str(out)), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env())
+    try:
+        wait_attached(proc, lab.host_if)
+        done = imaplib.IMAP4(lab.server4, 143, timeout=30)
+        done.login("bob", lab.users["bob"])
+        done.logout()
+        still_open = imaplib.IMAP4(lab.server4, 143, timeout=30)  # open when the signal comes
+        still_open.login("alice", lab.users["alice"])
+        still_open.select("INBOX")
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=60)
+    try:
+        still_open.logout()
+    except (OSError, imaplib.IMAP4.error):
+        pass
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not attached(lab.host_if)
+    assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    flows = {f["username"]: f for f in records if f["type"] == "flow"}
+    assert set(flows) == {"alice", "bob"}
+    assert flows["bob"]["end"] in ("fin", "rst") and flows["alice"]["end"] == "end"
+    assert flows["alice"]["mailboxes"] == ["INBOX"] and flows["alice"]["login_ok"]
+    assert records[-1]["type"] == "stats" and records[-1]["stopped_by_signal"] is True

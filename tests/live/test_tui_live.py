@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import imaplib
+import os
 import subprocess
 import sys
 import threading
@@ -15,10 +16,29 @@ from test_terminal import run_on_terminal  # noqa: E402
 
 from test_cli_live import attached, env, imaptap_cmd  # noqa: E402
 
+KEPT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF
+
+
+def thread_status(iface: str) -> list[dict[str, str]]:
+    """/proc status of every thread of the imaptap process capturing on ``iface``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if b"imaptap" not in cmd or iface.encode() not in cmd or int(pid) == os.getpid():
+                continue
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                text = open(f"/proc/{pid}/task/{tid}/status").read()
+                out.append(dict(line.split(":", 1) for line in text.splitlines()))
+        except OSError:
+            continue
+    return out
+
 
 def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
     written = tmp_path / "tui.pcap"
     failures: list[BaseException] = []
+    threads: list[dict[str, str]] = []
 
     def client() -> None:
         try:
@@ -31,6 +51,7 @@ def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
             imap.login("alice", lab.users["alice"])
             imap.select("INBOX")
             imap.logout()
+            threads.extend(thread_status(lab.host_if))
         except BaseException as exc:  # reported by the test thread
             failures.append(exc)
 
@@ -42,6 +63,11 @@ def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
     finally:
         thread.join()
     assert not failures, failures
+    # Attached, the TUI runs as nobody: the worker thread that will detach keeps CAP_NET_ADMIN
+    # and CAP_BPF, every other thread lost all of its capabilities with the change of user.
+    assert threads and all(t["Uid"].split() == ["65534"] * 4 for t in threads)
+    caps = sorted(int(t["CapEff"], 16) for t in threads)
+    assert caps[-1] == KEPT and set(caps) <= {0, KEPT}
     assert status == 0
     assert b"alice" in out and b"IMAP LOGIN (" in out  # styled words, so not one run of bytes
     assert lab.users["alice"].encode() not in out

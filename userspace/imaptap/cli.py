@@ -42,6 +42,10 @@ exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
 """
 
 
+#: -Z's default, as privileges.DEFAULT_USER (not imported here: replay must start fast).
+DEFAULT_USER = "nobody"
+
+
 class UsageError(Exception):
     """A user mistake: printed as one line, exit status 2."""
 
@@ -115,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     live.add_argument("--xdp-mode", choices=("native", "skb"),
                       help="XDP attach mode (default: native where the driver has it, else skb)")
     live.add_argument("--no-xdp", action="store_true", help="use TC for ingress too")
+    live.add_argument("-Z", "--user", default=DEFAULT_USER, metavar="USER",
+                      help="once attached, run as USER with only the capabilities still needed"
+                           f" (default {DEFAULT_USER}; 'root' keeps every privilege)")
     p.add_argument("-V", "--version", action="version", version=f"imaptap {__version__}")
     return p
 
@@ -177,6 +184,13 @@ def _main(args: argparse.Namespace) -> int:
     if args.max_flows < 1:
         raise UsageError(f"--max-flows must be at least 1: {args.max_flows}")
     ports = frozenset(args.port or [IMAP_PORT])
+    if not args.read:
+        from imaptap.privileges import PrivilegeError, lookup
+
+        try:
+            lookup(args.user)
+        except PrivilegeError as exc:
+            raise UsageError(f"-Z: {exc}") from None
 
     json_path = args.json
     if json_path is None and not sys.stdout.isatty():
@@ -267,7 +281,7 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
     try:
         interfaces = args.interface or [live.default_interface()]
         capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                                   use_xdp=not args.no_xdp, taillen=args.tail)
+                                   use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
     except live.LiveError as exc:
         return str(exc)
     table.policy = capture.policy
@@ -301,6 +315,9 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
         for seg in capture.poll(0):
             add(seg)
         stats_out.update(capture.counters())
+        if capture.privileges is not None:
+            stats_out["user"] = capture.privileges.user
+            stats_out["capabilities"] = capture.privileges.capabilities
         if writer is not None:
             writer.close()
             stats_out["written"] = writer.records

@@ -506,7 +506,7 @@ class LiveCapture:
     def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
                  taillen: int = DEFAULT_TAILLEN, buffer_bytes: int | None = None,
-                 output: str | None = None) -> None:
+                 output: str | None = None, user: str | None = None) -> None:
         """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
         (see `segment.split_payload`).  ``buffer_bytes``: ring buffer size (rounded up to a
         power-of-two number of pages; default RING_PAGES pages), like tcpdump's -B: room for
@@ -540,6 +540,9 @@ class LiveCapture:
         else:
             self.ring_pages = 1 << (-(-buffer_bytes // page) - 1).bit_length()
         self.policy = KernelPayloadPolicy(snaplen, taillen)
+        self.user = user
+        self.privileges = None
+        """`privileges.Dropped` once ``user`` was applied."""
         self.notes: list[str] = []
         """Things the user should know about how the capture runs (fallbacks taken)."""
         self.ringbuf = True
@@ -614,6 +617,8 @@ class LiveCapture:
                 self._remove_stale(stale)
                 self._attach(indexes)
                 self._active = True
+            if self.user is not None:
+                self._drop_privileges()
         except BaseException:
             try:
                 self.close()
@@ -621,6 +626,16 @@ class LiveCapture:
                 pass  # the original error matters more
             raise
         return self
+
+    def _drop_privileges(self) -> None:
+        from imaptap import privileges
+
+        try:
+            self.privileges = privileges.drop(self.user)
+        except (privileges.PrivilegeError, OSError) as exc:
+            raise LiveError(f"cannot drop privileges to {self.user}: {exc}") from None
+        if self.privileges.note:
+            self.notes.append(self.privileges.note)
 
     def max_copy(self) -> int:
         """Most payload bytes one record carries: WHOLE mode is cut to it, snap + tail length may not exceed it."""

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
         try:
             interfaces = args.interface or [live.default_interface()]
             capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                                       use_xdp=not args.no_xdp, taillen=args.tail)
+                                       use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
         except live.LiveError as exc:
             print(f"imaptap: {exc}", file=sys.stderr)
             return 2

@@ -1,0 +1,98 @@
+"""Dropping root after attach (imaptap.privileges), in child processes: a drop cannot be undone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from testenv import ROOT
+
+from imaptap import privileges
+
+KEPT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF
+CHILD = """
+import json, sys
+from imaptap import privileges
+dropped = privileges.drop(sys.argv[1])
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines())
+import email.parser  # a module imported only after the drop still loads
+print(json.dumps({"dropped": dropped._asdict(), "status": {k: v.strip() for k, v in status.items()}}))
+"""
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+
+
+def child(user: str, pythonpath: str) -> dict:
+    r = subprocess.run([sys.executable, "-c", CHILD, user], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=pythonpath), cwd="/")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@needs_root
+def test_drop_to_nobody_keeps_only_what_detaching_needs():
+    got = child("nobody", os.path.join(ROOT, "userspace"))
+    status = got["status"]
+    assert got["dropped"] == {"user": "nobody", "capabilities": ["CAP_NET_ADMIN", "CAP_BPF"], "note": None}
+    assert status["Uid"].split() == status["Gid"].split() == ["65534"] * 4
+    assert status["Groups"] == ""
+    for kind in ("CapEff", "CapPrm", "CapBnd"):
+        assert int(status[kind], 16) == KEPT, kind
+    assert int(status["CapInh"], 16) == int(status["CapAmb"], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+
+
+@needs_root
+def test_root_asked_keeps_everything():
+    got = child("root", os.path.join(ROOT, "userspace"))
+    assert got["dropped"]["capabilities"] is None
+    assert got["status"]["Uid"].split() == ["0"] * 4 and got["status"]["NoNewPrivs"] == "0"
+
+
+@needs_root
+def test_a_user_who_cannot_read_the_modules_leaves_root_with_no_capabilities_to_spare(tmp_path):
+    hidden = tmp_path / "private"
+    shutil.copytree(os.path.join(ROOT, "userspace", "imaptap"), hidden / "imaptap")
+    hidden.chmod(0o700)  # like a virtualenv under /root: nobody may not enter
+    got = child("nobody", str(hidden))
+    assert got["dropped"]["user"] == "root" and "nobody cannot read" in got["dropped"]["note"]
+    status = got["status"]
+    assert status["Uid"].split() == ["0"] * 4
+    assert int(status["CapEff"], 16) == int(status["CapBnd"], 16) == KEPT
+    assert status["NoNewPrivs"] == "1"
+
+
+def test_unknown_user():
+    with pytest.raises(privileges.PrivilegeError, match="no such user: nosuchuser-imaptap"):
+        privileges.lookup("nosuchuser-imaptap")
+    assert privileges.lookup("0").pw_name == "root"
+
+
+@needs_root
+def test_reachability_follows_mode_bits():
+    base = Path(tempfile.mkdtemp(prefix="imaptap-modes-", dir="/tmp"))  # pytest's tmp_path is 0700
+    try:
+        check_modes(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def check_modes(tmp_path: Path) -> None:
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    os.chmod(tmp_path, 0o755)
+    nobody = privileges.lookup("nobody")
+    assert privileges._can_enter(str(inner), nobody.pw_uid, {nobody.pw_gid}, 5)
+    (tmp_path / "a").chmod(0o750)  # searchable by its group only
+    assert not privileges._can_enter(str(inner), nobody.pw_uid, {nobody.pw_gid}, 5)
+    os.chown(tmp_path / "a", 0, nobody.pw_gid)
+    assert privileges._can_enter(str(inner), nobody.pw_uid, {nobody.pw_gid}, 5)
+    inner.chmod(0o711)  # enterable, not listable
+    assert not privileges._can_enter(str(inner), nobody.pw_uid, {nobody.pw_gid}, 5)
