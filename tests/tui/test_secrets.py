@@ -1,0 +1,94 @@
+"""No password or SASL credential in any output: JSON, stderr, and everything the TUI draws.
+
+Every capture of pcaps/ (each with the secrets its session used, from facts.json) and every
+public one with a login in it goes through the command line (JSON, flows only, stderr; with
+the kernel's cut and whole) and through the TUI: the flow table, the details and the timeline
+of every flow as drawn, the status line, and the cells of every message, scrolled into view
+or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+import pytest
+from harness import OWN_PCAPS, PUBLIC_PCAPS, SIZE, frozen, settle
+
+from imaptap.output.jsonl import message_record
+from imaptap.tui import display
+from imaptap.tui.app import ImaptapApp
+from imaptap.tui.feed import Feed, ReplaySource
+
+FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
+#: Public captures with a login, and its password (the rest have none to leak).
+PUBLIC = {"ndpi/imap.pcap": ["pfres"], "arkime/imap.pcap": ["XXXXXX"],
+          "suricata-verify/imap-detection.pcap": ["XXXXXX"]}
+CAPTURES = [(os.path.join(OWN_PCAPS, name), spec["ports"], spec["secrets"]) for name, spec in sorted(FACTS.items())]
+CAPTURES += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets) for name, secrets in sorted(PUBLIC.items())]
+IDS = [os.path.basename(os.path.dirname(c[0])) + "/" + os.path.basename(c[0]) for c in CAPTURES]
+SNAPLENS = ("256", "65535")
+
+
+def assert_clean(text: str, secrets: list[str], where: str) -> None:
+    for secret in secrets:
+        assert secret not in text, f"{secret!r} in {where}"
+
+
+@pytest.mark.parametrize(("path", "ports", "secrets"), CAPTURES, ids=IDS)
+def test_command_line_outputs_hold_no_secret(imaptap, path, ports, secrets):
+    port_args = [a for p in ports for a in ("--port", str(p))]
+    for snap in SNAPLENS:
+        for extra in ((), ("--flows-only",)):
+            r = imaptap("-r", path, "--json", "-", "-s", snap, *port_args, *extra)
+            assert r.returncode == 0, r.stderr
+            assert r.flows, "the capture gave no flow: nothing was checked"
+            assert_clean(r.stdout, secrets, f"JSON -s {snap} {' '.join(extra)}")
+            assert_clean(r.stderr, secrets, "stderr")
+
+
+async def tui_text(path: str, ports: list[int], snaplen: int) -> str:
+    """Everything the TUI shows of a capture: each flow's row, details and timeline as drawn."""
+    app = ImaptapApp(Feed(ReplaySource(path, ports, snaplen), clock=frozen, wallclock=frozen))
+    seen = []
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot)
+        table = app.flows_table
+        rows = len(table.rows)
+        assert rows, "no flow shown: nothing was checked"
+        seen.append(app.query_one("#status").content.plain)
+        seen += [table.render_line(y).text for y in range(table.scrollable_content_region.height)]
+        await pilot.press("enter")
+        for i in range(rows):
+            await pilot.pause()
+            details = app.query_one("#details")
+            seen.append(str(details.border_title))
+            seen.append(_plain(app.query_one("#facts-body").content))
+            timeline = app.timeline
+            seen += [timeline.render_line(y).text for y in range(timeline.scrollable_content_region.height)]
+            entry = app.store.flows[app.detail_id]
+            for msg in entry.messages:  # rows not scrolled into view too
+                rec = message_record(entry.snap.ref, msg)
+                seen += [cell.plain for cell in display.message_cells(rec, entry.snap.record["first_ts"])]
+            if i + 1 < rows:
+                await pilot.press("down")
+        await pilot.press("q")
+    return "\n".join(seen)
+
+
+def _plain(renderable) -> str:
+    from rich.console import Console
+
+    with open(os.devnull, "w") as null:
+        console = Console(width=200, record=True, file=null)
+        console.print(renderable)
+        return console.export_text()
+
+
+@pytest.mark.parametrize("snaplen", [256, 65535])
+@pytest.mark.parametrize(("path", "ports", "secrets"), CAPTURES, ids=IDS)
+def test_the_tui_shows_no_secret(path, ports, secrets, snaplen):
+    text = asyncio.run(tui_text(path, ports, snaplen))
+    assert "LOGIN" in text or "AUTHENTICATE" in text or "STARTTLS" in text  # the logins were drawn
+    assert_clean(text, secrets, "the TUI")
