@@ -694,6 +694,32 @@ class Lab:
             raise LabError(f"unknown lab user {user!r}")
         self.doveadm("save", "-u", user, "-m", mailbox, input=message)
 
+    def syn_flood(self, count: int, port: int, pace: int = 2000) -> None:
+        """``count`` SYNs from ``count`` distinct addresses and ports of 198.18.0.0/15 (the
+        benchmarking range) to the lab's IPv4 address, sent into the host end of the veth, with a
+        20 ms pause after every ``pace`` of them so a shared 2-core machine keeps up.
+
+        Nothing leaves the veth: the namespace has no default route, so its answers to the
+        spoofed sources die inside it (checked before the first SYN).
+        """
+        routes = self.run_in_ns(["ip", "-4", "route"], capture_output=True).stdout.decode()
+        if "default" in routes:
+            raise LabError(f"the lab namespace has a default route ({routes!r}): no flood")
+        s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, self.host_if.encode())
+            dst = socket.inet_aton(self.server4)
+            for i in range(count):
+                src = struct.pack("!I", (198 << 24 | 18 << 16) + i % (1 << 17))
+                ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 0, 0x4000, 64, 6, 0, src, dst)
+                tcp = struct.pack("!HHIIBBHHH", 1024 + i % 60000, port, i * 7919 & 0xFFFFFFFF, 0, 0x50, 2,
+                                  65535, 0, 0)
+                s.sendto(ip + tcp, (self.server4, 0))
+                if i % pace == pace - 1:
+                    time.sleep(0.02)
+        finally:
+            s.close()
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         """The end of Dovecot's log and stderr, for error messages."""
         out = []
