@@ -79,3 +79,53 @@ def test_ten_thousand_flows_and_keys_still_answer():
             assert await timed("j") < KEY_BUDGET
 
     run(go())
+
+
+def syn_scan(n: int, t0: float) -> list:
+    """``n`` SYNs to port 143, each from its own address and port: n flows that never talk."""
+    from imaptap.segment import Segment, TcpFlag
+
+    return [Segment(t0 + i * 1e-5, 4, f"198.{18 + (i >> 16)}.{(i >> 8) & 255}.{i & 255}", "10.1.0.1",
+                    1024 + i % 60000, 143, i * 7919 & 0xFFFFFFFF, 0, int(TcpFlag.SYN), 0, b"")
+            for i in range(n)]
+
+
+def test_a_syn_flood_through_the_real_pipeline_leaves_the_ui_usable():
+    """100,000 SYNs (issue 5's flood), then one real login: the analyzer's table evicts past
+    --max-flows, the UI keeps a bounded number of rows, and the login is one filter away."""
+    from imaptap.tui.feed import MAX_ENDED_FLOWS
+
+    n, max_flows = 100_000, 32_768
+    segs = syn_scan(n, 1_700_000_000.0) + login("alice", 1, close=False, ts=1_700_000_010.0)
+
+    async def go():
+        source = SegmentsSource(segs, close_at_end=False)
+        feed = Feed(source, max_flows=max_flows, clock=lambda: 0.0, wallclock=lambda: 0.0)
+        from imaptap.tui.app import ImaptapApp
+
+        app = ImaptapApp(feed)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.capture_complete, timeout=120)
+            await pilot.pause()
+            table = app.flows_table
+            # open flows are bounded by --max-flows, the evicted ones the UI keeps by MAX_ENDED_FLOWS
+            assert table.row_count == max_flows + MAX_ENDED_FLOWS
+            # every flow the UI let go is counted where the user sees it
+            let_go = feed.table.stats.flows - table.row_count
+            assert app.store.evicted + feed.ended_dropped == let_go > 50_000
+            assert f"{let_go:,} old ended flows no longer kept" in app.query_one("#status").content.plain
+            app.query_one("#filter").value = "user:alice"
+            await pilot.pause()
+            assert table.row_count == 1
+            await pilot.press("enter")
+            assert app.detail_id is not None and app.store.flows[app.detail_id].snap.record["username"] == "alice"
+            await pilot.press("escape", "escape")
+            app.query_one("#filter").value = ""
+            await pilot.pause()
+            for keys in (("end",), ("s",), ("S",), ("home",)):
+                t0 = time.perf_counter()
+                await pilot.press(*keys)
+                assert time.perf_counter() - t0 < KEY_BUDGET, keys
+            await pilot.press("q")
+
+    run(go())

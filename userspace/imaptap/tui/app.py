@@ -369,8 +369,9 @@ class ImaptapApp(App[int]):
             for name in ("copy_failed", "malformed", "policy_errors"):
                 if c.get(name):
                     out.append(f" {name} {display.count(c[name])}", "bold red")
-        if self.store.evicted:
-            out.append(f" · {self.store.evicted:,} old ended flows no longer kept", "dim")
+        let_go = self.store.evicted + st.ended_dropped
+        if let_go:
+            out.append(f" · {let_go:,} old ended flows no longer kept", "dim")
         if self.capture_error:
             out.append(" · ")
             out.append_text(safe(self.capture_error, "bold red"))

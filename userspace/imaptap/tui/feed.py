@@ -110,6 +110,9 @@ class CaptureStatus:
     """When done: the same record as the JSON output's final ``stats`` line."""
     notes: tuple[str, ...] = ()
     """Things the user should know about how the capture runs (fallbacks taken)."""
+    ended_dropped: int = 0
+    """Ended flows the worker let go before the UI took them (over MAX_ENDED_FLOWS): under a
+    flood, most flows end this way, and the status line must say so."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,6 +310,8 @@ class Feed:
         self._messages: dict[int, list] = {}  # flow id -> [deque of Message, count]
         self._pending = 0  # messages in those deques
         self._gone: list[int] = []
+        self.ended_dropped = 0
+        """Ended flows let go in the worker (see `CaptureStatus.ended_dropped`)."""
         self._started = 0.0
         self._rate_mark = (0.0, 0)
         self._rate = 0.0
@@ -336,6 +341,7 @@ class Feed:
         if len(ended) > MAX_ENDED_FLOWS:
             old_id = next(iter(ended))
             _, old_shown = ended.pop(old_id)
+            self.ended_dropped += 1
             dropped = self._messages.pop(old_id, None)
             if dropped is not None:
                 self._pending -= len(dropped[0])
@@ -466,4 +472,5 @@ class Feed:
             error=self.error,
             totals=totals,
             notes=source.notes(),
+            ended_dropped=self.ended_dropped,
         )
