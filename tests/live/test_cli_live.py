@@ -183,6 +183,10 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
     again = subprocess.run(imaptap_cmd("-r", str(written), "--port", "143", "--port", "10143", "--json", "-",
                                        "--flows-only"), capture_output=True, text=True, env=env(), check=True)
     assert not any(password in again.stdout for password in passwords.values())
+    raw = written.read_bytes()  # the pcap itself: credentials blanked, user names kept
+    for user, password in passwords.items():
+        assert password.encode() not in raw
+        assert base64.b64encode(f"\0{user}\0{password}".encode()) not in raw
     written_flows = sorted((json.loads(line) for line in again.stdout.splitlines()), key=lambda r: r.get("first_ts", 0))
     written_flows = [f for f in written_flows if f["type"] == "flow"]
     keys = ("username", "auth_mechanism", "mailboxes", "starttls")

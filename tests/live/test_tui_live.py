@@ -75,3 +75,4 @@ def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
     replay = subprocess.run(imaptap_cmd("-r", str(written), "--json", "-", "--flows-only"),
                             capture_output=True, text=True, env=env(), check=True)
     assert '"username":"alice"' in replay.stdout
+    assert lab.users["alice"].encode() not in written.read_bytes()

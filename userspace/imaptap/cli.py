@@ -287,16 +287,17 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
     table.policy = capture.policy
     writer = None
     if args.write:
-        from imaptap.capture.pcapwrite import SegmentWriter
+        from imaptap.capture.pcapwrite import MaskingWriter
 
         try:
-            writer = SegmentWriter(args.write)
+            writer = MaskingWriter(args.write, ports)
         except OSError as exc:
             return f"cannot write {args.write}: {exc.strerror}"
+        writer.bind(table)
 
     def add(seg: Segment) -> None:
         if writer is not None:
-            writer.write(seg)
+            writer.write(seg)  # before the table: see MaskingWriter
         table.add(seg)
 
     error = None

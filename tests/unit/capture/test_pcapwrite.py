@@ -25,3 +25,91 @@ def test_written_segments_replay_to_the_same_segments(tmp_path):
     for got, want in zip(back, captured):
         assert got._replace(ts=0.0) == want._replace(ts=0.0, tail=b"")
         assert abs(got.ts - want.ts) < 1e-6
+
+
+# --- -w blanks credentials (MaskingWriter) ---------------------------------------------------
+
+from imaptap.capture.pcapwrite import HOLD_SEGMENTS, MaskingWriter, blank  # noqa: E402
+from imaptap.flows import FlowTable  # noqa: E402
+
+OK = b"a1 OK Logged in\r\n"
+SESSIONS = {
+    # name: (parts, cuts, secrets that must not be written)
+    "atom": ([("c", b"a1 LOGIN alice Alice-Pw-7391\r\n"), ("s", OK)], None, [b"Alice-Pw-7391"]),
+    "quoted with escapes": ([("c", b'a1 LOGIN "bob" "Bob Pw \\"q\\" \\\\ 42"\r\n'), ("s", OK)], None,
+                            [b'Bob Pw \\"q\\" \\\\ 42', b"Bob Pw"]),
+    "literal": ([("c", b"a1 LOGIN {5}\r\n"), ("s", b"+ OK\r\n"), ("c", b"carol {13}\r\n"), ("s", b"+ OK\r\n"),
+                 ("c", b"Carol-Pw-5520\r\n"), ("s", OK)], None, [b"Carol-Pw-5520"]),
+    "split over segments, one byte at a time": ([("c", b"a1 LOGIN dave Dave-Pw-8812\r\n"), ("s", OK)],
+                                                [list(range(1, 27))], [b"Dave-Pw-8812", b"Pw-88"]),
+    "AUTHENTICATE PLAIN with initial response": (
+        [("c", b"a1 AUTHENTICATE PLAIN AGFsaWNlAEFsaWNlLVB3LTczOTE=\r\n"), ("s", OK)], [[30]],
+        [b"AGFsaWNlAEFsaWNlLVB3LTczOTE="]),
+    "AUTHENTICATE LOGIN": ([("c", b"a1 AUTHENTICATE LOGIN\r\n"), ("s", b"+ VXNlcm5hbWU6\r\n"), ("c", b"YWxpY2U=\r\n"),
+                            ("s", b"+ UGFzc3dvcmQ6\r\n"), ("c", b"QWxpY2UtUHctNzM5MQ==\r\n"), ("s", OK)], None,
+                           [b"QWxpY2UtUHctNzM5MQ=="]),
+    "LOGIN and FIN in the last segment": ([("c", b"a1 LOGIN erin Erin-Pw-1\r\n")], None, [b"Erin-Pw-1"]),
+}
+
+
+def write_live(tmp_path, segs, ports=(143,)):
+    """As `imaptap -i -w`: each segment to the writer, then to the table."""
+    path = tmp_path / "w.pcap"
+    table = FlowTable(set(ports))
+    w = MaskingWriter(str(path), ports)
+    w.bind(table)
+    for s in segs:
+        w.write(s)
+        table.add(s)
+    w.close()
+    table.close_all("end")
+    return path, w
+
+
+def read_back(path):
+    return list(open_capture(path).segments({143}, PayloadPolicy(65535, 0), ReplayStats()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(SESSIONS))
+def test_written_pcap_holds_no_credential_and_replays_to_the_same_user(tmp_path, name):
+    parts, cuts, secrets = SESSIONS[name]
+    cuts = [cuts[0] if i == 0 else () for i in range(len(parts) + 1)] if cuts else None
+    segs = conversation([("s", GREETING), *parts], cuts=[(), *cuts] if cuts else None)
+    path, w = write_live(tmp_path, segs)
+    raw = path.read_bytes()
+    for secret in secrets:
+        assert secret not in raw, secret
+    back = read_back(path)
+    assert w.records == len(segs) == len(back)
+    # same segments, in the same order, same lengths: only credential bytes became '*'
+    assert [(b.seq, b.flags, len(b.payload)) for b in back] == [(s.seq, s.flags, len(s.payload)) for s in segs]
+    changed = b"".join(b.payload for b in back)
+    original = b"".join(s.payload for s in segs)
+    assert changed != original
+    assert len(changed) == len(original)
+    # replayed, the same user as the live analysis saw
+    live, again = FlowTable({143}), FlowTable({143})
+    users = []
+    for t, src in ((live, segs), (again, back)):
+        t.on_flow_end = lambda f, users=users: users.append(f.session.username)
+        for s in src:
+            t.add(s)
+        t.close_all("end")
+    assert users[0] == users[1] and users[0]
+
+
+def test_blank_finds_a_secret_across_segments():
+    pair = (b"secret", b"******")
+    assert blank([b"a1 LOGIN x se", b"cr", b"et\r\n"], [pair]) == [b"a1 LOGIN x **", b"**", b"**\r\n"]
+    parts = [b"nothing", b"here"]
+    assert blank(parts, [pair]) is parts
+
+
+def test_a_client_that_never_hears_back_is_written_in_bounded_steps(tmp_path):
+    lines = [("c", b"a%d NOOP\r\n" % i) for i in range(3 * HOLD_SEGMENTS)]
+    segs = conversation([("s", GREETING), *lines], close=False)
+    path, w = write_live(tmp_path, segs)
+    assert w.records == len(segs) == len(read_back(path))

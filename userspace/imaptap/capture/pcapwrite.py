@@ -1,4 +1,5 @@
-"""``-w FILE``: the segments a live capture copied, as a pcap that Wireshark and imaptap -r open.
+"""``-w FILE``: the segments a live capture copied, as a pcap that Wireshark and imaptap -r open,
+with every password and SASL response blanked (`MaskingWriter`).
 
 Each Segment becomes one raw-IP record (LINKTYPE_RAW, so no link-layer addresses are made up):
 an IPv4 or IPv6 header and a TCP header rebuilt from the Segment's fields, then the copied
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import socket
 import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from imaptap.capture.decode import IPPROTO_TCP, IPV4_MIN_LEN, IPV6_LEN, TCP_MIN_LEN
-from imaptap.segment import Segment
+from imaptap.segment import FlowKey, Segment, flow_key
 
 #: LINKTYPE_RAW: the record starts with the IP header.
 LINKTYPE_RAW = 101
@@ -75,3 +78,122 @@ class SegmentWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+#: Client segments held per flow, and in all, before they are written unblanked-as-far-as-known
+#: (a client that sends this much without an answer is not logging in).
+HOLD_SEGMENTS = 64
+HOLD_BYTES = 4 << 20
+
+
+def blank(payloads: list[bytes], secrets: Iterable[tuple[bytes, bytes]]) -> list[bytes]:
+    """``payloads`` (consecutive segments of one direction) with every occurrence of a secret
+    overwritten by its replacement of the same length, also where one straddles two segments.
+    ``secrets``: (bytes on the wire, replacement) pairs, as `ImapSession.secrets` keeps them."""
+    joined = bytearray().join(payloads)
+    hit = False
+    for secret, replacement in secrets:
+        n = len(secret)
+        i = joined.find(secret)
+        while i >= 0:
+            joined[i : i + n] = replacement
+            hit = True
+            i = joined.find(secret, i + n)
+    if not hit:
+        return payloads
+    out, pos = [], 0
+    for p in payloads:
+        out.append(bytes(joined[pos : pos + len(p)]))
+        pos += len(p)
+    return out
+
+
+class MaskingWriter:
+    """A `SegmentWriter` that never writes a credential.
+
+    The analyzer learns a password only once its line (or literal) is complete, and a line can
+    span segments, so a client segment is not written at once: it is held until the server
+    next speaks in that flow (a server answers a command only once it has all of it, by then
+    analysed), or the flow ends, and the held segments are then written with every credential
+    the flow's session knows (`ImapSession.secrets`) overwritten by ``*``.  ``write`` must see
+    each segment before the flow table does, and ``flow_ended`` must be called from the table's
+    end-of-flow callback.  Records of one flow keep their order; across flows a held segment
+    can follow a later one of another flow (pcap readers accept that).
+    """
+
+    def __init__(self, path: str, ports: Iterable[int]) -> None:
+        self._out = SegmentWriter(path)
+        self.ports = frozenset(ports)
+        self.flows: Mapping[FlowKey, Any] = {}
+        """The flow table's flows (bound by the caller once the table exists)."""
+        self._held: dict[FlowKey, list[Segment]] = {}
+        self._held_bytes = 0
+
+    @property
+    def records(self) -> int:
+        return self._out.records
+
+    def _secrets(self, key: FlowKey, flow: Any = None) -> list[tuple[bytes, bytes]]:
+        if flow is None:
+            flow = self.flows.get(key)
+        return flow.session.secrets if flow is not None else []
+
+    def write(self, seg: Segment) -> None:
+        key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
+        flow = self.flows.get(key)
+        if flow is not None:
+            from_client = seg.src == flow.client[0] and seg.sport == flow.client[1]
+        else:  # not seen yet: the table will make the side not on an IMAP port the client
+            from_client = seg.dport in self.ports
+        if from_client:
+            held = self._held.setdefault(key, [])
+            held.append(seg)
+            self._held_bytes += len(seg.payload)
+            if len(held) > HOLD_SEGMENTS:
+                self._flush(key, keep_last=True)
+            while self._held_bytes > HOLD_BYTES:
+                oldest = next(iter(self._held))
+                if oldest != key:
+                    self._flush(oldest)
+                elif len(self._held[key]) > 1:
+                    self._flush(key, keep_last=True)
+                else:
+                    break
+            return
+        if key in self._held:
+            self._flush(key)
+        self._out.write(seg)
+
+    def bind(self, table: Any) -> None:
+        """Follow ``table`` (a `FlowTable`): its flows, and its end-of-flow callback."""
+        self.flows = table.flows
+        then = table.on_flow_end
+
+        def on_flow_end(flow: Any) -> None:
+            self.flow_ended(flow)
+            if then is not None:
+                then(flow)
+
+        table.on_flow_end = on_flow_end
+
+    def flow_ended(self, flow: Any) -> None:
+        """The table ended ``flow``: its last client segment has been analysed too."""
+        if flow.key in self._held:
+            self._flush(flow.key, flow=flow)
+
+    def _flush(self, key: FlowKey, flow: Any = None, keep_last: bool = False) -> None:
+        held = self._held.pop(key)
+        # A bound forces this flush while the newest segment is not analysed yet: it stays.
+        last = held.pop() if keep_last and held else None
+        self._held_bytes -= sum(len(s.payload) for s in held)
+        secrets = self._secrets(key, flow)
+        payloads = blank([s.payload for s in held], secrets) if secrets else [s.payload for s in held]
+        for seg, payload in zip(held, payloads):
+            self._out.write(seg if payload is seg.payload else seg._replace(payload=payload))
+        if last is not None:
+            self._held[key] = [last]
+
+    def close(self) -> None:
+        for key in list(self._held):
+            self._flush(key)
+        self._out.close()

@@ -327,6 +327,40 @@ def sasl_user(mechanism: str, step: int, decoded: bytes) -> str | None:
 CLEARTEXT_MECHANISMS = frozenset({"PLAIN", "LOGIN", "XOAUTH2", "OAUTHBEARER"})
 
 
+def _sasl_blanked(mechanism: str, step: int, decoded: bytes) -> bytes | None:
+    """``decoded`` with its secret part replaced by ``*`` (same length); None if it holds none.
+    The user name stays where the mechanism has one, so a blanked capture still names it."""
+    if mechanism == "LOGIN" and step == 0:
+        return None  # the user name
+    if mechanism == "PLAIN":
+        parts = decoded.split(b"\x00")
+        if len(parts) == 3:
+            return parts[0] + b"\x00" + parts[1] + b"\x00" + b"*" * len(parts[2])
+    elif mechanism == "CRAM-MD5":
+        user, sep, digest = decoded.rpartition(b" ")
+        if sep:
+            return user + sep + b"*" * len(digest)
+    elif mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        parts = decoded.split(b"\x01")
+        if any(p.startswith(b"auth=") for p in parts):
+            return b"\x01".join(b"auth=" + b"*" * (len(p) - 5) if p.startswith(b"auth=") else p for p in parts)
+    return b"*" * len(decoded)
+
+
+def sasl_blanked_wire(mechanism: str, step: int, word: bytes) -> bytes | None:
+    """What replaces a client's SASL response ``word`` (base64, as on the wire) in a capture
+    written to disk: the same length, the secret part ``*`` in the decoded message (so the user
+    name survives), or all ``*`` when that cannot be done; None when it holds no secret."""
+    decoded = b64(word)
+    if decoded is None:
+        return b"*" * len(word)
+    blanked = _sasl_blanked(mechanism, step, decoded)
+    if blanked is None:
+        return None
+    wire = base64.b64encode(blanked)
+    return wire if len(wire) == len(word) else b"*" * len(word)
+
+
 # --- ID (RFC 2971) -------------------------------------------------------------------------
 
 #: Field/value pairs kept from one ID list (RFC 2971 allows 30).

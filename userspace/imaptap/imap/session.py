@@ -43,6 +43,10 @@ MAX_USERNAME = 256
 MAX_SOFTWARE = 80
 
 MASK = "***"
+#: Credentials kept per flow, as they crossed the wire, so that ``-w`` can blank them in the
+#: pcap it writes (`capture.pcapwrite.MaskingWriter`); the newest, each at most MAX_SECRET bytes.
+MAX_SECRETS = 8
+MAX_SECRET = 1024
 
 
 class Side(enum.Enum):
@@ -212,6 +216,10 @@ class ImapSession:
         self.encrypted_from_start = False
         self.compressed = False
         self.cleartext_credentials = False
+        self.secrets: list[tuple[bytes, bytes]] = []
+        """Passwords and SASL responses as they crossed the wire, each with what replaces it in
+        a capture written to disk (as long, the user name kept in a SASL response): never
+        output, only blanked."""
         self.client_id: dict[str, str | None] | None = None
         self.server_id: dict[str, str | None] | None = None
         self.mailboxes: list[str] = []
@@ -380,7 +388,26 @@ class ImapSession:
             shown = "?"
         if len(toks) > 1:
             self.cleartext_credentials = True
+            self._secret(toks[1])
         return f"{_quote(shown)} {MASK}"
+
+    def _secret(self, tok: object) -> None:
+        """Remember a password token in the forms it has on the wire."""
+        if isinstance(tok, parse.Literal):
+            forms = [bytes(tok.data)]
+        elif isinstance(tok, bytes):  # a quoted string, unescaped: also its quoted form
+            forms = [tok, b'"' + tok.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"']
+        elif isinstance(tok, str):
+            forms = [tok.encode("latin-1", "replace")]
+        else:
+            return
+        for form in forms:
+            self._keep_secret(form, b"*" * len(form))
+
+    def _keep_secret(self, wire: bytes, blanked: bytes) -> None:
+        if wire and len(wire) <= MAX_SECRET and all(wire != w for w, _ in self.secrets):
+            self.secrets.append((wire, blanked))
+            del self.secrets[:-MAX_SECRETS]
 
     def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending) -> str:
         head = line.chunks[0]
@@ -398,6 +425,9 @@ class ImapSession:
     def _sasl_data(self, word: bytes) -> None:
         sasl = self._sasl
         assert sasl is not None
+        blanked = parse.sasl_blanked_wire(sasl.mechanism, sasl.step, word)
+        if blanked is not None:
+            self._keep_secret(word, blanked)
         decoded = parse.b64(word)
         if decoded is not None and decoded:
             user = parse.sasl_user(sasl.mechanism, sasl.step, decoded)

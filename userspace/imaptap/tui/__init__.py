@@ -42,10 +42,10 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
             return 2
         writer = None
         if args.write:
-            from imaptap.capture.pcapwrite import SegmentWriter
+            from imaptap.capture.pcapwrite import MaskingWriter
 
             try:
-                writer = SegmentWriter(args.write)
+                writer = MaskingWriter(args.write, ports)
             except OSError as exc:
                 print(f"imaptap: cannot write {args.write}: {exc.strerror}", file=sys.stderr)
                 return 2

@@ -219,7 +219,7 @@ class LiveSource(Source):
     def __init__(self, capture: Any, writer: Any = None) -> None:
         self.capture = capture
         self.writer = writer
-        """A `SegmentWriter` for ``-w``, or None."""
+        """A `MaskingWriter` for ``-w``, or None."""
         self.label = ",".join(capture.interfaces)
         self.ports = frozenset(capture.ports)
         self.policy = capture.policy
@@ -237,12 +237,18 @@ class LiveSource(Source):
                     segs = poll(POLL_MS)
                     if writer is not None:
                         for seg in segs:
-                            writer.write(seg)
-                    yield from segs
+                            writer.write(seg)  # each just before the table has it (MaskingWriter)
+                            yield seg
+                    else:
+                        yield from segs
                     yield None
         finally:
             if writer is not None:
                 writer.close()
+
+    def bind(self, table: Any) -> None:
+        if self.writer is not None:
+            self.writer.bind(table)
 
     def counters(self) -> dict[str, int] | None:
         return self.capture.counters() if self._entered else None
@@ -297,6 +303,9 @@ class Feed:
         self.flush_interval = flush_interval
         self.table = FlowTable(source.ports, source.policy, self._on_message, self._on_end,
                                max_flows=max_flows, idle_timeout=idle_timeout)
+        bind = getattr(source, "bind", None)
+        if bind is not None:
+            bind(self.table)  # a -w writer follows the table
         self.ready = threading.Event()
         """Set by the UI when it takes batches (it is not busy with the previous one, and not paused)."""
         self.ready.set()
