@@ -280,6 +280,11 @@ def kernel_version() -> tuple[int, int]:
     return (nums + [0, 0])[0], (nums + [0, 0])[1]
 
 
+#: The oldest kernel the program can run on: the compiler leaves bounded loops in it, which the
+#: verifier accepts from 5.3 on (tests/live/test_kernel_compat.py checks what each variant uses).
+MIN_KERNEL = (5, 3)
+
+
 def has_xdp_load_bytes() -> bool:
     """bpf_xdp_load_bytes and bpf_xdp_get_buff_len arrived in 5.18."""
     return kernel_version() >= (5, 18)
@@ -578,6 +583,9 @@ class LiveCapture:
         if missing:
             raise LiveError("live capture needs root, or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON"
                             f" (missing {', '.join(missing)})")
+        if kernel_version() < MIN_KERNEL:
+            raise LiveError(f"live capture needs Linux {MIN_KERNEL[0]}.{MIN_KERNEL[1]} or later (bounded loops in"
+                            f" BPF); this is {platform.release()}")
         try:
             import bcc  # noqa: F401
         except ImportError:
