@@ -6,11 +6,14 @@ import struct
 
 import dpkt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDescriptionBlock,
                          InterfaceDescriptionBlockLE, PcapngOption, PcapngOptionLE, SectionHeaderBlock,
                          SectionHeaderBlockLE)
 
 from testenv import PUBLIC_PCAPS
+from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
                              Segment, flow_key)
@@ -438,3 +441,88 @@ def test_position_reaches_the_file_size(name):
     reader = open_capture(path)
     list(reader.segments(None, PayloadPolicy(), stats))
     assert stats.position == os.path.getsize(path)
+
+
+# -- the pcap fast path against the link decoder ----------------------------------------------
+
+def _reference(frames, ports, policy):
+    """What the generic path makes of Ethernet frames: decode_packet, then PayloadPolicy.cut."""
+    from imaptap.capture.decode import decode_packet
+
+    segs, skips = [], []
+    for i, frame in enumerate(frames):
+        p = decode_packet(1, frame, ports)
+        if isinstance(p, Skip):
+            skips.append(p)
+            continue
+        head, tail = policy.cut(flow_key(p.src, p.sport, p.dst, p.dport), p.payload, p.wire_len)
+        segs.append(Segment(TS + i, p.ip_version, p.src, p.dst, p.sport, p.dport, p.seq, p.ack, p.flags,
+                            p.wire_len, head, 0, tail))
+    return segs, skips
+
+
+def _mostly(usual, *odd):
+    """``usual`` nine times in ten, else one of ``odd``: most frames must reach the fast path."""
+    return st.one_of(*[st.just(usual)] * (9 * len(odd)), st.sampled_from(odd))
+
+
+_frame_fields = st.fixed_dictionaries({
+    "payload": st.one_of(st.binary(max_size=40), st.binary(min_size=200, max_size=700)),
+    "ihl_opts": _mostly(b"", b"\x01\x01\x01\x00"),
+    "tcp_opts": st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x01" * 40]),
+    "flags": st.sampled_from([0x10, 0x18, 0x02, 0x12, 0x11, 0x04, 0x00]),
+    "proto": _mostly(6, 17),
+    "frag": _mostly(0, 0x2000, 0x0001, 0x4000),
+    "total_len": _mostly(None, 0, 10, 30, 45),
+    "data_offset": _mostly(None, 4),
+    "sport": st.sampled_from([50123, 143]),
+    "dport": _mostly(143, 993, 50124),
+    "ethertype": _mostly(0x0800, 0x86DD, 0x8100),
+    "pad": st.sampled_from([b"", b"\x00" * 6]),
+    "cut": st.sampled_from([None, None, None, 10, 40, 53, 54, 60, 100, 300]),
+})
+
+
+def _frame(f):
+    frame = bytearray(ethernet(ipv4(tcp(f["payload"], sport=f["sport"], dport=f["dport"], flags=f["flags"],
+                                        opts=f["tcp_opts"]), proto=f["proto"], off=f["frag"], opts=f["ihl_opts"]),
+                               ethertype=f["ethertype"]) + f["pad"])
+    if f["total_len"] is not None:
+        struct.pack_into("!H", frame, 16, f["total_len"])
+    if f["data_offset"] is not None:
+        tcp_at = 14 + 20 + len(f["ihl_opts"])
+        frame[tcp_at + 12] = f["data_offset"] << 4
+    return bytes(frame[: f["cut"]])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_frame_fields, min_size=1, max_size=8), st.sampled_from([{143}, None]),
+       st.sampled_from([(256, 128), (64, 0), (8, 600), (65535, 128)]), st.sampled_from([None, "none", "whole"]))
+def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, fields, ports, cut, mode):
+    """The classic pcap reader decodes the usual Ethernet frame in place; whatever the frame,
+    its segments and counters must be those of decode_packet and PayloadPolicy.cut."""
+    frames = [_frame(f) for f in fields]
+    policy = PayloadPolicy(*cut)
+    if mode is not None:
+        # a payload mode for the flow of the usual client port, as the session would set it
+        policy.set(flow_key(C4, 50123, S4, 143), PayloadMode.NONE if mode == "none" else PayloadMode.WHOLE)
+    path = write_pcap(tmp_path_factory.mktemp("fast") / "c.pcap", frames)
+    segs, stats = replay(path, ports, policy)
+    want, skips = _reference(frames, ports, policy)
+    assert segs == want
+    assert stats.packets == len(frames) and stats.bytes == sum(map(len, frames))
+    assert stats.segments == len(want)
+    assert (stats.pure_acks, stats.other_ports, stats.non_tcp, stats.ip_fragments_skipped, stats.undecodable) == (
+        skips.count(Skip.EMPTY), skips.count(Skip.OTHER_PORT), skips.count(Skip.NOT_TCP),
+        skips.count(Skip.FRAGMENT), skips.count(Skip.UNDECODABLE))
+
+
+@pytest.mark.parametrize("snap", [8, 64, 300])
+def test_pcap_fast_path_segment_cut_by_the_file(tmp_path, snap):
+    """A record shorter than its frame: the head up to the snap length, and no tail, since the
+    record's end is not the segment's end."""
+    frame = ethernet(ipv4(tcp(bytes(range(200)) * 3)))[:400]
+    policy = PayloadPolicy(snap, 128)
+    segs, _ = replay(write_pcap(tmp_path / "cut.pcap", [frame]), {143}, policy)
+    assert segs == _reference([frame], {143}, policy)[0]
+    assert (segs[0].wire_len, len(segs[0].payload), segs[0].tail) == (600, min(snap, 400 - 54), b"")

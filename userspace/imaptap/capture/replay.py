@@ -23,6 +23,7 @@ Headers below the link layer are decoded in `imaptap.capture.decode`.
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,8 +33,24 @@ import dpkt
 import dpkt.pcap
 import dpkt.pcapng
 
-from imaptap.capture.decode import LINK_TYPES, LinkDecoder, LinkType, Ports, Skip
-from imaptap.segment import PayloadPolicy, Segment, flow_key
+from imaptap.capture.decode import (
+    ETHERNET_IPV4_ENDPOINTS,
+    ETHERNET_IPV4_ENDPOINTS_LEN,
+    ETHERNET_IPV4_NO_OPTIONS,
+    ETHERNET_IPV4_TCP,
+    ETHERNET_IPV4_TCP_LEN,
+    ETHERNET_IPV4_TCP_MASK,
+    ETHERNET_LEN,
+    IPPROTO_TCP,
+    IPV4_MIN_LEN,
+    LINK_TYPES,
+    TCP_MIN_LEN,
+    LinkDecoder,
+    LinkType,
+    Ports,
+    Skip,
+)
+from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag, flow_key
 
 #: The largest record accepted, as libpcap's MAXIMUM_SNAPLEN: a larger captured length means a
 #: corrupt record header, and reading it would swallow the rest of the file.
@@ -45,6 +62,14 @@ MAX_BLOCK_LEN = 16 * 1024 * 1024
 
 #: Read-ahead of the file: records are small, and one system call per record would dominate.
 READ_BUFFER = 1 << 20
+
+#: Connections whose addresses are kept as text by the pcap fast path; past this the memo
+#: starts again, so a scan of many addresses cannot grow it.
+ENDPOINT_CACHE = 4096
+
+ETHERNET_LINKTYPE = 1
+#: SYN, FIN and RST: the flags that make a segment without payload worth yielding.
+LIFECYCLE_FLAGS = int(TcpFlag.SYN | TcpFlag.FIN | TcpFlag.RST)
 
 PCAP_MAGICS = {
     # magic as read big-endian -> (byte order, nanosecond timestamps)
@@ -252,11 +277,21 @@ class _PcapReader(CaptureReader):
     def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats) -> Iterator[Segment]:
         """The generic loop over `_records`, fused into one for classic pcap: one link type and
         fixed record headers, read in large chunks.  This loop runs once per packet of a
-        capture, and the two generators and the reads per record were a third of a replay."""
+        capture, and the two generators and the reads per record were a third of a replay.
+
+        For Ethernet it also decodes the usual frame (untagged IPv4 without options, TCP) in
+        place, with one unpack and without copying the record: the same steps as
+        `decode.decode_ethernet` and `PayloadPolicy.cut`, taken only where they cannot differ
+        from them.  Any other frame goes through the link type's decoder."""
         stats.link_type = self.link.name
         empty, other_port = Skip.EMPTY, Skip.OTHER_PORT
         cut = policy.cut
+        modes = policy.modes  # PayloadPolicy changes it in place: looked up per segment below
+        snaplen, taillen = policy.snaplen, policy.taillen
         decode = self.link.decode
+        fast = self.linktype == ETHERNET_LINKTYPE and snaplen >= 0
+        frame = ETHERNET_IPV4_TCP.unpack_from
+        endpoints: dict[bytes, tuple[str, str, FlowKey]] = {}
         unpack = self._record.unpack_from
         record_len = self._record_len
         divisor = self._divisor
@@ -283,11 +318,57 @@ class _PcapReader(CaptureReader):
                 stop = start + caplen
                 if stop > n:
                     break
-                data = buf[start:stop]
                 off = stop
                 stats.packets += 1
                 stats.bytes += caplen
-                p = decode(data, ports)
+                if fast and caplen >= ETHERNET_IPV4_TCP_LEN:
+                    ether_ip, total_len, fragment_proto, sport, dport, seq, ack, data_offset, flags = frame(buf, start)
+                    header_len = (data_offset >> 4) * 4
+                    if (ether_ip >> 8 == ETHERNET_IPV4_NO_OPTIONS and fragment_proto & ETHERNET_IPV4_TCP_MASK == IPPROTO_TCP
+                            and header_len >= TCP_MIN_LEN and (total_len >= IPV4_MIN_LEN or total_len == 0)):
+                        if ports is not None and sport not in ports and dport not in ports:
+                            stats.other_ports += 1
+                            continue
+                        # decode._tcp_packet and PayloadPolicy.cut, in offsets into buf
+                        ip_end = start + ETHERNET_LEN + total_len if total_len else stop
+                        payload = start + ETHERNET_LEN + IPV4_MIN_LEN + header_len
+                        wire_len = ip_end - payload
+                        if wire_len <= 0:
+                            if not flags & LIFECYCLE_FLAGS:
+                                stats.pure_acks += 1
+                                continue
+                            wire_len = 0
+                        # ip_end, not the record's end: Ethernet padding is not payload (min() is a call)
+                        captured_end = ip_end if ip_end < stop else stop  # noqa: FURB136
+                        captured = captured_end - payload
+                        # The addresses as text and the flow key, once per connection rather
+                        # than per packet.
+                        raw = buf[start + ETHERNET_IPV4_ENDPOINTS : start + ETHERNET_IPV4_ENDPOINTS + ETHERNET_IPV4_ENDPOINTS_LEN]
+                        known = endpoints.get(raw)
+                        if known is None:
+                            if len(endpoints) >= ENDPOINT_CACHE:
+                                endpoints.clear()
+                            known = endpoints[raw] = _endpoints(raw, sport, dport)
+                        src, dst, key = known
+                        if modes and key in modes:
+                            head, tail = cut(key, buf[payload:captured_end], wire_len)
+                        elif captured < wire_len:  # the file's snap length cut the segment
+                            head = buf[payload : payload + snaplen if captured > snaplen else captured_end]
+                            tail = b""
+                        elif captured <= snaplen:
+                            head = buf[payload:captured_end]
+                            tail = b""
+                        else:  # split_payload()
+                            head = buf[payload : payload + snaplen]
+                            if taillen > 0:
+                                tail = buf[max(captured_end - taillen, payload + snaplen) : captured_end]
+                            else:
+                                tail = b""
+                        stats.segments += 1
+                        yield new_segment(Segment, (sec + frac / divisor, 4, src, dst, sport, dport, seq, ack, flags,
+                                                    wire_len, head, 0, tail))
+                        continue
+                p = decode(buf[start:stop], ports)
                 if p.__class__ is Skip:
                     if p is empty:
                         stats.pure_acks += 1
@@ -298,17 +379,25 @@ class _PcapReader(CaptureReader):
                     continue
                 # the same steps as CaptureReader._segments, with flow_key() inlined
                 version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-                payload, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
-                                    payload, wire_len)
+                head, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
+                                 payload, wire_len)
                 stats.segments += 1
                 yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
-                                            wire_len, payload, 0, tail))
+                                            wire_len, head, 0, tail))
             stats.position = base + off
             if end_of_file:
                 if off < n:
                     what = "record header" if n - off < record_len else "record"
                     raise self._error(f"truncated packet {what} at byte {base + off}")
                 return
+
+
+def _endpoints(raw: bytes, sport: int, dport: int) -> tuple[str, str, FlowKey]:
+    """Source and destination address as text and the flow key, from the 12 endpoint bytes of an
+    IPv4 header and the ports (`decode._tcp_packet` and `flow_key` for the replay's fast path)."""
+    src = socket.inet_ntoa(raw[:4])
+    dst = socket.inet_ntoa(raw[4:8])
+    return src, dst, flow_key(src, sport, dst, dport)
 
 
 @dataclass(slots=True)
