@@ -5,10 +5,11 @@
     for seg in reader.segments({143}, PayloadPolicy(), stats):
         ...                                      # CaptureFileError after the last good one
 
-dpkt parses the file header, the pcapng section and interface blocks (byte order, nanosecond
-magic, timestamp resolution and offset); the records themselves are framed here with
-precompiled structs because dpkt's readers cannot say where a file was cut and cost more per
-record than the rest of the replay:
+dpkt parses the pcapng section and interface blocks (byte order, timestamp resolution and
+offset); it is imported only for pcapng, as importing it was a third of imaptap's start-up.
+The classic pcap file header and all records are framed here with precompiled structs because
+dpkt's readers cannot say where a file was cut and cost more per record than the rest of the
+replay:
 
 - ``dpkt.pcap.Reader`` returns a short last record as if it were whole, and builds a
   ``dpkt.Packet`` per record header: it reads 250-300k records/s where this module replays
@@ -28,10 +29,6 @@ import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
-
-import dpkt
-import dpkt.pcap
-import dpkt.pcapng
 
 from imaptap.capture.decode import (
     ETHERNET_IPV4_ENDPOINTS,
@@ -72,14 +69,17 @@ ETHERNET_LINKTYPE = 1
 LIFECYCLE_FLAGS = int(TcpFlag.SYN | TcpFlag.FIN | TcpFlag.RST)
 
 PCAP_MAGICS = {
-    # magic as read big-endian -> (byte order, nanosecond timestamps)
-    dpkt.pcap.TCPDUMP_MAGIC: (">", False),
-    dpkt.pcap.TCPDUMP_MAGIC_NANO: (">", True),
-    dpkt.pcap.MODPCAP_MAGIC: (">", False),
-    dpkt.pcap.PMUDPCT_MAGIC: ("<", False),
-    dpkt.pcap.PMUDPCT_MAGIC_NANO: ("<", True),
-    dpkt.pcap.PACPDOM_MAGIC: ("<", False),
+    # magic as read big-endian -> (byte order, nanosecond timestamps, record header length)
+    0xA1B2C3D4: (">", False, 16),
+    0xA1B23C4D: (">", True, 16),
+    0xA1B2CD34: (">", False, 24),  # modified pcap (Alexey Kuznetsov's patches): 8 more bytes
+    0xD4C3B2A1: ("<", False, 16),
+    0x4D3CB2A1: ("<", True, 16),
+    0x34CDB2A1: ("<", False, 24),
 }
+PCAP_FILE_HEADER = "IHHiIII"
+"""Magic, version major and minor, time zone, sigfigs, snap length, link type."""
+PCAP_FILE_HEADER_LEN = 24
 PCAPNG_SHB_MAGIC = b"\x0a\x0d\x0d\x0a"
 PCAPNG_BOM_LE = b"\x4d\x3c\x2b\x1a"
 PCAPNG_BOM_BE = b"\x1a\x2b\x3c\x4d"
@@ -107,11 +107,14 @@ PCAPNG_SPB_LEN = 16
 PCAPNG_SPB_DATA = 12
 PCAPNG_MIN_BLOCK_LEN = 12
 
-BT_SHB = dpkt.pcapng.PCAPNG_BT_SHB
-BT_IDB = dpkt.pcapng.PCAPNG_BT_IDB
-BT_EPB = dpkt.pcapng.PCAPNG_BT_EPB
-BT_PB = dpkt.pcapng.PCAPNG_BT_PB
-BT_SPB = dpkt.pcapng.PCAPNG_BT_SPB
+BT_SHB = 0x0A0D0D0A
+BT_IDB = 1
+BT_EPB = 6
+BT_PB = 2
+BT_SPB = 3
+PCAPNG_VERSION_MAJOR = 1
+OPT_IF_TSRESOL = 9
+OPT_IF_TSOFFSET = 14
 PACKET_BLOCKS = frozenset({BT_EPB, BT_PB, BT_SPB})
 
 
@@ -257,19 +260,19 @@ class _PcapReader(CaptureReader):
     def __init__(self, name: str, f: BinaryIO) -> None:
         super().__init__(name, f)
         f.seek(0)
-        buf = f.read(dpkt.pcap.FileHdr.__hdr_len__)
-        if len(buf) < dpkt.pcap.FileHdr.__hdr_len__:
-            raise self._error(f"truncated file header ({len(buf)} of {dpkt.pcap.FileHdr.__hdr_len__} bytes)")
+        buf = f.read(PCAP_FILE_HEADER_LEN)
+        if len(buf) < PCAP_FILE_HEADER_LEN:
+            raise self._error(f"truncated file header ({len(buf)} of {PCAP_FILE_HEADER_LEN} bytes)")
         magic = struct.unpack_from(">I", buf)[0]
-        order, nano = PCAP_MAGICS[magic]
-        header = dpkt.pcap.LEFileHdr(buf) if order == "<" else dpkt.pcap.FileHdr(buf)
-        self.linktype = header.linktype & PCAP_LINKTYPE_MASK
-        self.snaplen = header.snaplen
+        order, nano, record_len = PCAP_MAGICS[magic]
+        _magic, _major, _minor, _zone, _sigfigs, snaplen, linktype = struct.unpack_from(order + PCAP_FILE_HEADER, buf)
+        self.linktype = linktype & PCAP_LINKTYPE_MASK
+        self.snaplen = snaplen
         link = LINK_TYPES.get(self.linktype)
         if link is None:
             raise self._error(f"unsupported link type {self.linktype}")
         self.link = link
-        self._record_len = dpkt.pcap.MAGIC_TO_PKT_HDR[magic].__hdr_len__
+        self._record_len = record_len
         self._record = struct.Struct(order + PCAP_RECORD)
         self._divisor = 1e9 if nano else 1e6
         self._data_start = len(buf)
@@ -483,16 +486,20 @@ class _PcapngReader(CaptureReader):
             pos += blen
 
     def _section(self, block: bytes, pos: int) -> None:
+        import dpkt.pcapng
+
         kind = dpkt.pcapng.SectionHeaderBlockLE if self._order == "<" else dpkt.pcapng.SectionHeaderBlock
         try:
             shb = kind(block)
         except (dpkt.Error, struct.error, ValueError) as exc:
             raise self._error(f"corrupt section header block at byte {pos} ({exc})") from None
-        if shb.v_major != dpkt.pcapng.PCAPNG_VERSION_MAJOR:
+        if shb.v_major != PCAPNG_VERSION_MAJOR:
             raise self._error(f"unsupported pcapng version {shb.v_major}.{shb.v_minor}")
         self._interfaces = []  # interface numbers restart in every section
 
     def _interface(self, block: bytes, pos: int) -> None:
+        import dpkt.pcapng
+
         kind = dpkt.pcapng.InterfaceDescriptionBlockLE if self._order == "<" else dpkt.pcapng.InterfaceDescriptionBlock
         try:
             idb = kind(block)
@@ -500,11 +507,11 @@ class _PcapngReader(CaptureReader):
             raise self._error(f"corrupt interface description block at byte {pos} ({exc})") from None
         divisor, offset = 1e6, 0
         for opt in idb.opts:
-            if opt.code == dpkt.pcapng.PCAPNG_OPT_IF_TSRESOL and len(opt.data) >= 1:
+            if opt.code == OPT_IF_TSRESOL and len(opt.data) >= 1:
                 # High bit clear: a negative power of 10; set: a negative power of 2.
                 resol = opt.data[0]
                 divisor = float(2 ** (resol & 0x7F) if resol & 0x80 else 10 ** (resol & 0x7F))
-            elif opt.code == dpkt.pcapng.PCAPNG_OPT_IF_TSOFFSET and len(opt.data) >= 8:
+            elif opt.code == OPT_IF_TSOFFSET and len(opt.data) >= 8:
                 offset = struct.unpack_from(self._order + "q", opt.data)[0]
         self._interfaces.append(_Interface(idb.linktype, LINK_TYPES.get(idb.linktype), divisor, offset))
 

@@ -9,7 +9,6 @@ the outcome, and never keeps a password or a SASL response in anything it output
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -135,6 +134,8 @@ def _tag(raw: bytes) -> str:
     """A tag as kept and shown: whole up to MAX_TAG, else its start and a hash of all of it."""
     if len(raw) <= MAX_TAG:
         return raw.decode("latin-1")
+    import hashlib  # here, not at the top: it loads OpenSSL, a tenth of the start-up, for a rare case
+
     return raw[: MAX_TAG - 17].decode("latin-1") + "~" + hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
