@@ -104,18 +104,11 @@ def flow_record(flow: Flow) -> dict[str, Any]:
 #: Lines queued before one write to the output.
 _BATCH = 256
 
-# Enum members hash in Python code; the hot path compares identities instead.
+# Enum members hash in Python code: the hot path tells the side by identity and looks the kind
+# up by its value (a str, whose hash is cached).
 _CLIENT = Side.CLIENT
-_KINDS = tuple((kind, f'"kind":"{kind.value}",') for kind in Kind)
-
-
-def _side_kind(msg: Message) -> str:
-    side = '"from":"client",' if msg.side is _CLIENT else '"from":"server",'
-    kind = msg.kind
-    for member, frag in _KINDS:
-        if member is kind:
-            return side + frag
-    raise ValueError(kind)
+_FROM_CLIENT = {kind.value: f'"from":"client","kind":"{kind.value}",' for kind in Kind}
+_FROM_SERVER = {kind.value: f'"from":"server","kind":"{kind.value}",' for kind in Kind}
 
 
 class JsonlWriter:
@@ -123,7 +116,8 @@ class JsonlWriter:
 
     def __init__(self, out: IO[str]) -> None:
         self.out = out
-        self._prefix: dict[int, str] = {}
+        self._prefix: dict[Flow, str] = {}
+        """Per open flow: its part of a message record (Flow hashes by identity)."""
         self._lines: list[str] = []
         self._append = self._lines.append
         self._ts = -1.0
@@ -146,37 +140,35 @@ class JsonlWriter:
 
         One record is written per IMAP line, so this is the hottest path of a replay.
         """
-        prefix = self._prefix.get(flow.id)
+        ts, side, kind, tag, command, args, status, code, txt, lat, literals, number, truncated = msg
+        prefix = self._prefix.get(flow)
         if prefix is None:
-            prefix = self._prefix[flow.id] = (
+            prefix = self._prefix[flow] = (
                 f'"flow":{flow.id},"client":{_quote(endpoint(flow.client))},"server":{_quote(endpoint(flow.server))},'
             )
-        q = _quote
-        tag, command, args, status, code, txt, lat = (msg.tag, msg.command, msg.args, msg.status, msg.code,
-                                                      msg.text, msg.latency_ms)
-        ts = msg.ts
         if ts != self._ts:  # the lines of one segment share its time: format it once
             self._ts = ts
-            self._ts_text = repr(ts)
+            self._ts_text = f'{{"type":"message","ts":{ts!r},'
+        q = _quote
         line = (
-            f'{{"type":"message","ts":{self._ts_text},{prefix}{_side_kind(msg)}'
+            f'{self._ts_text}{prefix}{(_FROM_CLIENT if side is _CLIENT else _FROM_SERVER)[kind._value_]}'
             f'"tag":{"null" if tag is None else q(tag)},"command":{"null" if command is None else q(command)},'
             f'"args":{"null" if args is None else q(args)},"status":{"null" if status is None else q(status)},'
             f'"code":{"null" if code is None else q(code)},"text":{"null" if txt is None else q(txt)},'
             f'"latency_ms":{"null" if lat is None else repr(lat)}'
         )
-        if msg.literals:
-            line += ',"literals":[' + ",".join(map(str, msg.literals)) + "]"
-        if msg.number is not None:
-            line += f',"number":{msg.number}'
-        if msg.truncated:
+        if literals:
+            line += ',"literals":[' + ",".join(map(str, literals)) + "]"
+        if number is not None:
+            line += f',"number":{number}'
+        if truncated:
             line += ',"truncated":true'
         self._append(line + "}\n")
         if len(self._lines) >= _BATCH:
             self._drain()
 
     def flow_end(self, flow: Flow) -> None:
-        self._prefix.pop(flow.id, None)
+        self._prefix.pop(flow, None)
         self.write(_dumps(flow_record(flow)) + "\n")
 
     def stats(self, record: dict[str, Any]) -> None:
