@@ -94,6 +94,14 @@ class Message(NamedTuple):
 
 
 _message = tuple.__new__
+# The members the per-line paths use, as module constants: reading ``Kind.UNTAGGED`` goes
+# through the enum's metaclass and costs five times a global.
+_CLIENT = Side.CLIENT
+_SERVER = Side.SERVER
+_REQUEST = Kind.REQUEST
+_RESPONSE = Kind.RESPONSE
+_UNTAGGED_KIND = Kind.UNTAGGED
+_CONTINUATION = Kind.CONTINUATION
 
 
 @dataclass(slots=True)
@@ -357,7 +365,7 @@ class ImapSession:
                 self._idle_tag = tag
                 self.idles += 1
         if self.on_message is not None:
-            self.on_message(_message(Message, (self.now, Side.CLIENT, Kind.REQUEST, tag, cmd, args, None, None,
+            self.on_message(_message(Message, (self.now, _CLIENT, _REQUEST, tag, cmd, args, None, None,
                                                None, None, _sizes(line), None, line.truncated)))
 
     def _mailbox(self, name: str) -> None:
@@ -462,7 +470,7 @@ class ImapSession:
             return
         if c0 == b"+":
             if self.on_message is not None:
-                self.on_message(_message(Message, (self.now, Side.SERVER, Kind.CONTINUATION, None, None, None, None,
+                self.on_message(_message(Message, (self.now, _SERVER, _CONTINUATION, None, None, None, None,
                                                    None, _shown(head[1:].lstrip(b" ")), None, (), None,
                                                    line.truncated)))
             return
@@ -499,7 +507,7 @@ class ImapSession:
         if command is not None and command in _STATE_COMMANDS:
             self._completed(command, status)
         if self.on_message is not None:
-            self.on_message(_message(Message, (self.now, Side.SERVER, Kind.RESPONSE, tag, command, None, status,
+            self.on_message(_message(Message, (self.now, _SERVER, _RESPONSE, tag, command, None, status,
                                                _clip(code), _shown(rest_text), latency, _sizes(line), None,
                                                line.truncated)))
 
@@ -578,7 +586,7 @@ class ImapSession:
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
             if self.on_message is not None:
-                self.on_message(_message(Message, (self.now, Side.SERVER, Kind.UNTAGGED, None, None, None, upper,
+                self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, None, None, upper,
                                                    _clip(code), _clip(txt), None, _sizes(line), None,
                                                    line.truncated)))
             return
@@ -604,7 +612,7 @@ class ImapSession:
         if self.on_message is not None:
             if len(line.chunks) > 1:
                 after = after + b"".join(line.chunks[1:])
-            self.on_message(_message(Message, (self.now, Side.SERVER, Kind.UNTAGGED, None, upper,
+            self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, upper,
                                                _shown(after) if after else None, None, None, None, None,
                                                _sizes(line), number, line.truncated)))
 

@@ -64,6 +64,15 @@ class Mode(enum.Enum):
     """Compressed, and a byte of the deflate stream was lost: nothing more can be read."""
 
 
+# The members as module constants for the per-byte paths: reading ``Mode.LITERAL`` goes through
+# the enum's metaclass and costs five times a global.
+_LINES = Mode.LINES
+_LITERAL = Mode.LITERAL
+_RESYNC = Mode.RESYNC
+_ENCRYPTED = Mode.ENCRYPTED
+_UNDECODABLE = Mode.UNDECODABLE
+
+
 class ImapStream:
     """Reassembles one direction's bytes into `RawLine`s delivered to ``on_line``."""
 
@@ -103,7 +112,7 @@ class ImapStream:
         self.on_line = on_line
         self.on_anomaly = on_anomaly
         self.on_tls = on_tls
-        self.mode = Mode.LINES
+        self.mode = _LINES
         self.buf = bytearray()
         self.tail = b""
         self.chunks: list[bytes] = []
@@ -132,19 +141,19 @@ class ImapStream:
     def start_encryption(self) -> None:
         """Everything after the current line is TLS: stop parsing for good."""
         self._drop_partial()
-        self.mode = Mode.ENCRYPTED
+        self.mode = _ENCRYPTED
 
     def start_compression(self) -> None:
         """Everything after the current line is a raw DEFLATE stream (RFC 4978)."""
-        if self.inflater is None and self.mode is not Mode.ENCRYPTED:
+        if self.inflater is None and self.mode is not _ENCRYPTED:
             self.inflater = zlib.decompressobj(-15)
 
     def cancel_literal(self) -> None:
         """The server refused a synchronising literal: the client will not send its bytes."""
-        if self.mode is Mode.LITERAL and self.lit is not None and self.lit.sync and not self.lit.data:
+        if self.mode is _LITERAL and self.lit is not None and self.lit.sync and not self.lit.data:
             self.lit.complete = False
             self.lit_left = 0
-            self.mode = Mode.LINES
+            self.mode = _LINES
             self._emit()
 
     @property
@@ -154,7 +163,7 @@ class ImapStream:
 
     @property
     def waiting_for_literal(self) -> bool:
-        return self.mode is Mode.LITERAL and self.lit is not None and self.lit.sync and not self.lit.data
+        return self.mode is _LITERAL and self.lit is not None and self.lit.sync and not self.lit.data
 
     @property
     def compressed(self) -> bool:
@@ -165,7 +174,7 @@ class ImapStream:
     def segment(self, head: bytes, wire_len: int, tail: bytes = b"") -> None:
         """One segment: its captured head and tail, ``wire_len`` bytes on the wire."""
         lit = self.lit
-        if (self.mode is Mode.LITERAL and self.lit_left > wire_len and lit.size > LITERAL_KEEP
+        if (self.mode is _LITERAL and self.lit_left > wire_len and lit.size > LITERAL_KEEP
                 and self.inflater is None):
             # Wholly inside a literal too large to keep (the body of a mail): count it.
             captured = len(head) + len(tail)
@@ -176,7 +185,12 @@ class ImapStream:
                 lit.complete = False
             return
         if head:
-            self.feed(head, True)
+            if self.started and self.inflater is None and self.mode is not _ENCRYPTED:
+                # feed() for a stream already under way, uncompressed: the usual case
+                self.bytes_seen += len(head)
+                self._consume(head, True)
+            else:
+                self.feed(head, True)
         missing = wire_len - len(head) - len(tail)
         if missing > 0:
             self.gap(missing)
@@ -188,7 +202,7 @@ class ImapStream:
         if not data:
             return
         self.bytes_seen += len(data)
-        if self.mode is Mode.ENCRYPTED:
+        if self.mode is _ENCRYPTED:
             self.bytes_encrypted += len(data)
             return
         if self.inflater is not None:
@@ -203,7 +217,7 @@ class ImapStream:
                 return
             self.started = True
             if data[:2] in _TLS_RECORD:
-                self.mode = Mode.ENCRYPTED
+                self.mode = _ENCRYPTED
                 self.bytes_encrypted += len(data)
                 if self.on_tls is not None:
                     self.on_tls()
@@ -215,26 +229,26 @@ class ImapStream:
         if n <= 0:
             return
         self.bytes_missed += n
-        if self.mode is Mode.ENCRYPTED or self.mode is Mode.UNDECODABLE:
+        if self.mode is _ENCRYPTED or self.mode is _UNDECODABLE:
             return
         if self.inflater is not None:
             # DEFLATE cannot skip: every later byte depends on the lost ones.
-            self.mode = Mode.UNDECODABLE
+            self.mode = _UNDECODABLE
             self._drop_partial()
             self.on_anomaly("compressed_gap", f"{n} compressed bytes not captured; stream no longer decodable")
             return
         self._start()
-        if self.mode is Mode.LITERAL:
+        if self.mode is _LITERAL:
             take = n if n < self.lit_left else self.lit_left
             self.lit_left -= take
             assert self.lit is not None
             self.lit.complete = False
             n -= take
             if self.lit_left == 0:
-                self.mode = Mode.LINES
+                self.mode = _LINES
             if n == 0:
                 return
-        if self.mode is Mode.RESYNC:
+        if self.mode is _RESYNC:
             return
         self.resyncs += 1
         if self.buf or self.chunks:
@@ -243,13 +257,13 @@ class ImapStream:
             self.buf.clear()
             self.tail = b""
             self._finish_physical(physical, b"", complete=False)
-        if self.mode is Mode.LINES:
-            self.mode = Mode.RESYNC
+        if self.mode is _LINES:
+            self.mode = _RESYNC
 
     def finish(self) -> None:
         """End of the connection: a line still being collected is delivered as truncated."""
         self._start()
-        if self.mode in (Mode.LINES, Mode.LITERAL) and (self.buf or self.chunks):
+        if self.mode in (_LINES, _LITERAL) and (self.buf or self.chunks):
             self.truncated = True
             if self.buf:
                 self.chunks.append(bytes(self.buf).rstrip(b"\r"))
@@ -267,7 +281,7 @@ class ImapStream:
                 self._consume(pre, True)
 
     def _inflate(self, data: bytes) -> None:
-        if self.mode is Mode.UNDECODABLE:
+        if self.mode is _UNDECODABLE:
             return
         self._inflating = True
         try:
@@ -277,14 +291,14 @@ class ImapStream:
                 if out:
                     self.bytes_inflated += len(out)
                     self._consume(out, False)
-                    if self.mode is Mode.ENCRYPTED or self.mode is Mode.UNDECODABLE:
+                    if self.mode is _ENCRYPTED or self.mode is _UNDECODABLE:
                         return
                 tail = inflater.unconsumed_tail
                 if not tail:
                     break
                 out = inflater.decompress(tail, INFLATE_STEP)
         except zlib.error as exc:
-            self.mode = Mode.UNDECODABLE
+            self.mode = _UNDECODABLE
             self._drop_partial()
             self.on_anomaly("inflate_error", str(exc))
         finally:
@@ -293,11 +307,11 @@ class ImapStream:
     def _consume(self, data: bytes, segment_start: bool) -> None:
         pos = 0
         n = len(data)
-        if self.mode is Mode.RESYNC and segment_start and self.line_start(data):
-            self.mode = Mode.LINES
+        if self.mode is _RESYNC and segment_start and self.line_start(data):
+            self.mode = _LINES
         while pos < n:
             mode = self.mode
-            if mode is Mode.LITERAL:
+            if mode is _LITERAL:
                 take = self.lit_left if self.lit_left < n - pos else n - pos
                 lit = self.lit
                 # Only literals that can be kept whole are kept (user names, ID values);
@@ -310,17 +324,17 @@ class ImapStream:
                 if self.lit_left == 0:
                     if len(lit.data) < lit.size:
                         lit.complete = False
-                    self.mode = Mode.LINES
+                    self.mode = _LINES
                 continue
-            if mode is Mode.RESYNC:
+            if mode is _RESYNC:
                 lf = data.find(b"\n", pos)
                 if lf < 0:
                     return
                 pos = lf + 1
-                self.mode = Mode.LINES
+                self.mode = _LINES
                 continue
-            if mode is not Mode.LINES:
-                if mode is Mode.ENCRYPTED:
+            if mode is not _LINES:
+                if mode is _ENCRYPTED:
                     self.bytes_encrypted += n - pos
                 return
             if self.inflater is not None and not self._inflating:
@@ -387,7 +401,7 @@ class ImapStream:
         if size > 0:
             self.lit = lit
             self.lit_left = size
-            self.mode = Mode.LITERAL
+            self.mode = _LITERAL
 
     def _emit(self) -> None:
         line = _raw_line(RawLine, (self.chunks, self.literals, self.truncated))
