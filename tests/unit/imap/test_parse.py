@@ -1,6 +1,8 @@
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imaptap.imap import parse
 from imaptap.imap.parse import Atom, Literal, RawLine
@@ -57,6 +59,25 @@ def test_split_resp_text():
     assert parse.split_resp_text(b"[BADCHARSET (UTF-8 [x])] no") == ("BADCHARSET (UTF-8 [x])", b"no")
     assert parse.split_resp_text(b"plain text") == (None, b"plain text")
     assert parse.split_resp_text(b"[UNTERMINATED") == ("UNTERMINATED", b"")
+
+
+def _split_resp_text_by_depth(data):
+    """The plain definition: the code ends at the "]" that closes the first "["."""
+    if not data.startswith(b"["):
+        return None, data
+    depth = 0
+    for i, c in enumerate(data):
+        depth += (c == 0x5B) - (c == 0x5D)
+        if c == 0x5D and depth == 0:
+            return parse.text(data[1:i]), data[i + 1 :].lstrip(b" ")
+    return parse.text(data[1:]), b""
+
+
+@settings(max_examples=500)
+@given(st.lists(st.sampled_from([b"[", b"]", b" ", b"A", b"1", b"\xff"]), max_size=12).map(b"".join))
+def test_split_resp_text_ends_the_code_at_its_closing_bracket(data):
+    assert parse.split_resp_text(data) == _split_resp_text_by_depth(data)
+    assert parse.split_resp_text(b"[" + data) == _split_resp_text_by_depth(b"[" + data)
 
 
 def test_tokens_strings_lists_and_literals():

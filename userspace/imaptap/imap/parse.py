@@ -251,6 +251,13 @@ def split_resp_text(data: bytes) -> tuple[str | None, bytes]:
     """``(code, rest)`` of a resp-text: ``[CAPABILITY IMAP4rev1] hi`` -> ("CAPABILITY IMAP4rev1", b"hi")."""
     if not data.startswith(b"["):
         return None, data
+    close = data.find(b"]")
+    if close < 0:
+        return text(data[1:]), b""  # unterminated code (e.g. a cut line)
+    if data.find(b"[", 1, close) < 0:
+        # No bracket inside (nearly every code): the first "]" ends it; found in C rather than
+        # by the loop below, which CAPABILITY codes of 300 characters made costly.
+        return text(data[1:close]), data[close + 1 :].lstrip(b" ")
     depth = 0
     for i, c in enumerate(data):
         if c == 0x5B:
