@@ -1,6 +1,9 @@
 """Capture files in, Segments out: pcap and pcapng as dpkt writes them, cut and broken files,
 and the public captures of other projects, whose counts were checked with tshark."""
 
+import contextlib
+import glob
+import json
 import os
 import struct
 
@@ -12,7 +15,8 @@ from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDe
                          InterfaceDescriptionBlockLE, PcapngOption, PcapngOptionLE, SectionHeaderBlock,
                          SectionHeaderBlockLE)
 
-from testenv import PUBLIC_PCAPS
+import imaptap.capture.replay as replay_module
+from testenv import OWN_PCAPS, PUBLIC_PCAPS
 from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
@@ -495,10 +499,28 @@ def _frame(f):
     return bytes(frame[: f["cut"]])
 
 
+#: The pcap loop with its C accelerator (when built) and without it: both must replay alike.
+LOOPS = [pytest.param(True, id="c", marks=pytest.mark.skipif(replay_module._pcapfast is None,
+                                                               reason="C accelerator not built")),
+         pytest.param(False, id="python")]
+
+
+@contextlib.contextmanager
+def _loop(accelerated):
+    saved = replay_module._pcapfast
+    if not accelerated:
+        replay_module._pcapfast = None
+    try:
+        yield
+    finally:
+        replay_module._pcapfast = saved
+
+
+@pytest.mark.parametrize("accelerated", LOOPS)
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_frame_fields, min_size=1, max_size=8), st.sampled_from([{143}, None]),
        st.sampled_from([(256, 128), (64, 0), (8, 600), (65535, 128)]), st.sampled_from([None, "none", "whole"]))
-def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, fields, ports, cut, mode):
+def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, accelerated, fields, ports, cut, mode):
     """The classic pcap reader decodes the usual Ethernet frame in place; whatever the frame,
     its segments and counters must be those of decode_packet and PayloadPolicy.cut."""
     frames = [_frame(f) for f in fields]
@@ -507,7 +529,8 @@ def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, fields, p
         # a payload mode for the flow of the usual client port, as the session would set it
         policy.set(flow_key(C4, 50123, S4, 143), PayloadMode.NONE if mode == "none" else PayloadMode.WHOLE)
     path = write_pcap(tmp_path_factory.mktemp("fast") / "c.pcap", frames)
-    segs, stats = replay(path, ports, policy)
+    with _loop(accelerated):
+        segs, stats = replay(path, ports, policy)
     want, skips = _reference(frames, ports, policy)
     assert segs == want
     assert stats.packets == len(frames) and stats.bytes == sum(map(len, frames))
@@ -517,12 +540,52 @@ def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, fields, p
         skips.count(Skip.FRAGMENT), skips.count(Skip.UNDECODABLE))
 
 
+@pytest.mark.parametrize("accelerated", LOOPS)
 @pytest.mark.parametrize("snap", [8, 64, 300])
-def test_pcap_fast_path_segment_cut_by_the_file(tmp_path, snap):
+def test_pcap_fast_path_segment_cut_by_the_file(tmp_path, accelerated, snap):
     """A record shorter than its frame: the head up to the snap length, and no tail, since the
     record's end is not the segment's end."""
     frame = ethernet(ipv4(tcp(bytes(range(200)) * 3)))[:400]
     policy = PayloadPolicy(snap, 128)
-    segs, _ = replay(write_pcap(tmp_path / "cut.pcap", [frame]), {143}, policy)
+    with _loop(accelerated):
+        segs, _ = replay(write_pcap(tmp_path / "cut.pcap", [frame]), {143}, policy)
     assert segs == _reference([frame], {143}, policy)[0]
     assert (segs[0].wire_len, len(segs[0].payload), segs[0].tail) == (600, min(snap, 400 - 54), b"")
+
+
+def test_accelerator_is_built_in_ci():
+    """scripts/setup installs a C compiler and Python's headers: CI must test the C loop too."""
+    if os.environ.get("CI"):
+        assert replay_module._pcapfast is not None
+
+
+def _cli_records(path, args):
+    """imaptap -r PATH --json ARGS, run in this process, as records without the run time."""
+    import io
+    import tempfile
+
+    from imaptap import cli
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.jsonl")
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = cli.main(["-r", path, "--json", out, *args])
+        with open(out) as f:
+            records = [json.loads(line) for line in f]
+    for r in records:
+        r.pop("seconds", None)
+    return code, err.getvalue(), records
+
+
+@pytest.mark.skipif(replay_module._pcapfast is None, reason="C accelerator not built")
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap"))
+                                        + glob.glob(os.path.join(PUBLIC_PCAPS, "**", "*.pcap"), recursive=True)),
+                         ids=os.path.basename)
+@pytest.mark.parametrize("args", [[], ["-s", "65535"], ["--port", "10143", "--port", "143", "-s", "40", "--tail", "0"]])
+def test_accelerator_and_python_loop_give_the_same_records(path, args):
+    """The whole analysis, payload modes of STARTTLS and COMPRESS included, on every capture."""
+    with _loop(True):
+        accelerated = _cli_records(path, args)
+    with _loop(False):
+        python = _cli_records(path, args)
+    assert accelerated == python
