@@ -21,7 +21,7 @@ from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
                              Segment, flow_key)
-from test_decode import C4, S4, ethernet, ipv4, ipv6, null, sll, sll2, tcp
+from test_decode import C4, C6, S4, S6, ethernet, ipv4, ipv6, null, sll, sll2, tcp
 
 TS = 1_700_000_000.25
 
@@ -472,7 +472,10 @@ def _mostly(usual, *odd):
 
 _frame_fields = st.fixed_dictionaries({
     "payload": st.one_of(st.binary(max_size=40), st.binary(min_size=200, max_size=700)),
+    "ip": st.sampled_from([4, 4, 6]),
     "ihl_opts": _mostly(b"", b"\x01\x01\x01\x00"),
+    "v6_ext": _mostly(None, b"\x06\x00" + bytes(6)),  # a hop-by-hop header before TCP
+    "v6_version": _mostly(6, 4),
     "tcp_opts": st.sampled_from([b"", b"\x01\x01\x01\x00", b"\x01" * 40]),
     "flags": st.sampled_from([0x10, 0x18, 0x02, 0x12, 0x11, 0x04, 0x00]),
     "proto": _mostly(6, 17),
@@ -488,14 +491,23 @@ _frame_fields = st.fixed_dictionaries({
 
 
 def _frame(f):
-    frame = bytearray(ethernet(ipv4(tcp(f["payload"], sport=f["sport"], dport=f["dport"], flags=f["flags"],
-                                        opts=f["tcp_opts"]), proto=f["proto"], off=f["frag"], opts=f["ihl_opts"]),
-                               ethertype=f["ethertype"]) + f["pad"])
+    segment = tcp(f["payload"], sport=f["sport"], dport=f["dport"], flags=f["flags"], opts=f["tcp_opts"])
+    if f["ip"] == 4:
+        packet = ipv4(segment, proto=f["proto"], off=f["frag"], opts=f["ihl_opts"])
+        length_at, tcp_at = 14 + 2, 14 + 20 + len(f["ihl_opts"])
+        ethertype = f["ethertype"]
+    else:
+        ext = f["v6_ext"] or b""
+        packet = ipv6(segment, ext=ext, nxt=0 if ext else (6 if f["proto"] == 6 else 17))
+        length_at, tcp_at = 14 + 4, 14 + 40 + len(ext)
+        ethertype = {0x0800: 0x86DD, 0x86DD: 0x0800}.get(f["ethertype"], f["ethertype"])
+    frame = bytearray(ethernet(packet, ethertype=ethertype) + f["pad"])
     if f["total_len"] is not None:
-        struct.pack_into("!H", frame, 16, f["total_len"])
+        struct.pack_into("!H", frame, length_at, f["total_len"])
     if f["data_offset"] is not None:
-        tcp_at = 14 + 20 + len(f["ihl_opts"])
         frame[tcp_at + 12] = f["data_offset"] << 4
+    if f["ip"] == 6:
+        frame[14] = f["v6_version"] << 4 | frame[14] & 0x0F
     return bytes(frame[: f["cut"]])
 
 
@@ -527,7 +539,8 @@ def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, accelerat
     policy = PayloadPolicy(*cut)
     if mode is not None:
         # a payload mode for the flow of the usual client port, as the session would set it
-        policy.set(flow_key(C4, 50123, S4, 143), PayloadMode.NONE if mode == "none" else PayloadMode.WHOLE)
+        for c, s in ((C4, S4), (C6, S6)):
+            policy.set(flow_key(c, 50123, s, 143), PayloadMode.NONE if mode == "none" else PayloadMode.WHOLE)
     path = write_pcap(tmp_path_factory.mktemp("fast") / "c.pcap", frames)
     with _loop(accelerated):
         segs, stats = replay(path, ports, policy)

@@ -2,21 +2,24 @@
  *
  * _PcapReader._segments frames pcap records and decodes the usual Ethernet frame (untagged
  * IPv4 without options, TCP) in place.  This module does the very same steps, record by
- * record, so that a pure ACK or a packet on another port costs no Python bytecode at all and a
- * segment costs one call.  It never decides anything the Python code would decide otherwise:
- * a frame it is not sure about, or a segment of a flow with a payload mode, is handed back to
- * the Python code, which treats it exactly as without this module.  Without a C compiler the
- * package works unchanged (the build is optional); tests/unit/capture/test_replay.py runs the
- * same checks on both paths.
+ * record, and also takes untagged IPv6 with TCP right after the fixed header (the steps of
+ * decode.decode_ipv6 and decode._tcp_packet for it), so that a pure ACK or a packet on another
+ * port costs no Python bytecode at all and a segment costs one call.  It never decides
+ * anything the Python code would decide otherwise: a frame it is not sure about, or a segment
+ * of a flow with a payload mode, is handed back to the Python loop, which treats it exactly as
+ * without this module.  Without a C compiler the package works unchanged (the build is
+ * optional); tests/unit/capture/test_replay.py runs the same checks on both paths.
  *
  * scan(buf, off, stats, config) -> (code, off, segment or None), codes below; the records it
  * consumed are counted in stats as the Python loop counts them.  config is a tuple made once
- * per replay (replay._PcapReader._accelerated).
+ * per replay (in replay._PcapReader._segments).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
 
 enum {
     NEED_MORE = 0, /* off: the start of an incomplete record, or the end of buf */
@@ -28,6 +31,7 @@ enum {
 #define ETHERNET_LEN 14
 #define IPV4_MIN_LEN 20
 #define TCP_MIN_LEN 20
+#define IPV6_LEN 40
 #define FAST_LEN (ETHERNET_LEN + IPV4_MIN_LEN + TCP_MIN_LEN)
 #define LIFECYCLE 0x07 /* FIN SYN RST */
 
@@ -77,6 +81,15 @@ static PyObject *ntoa(const unsigned char *a)
             *t++ = '.';
     }
     return PyUnicode_FromStringAndSize(text, t - text);
+}
+
+/* An IPv6 address as socket.inet_ntop writes it: it calls the same libc function. */
+static PyObject *ntop6(const unsigned char *a)
+{
+    char text[INET6_ADDRSTRLEN];
+    if (inet_ntop(AF_INET6, a, text, sizeof text) == NULL)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyUnicode_FromString(text);
 }
 
 static PyObject *result(int code, Py_ssize_t off, PyObject *value)
@@ -137,15 +150,41 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         if (stop > n)
             break;
         const unsigned char *f = buf + start;
-        /* decode.ETHERNET_IPV4_TCP: EtherType IPv4, version 4 and IHL 5, TCP, not a fragment */
-        uint32_t total_len = be16(f + 16);
-        uint32_t header_len = (f[46] >> 4) * 4;
-        if (be16(f + 12) != 0x0800 || f[14] != 0x45 || f[23] != 6 || (be16(f + 20) & 0x3FFF)
-                || header_len < TCP_MIN_LEN || (total_len < IPV4_MIN_LEN && total_len != 0)) {
+        Py_ssize_t tcp, ip_end;
+        int version;
+        uint32_t ethertype = be16(f + 12);
+        if (ethertype == 0x0800) {
+            /* decode.ETHERNET_IPV4_TCP: version 4 and IHL 5, TCP, not a fragment; a zero total
+               length (segmentation offload) reaches to the end of the record */
+            uint32_t total_len = be16(f + 16);
+            if (f[14] != 0x45 || f[23] != 6 || (be16(f + 20) & 0x3FFF) || (total_len < IPV4_MIN_LEN && total_len != 0)) {
+                code = PYTHON;
+                break;
+            }
+            version = 4;
+            tcp = ETHERNET_LEN + IPV4_MIN_LEN;
+            ip_end = total_len ? start + ETHERNET_LEN + (Py_ssize_t)total_len : stop;
+        } else if (ethertype == 0x86DD && caplen >= ETHERNET_LEN + IPV6_LEN + TCP_MIN_LEN) {
+            /* decode.decode_ipv6 without extension headers: TCP right after the fixed header;
+               a zero payload length (a jumbogram, segmentation offload) as above */
+            uint32_t payload_len = be16(f + 18);
+            if (f[14] >> 4 != 6 || f[20] != 6) {
+                code = PYTHON;
+                break;
+            }
+            version = 6;
+            tcp = ETHERNET_LEN + IPV6_LEN;
+            ip_end = payload_len ? start + ETHERNET_LEN + IPV6_LEN + (Py_ssize_t)payload_len : stop;
+        } else {
             code = PYTHON;
             break;
         }
-        uint32_t sport = be16(f + 34), dport = be16(f + 36);
+        uint32_t header_len = (f[tcp + 12] >> 4) * 4;
+        if (header_len < TCP_MIN_LEN) {
+            code = PYTHON;
+            break;
+        }
+        uint32_t sport = be16(f + tcp), dport = be16(f + tcp + 2);
         if (bitmap && !(bitmap[sport >> 3] & (1 << (sport & 7))) && !(bitmap[dport >> 3] & (1 << (dport & 7)))) {
             off = stop;
             packets += 1;
@@ -153,10 +192,9 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             other_ports += 1;
             continue;
         }
-        Py_ssize_t ip_end = total_len ? start + ETHERNET_LEN + (Py_ssize_t)total_len : stop;
-        Py_ssize_t payload = start + ETHERNET_LEN + IPV4_MIN_LEN + header_len;
+        Py_ssize_t payload = start + tcp + header_len;
         Py_ssize_t wire_len = ip_end - payload;
-        unsigned flags = f[47];
+        unsigned flags = f[tcp + 13];
         if (wire_len <= 0) {
             if (!(flags & LIFECYCLE)) {
                 off = stop;
@@ -170,7 +208,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         Py_ssize_t captured_end = ip_end < stop ? ip_end : stop; /* Ethernet padding is not payload */
         Py_ssize_t captured = captured_end - payload;
 
-        PyObject *src = ntoa(f + 26), *dst = ntoa(f + 30);
+        PyObject *src = version == 4 ? ntoa(f + ETHERNET_LEN + 12) : ntop6(f + ETHERNET_LEN + 8);
+        PyObject *dst = version == 4 ? ntoa(f + ETHERNET_LEN + 16) : ntop6(f + ETHERNET_LEN + 24);
         if (src == NULL || dst == NULL) {
             Py_XDECREF(src);
             Py_XDECREF(dst);
@@ -225,8 +264,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                   : PyBytes_FromStringAndSize(NULL, 0);
         PyObject *items[13] = {
             PyFloat_FromDouble((double)sec + (double)frac / divisor),
-            PyLong_FromLong(4), src, dst, PyLong_FromUnsignedLong(sport), PyLong_FromUnsignedLong(dport),
-            PyLong_FromUnsignedLong(rd32(f + 38, 1)), PyLong_FromUnsignedLong(rd32(f + 42, 1)),
+            PyLong_FromLong(version), src, dst, PyLong_FromUnsignedLong(sport), PyLong_FromUnsignedLong(dport),
+            PyLong_FromUnsignedLong(rd32(f + tcp + 4, 1)), PyLong_FromUnsignedLong(rd32(f + tcp + 8, 1)),
             PyLong_FromUnsignedLong(flags), PyLong_FromSsize_t(wire_len), head, PyLong_FromLong(0), tail,
         };
         PyObject *seg = NULL;
