@@ -127,6 +127,7 @@ _AUTHENTICATED_COMMANDS = frozenset(
 #: Commands whose tagged completion changes the session's state.
 _STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
+_STATUSES = parse.STATUSES
 _UNTAGGED = re.compile(rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$", re.S)
 #: Untagged data responses with a message number (RFC 3501, 9051).
 _NUMBERED_DATA = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH"})
@@ -464,11 +465,10 @@ class ImapSession:
         first = self._server_lines == 0
         self._server_lines += 1
         head = line.chunks[0]
-        c0 = head[:1]
-        if c0 == b"*" and head[1:2] == b" ":
+        if head[:2] == b"* ":
             self._untagged(line, head, first)
             return
-        if c0 == b"+":
+        if head[:1] == b"+":
             if self.on_message is not None:
                 self.on_message(_message(Message, (self.now, _SERVER, _CONTINUATION, None, None, None, None,
                                                    None, _shown(head[1:].lstrip(b" ")), None, (), None,
@@ -508,8 +508,8 @@ class ImapSession:
             self._completed(command, status)
         if self.on_message is not None:
             self.on_message(_message(Message, (self.now, _SERVER, _RESPONSE, tag, command, None, status,
-                                               _clip(code), _shown(rest_text), latency, _sizes(line), None,
-                                               line.truncated)))
+                                               _clip(code), _shown(rest_text), latency,
+                                               _sizes(line) if line.literals else (), None, line.truncated)))
 
     def _lost_login_completion(self, command: str | None, status: str) -> None:
         """A later command was sent or completed while LOGIN/AUTHENTICATE's own completion was
@@ -570,7 +570,7 @@ class ImapSession:
         upper = word_b.decode("latin-1").upper()
         if after is None:
             after = b""
-        if number_b is None and upper in parse.STATUSES:
+        if number_b is None and upper in _STATUSES:
             code, rest_text = parse.split_resp_text(after)
             if code is not None:
                 self._response_code(code, line.truncated and not rest_text)
@@ -587,8 +587,8 @@ class ImapSession:
                 self.last_status = upper
             if self.on_message is not None:
                 self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, None, None, upper,
-                                                   _clip(code), _clip(txt), None, _sizes(line), None,
-                                                   line.truncated)))
+                                                   _clip(code), _clip(txt), None,
+                                                   _sizes(line) if line.literals else (), None, line.truncated)))
             return
         if number_b is not None:
             if upper not in _NUMBERED_DATA:
@@ -610,11 +610,12 @@ class ImapSession:
                 if self.server_software is None and self.server_id and self.server_id.get("name"):
                     self.server_software = self.server_id["name"][:MAX_SOFTWARE]
         if self.on_message is not None:
-            if len(line.chunks) > 1:
-                after = after + b"".join(line.chunks[1:])
+            chunks, literals, truncated = line
+            if len(chunks) > 1:
+                after = after + b"".join(chunks[1:])
             self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, upper,
                                                _shown(after) if after else None, None, None, None, None,
-                                               _sizes(line), number, line.truncated)))
+                                               _sizes(line) if literals else (), number, truncated)))
 
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")

@@ -346,11 +346,11 @@ class ImapStream:
                 self._append(data, pos, n)
                 return
             if not self.buf and not self.chunks and lf - pos <= LINE_CAP:
-                # The common case: a whole line inside one segment, no literal.
-                line = data[pos:lf]
-                if line[-1:] == b"\r":
-                    line = line[:-1]
-                if line[-1:] != b"}":
+                # The common case: a whole line inside one segment, no literal (its end found
+                # by index, so the line is sliced once).
+                end = lf - 1 if lf > pos and data[lf - 1] == 0x0D else lf  # without its CR
+                if end == pos or data[end - 1] != 0x7D:  # not a literal's "}"
+                    line = data[pos:end]
                     pos = lf + 1
                     self.lines += 1
                     self.on_line(_raw_line(RawLine, ([line], [], False)))
