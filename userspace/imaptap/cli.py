@@ -145,10 +145,11 @@ def _open_output(path: str) -> tuple[IO[str], bool]:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def _run(segments: Iterable[Segment], table: FlowTable) -> None:
+def _run(segments: Iterable[Segment | None], table: FlowTable) -> None:
     add = table.add
     for seg in segments:
-        add(seg)
+        if seg is not None:  # None: a tick, so a signal is seen in traffic of other ports too
+            add(seg)
         if _stop:
             return
 
@@ -264,7 +265,7 @@ def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: Flow
         return str(exc)
     stats = ReplayStats()
     try:
-        _run(reader.segments(set(ports), policy, stats), table)
+        _run(reader.segments(set(ports), policy, stats, ticks=True), table)
     except CaptureFileError as exc:
         return str(exc)
     finally:

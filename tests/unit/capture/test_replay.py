@@ -602,3 +602,35 @@ def test_accelerator_and_python_loop_give_the_same_records(path, args):
     with _loop(False):
         python = _cli_records(path, args)
     assert accelerated == python
+
+
+# --- ticks: a caller sees control in a long stretch without segments --------------------------
+
+def other_port_frames(n):
+    frame = ethernet(ipv4(tcp(b"GET / HTTP/1.1\r\n", sport=40000, dport=80)))
+    return [frame] * n
+
+
+def test_ticks_come_every_read_buffer_of_a_pcap_without_segments(tmp_path):
+    frames = conversation(2) + other_port_frames(3 * replay_module.READ_BUFFER // 70) + conversation(1)
+    path = write_pcap(tmp_path / "long.pcap", frames)
+    with contextlib.closing(open_capture(path)) as reader:
+        got = list(reader.segments({143}, PayloadPolicy(), ReplayStats(), ticks=True))
+    segs = [s for s in got if s is not None]
+    first, last = got.index(segs[1]), got.index(segs[2])
+    assert last - first - 1 >= path.stat().st_size // replay_module.READ_BUFFER - 1  # ticks in the stretch
+    with contextlib.closing(open_capture(path)) as reader:
+        assert segs == list(reader.segments({143}, PayloadPolicy(), ReplayStats()))  # ticks change nothing else
+
+
+def test_ticks_come_every_few_thousand_records_of_a_pcapng(tmp_path):
+    path = tmp_path / "long.pcapng"
+    with open(path, "wb") as f:
+        w = dpkt.pcapng.Writer(f, snaplen=65535, linktype=1)
+        for i, frame in enumerate(other_port_frames(3 * replay_module.TICK_RECORDS) + conversation(1)):
+            w.writepkt(frame, ts=TS + i)
+    with contextlib.closing(open_capture(path)) as reader:
+        got = list(reader.segments({143}, PayloadPolicy(), ReplayStats(), ticks=True))
+    assert got[:3] == [None, None, None] and [s.payload for s in got[3:]] == [b"a0 NOOP\r\n"]
+    with contextlib.closing(open_capture(path)) as reader:
+        assert list(reader.segments({143}, PayloadPolicy(), ReplayStats())) == got[3:]

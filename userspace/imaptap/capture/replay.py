@@ -66,6 +66,8 @@ MAX_BLOCK_LEN = 16 * 1024 * 1024
 
 #: Read-ahead of the file: records are small, and one system call per record would dominate.
 READ_BUFFER = 1 << 20
+#: Records between two ticks of the generic (pcapng) loop: see `CaptureReader.segments`.
+TICK_RECORDS = 4096
 
 #: Connections whose addresses are kept as text by the pcap fast path; past this the memo
 #: starts again, so a scan of many addresses cannot grow it.
@@ -212,22 +214,32 @@ class CaptureReader:
         """The path as given, for messages."""
         self._file = f
 
-    def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats) -> Iterator[Segment]:
+    def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
+                 ticks: bool = False) -> Iterator[Segment | None]:
         """Every TCP segment with ``sport`` or ``dport`` in ``ports`` (None: all), payload cut by ``policy``.
 
         Pure ACKs (no payload, no SYN, FIN or RST) are counted, not yielded, as in the kernel.
         If the file turns out cut short or corrupt, everything before the bad record is yielded
-        first, then CaptureFileError is raised.
+        first, then CaptureFileError is raised.  ``ticks``: also yield None after every
+        READ_BUFFER bytes of records (classic pcap) or TICK_RECORDS records (pcapng), so a
+        caller can answer a signal in a long stretch of traffic that yields no segment.
         """
         try:
-            yield from self._segments(ports, policy, stats)
+            yield from self._segments(ports, policy, stats, ticks)
         except OSError as exc:  # a disk or network file system failing mid-way
             raise self._error(f"read error: {exc.strerror or exc}") from None
 
-    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats) -> Iterator[Segment]:
+    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
+                  ticks: bool = False) -> Iterator[Segment | None]:
         other_port, empty = Skip.OTHER_PORT, Skip.EMPTY
         cut = policy.cut
+        countdown = TICK_RECORDS
         for ts, decode, data in self._records(stats):
+            countdown -= 1
+            if not countdown:
+                countdown = TICK_RECORDS
+                if ticks:
+                    yield None
             stats.packets += 1
             stats.bytes += len(data)
             p = decode(data, ports)
@@ -285,7 +297,8 @@ class _PcapReader(CaptureReader):
         self._divisor = 1e9 if nano else 1e6
         self._data_start = len(buf)
 
-    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats) -> Iterator[Segment]:
+    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
+                  ticks: bool = False) -> Iterator[Segment | None]:
         """The generic loop over `_records`, fused into one for classic pcap: one link type and
         fixed record headers, read in large chunks.  This loop runs once per packet of a
         capture, and the two generators and the reads per record were a third of a replay.
@@ -411,6 +424,8 @@ class _PcapReader(CaptureReader):
                 yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
                                             wire_len, head, 0, tail))
             stats.position = base + off
+            if ticks:
+                yield None
             if end_of_file:
                 if off < n:
                     what = "record header" if n - off < record_len else "record"

@@ -198,7 +198,7 @@ class ReplaySource(Source):
 
     def segments(self) -> Iterator[Segment | None]:
         # CaptureFileError (a cut or corrupt file) comes after the last good segment.
-        return self.reader.segments(set(self.ports), self.policy, self.stats)
+        return self.reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
 
     def progress(self) -> tuple[int | None, int | None]:
         return self.stats.position, self.size
