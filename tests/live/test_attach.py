@@ -32,6 +32,8 @@ def test_detach_leaves_nothing_behind(netlab):
         assert netlab.xdp_attached()
         assert "imaptap_tc_eg" in netlab.tc_filters("egress")
         assert cap.xdp_modes == {netlab.host_if: "native"}
+        # the lab's interface is a veth: the user is told what native XDP costs there
+        assert any(n.startswith(f"{netlab.host_if} is a veth") and "--no-xdp" in n for n in cap.notes)
     assert not netlab.xdp_attached()
     assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
     assert not netlab.has_clsact()
@@ -39,8 +41,8 @@ def test_detach_leaves_nothing_behind(netlab):
 
 def test_detach_on_exception_and_no_xdp(netlab):
     with pytest.raises(RuntimeError):
-        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False):
-            assert not netlab.xdp_attached()
+        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False) as cap:
+            assert not netlab.xdp_attached() and not any("veth" in n for n in cap.notes)
             assert "imaptap_tc_in" in netlab.tc_filters("ingress")
             raise RuntimeError("boom")
     assert not netlab.xdp_attached()

@@ -806,9 +806,21 @@ class LiveCapture:
                 continue
             self._attached.append(("xdp", name, index, flags))
             self.xdp_modes[name] = mode
+            if mode == "native" and self._link_kind(index) == "veth":
+                self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
+                                  " segmentation offload on its peer, which can cost most of the"
+                                  " throughput into it; --no-xdp captures with TC instead")
             return
         hint = "; try --xdp-mode skb" if self.xdp_mode == "native" else "; try --no-xdp"
         raise LiveError(f"could not attach XDP to {name} ({', '.join(errors)}){hint}")
+
+    def _link_kind(self, index: int) -> str | None:
+        """The link's kind as `ip -d link` shows it (veth, bridge, ...); None for a plain device."""
+        try:
+            (link,) = self._ipr.get_links(index)
+        except Exception:  # noqa: BLE001 - only a note depends on it
+            return None
+        return _attr(_nested(link, "IFLA_LINKINFO"), "IFLA_INFO_KIND")
 
     # --- stop ----------------------------------------------------------------------------------
 
