@@ -51,8 +51,18 @@ class UsageError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
+    #: While arguments are being added: argparse then makes a formatter per argument only to
+    #: check its metavar, and the terminal's width (looked up by importing shutil, 2% of a
+    #: replay's start-up) matters only when help is printed.
+    building = True
+
     def error(self, message: str) -> None:  # one line, not usage + line
         raise UsageError(f"{message} (see imaptap --help)")
+
+    def _get_formatter(self) -> argparse.HelpFormatter:
+        if self.building:
+            return self.formatter_class(prog=self.prog, width=80)
+        return super()._get_formatter()
 
 
 def _int_in(what: str, low: int, high: int):
@@ -123,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="once attached, run as USER with only the capabilities still needed"
                            f" (default {DEFAULT_USER}; 'root' keeps every privilege)")
     p.add_argument("-V", "--version", action="version", version=f"imaptap {__version__}")
+    p.building = False
     return p
 
 
