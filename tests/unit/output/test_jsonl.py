@@ -58,3 +58,31 @@ def test_control_characters_are_escaped_in_json():
     writer.message(FLOW, Message(1.0, Side.CLIENT, Kind.REQUEST, tag="a", command="LOGIN", args="\x1b[31mx\x00 ***"))
     writer.flush()
     assert "\x1b" not in out.getvalue() and "\\u001b" in out.getvalue()
+
+
+def test_fast_flow_line_equals_the_encoded_record():
+    import glob
+    import os
+
+    from imaptap.capture.replay import ReplayStats, open_capture
+    from imaptap.output.jsonl import _dumps, flow_line, flow_record
+    from imaptap.segment import PayloadPolicy
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(glob.glob(os.path.join(here, "..", "..", "..", "pcaps", "*.pcap*")))
+    assert paths
+    flows = [a_flow(), a_flow(("192.0.2.7", 5000))]
+    for path in paths:
+        for snaplen in (256, 65535):
+            table = FlowTable({143}, on_flow_end=flows.append)
+            table.policy = policy = PayloadPolicy(snaplen, 128)
+            reader = open_capture(path)
+            try:
+                for seg in reader.segments({143}, policy, ReplayStats()):
+                    table.add(seg)
+            finally:
+                reader.close()
+            table.close_all("end")
+    assert len(flows) > 20
+    for flow in flows:
+        assert flow_line(flow) == _dumps(flow_record(flow))

@@ -101,6 +101,62 @@ def flow_record(flow: Flow) -> dict[str, Any]:
     }
 
 
+_JSON_OPTIONAL_BOOL = {None: "null", True: "true", False: "false"}
+
+
+def _strings(items: list[str]) -> str:
+    return "[" + ",".join(map(_quote, items)) + "]"
+
+
+def _counts(counts: dict[str, int]) -> str:
+    return "{" + ",".join([f"{_quote(k)}:{v}" for k, v in counts.items()]) + "}"
+
+
+def _float(x: float) -> str:
+    text = repr(x)
+    return text if "n" not in text else _dumps(x)  # inf and nan: as json writes them
+
+
+def _optional(s: str | None) -> str:
+    return "null" if s is None else _quote(s)
+
+
+def flow_line(flow: Flow) -> str:
+    """Same bytes as ``_dumps(flow_record(flow))``, built without the dict and the encoder:
+    json's encoder took 20 µs a flow, a twentieth of a replay's time."""
+    s = flow.session
+    c2s, s2c = flow.c2s, flow.s2c
+    client, server = s.client, s.server
+    return (
+        f'{{"type":"flow","flow":{flow.id},"client":{_quote(endpoint(flow.client))},'
+        f'"server":{_quote(endpoint(flow.server))},"ip_version":{flow.ip_version},'
+        f'"first_ts":{_float(flow.first_ts)},"last_ts":{_float(flow.last_ts)},'
+        f'"packets":{flow.packets},"bytes":{flow.bytes},"packets_c2s":{flow.packets_c2s},'
+        f'"packets_s2c":{flow.packets_s2c},"bytes_c2s":{flow.bytes_c2s},"bytes_s2c":{flow.bytes_s2c},'
+        f'"end":{_optional(flow.end_reason)},"imap":{_JSON_OPTIONAL_BOOL[s.is_imap]},'
+        f'"greeting":{_optional(s.greeting)},"server_software":{_optional(s.server_software)},'
+        f'"username":{_optional(s.username)},"authzid":{_optional(s.authzid)},'
+        f'"auth_command":{_optional(s.auth_command)},"auth_mechanism":{_optional(s.auth_mechanism)},'
+        f'"login_ok":{_JSON_OPTIONAL_BOOL[s.login_ok]},"login_failures":{s.login_failures},'
+        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_strings(s.capabilities)},'
+        f'"starttls":{_quote(s.starttls.value)},"encrypted":{_JSON_OPTIONAL_BOOL[s.encrypted]},'
+        f'"encrypted_from_start":{_JSON_OPTIONAL_BOOL[s.encrypted_from_start]},'
+        f'"compressed":{_JSON_OPTIONAL_BOOL[s.compressed]},'
+        f'"cleartext_credentials":{_JSON_OPTIONAL_BOOL[s.cleartext_credentials]},'
+        f'"findings":{_strings(s.findings)},'
+        f'"client_id":{"null" if s.client_id is None else _dumps(s.client_id)},'
+        f'"server_id":{"null" if s.server_id is None else _dumps(s.server_id)},'
+        f'"mailboxes":{_strings(s.mailboxes)},"mailboxes_dropped":{s.mailboxes_dropped},"idles":{s.idles},'
+        f'"commands":{_counts(s.commands)},"statuses":{_counts(s.statuses)},"anomalies":{_counts(s.anomalies)},'
+        f'"gaps":{c2s.holes + s2c.holes},"gap_bytes":{c2s.hole_bytes + s2c.hole_bytes},'
+        f'"resyncs":{client.resyncs + server.resyncs},'
+        f'"bytes_not_captured":{client.bytes_missed + server.bytes_missed},'
+        f'"bytes_inflated":{client.bytes_inflated + server.bytes_inflated},'
+        f'"retransmissions":{c2s.retransmissions + s2c.retransmissions},'
+        f'"out_of_order":{c2s.out_of_order + s2c.out_of_order}}}'
+    )
+
+
 #: Lines queued before one write to the output.
 _BATCH = 256
 
@@ -169,7 +225,7 @@ class JsonlWriter:
 
     def flow_end(self, flow: Flow) -> None:
         self._prefix.pop(flow, None)
-        self.write(_dumps(flow_record(flow)) + "\n")
+        self.write(flow_line(flow) + "\n")
 
     def stats(self, record: dict[str, Any]) -> None:
         self.write(_dumps({"type": "stats", **record}) + "\n")
