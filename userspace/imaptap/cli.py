@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import os
 import signal
 import sys
@@ -274,6 +275,10 @@ def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: Flow
         reader = open_capture(path)
     except CaptureFileError as exc:
         return str(exc)
+    # Everything made so far (modules, classes, functions) lives until exit: kept out of the
+    # collector's generations, it is not traversed again at each collection of the replay,
+    # whose flows are cyclic garbage by the thousand (2% of the instructions of a replay).
+    gc.freeze()
     stats = ReplayStats()
     try:
         _run(reader.segments(set(ports), policy, stats, ticks=True), table)
