@@ -1,0 +1,91 @@
+"""The kernel program through the real verifier of older kernels (scripts/verifier-check).
+
+test_kernel_compat.py checks what each variant asks of its oldest kernel by reading the
+bytecode; here the verifiers of Debian 11's 5.10 and Debian 12's 6.1 decide, in qemu: every
+variant is loaded on both, and each must pass where capture/live.py would build it.  The XDP
+variant on 5.10 (bpf_xdp_load_bytes is 5.18) must be refused: it shows a refusal is seen.
+
+Needs root, bcc, gcc, qemu-system-x86_64 (scripts/setup installs it) and, once, deb.debian.org
+for the two kernel images (cached in /var/cache/imaptap/kernels).  Skips without them on a
+workstation, fails with CI=true.  About 20 s (two TCG boots side by side) once cached.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import re
+import shutil
+
+import pytest
+
+from livelab import IN_CI, ROOT
+
+
+def _load_script():
+    loader = importlib.machinery.SourceFileLoader("verifier_check", str(ROOT / "scripts" / "verifier-check"))
+    spec = importlib.util.spec_from_loader("verifier_check", loader)
+    mod = importlib.util.module_from_spec(spec)
+    loader.exec_module(mod)
+    return mod
+
+
+vc = _load_script()
+
+
+def _unavailable(reason: str):
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def verdicts(live_ready) -> dict:
+    for tool in ("qemu-system-x86_64", "gcc", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            _unavailable(f"{tool} is missing (scripts/setup installs it)")
+    try:
+        images = {k: vc.kernel_image(k) for k in vc.KERNELS}
+    except (OSError, vc.CheckError) as exc:
+        _unavailable(f"the Debian kernel images could not be fetched: {exc}")
+    assert all(p.exists() for p in images.values())
+    try:
+        out = vc.run(list(vc.KERNELS), list(vc.VARIANTS))
+    except vc.CheckError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    print(vc.table(out["results"]))
+    print(out["timings"])
+    return {(r["kernel"], r["variant"], r["program"]): r for r in out["results"]}
+
+
+def _explain(r: dict) -> str:
+    return "\n".join([f"{r['kernel']} ({r['release']}) {r['variant']} {r['program']}: {r['status']} {r['detail']}",
+                      *r["failed_maps"], *r["log"][-30:]])
+
+
+@pytest.mark.parametrize(("kernel", "variant", "program"), [
+    ("5.10", "ringbuf+tc", "imaptap_tc_in"), ("5.10", "ringbuf+tc", "imaptap_tc_eg"),
+    ("5.10", "perf+tc", "imaptap_tc_in"), ("5.10", "perf+tc", "imaptap_tc_eg"),
+    ("6.1", "ringbuf+xdp", "imaptap_xdp"), ("6.1", "ringbuf+xdp", "imaptap_tc_eg"),
+])
+def test_the_old_verifier_accepts(verdicts, kernel, variant, program):
+    r = verdicts[(kernel, variant, program)]
+    assert r["release"].startswith(kernel + ".")
+    assert r["status"] == "LOADED", _explain(r)
+    assert r["type"] == ("XDP" if program == "imaptap_xdp" else "SCHED_CLS")
+
+
+def test_every_variant_loads_where_live_py_builds_it(verdicts):
+    expected = [r for r in verdicts.values() if r["expected"]]
+    assert len(expected) == 10  # 5.10: ringbuf+tc, perf+tc; 6.1: all three
+    bad = [_explain(r) for r in expected if r["status"] != "LOADED"]
+    assert not bad, "\n\n".join(bad)
+
+
+def test_a_refusal_is_seen(verdicts):
+    # bpf_xdp_get_buff_len and bpf_xdp_load_bytes arrived in 5.18: the 5.10 verifier must
+    # refuse the XDP program ("invalid func unknown#188": 5.10 has no name for the helper).
+    r = verdicts[("5.10", "ringbuf+xdp", "imaptap_xdp")]
+    assert not r["expected"]
+    assert r["status"] == "REJECTED", _explain(r)
+    assert any(re.search(r"(invalid|unknown) func", line) for line in r["log"]), _explain(r)
