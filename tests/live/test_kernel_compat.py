@@ -1,7 +1,7 @@
 """The kernel program on kernels older than this one: what can be checked without booting them.
 
-Only this machine's kernel (6.18) is here, so the verifier itself runs on 6.18 only (every
-live test).  What can be checked is what the older kernels would be asked for: imaptap builds
+The real verifiers of older kernels run in tests/live/test_old_kernels.py (Debian's 5.10 and
+6.1 in qemu).  This file checks, from the bytecode alone, what any older kernel is asked for: imaptap builds
 one of three variants (capture/live.py picks it from the running kernel), and each may only
 call BPF helpers, and create map types, that the oldest kernel given that variant has, and
 none has a loop unless that kernel verifies bounded loops.  The
