@@ -73,6 +73,23 @@ _ENCRYPTED = Mode.ENCRYPTED
 _UNDECODABLE = Mode.UNDECODABLE
 
 
+def _inflate_until_error(inflater: zlib._Decompress, data: bytes) -> bytes:
+    """What ``inflater`` makes of ``data`` before the byte it cannot take (at most INFLATE_STEP
+    bytes: one call with that limit stopped short of the error, or it would not have failed)."""
+    out = []
+    n = 0
+    for i in range(len(data)):
+        try:
+            chunk = inflater.decompress(data[i : i + 1])
+        except zlib.error:
+            break
+        out.append(chunk)
+        n += len(chunk)
+        if n >= INFLATE_STEP:
+            break
+    return b"".join(out)[:INFLATE_STEP]
+
+
 class ImapStream:
     """Reassembles one direction's bytes into `RawLine`s delivered to ``on_line``."""
 
@@ -286,21 +303,29 @@ class ImapStream:
         self._inflating = True
         try:
             inflater = self.inflater
-            out = inflater.decompress(data, INFLATE_STEP)
             while True:
+                # zlib drops what a call inflated before it met an error, so the stream would
+                # depend on where the segments were cut: on an error, the same bytes are
+                # inflated again from a copy, one at a time, up to the bad one.
+                before = inflater.copy()
+                try:
+                    out = inflater.decompress(data, INFLATE_STEP)
+                    error = None
+                except zlib.error as exc:
+                    out, error = _inflate_until_error(before, data), exc
                 if out:
                     self.bytes_inflated += len(out)
                     self._consume(out, False)
                     if self.mode is _ENCRYPTED or self.mode is _UNDECODABLE:
                         return
-                tail = inflater.unconsumed_tail
-                if not tail:
+                if error is not None:
+                    self.mode = _UNDECODABLE
+                    self._drop_partial()
+                    self.on_anomaly("inflate_error", str(error))
+                    return
+                data = inflater.unconsumed_tail
+                if not data:
                     break
-                out = inflater.decompress(tail, INFLATE_STEP)
-        except zlib.error as exc:
-            self.mode = _UNDECODABLE
-            self._drop_partial()
-            self.on_anomaly("inflate_error", str(exc))
         finally:
             self._inflating = False
 
