@@ -28,7 +28,7 @@ import stat
 import sys
 from typing import NamedTuple
 
-CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_BPF = 12, 21, 39
+CAP_NET_ADMIN, CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF = 12, 21, 38, 39
 CAP_NAMES = {CAP_NET_ADMIN: "CAP_NET_ADMIN", CAP_SYS_ADMIN: "CAP_SYS_ADMIN", CAP_BPF: "CAP_BPF"}
 DEFAULT_USER = "nobody"
 
@@ -68,6 +68,14 @@ def lookup(user: str) -> pwd.struct_passwd:
         return pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
     except (KeyError, ValueError):
         raise PrivilegeError(f"no such user: {user}") from None
+
+
+def _user_name(uid: int) -> str:
+    """The name of ``uid``, or the number where it has none (a container's arbitrary uid)."""
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def _last_cap() -> int:
@@ -136,7 +144,7 @@ def drop(user: str = DEFAULT_USER) -> Dropped:
     entry = lookup(user)
     if os.geteuid() != 0 or entry.pw_uid == 0:
         # Not root (capabilities were granted on purpose), or -Z root: left as they are.
-        return Dropped(pwd.getpwuid(os.geteuid()).pw_name, None, None)
+        return Dropped(_user_name(os.geteuid()), None, None)
     libc = _libc()
     keep = kept_capabilities()
     mask = 0

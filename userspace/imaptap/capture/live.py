@@ -31,6 +31,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from imaptap import privileges
+from imaptap.privileges import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN
 from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
 
 
@@ -244,8 +246,6 @@ def list_interfaces() -> list[tuple[int, str, str]]:
 
 # --- privileges and kernel features --------------------------------------------------------------
 
-_CAP_NET_ADMIN, _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 12, 21, 38, 39
-
 
 def missing_capabilities() -> list[str]:
     """Capabilities live capture needs that this process lacks (CAP_SYS_ADMIN stands in for BPF/PERFMON)."""
@@ -262,11 +262,11 @@ def missing_capabilities() -> list[str]:
         return bool(eff >> cap & 1)
 
     missing = []
-    if not (has(_CAP_BPF) or has(_CAP_SYS_ADMIN)):
+    if not (has(CAP_BPF) or has(CAP_SYS_ADMIN)):
         missing.append("CAP_BPF")
-    if not has(_CAP_NET_ADMIN):
+    if not has(CAP_NET_ADMIN):
         missing.append("CAP_NET_ADMIN")
-    if not (has(_CAP_PERFMON) or has(_CAP_SYS_ADMIN)):
+    if not (has(CAP_PERFMON) or has(CAP_SYS_ADMIN)):
         missing.append("CAP_PERFMON")
     return missing
 
@@ -636,8 +636,6 @@ class LiveCapture:
         return self
 
     def _drop_privileges(self) -> None:
-        from imaptap import privileges
-
         try:
             self.privileges = privileges.drop(self.user)
         except (privileges.PrivilegeError, OSError) as exc:
