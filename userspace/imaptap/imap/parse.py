@@ -354,11 +354,11 @@ def _sasl_blanked(mechanism: str, step: int, decoded: bytes) -> bytes | None:
     return b"*" * len(decoded)
 
 
-def sasl_blanked_wire(mechanism: str, step: int, word: bytes) -> bytes | None:
-    """What replaces a client's SASL response ``word`` (base64, as on the wire) in a capture
-    written to disk: the same length, the secret part ``*`` in the decoded message (so the user
-    name survives), or all ``*`` when that cannot be done; None when it holds no secret."""
-    decoded = b64(word)
+def sasl_blanked_wire(mechanism: str, step: int, word: bytes, decoded: bytes | None) -> bytes | None:
+    """What replaces a client's SASL response ``word`` (base64, as on the wire; ``decoded`` is
+    `b64` of it) in a capture written to disk: the same length, the secret part ``*`` in the
+    decoded message (so the user name survives), or all ``*`` when that cannot be done; None
+    when it holds no secret."""
     if decoded is None:
         return b"*" * len(word)
     blanked = _sasl_blanked(mechanism, step, decoded)

@@ -438,10 +438,10 @@ class ImapSession:
     def _sasl_data(self, word: bytes) -> None:
         sasl = self._sasl
         assert sasl is not None
-        blanked = parse.sasl_blanked_wire(sasl.mechanism, sasl.step, word)
+        decoded = parse.b64(word)
+        blanked = parse.sasl_blanked_wire(sasl.mechanism, sasl.step, word, decoded)
         if blanked is not None:
             self._keep_secret(word, blanked)
-        decoded = parse.b64(word)
         if decoded is not None and decoded:
             user = parse.sasl_user(sasl.mechanism, sasl.step, decoded)
             if user:
