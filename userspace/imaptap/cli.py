@@ -290,18 +290,15 @@ def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: Flow
     return None
 
 
-def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, stats_out: dict) -> str | None:
-    try:
-        from imaptap.capture import live
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        return f"live capture unavailable: {exc}"
-    try:
-        interfaces = args.interface or [live.default_interface()]
-        capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                                   use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
-    except live.LiveError as exc:
-        return str(exc)
-    table.policy = capture.policy
+def open_live(args: argparse.Namespace, ports: frozenset[int]) -> tuple:
+    """The `LiveCapture` (not yet attached) and the ``-w`` `MaskingWriter` (or None) the
+    arguments ask for, for the JSON output and the TUI alike.  Raises ImportError without bcc's
+    side of the package, `LiveError` (one line) for a bad interface or an unwritable -w file."""
+    from imaptap.capture import live
+
+    interfaces = args.interface or [live.default_interface()]
+    capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
+                               use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
     writer = None
     if args.write:
         from imaptap.capture.pcapwrite import MaskingWriter
@@ -309,7 +306,21 @@ def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, sta
         try:
             writer = MaskingWriter(args.write, ports)
         except OSError as exc:
-            return f"cannot write {args.write}: {exc.strerror}"
+            raise live.LiveError(f"cannot write {args.write}: {exc.strerror}") from None
+    return capture, writer
+
+
+def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, stats_out: dict) -> str | None:
+    try:
+        from imaptap.capture import live
+    except ImportError as exc:  # pragma: no cover - depends on the machine
+        return f"live capture unavailable: {exc}"
+    try:
+        capture, writer = open_live(args, ports)
+    except live.LiveError as exc:
+        return str(exc)
+    table.policy = capture.policy
+    if writer is not None:
         writer.bind(table)
 
     def add(seg: Segment) -> None:

@@ -33,22 +33,13 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
         except ImportError as exc:  # pragma: no cover - depends on the machine
             print(f"imaptap: live capture unavailable: {exc}", file=sys.stderr)
             return 2
+        from imaptap.cli import open_live
+
         try:
-            interfaces = args.interface or [live.default_interface()]
-            capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                                       use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
+            capture, writer = open_live(args, ports)
         except live.LiveError as exc:
             print(f"imaptap: {exc}", file=sys.stderr)
             return 2
-        writer = None
-        if args.write:
-            from imaptap.capture.pcapwrite import MaskingWriter
-
-            try:
-                writer = MaskingWriter(args.write, ports)
-            except OSError as exc:
-                print(f"imaptap: cannot write {args.write}: {exc.strerror}", file=sys.stderr)
-                return 2
         source = LiveSource(capture, writer)
 
     from imaptap.tui.app import ImaptapApp
