@@ -65,6 +65,14 @@ def attached(ifname: str) -> bool:
     return "imaptap" in out
 
 
+def assert_stopped_cleanly(proc: subprocess.Popen, err: str, ifname: str) -> None:
+    """Exit 0 without a traceback, and neither TC filter nor XDP program left on ``ifname``."""
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert not attached(ifname)
+    assert "xdp" not in subprocess.run(["ip", "link", "show", ifname], capture_output=True, text=True).stdout
+
+
 def wait_attached(proc: subprocess.Popen, ifname: str) -> None:
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while not attached(ifname):
@@ -151,10 +159,7 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    assert not attached(lab.host_if)
-    assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+    assert_stopped_cleanly(proc, err, lab.host_if)
 
     text = out.read_text()
     records = [json.loads(line) for line in text.splitlines()]
@@ -224,10 +229,7 @@ def test_sigterm_and_sighup_flush_open_flows_and_detach(lab, tmp_path, signum):
         still_open.logout()
     except (OSError, imaplib.IMAP4.error):
         pass
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    assert not attached(lab.host_if)
-    assert "xdp" not in subprocess.run(["ip", "link", "show", lab.host_if], capture_output=True, text=True).stdout
+    assert_stopped_cleanly(proc, err, lab.host_if)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     flows = {f["username"]: f for f in records if f["type"] == "flow"}
     assert set(flows) == {"alice", "bob"}
