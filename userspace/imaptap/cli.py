@@ -223,7 +223,7 @@ def _main(args: argparse.Namespace) -> int:
     writer = JsonlWriter(out)
     table = FlowTable(
         ports,
-        on_message=None if args.flows_only else writer.message,
+        message_sink=None if args.flows_only else writer.sink,
         on_flow_end=writer.flow_end,
         max_flows=args.max_flows,
         idle_timeout=args.idle_timeout,

@@ -198,10 +198,13 @@ class FlowTable:
         on_flow_end: Callable[[Flow], None] | None = None,
         max_flows: int = MAX_FLOWS,
         idle_timeout: float = IDLE_TIMEOUT,
+        message_sink: Callable[[Flow], Callable[[Message], None]] | None = None,
     ) -> None:
         self.ports = frozenset(ports)
         self.policy = policy
         self.on_message = on_message
+        self.message_sink = message_sink
+        """Instead of on_message: makes each new flow's own message callable (JsonlWriter.sink)."""
         self.on_flow_end = on_flow_end
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout
@@ -289,7 +292,9 @@ class FlowTable:
         on_mode = None if self.policy is None else partial(self.policy.set, key)
         session = ImapSession(None, on_mode)
         flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
-        if self.on_message is not None:
+        if self.message_sink is not None:
+            session.on_message = self.message_sink(flow)
+        elif self.on_message is not None:
             session.on_message = partial(self.on_message, flow)
         self.stats.flows += 1
         return flow

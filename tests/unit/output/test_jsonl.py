@@ -1,18 +1,25 @@
+import contextlib
+import glob
 import io
-import json
+import math
+import os
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imaptap.imap.session import Kind, Message, Side
-from imaptap.output.jsonl import JsonlWriter, endpoint, message_record
+from imaptap.output import jsonl
+from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, message_record
 from imaptap.flows import FlowTable
 from imaptap.testing import conversation
+from testenv import OWN_PCAPS, PUBLIC_PCAPS
 
 text = st.one_of(st.none(), st.text(max_size=40))
 messages = st.builds(
     Message,
-    ts=st.floats(0, 2e9, allow_nan=False),
+    ts=st.one_of(st.floats(0, 2e9, allow_nan=False),
+                 st.builds(lambda s, us: s + us / 1e6, st.integers(0, 2**33), st.integers(0, 999_999))),
     side=st.sampled_from(Side),
     kind=st.sampled_from(Kind),
     tag=text, command=text, args=text, status=text, code=text, text=text,
@@ -35,16 +42,81 @@ def a_flow(client=("2001:db8::1", 4000)):
 FLOW = a_flow()
 
 
+@contextlib.contextmanager
+def _formatter(accelerated):
+    """JsonlWriter with the C formatter (where built) or its Python path."""
+    saved = jsonl._jsonfast
+    if not accelerated:
+        jsonl._jsonfast = None
+    try:
+        yield
+    finally:
+        jsonl._jsonfast = saved
+
+
+PATHS = [pytest.param(True, id="c", marks=pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")),
+         pytest.param(False, id="python")]
+
+
+@pytest.mark.parametrize("accelerated", PATHS)
 @settings(max_examples=300, deadline=None)
-@given(messages)
-def test_fast_message_line_equals_the_record(msg):
+@given(msgs=st.lists(messages, min_size=1, max_size=4))
+def test_message_lines_are_what_json_encodes(accelerated, msgs):
+    """Byte for byte what json's encoder makes of the record, both through `message` and a
+    flow's `sink`, with text of any kind (control characters, accents, astral planes) and
+    time stamps repeated (formatted once) or not."""
+    with _formatter(accelerated):
+        out = io.StringIO()
+        writer = JsonlWriter(out)
+        sink = writer.sink(FLOW)
+        for msg in msgs:
+            writer.message(FLOW, msg)
+            sink(msg)
+            sink(msg._replace(latency_ms=msg.latency_ms))  # the same time again
+        writer.flush()
+    expected = "".join(3 * (_dumps(message_record(FLOW, msg)) + "\n") for msg in msgs)
+    assert out.getvalue() == expected
+
+
+@pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.builds(lambda s, us: s + us / 1e6, st.integers(0, 2**34), st.integers(0, 999_999)),
+                 st.builds(lambda s, ns: s + ns / 1e9, st.integers(0, 2**33), st.integers(0, 999_999_999)),
+                 st.floats(allow_nan=True, allow_infinity=True),
+                 st.floats(2**32 - 1, 2**33 + 1),
+                 st.integers(0, 40).map(lambda k: math.nextafter(2.0**k, 0.0))))
+def test_time_stamps_are_formatted_as_repr(x):
+    """ts_repr's short cut for microsecond stamps gives repr's text, and everything else is repr."""
+    assert jsonl._jsonfast.ts_repr(x) == repr(x)
+
+
+def test_c_formatter_is_built_in_ci():
+    """scripts/setup installs a C compiler and Python's headers: CI must test the C path too."""
+    if os.environ.get("CI"):
+        assert jsonl._jsonfast is not None
+
+
+def _replay_text(path, args):
+    from imaptap import cli
+
     out = io.StringIO()
-    writer = JsonlWriter(out)
-    writer.message(FLOW, msg)
-    writer.flush()
-    line = out.getvalue()
-    assert line.endswith("\n") and line.count("\n") == 1
-    assert json.loads(line) == message_record(FLOW, msg)
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        code = cli.main(["-r", path, "--json", "-", *args])
+    return code, [line for line in out.getvalue().splitlines(keepends=True) if '"type":"stats"' not in line]
+
+
+@pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap*"))
+                                        + glob.glob(os.path.join(PUBLIC_PCAPS, "**", "*.pcap*"), recursive=True)),
+                         ids=os.path.basename)
+def test_c_and_python_formatters_write_the_same_bytes(path):
+    """Every capture, whole payloads (so COMPRESS flows are inflated and parsed too)."""
+    with _formatter(True):
+        fast = _replay_text(path, ["-s", "65535", "--port", "143", "--port", "10143"])
+    with _formatter(False):
+        slow = _replay_text(path, ["-s", "65535", "--port", "143", "--port", "10143"])
+    assert fast == slow
+    assert any('"type":"message"' in line for line in fast[1]) or "pcaps-public" in path
 
 
 def test_endpoint_forms():

@@ -1,0 +1,518 @@
+/* Optional accelerator for output/jsonl.py: a message record's JSON line built in C.
+ *
+ * One message record is written per IMAP line, and building it in Python (an f-string over
+ * json's string encoder, and float repr for the time) was a sixth of a full-JSON replay.  The
+ * two functions here give exactly the characters the Python code gives; JsonlWriter uses them
+ * where this module was built (setup.py, optional) and tests/unit/output/test_jsonl.py checks
+ * both paths against json's own encoder.
+ *
+ * ts_repr(x) -> str
+ *     repr(x).  A capture's time stamp is whole microseconds: for 1 <= x < 2**33
+ *     the text "sec.usec" without trailing zeros is the shortest that reads back as x, because
+ *     two texts of at most six decimals are 1e-6 apart and the spacing of doubles there is
+ *     under 1e-6; so it is what repr gives whenever it reads back as x, which is checked in
+ *     exact arithmetic.  Every other value (nanosecond stamps, tiny or huge numbers) goes to
+ *     float's own repr.
+ *
+ * message_line(head, prefix, from_kind, msg) -> str
+ *     head + prefix + from_kind + the rest of the record of msg (a session.Message) + "}\n",
+ *     with strings escaped as json.encoder.encode_basestring does (no ASCII-fication).
+ *
+ * Formatter(lines, drain, batch, client_side, kinds).message(prefix, msg)
+ *     JsonlWriter's message path: the record's head (its time formatted once per segment),
+ *     then message_line's text, appended to lines; drain() is called at batch lines.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <string.h>
+
+/* Message fields after ts, side and kind (session.Message). */
+enum { F_TAG = 3, F_COMMAND, F_ARGS, F_STATUS, F_CODE, F_TEXT, F_LATENCY, F_LITERALS, F_NUMBER, F_TRUNCATED, N_FIELDS };
+
+static const char *const KEYS[] = {
+    "\"tag\":", ",\"command\":", ",\"args\":", ",\"status\":", ",\"code\":", ",\"text\":",
+};
+
+/* Length of a character once escaped: json's escapes for '"', '\\' and C0 controls. */
+static unsigned char esc_len[128];
+
+static void init_esc(void)
+{
+    for (int c = 0; c < 128; c++)
+        esc_len[c] = c < 0x20 ? 6 : 1;
+    esc_len['"'] = esc_len['\\'] = esc_len['\b'] = esc_len['\f'] = 2;
+    esc_len['\n'] = esc_len['\r'] = esc_len['\t'] = 2;
+}
+
+static Py_ssize_t escaped_length(PyObject *s)
+{
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), out = n;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    if (kind == PyUnicode_1BYTE_KIND) {
+        const unsigned char *p = data;
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (p[i] < 128)
+                out += esc_len[p[i]] - 1;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) {
+            Py_UCS4 c = PyUnicode_READ(kind, data, i);
+            if (c < 128)
+                out += esc_len[c] - 1;
+        }
+    }
+    return out + 2; /* the quotes */
+}
+
+typedef struct {
+    PyObject *out;
+    int kind;
+    void *data;
+    Py_ssize_t pos;
+} Writer;
+
+static void put_ascii(Writer *w, const char *s, Py_ssize_t n)
+{
+    if (w->kind == PyUnicode_1BYTE_KIND) {
+        memcpy((char *)w->data + w->pos, s, n);
+        w->pos += n;
+        return;
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyUnicode_WRITE(w->kind, w->data, w->pos++, (unsigned char)s[i]);
+}
+
+static void put_cstr(Writer *w, const char *s) { put_ascii(w, s, (Py_ssize_t)strlen(s)); }
+
+/* s[start:end] as it is. */
+static int put_slice(Writer *w, PyObject *s, Py_ssize_t start, Py_ssize_t end)
+{
+    if (end <= start)
+        return 0;
+    if (w->kind == PyUnicode_1BYTE_KIND && PyUnicode_KIND(s) == PyUnicode_1BYTE_KIND) {
+        memcpy((char *)w->data + w->pos, (const char *)PyUnicode_DATA(s) + start, end - start);
+    } else if (PyUnicode_CopyCharacters(w->out, w->pos, s, start, end - start) < 0) {
+        return -1;
+    }
+    w->pos += end - start;
+    return 0;
+}
+
+static int put_escaped(Writer *w, PyObject *s)
+{
+    static const char hex[] = "0123456789abcdef";
+    Py_ssize_t n = PyUnicode_GET_LENGTH(s), run = 0;
+    int kind = PyUnicode_KIND(s);
+    const void *data = PyUnicode_DATA(s);
+    put_ascii(w, "\"", 1);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Py_UCS4 c = PyUnicode_READ(kind, data, i);
+        if (c >= 128 || esc_len[c] == 1)
+            continue;
+        if (put_slice(w, s, run, i) < 0)
+            return -1;
+        run = i + 1;
+        char e[6] = {'\\', 0};
+        switch (c) {
+        case '"': e[1] = '"'; break;
+        case '\\': e[1] = '\\'; break;
+        case '\b': e[1] = 'b'; break;
+        case '\f': e[1] = 'f'; break;
+        case '\n': e[1] = 'n'; break;
+        case '\r': e[1] = 'r'; break;
+        case '\t': e[1] = 't'; break;
+        default:
+            memcpy(e, "\\u00", 4);
+            e[4] = hex[c >> 4];
+            e[5] = hex[c & 15];
+            put_ascii(w, e, 6);
+            continue;
+        }
+        put_ascii(w, e, 2);
+    }
+    if (put_slice(w, s, run, n) < 0)
+        return -1;
+    put_ascii(w, "\"", 1);
+    return 0;
+}
+
+static PyObject *float_repr(PyObject *value)
+{
+    double x = PyFloat_AS_DOUBLE(value);
+    if (x >= 1.0 && x < 8589934592.0) { /* 2**33: the spacing of doubles stays under 1e-6 */
+        double whole = floor(x);
+        long long sec = (long long)whole;
+        long long usec = llround((x - whole) * 1e6);
+        long long micros = sec * 1000000LL + usec; /* under 2**53: exact as a double */
+        /* sec.usec reads back as x when it lies within half the spacing of doubles around x
+         * (the narrower side, for a power of two): |x*1e6 - micros| < 1e6 * spacing / 2, the
+         * left side rounded once by fma, the right side exact.  The margin leaves ties and
+         * near-ties to float's repr. */
+        double off = fabs(fma(x, 1e6, -(double)micros));
+        double up = nextafter(x, INFINITY) - x, down = x - nextafter(x, 0.0);
+        double half = (up < down ? up : down) * 1e6 * 0.5;
+        if (off < half * (1.0 - 1e-9)) {
+            if (usec == 1000000) {
+                sec += 1;
+                usec = 0;
+            }
+            char buf[32], *p = buf + sizeof buf;
+            int frac = 6;
+            while (frac > 1 && usec % 10 == 0) { /* no trailing zeros, but one decimal kept */
+                usec /= 10;
+                frac--;
+            }
+            for (int i = 0; i < frac; i++) {
+                *--p = (char)('0' + usec % 10);
+                usec /= 10;
+            }
+            *--p = '.';
+            do {
+                *--p = (char)('0' + sec % 10);
+                sec /= 10;
+            } while (sec);
+            return PyUnicode_FromStringAndSize(p, buf + sizeof buf - p);
+        }
+    }
+    return PyObject_Repr(value);
+}
+
+static PyObject *ts_repr(PyObject *self, PyObject *value)
+{
+    return PyFloat_CheckExact(value) ? float_repr(value) : PyObject_Repr(value);
+}
+
+/* args[0..2] + the record of msg; args are str, msg a tuple of N_FIELDS or more. */
+static PyObject *build_line(PyObject *const *args, PyObject *msg)
+{
+    PyObject *extra[3] = {NULL, NULL, NULL}; /* latency, literals, number as text */
+    PyObject *result = NULL;
+    Py_UCS4 maxchar = 127;
+    Py_ssize_t total = 0;
+
+    for (int i = 0; i < 3; i++) {
+        total += PyUnicode_GET_LENGTH(args[i]);
+        Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(args[i]);
+        if (m > maxchar)
+            maxchar = m;
+    }
+    for (int f = F_TAG; f <= F_TEXT; f++) {
+        PyObject *v = PyTuple_GET_ITEM(msg, f);
+        total += strlen(KEYS[f - F_TAG]);
+        if (v == Py_None) {
+            total += 4;
+        } else if (PyUnicode_Check(v)) {
+            total += escaped_length(v);
+            Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(v);
+            if (m > maxchar)
+                maxchar = m;
+        } else {
+            PyErr_Format(PyExc_TypeError, "message field %d is not a str or None", f);
+            return NULL;
+        }
+    }
+    PyObject *lat = PyTuple_GET_ITEM(msg, F_LATENCY);
+    total += strlen(",\"latency_ms\":");
+    if (lat == Py_None) {
+        total += 4;
+    } else {
+        extra[0] = PyFloat_CheckExact(lat) ? float_repr(lat) : PyObject_Repr(lat);
+        if (extra[0] == NULL)
+            goto done;
+        total += PyUnicode_GET_LENGTH(extra[0]);
+    }
+    PyObject *lits = PyTuple_GET_ITEM(msg, F_LITERALS);
+    int has_lits = PyObject_IsTrue(lits);
+    if (has_lits < 0)
+        goto done;
+    if (has_lits) {
+        PyObject *sep = PyUnicode_FromString(",");
+        PyObject *strs = sep ? PySequence_List(lits) : NULL;
+        if (strs != NULL) {
+            for (Py_ssize_t i = 0; i < PyList_GET_SIZE(strs); i++) {
+                PyObject *t = PyObject_Str(PyList_GET_ITEM(strs, i));
+                if (t == NULL) {
+                    Py_CLEAR(strs);
+                    break;
+                }
+                PyList_SetItem(strs, i, t);
+            }
+        }
+        extra[1] = strs ? PyUnicode_Join(sep, strs) : NULL;
+        Py_XDECREF(sep);
+        Py_XDECREF(strs);
+        if (extra[1] == NULL)
+            goto done;
+        total += strlen(",\"literals\":[]") + PyUnicode_GET_LENGTH(extra[1]);
+    }
+    PyObject *number = PyTuple_GET_ITEM(msg, F_NUMBER);
+    if (number != Py_None) {
+        extra[2] = PyObject_Str(number);
+        if (extra[2] == NULL)
+            goto done;
+        total += strlen(",\"number\":") + PyUnicode_GET_LENGTH(extra[2]);
+    }
+    int truncated = PyObject_IsTrue(PyTuple_GET_ITEM(msg, F_TRUNCATED));
+    if (truncated < 0)
+        goto done;
+    if (truncated)
+        total += strlen(",\"truncated\":true");
+    total += 2; /* }\n */
+    for (int i = 0; i < 3; i++) { /* number texts can be any str for a subclass */
+        if (extra[i] != NULL && PyUnicode_MAX_CHAR_VALUE(extra[i]) > maxchar)
+            maxchar = PyUnicode_MAX_CHAR_VALUE(extra[i]);
+    }
+
+    result = PyUnicode_New(total, maxchar);
+    if (result == NULL)
+        goto done;
+    Writer w = {result, PyUnicode_KIND(result), PyUnicode_DATA(result), 0};
+    for (int i = 0; i < 3; i++)
+        if (put_slice(&w, args[i], 0, PyUnicode_GET_LENGTH(args[i])) < 0)
+            goto fail;
+    for (int f = F_TAG; f <= F_TEXT; f++) {
+        PyObject *v = PyTuple_GET_ITEM(msg, f);
+        put_cstr(&w, KEYS[f - F_TAG]);
+        if (v == Py_None)
+            put_ascii(&w, "null", 4);
+        else if (put_escaped(&w, v) < 0)
+            goto fail;
+    }
+    put_cstr(&w, ",\"latency_ms\":");
+    if (extra[0] == NULL)
+        put_ascii(&w, "null", 4);
+    else if (put_slice(&w, extra[0], 0, PyUnicode_GET_LENGTH(extra[0])) < 0)
+        goto fail;
+    if (extra[1] != NULL) {
+        put_cstr(&w, ",\"literals\":[");
+        if (put_slice(&w, extra[1], 0, PyUnicode_GET_LENGTH(extra[1])) < 0)
+            goto fail;
+        put_ascii(&w, "]", 1);
+    }
+    if (extra[2] != NULL) {
+        put_cstr(&w, ",\"number\":");
+        if (put_slice(&w, extra[2], 0, PyUnicode_GET_LENGTH(extra[2])) < 0)
+            goto fail;
+    }
+    if (truncated)
+        put_cstr(&w, ",\"truncated\":true");
+    put_ascii(&w, "}\n", 2);
+    if (w.pos != total) {
+        PyErr_SetString(PyExc_SystemError, "message_line: length mismatch");
+        goto fail;
+    }
+    goto done;
+fail:
+    Py_CLEAR(result);
+done:
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(extra[i]);
+    return result;
+}
+
+static PyObject *message_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])
+            || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) < N_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "message_line(head: str, prefix: str, from_kind: str, msg: Message)");
+        return NULL;
+    }
+    return build_line(args, args[3]);
+}
+
+/* --- Formatter: JsonlWriter's message path, one C call per message -------------------------- */
+
+#define N_KINDS 8
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *lines;   /* list the lines are appended to */
+    PyObject *drain;   /* called when lines holds batch lines */
+    Py_ssize_t batch;
+    PyObject *client;  /* Side.CLIENT */
+    Py_ssize_t n_kinds;
+    PyObject *kind[N_KINDS], *from_client[N_KINDS], *from_server[N_KINDS];
+    double ts;         /* the time of head, when head is set */
+    PyObject *head;    /* '{"type":"message","ts":<ts>,' */
+} Formatter;
+
+static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
+{
+    PyObject *lines, *drain, *client, *kinds;
+    Py_ssize_t batch;
+    if (!PyArg_ParseTuple(args, "O!OnOO!:Formatter", &PyList_Type, &lines, &drain, &batch, &client,
+                          &PyTuple_Type, &kinds))
+        return -1;
+    if (PyTuple_GET_SIZE(kinds) > N_KINDS) {
+        PyErr_SetString(PyExc_ValueError, "Formatter: too many kinds");
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kinds); i++) {
+        PyObject *k = PyTuple_GET_ITEM(kinds, i);
+        if (!PyTuple_Check(k) || PyTuple_GET_SIZE(k) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(k, 1))
+                || !PyUnicode_Check(PyTuple_GET_ITEM(k, 2))) {
+            PyErr_SetString(PyExc_TypeError, "Formatter: kinds are (kind, from-client text, from-server text)");
+            return -1;
+        }
+    }
+    Py_INCREF(lines);
+    Py_XSETREF(self->lines, lines);
+    Py_INCREF(drain);
+    Py_XSETREF(self->drain, drain);
+    Py_INCREF(client);
+    Py_XSETREF(self->client, client);
+    self->batch = batch;
+    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
+        Py_CLEAR(self->kind[i]);
+        Py_CLEAR(self->from_client[i]);
+        Py_CLEAR(self->from_server[i]);
+    }
+    self->n_kinds = PyTuple_GET_SIZE(kinds);
+    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
+        PyObject *k = PyTuple_GET_ITEM(kinds, i);
+        self->kind[i] = Py_NewRef(PyTuple_GET_ITEM(k, 0));
+        self->from_client[i] = Py_NewRef(PyTuple_GET_ITEM(k, 1));
+        self->from_server[i] = Py_NewRef(PyTuple_GET_ITEM(k, 2));
+    }
+    Py_CLEAR(self->head);
+    return 0;
+}
+
+static int Formatter_traverse(Formatter *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->lines);
+    Py_VISIT(self->drain);
+    Py_VISIT(self->client);
+    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
+        Py_VISIT(self->kind[i]);
+        Py_VISIT(self->from_client[i]);
+        Py_VISIT(self->from_server[i]);
+    }
+    return 0;
+}
+
+static int Formatter_clear(Formatter *self)
+{
+    Py_CLEAR(self->lines);
+    Py_CLEAR(self->drain);
+    Py_CLEAR(self->client);
+    Py_CLEAR(self->head);
+    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
+        Py_CLEAR(self->kind[i]);
+        Py_CLEAR(self->from_client[i]);
+        Py_CLEAR(self->from_server[i]);
+    }
+    self->n_kinds = 0;
+    return 0;
+}
+
+static void Formatter_dealloc(Formatter *self)
+{
+    PyObject_GC_UnTrack(self);
+    Formatter_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* message(prefix, msg): append msg's JSON line to lines; drain() once batch lines wait. */
+static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[0]) || !PyTuple_Check(args[1])
+            || PyTuple_GET_SIZE(args[1]) < N_FIELDS) {
+        PyErr_SetString(PyExc_TypeError, "message(prefix: str, msg: Message)");
+        return NULL;
+    }
+    if (self->lines == NULL) {
+        PyErr_SetString(PyExc_ValueError, "Formatter not initialised");
+        return NULL;
+    }
+    PyObject *msg = args[1];
+    PyObject *ts = PyTuple_GET_ITEM(msg, 0);
+    int same = self->head != NULL && PyFloat_CheckExact(ts) && PyFloat_AS_DOUBLE(ts) == self->ts;
+    if (!same) { /* the lines of one segment share its time: formatted once */
+        PyObject *t = PyFloat_CheckExact(ts) ? float_repr(ts) : PyObject_Repr(ts);
+        if (t == NULL)
+            return NULL;
+        Py_XSETREF(self->head, PyUnicode_FromFormat("{\"type\":\"message\",\"ts\":%U,", t));
+        Py_DECREF(t);
+        if (self->head == NULL)
+            return NULL;
+        if (PyFloat_CheckExact(ts)) {
+            self->ts = PyFloat_AS_DOUBLE(ts);
+        } else {
+            self->ts = NAN; /* equal to nothing: formatted again next time */
+        }
+    }
+    PyObject *kind = PyTuple_GET_ITEM(msg, 2), *from_kind = NULL;
+    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
+        if (self->kind[i] == kind) {
+            from_kind = PyTuple_GET_ITEM(msg, 1) == self->client ? self->from_client[i] : self->from_server[i];
+            break;
+        }
+    }
+    if (from_kind == NULL) {
+        PyErr_SetString(PyExc_ValueError, "message: unknown kind");
+        return NULL;
+    }
+    PyObject *parts[3] = {self->head, args[0], from_kind};
+    PyObject *line = build_line(parts, msg);
+    if (line == NULL)
+        return NULL;
+    int r = PyList_Append(self->lines, line);
+    Py_DECREF(line);
+    if (r < 0)
+        return NULL;
+    if (PyList_GET_SIZE(self->lines) >= self->batch) {
+        PyObject *res = PyObject_CallNoArgs(self->drain);
+        if (res == NULL)
+            return NULL;
+        Py_DECREF(res);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef Formatter_methods[] = {
+    {"message", (PyCFunction)(void (*)(void))Formatter_message, METH_FASTCALL,
+     "message(prefix, msg): append the JSON line of msg (a session.Message) to the lines."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject FormatterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "imaptap.output._jsonfast.Formatter",
+    .tp_doc = "Formatter(lines, drain, batch, client_side, kinds): JsonlWriter's message path.",
+    .tp_basicsize = sizeof(Formatter),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Formatter_init,
+    .tp_dealloc = (destructor)Formatter_dealloc,
+    .tp_traverse = (traverseproc)Formatter_traverse,
+    .tp_clear = (inquiry)Formatter_clear,
+    .tp_methods = Formatter_methods,
+};
+
+static PyMethodDef methods[] = {
+    {"ts_repr", ts_repr, METH_O, "ts_repr(x: float) -> str: repr(x), fast for microsecond time stamps."},
+    {"message_line", (PyCFunction)(void (*)(void))message_line, METH_FASTCALL,
+     "message_line(head, prefix, from_kind, msg) -> str: the rest of a message record's JSON line."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonfast", NULL, -1, methods};
+
+PyMODINIT_FUNC PyInit__jsonfast(void)
+{
+    init_esc();
+    if (PyType_Ready(&FormatterType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&FormatterType);
+    if (PyModule_AddObject(m, "Formatter", (PyObject *)&FormatterType) < 0) {
+        Py_DECREF(&FormatterType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
