@@ -173,3 +173,27 @@ def test_sasl_responses_blanked_for_a_written_capture_keep_the_user():
     assert blanked("CRAM-MD5", 0, b"alice 4afbeaaf4a863a1a3d8ba7d8345bf903") == b"alice " + b"*" * 32
     assert blanked("XOAUTH2", 0, b"user=alice\x01auth=Bearer tok\x01\x01") == b"user=alice\x01auth=**********\x01\x01"
     assert parse.sasl_blanked_wire("PLAIN", 0, b"not base64!", parse.b64(b"not base64!")) == b"*" * 11
+
+
+def _capability_list_reference(words, drop_last=False):
+    if isinstance(words, bytes):
+        words = words.decode("latin-1")
+    caps = [w.upper()[: parse.MAX_CAPABILITY] for w in words.split(None, parse.MAX_CAPABILITIES)[: parse.MAX_CAPABILITIES]]
+    if drop_last and caps:
+        caps.pop()
+    return caps
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300),
+                 st.lists(st.sampled_from(["idle", "x" * 70, "ß", "\xb5", "\x1c", "\xa0", " ", "AUTH=PLAIN"]), max_size=140)
+                 .map(" ".join)),
+       st.booleans())
+def test_capability_list_is_each_word_upper_cased_and_cut(words, drop_last):
+    """capability_list upper-cases the whole text at once and keeps what it found: the same
+    result as word by word, the second time (from its cache) too, and never a shared list."""
+    expected = _capability_list_reference(words, drop_last)
+    first = parse.capability_list(words, drop_last)
+    assert first == expected
+    first.append("MUTATED")
+    assert parse.capability_list(words, drop_last) == expected

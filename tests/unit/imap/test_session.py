@@ -7,6 +7,8 @@ import re
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imaptap.testing import analyze, conversation
 
@@ -367,3 +369,40 @@ def test_lost_login_completions_are_inferred_from_what_follows():
     unknown = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
                    ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
     assert unknown.flow["login_ok"] is None
+
+
+_untagged_heads = st.builds(
+    lambda number, space, word, rest: b"* " + number + space + word + rest,
+    st.sampled_from([b"", b"1", b"42", b"0", b"1234567890", b"12345678901", b"-1"]),
+    st.sampled_from([b" ", b"", b"  "]),
+    st.one_of(st.sampled_from([b"FETCH", b"OK", b"exists", b"CAPABILITY", b"ID", b"X-Y.z", b"", b"1A", b"A" * 64,
+                               b"A" * 65, b"Ok\x00", b"\xc3\xa9"]),
+              st.binary(max_size=8).filter(lambda b: b"\n" not in b and b"\r" not in b)),
+    st.one_of(st.just(b""), st.just(b" "), st.binary(max_size=12).map(lambda b: b" " + b.replace(b"\n", b"").replace(b"\r", b""))),
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(_untagged_heads)
+def test_untagged_lines_are_split_as_the_grammar_says(head):
+    """_untagged splits "* [n ]NAME[ rest]" by hand; session._UNTAGGED is the grammar it follows."""
+    from imaptap.imap import session as session_module
+
+    messages = []
+    s = session_module.ImapSession(on_message=messages.append)
+    s.server.feed(b"* OK hi\r\n" + head + b"\r\n")
+    m = session_module._UNTAGGED.match(head)
+    if m is None:
+        assert s.anomalies["bad_untagged"] == 1 and len(messages) == 1
+        return
+    assert s.anomalies["bad_untagged"] == 0
+    number, word, after = m.groups()
+    upper = word.decode("latin-1").upper()
+    if len(messages) == 2:
+        msg = messages[1]
+        assert (msg.status if number is None and upper in session_module._STATUSES else msg.command) == upper
+        assert msg.number == (int(number) if number is not None and msg.command else None)
+        if msg.command is not None:
+            assert msg.args == (session_module._shown(after) if after else None)
+    else:
+        assert s.anomalies["unknown_untagged"] == 1

@@ -274,12 +274,26 @@ def capability_list(words: bytes | str, drop_last: bool = False) -> list[str]:
 
     ``drop_last`` leaves out the final word, which may have been cut by a truncated line.
     """
-    if isinstance(words, bytes):
-        words = words.decode("latin-1")
-    caps = [w.upper()[:MAX_CAPABILITY] for w in words.split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES] if w]
-    if drop_last and caps:
-        caps.pop()
-    return caps
+    key = (words, drop_last)
+    caps = _capability_lists.get(key)
+    if caps is None:
+        text_ = words.decode("latin-1") if isinstance(words, bytes) else words
+        # Upper-casing the whole text never moves a space, so it splits into the same words.
+        found = text_.upper().split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES]
+        if found and max(map(len, found)) > MAX_CAPABILITY:
+            found = [w[:MAX_CAPABILITY] for w in found]
+        if drop_last and found:
+            found.pop()
+        caps = tuple(found)
+        if len(_capability_lists) >= _CAPABILITY_LISTS_KEPT:
+            _capability_lists.clear()
+        _capability_lists[key] = caps
+    return list(caps)
+
+
+#: A server sends the same list to every client: lists seen, up to this many, are kept.
+_CAPABILITY_LISTS_KEPT = 256
+_capability_lists: dict[tuple[bytes | str, bool], tuple[str, ...]] = {}
 
 
 # --- SASL --------------------------------------------------------------------------------
