@@ -280,11 +280,13 @@ def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: Flow
     # whose flows are cyclic garbage by the thousand (2% of the instructions of a replay).
     gc.freeze()
     stats = ReplayStats()
+    segments = reader.segments(set(ports), policy, stats, ticks=True)
     try:
-        _run(reader.segments(set(ports), policy, stats, ticks=True), table)
+        _run(segments, table)
     except CaptureFileError as exc:
         return str(exc)
     finally:
+        segments.close()  # a stop by signal: the reader adds its last counts to stats
         reader.close()
         stats_out.update(_public(stats))
     return None

@@ -10,9 +10,11 @@
  * without this module.  Without a C compiler the package works unchanged (the build is
  * optional); tests/unit/capture/test_replay.py runs the same checks on both paths.
  *
- * scan(buf, off, stats, config) -> (code, off, segment or None), codes below; the records it
- * consumed are counted in stats as the Python loop counts them.  config is a tuple made once
- * per replay (in replay._PcapReader._segments).
+ * scan(buf, off, config) -> (code, off, segment or None), codes below.  config is a tuple made
+ * once per replay (in replay._PcapReader._segments).  The records scan consumed are counted in
+ * config's counts as the Python loop counts them, and that loop adds them to its ReplayStats
+ * after every read (setting the stats object's attributes here cost more than a percent of a
+ * replay).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -35,7 +37,9 @@ enum {
 #define FAST_LEN (ETHERNET_LEN + IPV4_MIN_LEN + TCP_MIN_LEN)
 #define LIFECYCLE 0x07 /* FIN SYN RST */
 
-static PyObject *s_packets, *s_bytes, *s_pure_acks, *s_other_ports, *s_segments;
+/* counts, config's bytearray of int64: what the Python loop adds to ReplayStats, in this order
+   (replay._take_counts moves them there). */
+enum { C_PACKETS, C_BYTES, C_PURE_ACKS, C_OTHER_PORTS, C_SEGMENTS, COUNTS };
 
 static inline uint32_t rd32(const unsigned char *p, int big)
 {
@@ -45,29 +49,54 @@ static inline uint32_t rd32(const unsigned char *p, int big)
 
 static inline uint32_t be16(const unsigned char *p) { return (uint32_t)p[0] << 8 | p[1]; }
 
-/* stats.<name> += n */
-static int add_stat(PyObject *stats, PyObject *name, Py_ssize_t n)
+/* Address texts made lately, by address: a capture holds few hosts, and the text of one was
+   made again for every segment (libc's inet_ntop alone was nearly one percent of a replay). */
+#define ADDRESS_SLOTS 256
+static struct { uint32_t key; PyObject *text; } v4_texts[ADDRESS_SLOTS];
+static struct { unsigned char key[16]; PyObject *text; } v6_texts[ADDRESS_SLOTS];
+
+static inline unsigned address_slot(const unsigned char *a, int n)
 {
-    if (n == 0)
-        return 0;
-    PyObject *old = PyObject_GetAttr(stats, name);
-    if (old == NULL)
-        return -1;
-    Py_ssize_t value = PyLong_AsSsize_t(old);
-    Py_DECREF(old);
-    if (value == -1 && PyErr_Occurred())
-        return -1;
-    PyObject *sum = PyLong_FromSsize_t(value + n);
-    if (sum == NULL)
-        return -1;
-    int r = PyObject_SetAttr(stats, name, sum);
-    Py_DECREF(sum);
-    return r;
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (int i = 0; i < n; i++)
+        h = (h ^ a[i]) * 16777619u;
+    return h % ADDRESS_SLOTS;
+}
+
+static PyObject *ntoa_uncached(const unsigned char *a);
+static PyObject *ntop6_uncached(const unsigned char *a);
+
+static PyObject *ntoa(const unsigned char *a)
+{
+    uint32_t key;
+    memcpy(&key, a, 4);
+    unsigned slot = address_slot(a, 4);
+    if (v4_texts[slot].text != NULL && v4_texts[slot].key == key)
+        return Py_NewRef(v4_texts[slot].text);
+    PyObject *text = ntoa_uncached(a);
+    if (text != NULL) {
+        Py_XSETREF(v4_texts[slot].text, Py_NewRef(text));
+        v4_texts[slot].key = key;
+    }
+    return text;
+}
+
+static PyObject *ntop6(const unsigned char *a)
+{
+    unsigned slot = address_slot(a, 16);
+    if (v6_texts[slot].text != NULL && memcmp(v6_texts[slot].key, a, 16) == 0)
+        return Py_NewRef(v6_texts[slot].text);
+    PyObject *text = ntop6_uncached(a);
+    if (text != NULL) {
+        Py_XSETREF(v6_texts[slot].text, Py_NewRef(text));
+        memcpy(v6_texts[slot].key, a, 16);
+    }
+    return text;
 }
 
 /* An IPv4 address as socket.inet_ntoa writes it (dotted decimal, no leading zeros); by hand,
    as snprintf was half of this module's time. */
-static PyObject *ntoa(const unsigned char *a)
+static PyObject *ntoa_uncached(const unsigned char *a)
 {
     char text[16], *t = text;
     for (int i = 0; i < 4; i++) {
@@ -84,7 +113,7 @@ static PyObject *ntoa(const unsigned char *a)
 }
 
 /* An IPv6 address as socket.inet_ntop writes it: it calls the same libc function. */
-static PyObject *ntop6(const unsigned char *a)
+static PyObject *ntop6_uncached(const unsigned char *a)
 {
     char text[INET6_ADDRSTRLEN];
     if (inet_ntop(AF_INET6, a, text, sizeof text) == NULL)
@@ -97,24 +126,34 @@ static PyObject *result(int code, Py_ssize_t off, PyObject *value)
     /* steals value */
     if (value == NULL)
         return NULL;
-    PyObject *r = Py_BuildValue("(inN)", code, off, value);
+    PyObject *r = PyTuple_New(3), *c = PyLong_FromLong(code), *o = PyLong_FromSsize_t(off);
+    if (r == NULL || c == NULL || o == NULL) {
+        Py_XDECREF(r);
+        Py_XDECREF(c);
+        Py_XDECREF(o);
+        Py_DECREF(value);
+        return NULL;
+    }
+    PyTuple_SET_ITEM(r, 0, c);
+    PyTuple_SET_ITEM(r, 1, o);
+    PyTuple_SET_ITEM(r, 2, value);
     return r;
 }
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) != 9) {
-        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, stats, config: tuple of 9)");
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 10) {
+        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 10)");
         return NULL;
     }
-    PyObject *bufobj = args[0], *stats = args[2], *config = args[3];
+    PyObject *bufobj = args[0], *config = args[2];
     const unsigned char *buf = (const unsigned char *)PyBytes_AS_STRING(bufobj);
     Py_ssize_t n = PyBytes_GET_SIZE(bufobj);
     Py_ssize_t off = PyLong_AsSsize_t(args[1]);
     if (off == -1 && PyErr_Occurred())
         return NULL;
     /* config: record_len, big_endian, divisor, ports bitmap (bytes of 8192) or None, modes,
-       snaplen, taillen, Segment type, largest record */
+       snaplen, taillen, Segment type, largest record, counts (bytearray of COUNTS int64) */
     Py_ssize_t record_len = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 0));
     int big = PyObject_IsTrue(PyTuple_GET_ITEM(config, 1));
     double divisor = PyFloat_AsDouble(PyTuple_GET_ITEM(config, 2));
@@ -124,10 +163,12 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     Py_ssize_t taillen = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 6));
     PyObject *segtype = PyTuple_GET_ITEM(config, 7);
     Py_ssize_t max_record = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 8));
+    PyObject *countobj = PyTuple_GET_ITEM(config, 9);
     if (PyErr_Occurred())
         return NULL;
     if (!PyType_Check(segtype) || !PyDict_Check(modes) || (ports != Py_None && (!PyBytes_Check(ports)
-            || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0) {
+            || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0
+            || !PyByteArray_Check(countobj) || PyByteArray_GET_SIZE(countobj) != COUNTS * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_TypeError, "scan: bad config");
         return NULL;
     }
@@ -292,18 +333,18 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 done:
     if (ret == NULL)
         return NULL;
-    if (add_stat(stats, s_packets, packets) < 0 || add_stat(stats, s_bytes, bytes) < 0
-            || add_stat(stats, s_pure_acks, pure_acks) < 0 || add_stat(stats, s_other_ports, other_ports) < 0
-            || add_stat(stats, s_segments, code == SEGMENT)) {
-        Py_DECREF(ret);
-        return NULL;
-    }
+    int64_t *counts = (int64_t *)PyByteArray_AS_STRING(countobj);
+    counts[C_PACKETS] += packets;
+    counts[C_BYTES] += bytes;
+    counts[C_PURE_ACKS] += pure_acks;
+    counts[C_OTHER_PORTS] += other_ports;
+    counts[C_SEGMENTS] += code == SEGMENT;
     return ret;
 }
 
 static PyMethodDef methods[] = {
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
-     "scan(buf, off, stats, config) -> (code, off, value): pcap records from off to the next segment."},
+     "scan(buf, off, config) -> (code, off, value): pcap records from off to the next segment."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -311,18 +352,11 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pcapfast", NULL, -1
 
 PyMODINIT_FUNC PyInit__pcapfast(void)
 {
-    s_packets = PyUnicode_InternFromString("packets");
-    s_bytes = PyUnicode_InternFromString("bytes");
-    s_pure_acks = PyUnicode_InternFromString("pure_acks");
-    s_other_ports = PyUnicode_InternFromString("other_ports");
-    s_segments = PyUnicode_InternFromString("segments");
-    if (!s_packets || !s_bytes || !s_pure_acks || !s_other_ports || !s_segments)
-        return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "NEED_MORE", NEED_MORE) || PyModule_AddIntConstant(m, "SEGMENT", SEGMENT)
-            || PyModule_AddIntConstant(m, "PYTHON", PYTHON)) {
+            || PyModule_AddIntConstant(m, "PYTHON", PYTHON) || PyModule_AddIntConstant(m, "COUNTS", COUNTS)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -318,10 +318,12 @@ class _PcapReader(CaptureReader):
         # The C accelerator takes the records of the fast path below, in the same way, and
         # hands every other record to this loop (see _pcapfast.c).
         scan = _pcapfast.scan if fast and _pcapfast is not None else None
+        counts = None
         if scan is not None:
             SEGMENT, NEED_MORE = _pcapfast.SEGMENT, _pcapfast.NEED_MORE
+            counts = bytearray(_COUNTS.size)  # what scan() consumed, for _take_counts
             config = (self._record_len, self._big_endian, self._divisor, _port_bitmap(ports), modes, snaplen,
-                      taillen, Segment, MAX_RECORD_LEN)
+                      taillen, Segment, MAX_RECORD_LEN, counts)
         endpoints: dict[bytes, tuple[str, str, FlowKey]] = {}
         unpack = self._record.unpack_from
         record_len = self._record_len
@@ -331,106 +333,128 @@ class _PcapReader(CaptureReader):
         buf = b""
         off = 0
         base = self._data_start  # file offset of buf[0]
-        while True:
-            more = read(READ_BUFFER)
-            if off:
-                base += off
-                buf = buf[off:] + more
-                off = 0
-            else:
-                buf += more
-            end_of_file = not more
-            n = len(buf)
-            while off + record_len <= n:
-                if scan is not None:
-                    code, off, seg = scan(buf, off, stats, config)
-                    if code == SEGMENT:
-                        yield seg
-                        continue
-                    if code == NEED_MORE:
-                        break
-                    # else the record at off is this loop's
-                sec, frac, caplen, _wire = unpack(buf, off)
-                if caplen > MAX_RECORD_LEN:
-                    raise self._error(f"corrupt packet record at byte {base + off} (captured length {caplen})")
-                start = off + record_len
-                stop = start + caplen
-                if stop > n:
-                    break
-                off = stop
-                stats.packets += 1
-                stats.bytes += caplen
-                if fast and caplen >= ETHERNET_IPV4_TCP_LEN:
-                    ether_ip, total_len, fragment_proto, sport, dport, seq, ack, data_offset, flags = frame(buf, start)
-                    header_len = (data_offset >> 4) * 4
-                    if (ether_ip >> 8 == ETHERNET_IPV4_NO_OPTIONS and fragment_proto & ETHERNET_IPV4_TCP_MASK == IPPROTO_TCP
-                            and header_len >= TCP_MIN_LEN and (total_len >= IPV4_MIN_LEN or total_len == 0)):
-                        if ports is not None and sport not in ports and dport not in ports:
-                            stats.other_ports += 1
+        try:
+            while True:
+                more = read(READ_BUFFER)
+                if off:
+                    base += off
+                    buf = buf[off:] + more
+                    off = 0
+                else:
+                    buf += more
+                end_of_file = not more
+                n = len(buf)
+                while off + record_len <= n:
+                    if scan is not None:
+                        code, off, seg = scan(buf, off, config)
+                        if code == SEGMENT:
+                            yield seg
                             continue
-                        # decode._tcp_packet and PayloadPolicy.cut, in offsets into buf
-                        ip_end = start + ETHERNET_LEN + total_len if total_len else stop
-                        payload = start + ETHERNET_LEN + IPV4_MIN_LEN + header_len
-                        wire_len = ip_end - payload
-                        if wire_len <= 0:
-                            if not flags & LIFECYCLE_FLAGS:
-                                stats.pure_acks += 1
+                        if code == NEED_MORE:
+                            break
+                        # else the record at off is this loop's
+                    sec, frac, caplen, _wire = unpack(buf, off)
+                    if caplen > MAX_RECORD_LEN:
+                        raise self._error(f"corrupt packet record at byte {base + off} (captured length {caplen})")
+                    start = off + record_len
+                    stop = start + caplen
+                    if stop > n:
+                        break
+                    off = stop
+                    stats.packets += 1
+                    stats.bytes += caplen
+                    if fast and caplen >= ETHERNET_IPV4_TCP_LEN:
+                        ether_ip, total_len, fragment_proto, sport, dport, seq, ack, data_offset, flags = frame(buf, start)
+                        header_len = (data_offset >> 4) * 4
+                        if (ether_ip >> 8 == ETHERNET_IPV4_NO_OPTIONS and fragment_proto & ETHERNET_IPV4_TCP_MASK == IPPROTO_TCP
+                                and header_len >= TCP_MIN_LEN and (total_len >= IPV4_MIN_LEN or total_len == 0)):
+                            if ports is not None and sport not in ports and dport not in ports:
+                                stats.other_ports += 1
                                 continue
-                            wire_len = 0
-                        # ip_end, not the record's end: Ethernet padding is not payload (min() is a call)
-                        captured_end = ip_end if ip_end < stop else stop  # noqa: FURB136
-                        captured = captured_end - payload
-                        # The addresses as text and the flow key, once per connection rather
-                        # than per packet.
-                        raw = buf[start + ETHERNET_IPV4_ENDPOINTS : start + ETHERNET_IPV4_ENDPOINTS + ETHERNET_IPV4_ENDPOINTS_LEN]
-                        known = endpoints.get(raw)
-                        if known is None:
-                            if len(endpoints) >= ENDPOINT_CACHE:
-                                endpoints.clear()
-                            known = endpoints[raw] = _endpoints(raw, sport, dport)
-                        src, dst, key = known
-                        if modes and key in modes:
-                            head, tail = cut(key, buf[payload:captured_end], wire_len)
-                        elif captured < wire_len:  # the file's snap length cut the segment
-                            head = buf[payload : payload + snaplen if captured > snaplen else captured_end]
-                            tail = b""
-                        elif captured <= snaplen:
-                            head = buf[payload:captured_end]
-                            tail = b""
-                        else:  # split_payload()
-                            head = buf[payload : payload + snaplen]
-                            if taillen > 0:
-                                tail = buf[max(captured_end - taillen, payload + snaplen) : captured_end]
-                            else:
+                            # decode._tcp_packet and PayloadPolicy.cut, in offsets into buf
+                            ip_end = start + ETHERNET_LEN + total_len if total_len else stop
+                            payload = start + ETHERNET_LEN + IPV4_MIN_LEN + header_len
+                            wire_len = ip_end - payload
+                            if wire_len <= 0:
+                                if not flags & LIFECYCLE_FLAGS:
+                                    stats.pure_acks += 1
+                                    continue
+                                wire_len = 0
+                            # ip_end, not the record's end: Ethernet padding is not payload (min() is a call)
+                            captured_end = ip_end if ip_end < stop else stop  # noqa: FURB136
+                            captured = captured_end - payload
+                            # The addresses as text and the flow key, once per connection rather
+                            # than per packet.
+                            raw = buf[start + ETHERNET_IPV4_ENDPOINTS : start + ETHERNET_IPV4_ENDPOINTS + ETHERNET_IPV4_ENDPOINTS_LEN]
+                            known = endpoints.get(raw)
+                            if known is None:
+                                if len(endpoints) >= ENDPOINT_CACHE:
+                                    endpoints.clear()
+                                known = endpoints[raw] = _endpoints(raw, sport, dport)
+                            src, dst, key = known
+                            if modes and key in modes:
+                                head, tail = cut(key, buf[payload:captured_end], wire_len)
+                            elif captured < wire_len:  # the file's snap length cut the segment
+                                head = buf[payload : payload + snaplen if captured > snaplen else captured_end]
                                 tail = b""
-                        stats.segments += 1
-                        yield new_segment(Segment, (sec + frac / divisor, 4, src, dst, sport, dport, seq, ack, flags,
-                                                    wire_len, head, 0, tail))
+                            elif captured <= snaplen:
+                                head = buf[payload:captured_end]
+                                tail = b""
+                            else:  # split_payload()
+                                head = buf[payload : payload + snaplen]
+                                if taillen > 0:
+                                    tail = buf[max(captured_end - taillen, payload + snaplen) : captured_end]
+                                else:
+                                    tail = b""
+                            stats.segments += 1
+                            yield new_segment(Segment, (sec + frac / divisor, 4, src, dst, sport, dport, seq, ack, flags,
+                                                        wire_len, head, 0, tail))
+                            continue
+                    p = decode(buf[start:stop], ports)
+                    if p.__class__ is Skip:
+                        if p is empty:
+                            stats.pure_acks += 1
+                        elif p is other_port:
+                            stats.other_ports += 1
+                        else:
+                            _count_skip(stats, p)
                         continue
-                p = decode(buf[start:stop], ports)
-                if p.__class__ is Skip:
-                    if p is empty:
-                        stats.pure_acks += 1
-                    elif p is other_port:
-                        stats.other_ports += 1
-                    else:
-                        _count_skip(stats, p)
-                    continue
-                # the same steps as CaptureReader._segments, with flow_key() inlined
-                version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-                head, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
-                                 payload, wire_len)
-                stats.segments += 1
-                yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
-                                            wire_len, head, 0, tail))
-            stats.position = base + off
-            if ticks:
-                yield None
-            if end_of_file:
-                if off < n:
-                    what = "record header" if n - off < record_len else "record"
-                    raise self._error(f"truncated packet {what} at byte {base + off}")
-                return
+                    # the same steps as CaptureReader._segments, with flow_key() inlined
+                    version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
+                    head, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
+                                     payload, wire_len)
+                    stats.segments += 1
+                    yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
+                                                wire_len, head, 0, tail))
+                stats.position = base + off
+                if counts is not None:
+                    _take_counts(stats, counts)
+                if ticks:
+                    yield None
+                if end_of_file:
+                    if off < n:
+                        what = "record header" if n - off < record_len else "record"
+                        raise self._error(f"truncated packet {what} at byte {base + off}")
+                    return
+        finally:
+            if counts is not None:
+                _take_counts(stats, counts)
+
+
+_COUNTS = struct.Struct("=5q")
+"""The C loop's counts: packets, bytes, pure ACKs, other ports, segments (_pcapfast.c)."""
+
+
+def _take_counts(stats: ReplayStats, counts: bytearray) -> None:
+    """Add what the C loop counted to the stats, and start its counts again."""
+    packets, nbytes, pure_acks, other_ports, segments = _COUNTS.unpack(counts)
+    if packets or segments:
+        stats.packets += packets
+        stats.bytes += nbytes
+        stats.pure_acks += pure_acks
+        stats.other_ports += other_ports
+        stats.segments += segments
+        counts[:] = bytes(_COUNTS.size)
 
 
 def _port_bitmap(ports: Ports) -> bytes | None:
