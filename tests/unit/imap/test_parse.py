@@ -197,3 +197,17 @@ def test_capability_list_is_each_word_upper_cased_and_cut(words, drop_last):
     assert first == expected
     first.append("MUTATED")
     assert parse.capability_list(words, drop_last) == expected
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.binary(max_size=30),
+                 st.builds(lambda a, t, d, p, b: a + t + b"{" + d + p + b"}" + b,
+                           st.binary(max_size=12), st.sampled_from([b"", b"~", b"~~"]),
+                           st.one_of(st.integers(0, 10**22).map(lambda n: str(n).encode()), st.binary(max_size=4),
+                                     st.sampled_from([b"", b"+", b"0", b"1+", b"12a"])),
+                           st.sampled_from([b"", b"+", b"++"]), st.sampled_from([b"", b"}", b"{1}", b" "]))))
+def test_literal_mark_follows_the_pattern(physical):
+    """literal_mark finds the marker by hand; parse._LITERAL_MARK is the grammar it follows."""
+    m = parse._LITERAL_MARK.search(physical)
+    expected = None if m is None else (int(m.group(2)), not m.group(3), bool(m.group(1)))
+    assert parse.literal_mark(physical) == expected

@@ -82,12 +82,20 @@ _ATOM_BYTES = bytes(c for c in range(0x21, 0x7F) if c not in _ATOM_STOP)
 
 def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
     """``(size, sync, binary)`` when a physical line ends with a literal marker."""
+    # _LITERAL_MARK.search, by hand (tests/unit/imap/test_parse.py checks the two agree): only
+    # digits and "+" may stand between the braces, so the mark opens at the last "{".
     if not physical.endswith(b"}"):
         return None
-    m = _LITERAL_MARK.search(physical)
-    if m is None:
+    start = physical.rfind(b"{")
+    if start < 0:
         return None
-    return int(m.group(2)), not m.group(3), bool(m.group(1))
+    digits = physical[start + 1 : -1]
+    sync = not digits.endswith(b"+")
+    if not sync:
+        digits = digits[:-1]
+    if not 0 < len(digits) <= 20 or not digits.isdigit():
+        return None
+    return int(digits), sync, start > 0 and physical[start - 1] == 0x7E
 
 
 def is_tag(word: bytes) -> bool:

@@ -200,6 +200,12 @@ def _clip(s: str | None) -> str | None:
     return s[:DISPLAY_CAP] + "…"
 
 
+class _Counts(Counter):
+    """A Counter made empty in C: Counter's own __init__ runs Python code, three per flow."""
+
+    __init__ = dict.__init__
+
+
 class ImapSession:
     """Both directions of one IMAP connection, with the facts learnt so far."""
 
@@ -241,9 +247,9 @@ class ImapSession:
         self.mailboxes: list[str] = []
         self.mailboxes_dropped = 0
         self._mailbox_chars = 0
-        self.commands: Counter[str] = Counter()
-        self.statuses: Counter[str] = Counter()
-        self.anomalies: Counter[str] = Counter()
+        self.commands: Counter[str] = _Counts()
+        self.statuses: Counter[str] = _Counts()
+        self.anomalies: Counter[str] = _Counts()
         self.idles = 0
         self.last_command: str | None = None
         self.last_status: str | None = None

@@ -114,6 +114,20 @@ def _strings(items: list[str]) -> str:
     return "[" + ",".join(map(_quote, items)) + "]"
 
 
+def _capabilities(caps: list[str]) -> str:
+    """_strings for a capability list: the same few lists come again flow after flow."""
+    key = tuple(caps)
+    text = _capability_texts.get(key)
+    if text is None:
+        if len(_capability_texts) >= 256:
+            _capability_texts.clear()
+        text = _capability_texts[key] = _strings(caps)
+    return text
+
+
+_capability_texts: dict[tuple[str, ...], str] = {}
+
+
 def _counts(counts: dict[str, int]) -> str:
     return "{" + ",".join([f"{_quote(k)}:{v}" for k, v in counts.items()]) + "}"
 
@@ -144,7 +158,7 @@ def flow_line(flow: Flow) -> str:
         f'"username":{_optional(s.username)},"authzid":{_optional(s.authzid)},'
         f'"auth_command":{_optional(s.auth_command)},"auth_mechanism":{_optional(s.auth_mechanism)},'
         f'"login_ok":{_JSON_OPTIONAL_BOOL[s.login_ok]},"login_failures":{s.login_failures},'
-        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_strings(s.capabilities)},'
+        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_capabilities(s.capabilities)},'
         f'"starttls":{_quote(s.starttls.value)},"encrypted":{_JSON_OPTIONAL_BOOL[s.encrypted]},'
         f'"encrypted_from_start":{_JSON_OPTIONAL_BOOL[s.encrypted_from_start]},'
         f'"compressed":{_JSON_OPTIONAL_BOOL[s.compressed]},'
