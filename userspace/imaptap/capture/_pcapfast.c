@@ -22,6 +22,9 @@
 #include <string.h>
 #include <arpa/inet.h>
 #include <sys/socket.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 enum {
     NEED_MORE = 0, /* off: the start of an incomplete record, or the end of buf */
@@ -342,7 +345,25 @@ done:
     return ret;
 }
 
+/* glibc serves a buffer of a megabyte from fresh mmap'd pages and returns them when it is freed,
+   so every read of the replay faulted its pages in again: 15,000 page faults and a twentieth of
+   the system time of a replay.  Below these sizes, freed buffers stay in the heap for the next
+   read; the peak RSS of a replay does not change. */
+#define KEEP_MMAP_THRESHOLD (4 << 20) /* above READ_BUFFER plus the largest record */
+#define KEEP_TRIM_THRESHOLD (16 << 20)
+
+static PyObject *keep_buffers(PyObject *module, PyObject *unused)
+{
+#ifdef __GLIBC__
+    if (mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD) && mallopt(M_TRIM_THRESHOLD, KEEP_TRIM_THRESHOLD))
+        Py_RETURN_TRUE;
+#endif
+    Py_RETURN_FALSE;
+}
+
 static PyMethodDef methods[] = {
+    {"keep_buffers", keep_buffers, METH_NOARGS,
+     "keep_buffers() -> bool: let glibc keep freed read buffers for the next read (False: not glibc)."},
     {"scan", (PyCFunction)(void (*)(void))scan, METH_FASTCALL,
      "scan(buf, off, config) -> (code, off, value): pcap records from off to the next segment."},
     {NULL, NULL, 0, NULL},

@@ -320,6 +320,7 @@ class _PcapReader(CaptureReader):
         scan = _pcapfast.scan if fast and _pcapfast is not None else None
         counts = None
         if scan is not None:
+            _pcapfast.keep_buffers()
             SEGMENT, NEED_MORE = _pcapfast.SEGMENT, _pcapfast.NEED_MORE
             counts = bytearray(_COUNTS.size)  # what scan() consumed, for _take_counts
             config = (self._record_len, self._big_endian, self._divisor, _port_bitmap(ports), modes, snaplen,
