@@ -132,6 +132,9 @@ _STATUSES = parse.STATUSES
 #: parses it by hand (tests/unit/imap/test_session.py checks the two agree).
 _UNTAGGED = re.compile(rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$", re.S)
 _WORD_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"
+#: Response names seen (as sent -> upper case): a few dozen in practice, checked once each.
+_UNTAGGED_NAMES_KEPT = 1024
+_untagged_names: dict[bytes, str] = {}
 #: Untagged data responses with a message number (RFC 3501, 9051).
 _NUMBERED_DATA = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH"})
 #: Untagged data responses without one, from RFC 3501/9051 and the common extensions.
@@ -586,13 +589,15 @@ class ImapSession:
             start = sp + 1
             sp = head.find(b" ", start)
             word_b = head[start:] if sp < 0 else head[start:sp]
-        if not word_b[:1].isalpha() or len(word_b) > 64 or word_b.translate(None, _WORD_BYTES):
-            self._anomaly("bad_untagged")
-            return
-        after = None if sp < 0 else head[sp + 1 :]
-        upper = word_b.decode("latin-1").upper()
-        if after is None:
-            after = b""
+        upper = _untagged_names.get(word_b)
+        if upper is None:
+            if not word_b[:1].isalpha() or len(word_b) > 64 or word_b.translate(None, _WORD_BYTES):
+                self._anomaly("bad_untagged")
+                return
+            if len(_untagged_names) >= _UNTAGGED_NAMES_KEPT:
+                _untagged_names.clear()
+            upper = _untagged_names[word_b] = word_b.decode("latin-1").upper()
+        after = b"" if sp < 0 else head[sp + 1 :]
         if number_b is None and upper in _STATUSES:
             code, rest_text = parse.split_resp_text(after)
             if code is not None:
