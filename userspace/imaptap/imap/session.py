@@ -155,7 +155,12 @@ def _tag(raw: bytes) -> str:
 
 
 def _sizes(line: RawLine) -> tuple[int, ...]:
-    return tuple(lit.size for lit in line.literals) if line.literals else ()
+    literals = line.literals
+    if not literals:
+        return ()
+    if len(literals) == 1:  # nearly always: a FETCH body, an APPEND, a LOGIN argument
+        return (literals[0].size,)
+    return tuple([lit.size for lit in literals])
 
 
 # Pattern texts, compiled by ``re`` on first use and cached there: a greeting names one product

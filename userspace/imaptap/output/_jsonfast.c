@@ -197,13 +197,16 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
         if (m > maxchar)
             maxchar = m;
     }
+    int plain[F_TEXT + 1] = {0}; /* a field with nothing to escape: copied, not scanned again */
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
         total += strlen(KEYS[f - F_TAG]);
         if (v == Py_None) {
             total += 4;
         } else if (PyUnicode_Check(v)) {
-            total += escaped_length(v);
+            Py_ssize_t len = escaped_length(v);
+            plain[f] = len == PyUnicode_GET_LENGTH(v) + 2;
+            total += len;
             Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(v);
             if (m > maxchar)
                 maxchar = m;
@@ -274,10 +277,16 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
         put_cstr(&w, KEYS[f - F_TAG]);
-        if (v == Py_None)
+        if (v == Py_None) {
             put_ascii(&w, "null", 4);
-        else if (put_escaped(&w, v) < 0)
+        } else if (plain[f]) {
+            put_ascii(&w, "\"", 1);
+            if (put_slice(&w, v, 0, PyUnicode_GET_LENGTH(v)) < 0)
+                goto fail;
+            put_ascii(&w, "\"", 1);
+        } else if (put_escaped(&w, v) < 0) {
             goto fail;
+        }
     }
     put_cstr(&w, ",\"latency_ms\":");
     if (extra[0] == NULL)

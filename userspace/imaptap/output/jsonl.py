@@ -133,7 +133,7 @@ def _counts(counts: dict[str, int]) -> str:
 
 
 def _float(x: float) -> str:
-    text = repr(x)
+    text = repr(x) if _jsonfast is None else _jsonfast.ts_repr(x)
     return text if "n" not in text else _dumps(x)  # inf and nan: as json writes them
 
 
