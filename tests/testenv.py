@@ -1,6 +1,7 @@
 """Paths and helpers the test suite shares (a uniquely named module: every test directory may
 have its own conftest.py, so `from conftest import ...` would be ambiguous)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +16,28 @@ sys.path.insert(0, os.path.join(ROOT, "userspace"))
 PUBLIC_PCAPS = os.environ.get("IMAPTAP_PUBLIC_PCAPS", os.path.join(os.path.dirname(ROOT), "shared", "pcaps-public"))
 #: Captures this project made from a real Dovecot and real clients (scripts/make-captures).
 OWN_PCAPS = os.path.join(ROOT, "pcaps")
+
+
+@contextlib.contextmanager
+def accelerator(module, name: str, on: bool):
+    """Run with ``module.<name>``, an optional C accelerator, as built (``on``) or as if it had
+    not been built: the pure-Python path every accelerated path must agree with."""
+    saved = getattr(module, name)
+    if not on:
+        setattr(module, name, None)
+    try:
+        yield
+    finally:
+        setattr(module, name, saved)
+
+
+def accelerator_params(module, name: str) -> list:
+    """pytest parameters for both paths; the C one is skipped where it was not built."""
+    import pytest
+
+    return [pytest.param(True, id="c", marks=pytest.mark.skipif(getattr(module, name) is None,
+                                                                reason=f"{name} not built")),
+            pytest.param(False, id="python")]
 
 
 @dataclass

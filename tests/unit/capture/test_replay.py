@@ -16,7 +16,7 @@ from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDe
                          SectionHeaderBlockLE)
 
 import imaptap.capture.replay as replay_module
-from testenv import OWN_PCAPS, PUBLIC_PCAPS
+from testenv import OWN_PCAPS, PUBLIC_PCAPS, accelerator, accelerator_params
 from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
@@ -512,20 +512,11 @@ def _frame(f):
 
 
 #: The pcap loop with its C accelerator (when built) and without it: both must replay alike.
-LOOPS = [pytest.param(True, id="c", marks=pytest.mark.skipif(replay_module._pcapfast is None,
-                                                               reason="C accelerator not built")),
-         pytest.param(False, id="python")]
+LOOPS = accelerator_params(replay_module, "_pcapfast")
 
 
-@contextlib.contextmanager
 def _loop(accelerated):
-    saved = replay_module._pcapfast
-    if not accelerated:
-        replay_module._pcapfast = None
-    try:
-        yield
-    finally:
-        replay_module._pcapfast = saved
+    return accelerator(replay_module, "_pcapfast", accelerated)
 
 
 @pytest.mark.parametrize("accelerated", LOOPS)

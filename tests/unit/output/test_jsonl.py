@@ -13,7 +13,7 @@ from imaptap.output import jsonl
 from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, message_record
 from imaptap.flows import FlowTable
 from imaptap.testing import conversation
-from testenv import OWN_PCAPS, PUBLIC_PCAPS
+from testenv import OWN_PCAPS, PUBLIC_PCAPS, accelerator, accelerator_params
 
 text = st.one_of(st.none(), st.text(max_size=40))
 messages = st.builds(
@@ -42,20 +42,12 @@ def a_flow(client=("2001:db8::1", 4000)):
 FLOW = a_flow()
 
 
-@contextlib.contextmanager
 def _formatter(accelerated):
     """JsonlWriter with the C formatter (where built) or its Python path."""
-    saved = jsonl._jsonfast
-    if not accelerated:
-        jsonl._jsonfast = None
-    try:
-        yield
-    finally:
-        jsonl._jsonfast = saved
+    return accelerator(jsonl, "_jsonfast", accelerated)
 
 
-PATHS = [pytest.param(True, id="c", marks=pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")),
-         pytest.param(False, id="python")]
+PATHS = accelerator_params(jsonl, "_jsonfast")
 
 
 @pytest.mark.parametrize("accelerated", PATHS)
