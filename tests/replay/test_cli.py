@@ -82,3 +82,16 @@ def test_a_closed_pipe_is_not_an_error():
     p = subprocess.run(f"{sys.executable} -m imaptap -r {NDPI} --json - | head -n 1", shell=True,
                        capture_output=True, text=True, env=env)
     assert p.stdout.count("\n") == 1 and "Traceback" not in p.stderr and "Error" not in p.stderr
+
+
+@pytest.mark.parametrize("flows_only", [[], ["--flows-only"]])
+def test_a_full_disk_is_one_line_not_a_traceback(imaptap, flows_only):
+    """/dev/full fails every write with ENOSPC, as a full disk does."""
+    one_line_error(imaptap("-r", NDPI, "--json", "/dev/full", *flows_only), "cannot write /dev/full",
+                   "No space left on device")
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
+    with open("/dev/full", "w") as full:
+        p = subprocess.run([sys.executable, "-m", "imaptap", "-r", NDPI, "--json", "-", *flows_only],
+                           stdout=full, stderr=subprocess.PIPE, text=True, env=env)
+    assert p.returncode == 2
+    assert p.stderr == "imaptap: cannot write standard output: No space left on device\n"

@@ -1,9 +1,9 @@
 """imaptap's command line: pick a capture source and an output, run the one pipeline.
 
 Exit status: 0 on success and on a clean stop (SIGINT, SIGTERM, SIGHUP); 1 on an internal
-error; 2 on bad arguments, an unreadable or corrupt capture file, or missing privileges or
-kernel support.  Errors are one line on stderr, never a traceback.  The TUI and bcc are
-imported only when used, so replay to JSON starts fast.
+error; 2 on bad arguments, an unreadable or corrupt capture file, an output that cannot be
+written, or missing privileges or kernel support.  Errors are one line on stderr, never a
+traceback.  The TUI and bcc are imported only when used, so replay to JSON starts fast.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import IO
 
 from imaptap import __version__
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowTable
+from imaptap.output import OutputError
 from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, PayloadPolicy, Segment
 
 EXIT_OK = 0
@@ -39,7 +40,7 @@ examples:
   imaptap -D                          list interfaces
 
 exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
-             2 bad arguments, bad capture file, or missing privileges
+             2 bad arguments, bad capture file, unwritable output, or missing privileges
 """
 
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as exc:
         print(f"imaptap: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OutputError as exc:
+        print(f"imaptap: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except BrokenPipeError:
         # The reader went away (e.g. `| head`): stop quietly, as tcpdump does.
         try:
@@ -220,7 +224,7 @@ def _main(args: argparse.Namespace) -> int:
     from imaptap.output.jsonl import JsonlWriter
 
     out, close_out = _open_output(json_path)
-    writer = JsonlWriter(out)
+    writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path)
     table = FlowTable(
         ports,
         message_sink=None if args.flows_only else writer.sink,
@@ -248,19 +252,25 @@ def _main(args: argparse.Namespace) -> int:
         # must not cut that short, so they wait until it is written.
         for s in stop_signals:
             signal.signal(s, signal.SIG_IGN)
-        table.close_all("end")
-        record = {"source": args.read or ",".join(args.interface or []) or "live"}
-        record.update(source_stats)
-        record.update(dataclasses.asdict(table.stats))
-        record["seconds"] = round(time.monotonic() - started, 3)
-        if error:
-            record["error"] = error
-        writer.stats(record)
-        writer.flush()
-        if close_out:
-            out.close()
-        for s, h in old.items():
-            signal.signal(s, h)
+        try:
+            table.close_all("end")
+            record = {"source": args.read or ",".join(args.interface or []) or "live"}
+            record.update(source_stats)
+            record.update(dataclasses.asdict(table.stats))
+            record["seconds"] = round(time.monotonic() - started, 3)
+            if error:
+                record["error"] = error
+            writer.stats(record)
+            writer.flush()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+            if close_out:
+                try:
+                    out.close()
+                except OSError:
+                    if writer.failed is None:
+                        raise
     if error:
         print(f"imaptap: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -150,3 +150,39 @@ def test_fast_flow_line_equals_the_encoded_record():
     assert len(flows) > 20
     for flow in flows:
         assert flow_line(flow) == _dumps(flow_record(flow))
+
+
+class _FullDisk(io.StringIO):
+    def __init__(self, room):
+        super().__init__()
+        self.room = room
+        self.writes = 0
+
+    def write(self, text):
+        self.writes += 1
+        if len(self.getvalue()) + len(text) > self.room:
+            raise OSError(28, "No space left on device")
+        return super().write(text)
+
+
+@pytest.mark.parametrize("accelerated", PATHS)
+def test_a_failed_write_is_one_output_error_then_nothing(accelerated):
+    """The first failed write raises OutputError (the CLI prints it in one line); what comes
+    after is dropped rather than tried again, so the flows still being closed raise nothing."""
+    from imaptap.output import OutputError
+
+    with _formatter(accelerated):
+        out = _FullDisk(room=100_000)
+        writer = JsonlWriter(out, "out.jsonl")
+        sink = writer.sink(FLOW)
+        msg = Message(1.5, Side.SERVER, Kind.UNTAGGED, command="FETCH", args="(UID 1)", number=1)
+        with pytest.raises(OutputError, match="^cannot write out.jsonl: No space left on device$"):
+            for _ in range(10_000):
+                sink(msg)
+        writes = out.writes
+        for _ in range(1_000):
+            sink(msg)
+        writer.flow_end(FLOW)
+        writer.flush()
+    assert out.writes == writes and isinstance(writer.failed, OSError)
+    assert out.getvalue().endswith("}\n")

@@ -12,6 +12,7 @@ from typing import IO, Any, Callable
 
 from imaptap.flows import Flow
 from imaptap.imap.session import Kind, Message, Side
+from imaptap.output import OutputError
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 # The C string encoder json itself uses for ensure_ascii=False (quotes, escapes, no ASCII-fication).
@@ -213,8 +214,11 @@ def _message_rest(msg: Message) -> str:
 class JsonlWriter:
     """Writes records to a text stream, one JSON object per line."""
 
-    def __init__(self, out: IO[str]) -> None:
+    def __init__(self, out: IO[str], name: str = "the output") -> None:
         self.out = out
+        self.name = name
+        self.failed: OSError | None = None
+        """The error that stopped the output: later records are dropped, not retried."""
         self._prefix: dict[Flow, str] = {}
         """Per open flow: its part of a message record, for `message` (Flow hashes by identity)."""
         self._lines: list[str] = []
@@ -236,8 +240,19 @@ class JsonlWriter:
 
     def _drain(self) -> None:
         if self._lines:
-            self.out.write("".join(self._lines))
-            self._lines.clear()
+            try:
+                if self.failed is None:
+                    self.out.write("".join(self._lines))
+            except BrokenPipeError:
+                raise  # the reader went away (`| head`): the CLI stops quietly
+            except OSError as exc:
+                self._fail(exc)
+            finally:
+                self._lines.clear()
+
+    def _fail(self, exc: OSError) -> None:
+        self.failed = exc
+        raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from None
 
     def sink(self, flow: Flow) -> Callable[[Message], None]:
         """The message writer of one flow, for FlowTable(message_sink=...).
@@ -275,4 +290,10 @@ class JsonlWriter:
 
     def flush(self) -> None:
         self._drain()
-        self.out.flush()
+        if self.failed is None:
+            try:
+                self.out.flush()
+            except BrokenPipeError:
+                raise
+            except OSError as exc:
+                self._fail(exc)
