@@ -1,4 +1,5 @@
 import base64
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -207,7 +208,7 @@ def test_capability_list_is_each_word_upper_cased_and_cut(words, drop_last):
                                      st.sampled_from([b"", b"+", b"0", b"1+", b"12a"])),
                            st.sampled_from([b"", b"+", b"++"]), st.sampled_from([b"", b"}", b"{1}", b" "]))))
 def test_literal_mark_follows_the_pattern(physical):
-    """literal_mark finds the marker by hand; parse._LITERAL_MARK is the grammar it follows."""
-    m = parse._LITERAL_MARK.search(physical)
+    """literal_mark finds the marker by hand; parse.LITERAL_MARK_GRAMMAR is the grammar it follows."""
+    m = re.search(parse.LITERAL_MARK_GRAMMAR, physical)
     expected = None if m is None else (int(m.group(2)), not m.group(3), bool(m.group(1)))
     assert parse.literal_mark(physical) == expected

@@ -385,13 +385,13 @@ _untagged_heads = st.builds(
 @settings(max_examples=600, deadline=None)
 @given(_untagged_heads)
 def test_untagged_lines_are_split_as_the_grammar_says(head):
-    """_untagged splits "* [n ]NAME[ rest]" by hand; session._UNTAGGED is the grammar it follows."""
+    """_untagged splits "* [n ]NAME[ rest]" by hand; session.UNTAGGED_GRAMMAR is the grammar it follows."""
     from imaptap.imap import session as session_module
 
     messages = []
     s = session_module.ImapSession(on_message=messages.append)
     s.server.feed(b"* OK hi\r\n" + head + b"\r\n")
-    m = session_module._UNTAGGED.match(head)
+    m = re.match(session_module.UNTAGGED_GRAMMAR, head, re.S)
     if m is None:
         assert s.anomalies["bad_untagged"] == 1 and len(messages) == 1
         return

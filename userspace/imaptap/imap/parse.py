@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -70,7 +70,9 @@ class Atom(str):
 
 Token = "Atom | bytes | Literal | list"
 
-_LITERAL_MARK = re.compile(rb"(~?)\{(\d{1,20})(\+?)\}$")
+#: A literal marker at the end of a physical line, as a pattern: the grammar `literal_mark`
+#: follows by hand (tests/unit/imap/test_parse.py searches with it and compares).
+LITERAL_MARK_GRAMMAR = rb"(~?)\{(\d{1,20})(\+?)\}$"
 
 # atom-specials (RFC 3501 section 9): ( ) { SP CTL % * " \ ]
 _ATOM_STOP = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
@@ -82,8 +84,8 @@ _ATOM_BYTES = bytes(c for c in range(0x21, 0x7F) if c not in _ATOM_STOP)
 
 def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
     """``(size, sync, binary)`` when a physical line ends with a literal marker."""
-    # _LITERAL_MARK.search, by hand (tests/unit/imap/test_parse.py checks the two agree): only
-    # digits and "+" may stand between the braces, so the mark opens at the last "{".
+    # LITERAL_MARK_GRAMMAR, by hand: only digits and "+" may stand between the braces, so the
+    # mark opens at the last "{".
     if not physical.endswith(b"}"):
         return None
     start = physical.rfind(b"{")
@@ -282,26 +284,20 @@ def capability_list(words: bytes | str, drop_last: bool = False) -> list[str]:
 
     ``drop_last`` leaves out the final word, which may have been cut by a truncated line.
     """
-    key = (words, drop_last)
-    caps = _capability_lists.get(key)
-    if caps is None:
-        text_ = words.decode("latin-1") if isinstance(words, bytes) else words
-        # Upper-casing the whole text never moves a space, so it splits into the same words.
-        found = text_.upper().split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES]
-        if found and max(map(len, found)) > MAX_CAPABILITY:
-            found = [w[:MAX_CAPABILITY] for w in found]
-        if drop_last and found:
-            found.pop()
-        caps = tuple(found)
-        if len(_capability_lists) >= _CAPABILITY_LISTS_KEPT:
-            _capability_lists.clear()
-        _capability_lists[key] = caps
-    return list(caps)
+    return list(_capability_names(words, drop_last))
 
 
-#: A server sends the same list to every client: lists seen, up to this many, are kept.
-_CAPABILITY_LISTS_KEPT = 256
-_capability_lists: dict[tuple[bytes | str, bool], tuple[str, ...]] = {}
+#: A server sends the same list to every client: the lists of this many texts are kept.
+@functools.lru_cache(maxsize=256)
+def _capability_names(words: bytes | str, drop_last: bool) -> tuple[str, ...]:
+    text_ = words.decode("latin-1") if isinstance(words, bytes) else words
+    # Upper-casing the whole text never moves a space, so it splits into the same words.
+    found = text_.upper().split(None, MAX_CAPABILITIES)[:MAX_CAPABILITIES]
+    if found and max(map(len, found)) > MAX_CAPABILITY:
+        found = [w[:MAX_CAPABILITY] for w in found]
+    if drop_last and found:
+        found.pop()
+    return tuple(found)
 
 
 # --- SASL --------------------------------------------------------------------------------

@@ -128,9 +128,10 @@ _AUTHENTICATED_COMMANDS = frozenset(
 _STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 _STATUSES = parse.STATUSES
-#: An untagged response: "* ", a message number, the response name, " " and the rest.  _untagged
-#: parses it by hand (tests/unit/imap/test_session.py checks the two agree).
-_UNTAGGED = re.compile(rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$", re.S)
+#: An untagged response: "* ", a message number, the response name, " " and the rest, as a
+#: pattern (with re.S): the grammar _untagged follows by hand (tests/unit/imap/test_session.py
+#: matches with it and compares).
+UNTAGGED_GRAMMAR = rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$"
 _WORD_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"
 #: Response names seen (as sent -> upper case): a few dozen in practice, checked once each.
 _UNTAGGED_NAMES_KEPT = 1024
@@ -582,7 +583,7 @@ class ImapSession:
             self._idle_tag = None
 
     def _untagged(self, line: RawLine, head: bytes, first: bool) -> None:
-        # _UNTAGGED.match(head).groups(), by hand: the pattern was a tenth of this method
+        # UNTAGGED_GRAMMAR, by hand: matching the pattern was a tenth of this method
         sp = head.find(b" ", 2)
         word_b = head[2:] if sp < 0 else head[2:sp]
         number_b = None

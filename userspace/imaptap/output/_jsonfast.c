@@ -2,7 +2,7 @@
  *
  * One message record is written per IMAP line, and building it in Python (an f-string over
  * json's string encoder, and float repr for the time) was a sixth of a full-JSON replay.  The
- * two functions here give exactly the characters the Python code gives; JsonlWriter uses them
+ * two parts here give exactly the characters the Python code gives; JsonlWriter uses them
  * where this module was built (setup.py, optional) and tests/unit/output/test_jsonl.py checks
  * both paths against json's own encoder.
  *
@@ -14,13 +14,10 @@
  *     exact arithmetic.  Every other value (nanosecond stamps, tiny or huge numbers) goes to
  *     float's own repr.
  *
- * message_line(head, prefix, from_kind, msg) -> str
- *     head + prefix + from_kind + the rest of the record of msg (a session.Message) + "}\n",
- *     with strings escaped as json.encoder.encode_basestring does (no ASCII-fication).
- *
  * Formatter(lines, drain, batch, client_side, kinds).message(prefix, msg)
- *     JsonlWriter's message path: the record's head (its time formatted once per segment),
- *     then message_line's text, appended to lines; drain() is called at batch lines.
+ *     JsonlWriter's message path: the JSON line of msg (a session.Message) appended to lines,
+ *     its time formatted once per segment, strings escaped as json.encoder.encode_basestring
+ *     does (no ASCII-fication); drain() is called at batch lines.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -308,7 +305,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
         put_cstr(&w, ",\"truncated\":true");
     put_ascii(&w, "}\n", 2);
     if (w.pos != total) {
-        PyErr_SetString(PyExc_SystemError, "message_line: length mismatch");
+        PyErr_SetString(PyExc_SystemError, "build_line: length mismatch");
         goto fail;
     }
     goto done;
@@ -320,19 +317,7 @@ done:
     return result;
 }
 
-static PyObject *message_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
-{
-    if (nargs != 4 || !PyUnicode_Check(args[0]) || !PyUnicode_Check(args[1]) || !PyUnicode_Check(args[2])
-            || !PyTuple_Check(args[3]) || PyTuple_GET_SIZE(args[3]) < N_FIELDS) {
-        PyErr_SetString(PyExc_TypeError, "message_line(head: str, prefix: str, from_kind: str, msg: Message)");
-        return NULL;
-    }
-    return build_line(args, args[3]);
-}
-
 /* --- Formatter: JsonlWriter's message path, one C call per message -------------------------- */
-
-#define N_KINDS 8
 
 typedef struct {
     PyObject_HEAD
@@ -340,8 +325,7 @@ typedef struct {
     PyObject *drain;   /* called when lines holds batch lines */
     Py_ssize_t batch;
     PyObject *client;  /* Side.CLIENT */
-    Py_ssize_t n_kinds;
-    PyObject *kind[N_KINDS], *from_client[N_KINDS], *from_server[N_KINDS];
+    PyObject *kinds;   /* tuple of (Kind member, from-client text, from-server text) */
     double ts;         /* the time of head, when head is set */
     PyObject *head;    /* '{"type":"message","ts":<ts>,' */
 } Formatter;
@@ -353,10 +337,6 @@ static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
     if (!PyArg_ParseTuple(args, "O!OnOO!:Formatter", &PyList_Type, &lines, &drain, &batch, &client,
                           &PyTuple_Type, &kinds))
         return -1;
-    if (PyTuple_GET_SIZE(kinds) > N_KINDS) {
-        PyErr_SetString(PyExc_ValueError, "Formatter: too many kinds");
-        return -1;
-    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kinds); i++) {
         PyObject *k = PyTuple_GET_ITEM(kinds, i);
         if (!PyTuple_Check(k) || PyTuple_GET_SIZE(k) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(k, 1))
@@ -371,19 +351,9 @@ static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->drain, drain);
     Py_INCREF(client);
     Py_XSETREF(self->client, client);
+    Py_INCREF(kinds);
+    Py_XSETREF(self->kinds, kinds);
     self->batch = batch;
-    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
-        Py_CLEAR(self->kind[i]);
-        Py_CLEAR(self->from_client[i]);
-        Py_CLEAR(self->from_server[i]);
-    }
-    self->n_kinds = PyTuple_GET_SIZE(kinds);
-    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
-        PyObject *k = PyTuple_GET_ITEM(kinds, i);
-        self->kind[i] = Py_NewRef(PyTuple_GET_ITEM(k, 0));
-        self->from_client[i] = Py_NewRef(PyTuple_GET_ITEM(k, 1));
-        self->from_server[i] = Py_NewRef(PyTuple_GET_ITEM(k, 2));
-    }
     Py_CLEAR(self->head);
     return 0;
 }
@@ -393,11 +363,7 @@ static int Formatter_traverse(Formatter *self, visitproc visit, void *arg)
     Py_VISIT(self->lines);
     Py_VISIT(self->drain);
     Py_VISIT(self->client);
-    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
-        Py_VISIT(self->kind[i]);
-        Py_VISIT(self->from_client[i]);
-        Py_VISIT(self->from_server[i]);
-    }
+    Py_VISIT(self->kinds);
     return 0;
 }
 
@@ -407,12 +373,7 @@ static int Formatter_clear(Formatter *self)
     Py_CLEAR(self->drain);
     Py_CLEAR(self->client);
     Py_CLEAR(self->head);
-    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
-        Py_CLEAR(self->kind[i]);
-        Py_CLEAR(self->from_client[i]);
-        Py_CLEAR(self->from_server[i]);
-    }
-    self->n_kinds = 0;
+    Py_CLEAR(self->kinds);
     return 0;
 }
 
@@ -453,9 +414,10 @@ static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ss
         }
     }
     PyObject *kind = PyTuple_GET_ITEM(msg, 2), *from_kind = NULL;
-    for (Py_ssize_t i = 0; i < self->n_kinds; i++) {
-        if (self->kind[i] == kind) {
-            from_kind = PyTuple_GET_ITEM(msg, 1) == self->client ? self->from_client[i] : self->from_server[i];
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(self->kinds); i++) {
+        PyObject *k = PyTuple_GET_ITEM(self->kinds, i);
+        if (PyTuple_GET_ITEM(k, 0) == kind) {
+            from_kind = PyTuple_GET_ITEM(k, PyTuple_GET_ITEM(msg, 1) == self->client ? 1 : 2);
             break;
         }
     }
@@ -502,8 +464,6 @@ static PyTypeObject FormatterType = {
 
 static PyMethodDef methods[] = {
     {"ts_repr", ts_repr, METH_O, "ts_repr(x: float) -> str: repr(x), fast for microsecond time stamps."},
-    {"message_line", (PyCFunction)(void (*)(void))message_line, METH_FASTCALL,
-     "message_line(head, prefix, from_kind, msg) -> str: the rest of a message record's JSON line."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -7,7 +7,7 @@ record builders are shared with the TUI, which shows the same facts.
 from __future__ import annotations
 
 import json
-from functools import partial
+from functools import lru_cache, partial
 from typing import IO, Any, Callable
 
 from imaptap.flows import Flow
@@ -115,18 +115,10 @@ def _strings(items: list[str]) -> str:
     return "[" + ",".join(map(_quote, items)) + "]"
 
 
-def _capabilities(caps: list[str]) -> str:
+@lru_cache(maxsize=256)
+def _capabilities(caps: tuple[str, ...]) -> str:
     """_strings for a capability list: the same few lists come again flow after flow."""
-    key = tuple(caps)
-    text = _capability_texts.get(key)
-    if text is None:
-        if len(_capability_texts) >= 256:
-            _capability_texts.clear()
-        text = _capability_texts[key] = _strings(caps)
-    return text
-
-
-_capability_texts: dict[tuple[str, ...], str] = {}
+    return _strings(caps)
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -159,7 +151,7 @@ def flow_line(flow: Flow) -> str:
         f'"username":{_optional(s.username)},"authzid":{_optional(s.authzid)},'
         f'"auth_command":{_optional(s.auth_command)},"auth_mechanism":{_optional(s.auth_mechanism)},'
         f'"login_ok":{_JSON_OPTIONAL_BOOL[s.login_ok]},"login_failures":{s.login_failures},'
-        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_capabilities(s.capabilities)},'
+        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_capabilities(tuple(s.capabilities))},'
         f'"starttls":{_quote(s.starttls.value)},"encrypted":{_JSON_OPTIONAL_BOOL[s.encrypted]},'
         f'"encrypted_from_start":{_JSON_OPTIONAL_BOOL[s.encrypted_from_start]},'
         f'"compressed":{_JSON_OPTIONAL_BOOL[s.compressed]},'
@@ -193,7 +185,7 @@ def _flow_prefix(flow: Flow) -> str:
 
 
 def _message_rest(msg: Message) -> str:
-    """A message record after its "kind" key, as _jsonfast.message_line writes it."""
+    """A message record after its "kind" key, as _jsonfast's Formatter writes it."""
     tag, command, args, status, code, txt, lat, literals, number, truncated = msg[3:]
     q = _quote
     line = (
@@ -219,8 +211,6 @@ class JsonlWriter:
         self.name = name
         self.failed: OSError | None = None
         """The error that stopped the output: later records are dropped, not retried."""
-        self._prefix: dict[Flow, str] = {}
-        """Per open flow: its part of a message record, for `message` (Flow hashes by identity)."""
         self._lines: list[str] = []
         self._append = self._lines.append
         self._ts = -1.0
@@ -241,34 +231,31 @@ class JsonlWriter:
     def _drain(self) -> None:
         if self._lines:
             try:
-                if self.failed is None:
-                    self.out.write("".join(self._lines))
-            except BrokenPipeError:
-                raise  # the reader went away (`| head`): the CLI stops quietly
-            except OSError as exc:
-                self._fail(exc)
+                self._output(self.out.write, "".join(self._lines))
             finally:
                 self._lines.clear()
 
-    def _fail(self, exc: OSError) -> None:
-        self.failed = exc
-        raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from None
+    def _output(self, call: Callable[..., object], *args: str) -> None:
+        """``call(*args)`` on the output, unless it failed before: a failure is one OutputError."""
+        if self.failed is not None:
+            return
+        try:
+            call(*args)
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): the CLI stops quietly
+        except OSError as exc:
+            self.failed = exc
+            raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from None
 
     def sink(self, flow: Flow) -> Callable[[Message], None]:
-        """The message writer of one flow, for FlowTable(message_sink=...).
+        """The message writer of one flow, for FlowTable(message_sink=...): each message as the
+        same bytes as ``_dumps(message_record(flow, msg))``, built without the dict.
 
         One record is written per IMAP line, so this is the hottest path of a replay: the
         flow's part of the record is made once, and with the C formatter a message costs one
         C call and no Python frame.
         """
         return partial(self._emit, _flow_prefix(flow))
-
-    def message(self, flow: Flow, msg: Message) -> None:
-        """Same bytes as ``json.dumps(message_record(...))``, built without the dict."""
-        prefix = self._prefix.get(flow)
-        if prefix is None:
-            prefix = self._prefix[flow] = _flow_prefix(flow)
-        self._emit(prefix, msg)
 
     def _message_py(self, prefix: str, msg: Message) -> None:
         """`_emit` without the C formatter: the same characters."""
@@ -282,7 +269,6 @@ class JsonlWriter:
             self._drain()
 
     def flow_end(self, flow: Flow) -> None:
-        self._prefix.pop(flow, None)
         self.write(flow_line(flow) + "\n")
 
     def stats(self, record: dict[str, Any]) -> None:
@@ -290,10 +276,4 @@ class JsonlWriter:
 
     def flush(self) -> None:
         self._drain()
-        if self.failed is None:
-            try:
-                self.out.flush()
-            except BrokenPipeError:
-                raise
-            except OSError as exc:
-                self._fail(exc)
+        self._output(self.out.flush)
