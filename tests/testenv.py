@@ -12,10 +12,55 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, os.path.join(ROOT, "userspace"))
 
-#: Public captures from other projects' test suites, used in place (read-only).
+#: A CI run must exercise everything: what a workstation may skip (root, the kernel, the
+#: third-party captures) fails the run there.
+IN_CI = os.environ.get("CI") == "true"
+#: Third-party captures from other projects' test suites, used in place (read-only).  Not in
+#: this repository: a user's clone has none, and the tests that need them skip there.
 PUBLIC_PCAPS = os.environ.get("IMAPTAP_PUBLIC_PCAPS", os.path.join(os.path.dirname(ROOT), "shared", "pcaps-public"))
+#: One of them, whose presence says the directory is there at all.
+_PUBLIC_PROBE = os.path.join(PUBLIC_PCAPS, "ndpi", "imap.pcap")
+PUBLIC_PCAPS_PRESENT = os.path.isfile(_PUBLIC_PROBE)
+#: The reason of every skip for their absence; conftest.py sums them up in one line.
+PUBLIC_PCAPS_ABSENT = (f"third-party captures not found in {PUBLIC_PCAPS}: put a copy of pcaps-public there"
+                       " or set IMAPTAP_PUBLIC_PCAPS (README, Tests)")
 #: Captures this project made from a real Dovecot and real clients (scripts/make-captures).
 OWN_PCAPS = os.path.join(ROOT, "pcaps")
+#: Lines a test wants printed at the end of the run (which accelerator booted a kernel, say).
+SUMMARY: list[str] = []
+
+
+def public_pcap(name: str) -> str:
+    """The path of a third-party capture.  Where they are absent the test is skipped, and fails
+    under CI=true; one that is missing from a directory that is there always fails."""
+    import pytest
+
+    path = os.path.join(PUBLIC_PCAPS, name)
+    if not PUBLIC_PCAPS_PRESENT:
+        if IN_CI:
+            pytest.fail(f"CI=true and {PUBLIC_PCAPS_ABSENT}", pytrace=False)
+        pytest.skip(PUBLIC_PCAPS_ABSENT)
+    assert os.path.exists(path), f"missing third-party capture {path}"
+    return path
+
+
+def public_pcap_paths(pattern: str = "**/*.pcap*") -> list:
+    """Parameters for a test run on every third-party capture matching ``pattern``: the paths,
+    or where they are absent one parameter that skips (and under CI=true fails, being missing)."""
+    import glob
+
+    import pytest
+
+    if PUBLIC_PCAPS_PRESENT:
+        return sorted(p for p in glob.glob(os.path.join(PUBLIC_PCAPS, pattern), recursive=True)
+                      if not p.endswith((".pkt", ".out")))
+    marks = pytest.mark.third_party_captures_missing if IN_CI else pytest.mark.skip(reason=PUBLIC_PCAPS_ABSENT)
+    return [pytest.param(_PUBLIC_PROBE, marks=marks, id="third-party-captures")]
+
+
+def require_public_pcaps() -> None:
+    """Fail under CI=true, skip elsewhere, where the third-party captures are absent."""
+    public_pcap("ndpi/imap.pcap")
 
 
 @contextlib.contextmanager

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from testenv import PUBLIC_PCAPS, ROOT
+from testenv import OWN_PCAPS, ROOT
 
-NDPI = os.path.join(PUBLIC_PCAPS, "ndpi/imap.pcap")
+#: A real Dovecot session with one login (pcaps/facts.json).
+CAPTURE = os.path.join(OWN_PCAPS, "login-atom.pcap")
 
 
 def one_line_error(r, *words):
@@ -21,14 +22,14 @@ def one_line_error(r, *words):
 
 
 def test_truncated_capture_reports_what_it_saw(imaptap, tmp_path):
-    data = open(NDPI, "rb").read()
+    data = open(CAPTURE, "rb").read()
     cut = tmp_path / "cut.pcap"
     cut.write_bytes(data[: len(data) * 2 // 3 + 7])
     r = imaptap("-r", str(cut), "--json", "-")
     one_line_error(r, "cut.pcap", "truncated")
     (f,) = r.flows  # the flow seen up to the cut is still reported
-    assert f["username"] == "samir" and f["end"] == "end"
-    assert r.stats["error"] and r.stats["segments"] > 10
+    assert f["username"] == "alice" and f["end"] == "end"
+    assert r.stats["error"] and r.stats["segments"] > 5
 
 
 @pytest.mark.parametrize("content, words", [
@@ -57,29 +58,29 @@ def test_missing_file(imaptap, tmp_path):
     (["--max-flows", "0"], ["max-flows"]),
 ])
 def test_bad_arguments(imaptap, args, words):
-    one_line_error(imaptap("-r", NDPI, "--json", "-", *args), *words)
+    one_line_error(imaptap("-r", CAPTURE, "--json", "-", *args), *words)
 
 
 def test_unwritable_json_path(imaptap, tmp_path):
-    one_line_error(imaptap("-r", NDPI, "--json", str(tmp_path / "no" / "such" / "dir.jsonl")), "cannot write")
+    one_line_error(imaptap("-r", CAPTURE, "--json", str(tmp_path / "no" / "such" / "dir.jsonl")), "cannot write")
 
 
 def test_json_to_a_file_and_flows_only(imaptap, tmp_path):
     out = tmp_path / "out.jsonl"
-    r = imaptap("-r", NDPI, "--json", str(out), "--flows-only")
+    r = imaptap("-r", CAPTURE, "--json", str(out), "--flows-only")
     assert r.returncode == 0 and r.stdout == ""
     kinds = [line.split('"type":"')[1].split('"')[0] for line in out.read_text().splitlines()]
     assert kinds == ["flow", "stats"]
 
 
 def test_without_a_tty_json_goes_to_stdout(imaptap):
-    r = imaptap("-r", NDPI)
+    r = imaptap("-r", CAPTURE)
     assert r.returncode == 0 and len(r.flows) == 1 and r.messages
 
 
 def test_a_closed_pipe_is_not_an_error():
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
-    p = subprocess.run(f"{sys.executable} -m imaptap -r {NDPI} --json - | head -n 1", shell=True,
+    p = subprocess.run(f"{sys.executable} -m imaptap -r {CAPTURE} --json - | head -n 1", shell=True,
                        capture_output=True, text=True, env=env)
     assert p.stdout.count("\n") == 1 and "Traceback" not in p.stderr and "Error" not in p.stderr
 
@@ -87,11 +88,11 @@ def test_a_closed_pipe_is_not_an_error():
 @pytest.mark.parametrize("flows_only", [[], ["--flows-only"]])
 def test_a_full_disk_is_one_line_not_a_traceback(imaptap, flows_only):
     """/dev/full fails every write with ENOSPC, as a full disk does."""
-    one_line_error(imaptap("-r", NDPI, "--json", "/dev/full", *flows_only), "cannot write /dev/full",
+    one_line_error(imaptap("-r", CAPTURE, "--json", "/dev/full", *flows_only), "cannot write /dev/full",
                    "No space left on device")
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
     with open("/dev/full", "w") as full:
-        p = subprocess.run([sys.executable, "-m", "imaptap", "-r", NDPI, "--json", "-", *flows_only],
+        p = subprocess.run([sys.executable, "-m", "imaptap", "-r", CAPTURE, "--json", "-", *flows_only],
                            stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr == "imaptap: cannot write standard output: No space left on device\n"

@@ -20,7 +20,6 @@ from imaptap.tui.feed import Feed, ReplaySource, SegmentsSource, Source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OWN_PCAPS = os.path.join(ROOT, "pcaps")
-PUBLIC_PCAPS = os.environ.get("IMAPTAP_PUBLIC_PCAPS", os.path.join(os.path.dirname(ROOT), "shared", "pcaps-public"))
 
 #: Every snapshot and Pilot test runs at this terminal size.
 SIZE = (160, 40)

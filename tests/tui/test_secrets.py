@@ -14,7 +14,8 @@ import json
 import os
 
 import pytest
-from harness import OWN_PCAPS, PUBLIC_PCAPS, SIZE, frozen, settle
+from harness import OWN_PCAPS, SIZE, frozen, settle
+from testenv import PUBLIC_PCAPS, PUBLIC_PCAPS_PRESENT, public_pcap_paths
 
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
@@ -26,8 +27,13 @@ FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 PUBLIC = {"ndpi/imap.pcap": ["pfres"], "arkime/imap.pcap": ["XXXXXX"],
           "suricata-verify/imap-detection.pcap": ["XXXXXX"]}
 CAPTURES = [(os.path.join(OWN_PCAPS, name), spec["ports"], spec["secrets"]) for name, spec in sorted(FACTS.items())]
-CAPTURES += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets) for name, secrets in sorted(PUBLIC.items())]
 IDS = [os.path.basename(os.path.dirname(c[0])) + "/" + os.path.basename(c[0]) for c in CAPTURES]
+if PUBLIC_PCAPS_PRESENT:
+    CAPTURES += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets) for name, secrets in sorted(PUBLIC.items())]
+    IDS += sorted(PUBLIC)
+else:
+    CAPTURES += [pytest.param(p, [143], [], marks=p.marks) for p in public_pcap_paths()]
+    IDS += ["third-party-captures"]
 SNAPLENS = ("256", "65535")
 
 

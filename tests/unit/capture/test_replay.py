@@ -16,7 +16,7 @@ from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDe
                          SectionHeaderBlockLE)
 
 import imaptap.capture.replay as replay_module
-from testenv import OWN_PCAPS, PUBLIC_PCAPS, accelerator, accelerator_params
+from testenv import OWN_PCAPS, accelerator, accelerator_params, public_pcap, public_pcap_paths
 from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
@@ -402,10 +402,7 @@ def test_replay_can_run_twice(tmp_path):
 
 # -- other projects' captures, counts checked with tshark -Y 'tcp.port==N' ----------------------
 
-def public(name):
-    path = os.path.join(PUBLIC_PCAPS, name)
-    assert os.path.exists(path), f"missing public capture {path}"
-    return path
+public = public_pcap
 
 
 def test_ndpi_imap(tmp_path):
@@ -582,8 +579,8 @@ def _cli_records(path, args):
 
 
 @pytest.mark.skipif(replay_module._pcapfast is None, reason="C accelerator not built")
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap"))
-                                        + glob.glob(os.path.join(PUBLIC_PCAPS, "**", "*.pcap"), recursive=True)),
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap")))
+                                        + public_pcap_paths("**/*.pcap"),
                          ids=os.path.basename)
 @pytest.mark.parametrize("args", [[], ["-s", "65535"], ["--port", "10143", "--port", "143", "-s", "40", "--tail", "0"]])
 def test_accelerator_and_python_loop_give_the_same_records(path, args):
