@@ -168,13 +168,13 @@ def flow_state_bytes(client_lines: list[bytes], snaplen: int) -> int:
     import tracemalloc
 
     from imaptap.flows import FlowTable
-    from imaptap.segment import PayloadPolicy
-    from imaptap.testing import conversation, replay_cut
+    from imaptap.pipeline import MemorySource
+    from imaptap.testing import conversation
 
-    policy = PayloadPolicy(snaplen, 128)
-    segs = list(replay_cut(conversation([("s", b"* OK ready\r\n")] + [("c", x) for x in client_lines], close=False),
-                           policy))
-    table = FlowTable({143}, policy)
+    source = MemorySource(conversation([("s", b"* OK ready\r\n")] + [("c", x) for x in client_lines], close=False),
+                          snaplen=snaplen, taillen=128)
+    segs = list(source.segments())
+    table = FlowTable({143}, source.policy)
     tracemalloc.start()
     try:
         before = tracemalloc.take_snapshot()

@@ -16,7 +16,7 @@ from imaptap.capture.replay import open_capture
 from imaptap.segment import PayloadPolicy, Segment
 from imaptap.testing import conversation
 from imaptap.tui.app import ImaptapApp
-from imaptap.tui.feed import Feed, ReplaySource, SegmentsSource, Source
+from imaptap.tui.feed import Feed, ReplaySource, MemorySource, Source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OWN_PCAPS = os.path.join(ROOT, "pcaps")
@@ -48,7 +48,7 @@ def replay_app(name: str) -> ImaptapApp:
 
 def segments_app(segments: Iterable[Segment], ports: Iterable[int] = (143,), close: bool = True,
                  label: str = "test") -> ImaptapApp:
-    return ImaptapApp(Feed(SegmentsSource(segments, ports, label=label, close_at_end=close),
+    return ImaptapApp(Feed(MemorySource(segments, ports, label=label, open_at_end=not close),
                            clock=frozen, wallclock=frozen))
 
 
@@ -130,7 +130,6 @@ class StepSource(Source):
         self.label = "step"
         self.ports = frozenset(ports)
         self.policy = PayloadPolicy()
-        self.close_at_end = False
         self.queue: queue.Queue = queue.Queue()
         self.entered = False
         self.left = False

@@ -10,7 +10,7 @@ from imaptap.tui.table import VirtualTable
 
 def users(app: ImaptapApp) -> list:
     """The user column of the rows shown, top to bottom."""
-    return [app.store.flows[fid].snap.record["username"] for fid in app.flows_table.rows]
+    return [app.store.flows[fid].snap.facts.username for fid in app.flows_table.rows]
 
 
 def screen_text(app: ImaptapApp) -> str:
@@ -37,7 +37,7 @@ def test_replay_shows_one_row_per_flow_with_its_facts():
             assert first[8].plain == "2" and first[8].style == "red"  # two failed logins, in red
             assert first[3].style == "bold red"  # the user whose password crossed in clear
             assert "finished" in status_text(app)
-            assert not [s for s in app.store.flows.values() if s.snap.record["imap"] is False]
+            assert not [s for s in app.store.flows.values() if s.snap.facts.imap is False]
 
     run(go())
 
@@ -47,7 +47,7 @@ def test_tls_and_deflate_flows_are_marked():
         app = segments_app(mixed_flows(), ports=(143, 10143), close=False)
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
-            states = {app.store.flows[f].snap.record["client"]: app.store.flows[f].cells()[5]
+            states = {app.store.flows[f].snap.facts.client: app.store.flows[f].cells()[5]
                       for f in app.flows_table.rows}
             tls = states["10.0.0.4:40003"]
             assert tls.plain == "TLS" and tls.style == "bold green"
@@ -141,7 +141,7 @@ def test_enter_opens_the_details_of_the_selected_flow_and_escape_closes_them():
             assert details.display and app.detail_id == app.flows_table.rows[0]
             entry = app.store.flows[app.detail_id]
             text = _plain(app.query_one("#facts-body").content)
-            for key in entry.snap.record:
+            for key in entry.snap.facts._fields:
                 if key != "type":
                     assert key in text, key  # every fact of the flow record is listed
             assert 'Say "Hi"' in text and "Entwürfe" in text  # mailboxes, decoded
@@ -172,12 +172,12 @@ def test_details_follow_the_cursor_while_open():
         async with app.run_test(size=SIZE) as pilot:
             await settle(pilot)
             await pilot.press("enter")
-            assert app.store.flows[app.detail_id].snap.record["username"] == "alice"
+            assert app.store.flows[app.detail_id].snap.facts.username == "alice"
             await pilot.press("j")
-            assert app.store.flows[app.detail_id].snap.record["username"] == "bob"
+            assert app.store.flows[app.detail_id].snap.facts.username == "bob"
             assert "LOGIN FAILED" in str(app.query_one("#details").border_title)
             await pilot.press("k")
-            assert app.store.flows[app.detail_id].snap.record["username"] == "alice"
+            assert app.store.flows[app.detail_id].snap.facts.username == "alice"
 
     run(go())
 
@@ -317,6 +317,7 @@ class FakeCapture:
         self.pending = list(segments)
         self.entered = self.exited = False
         self.lost = 0
+        self.privileges = None
 
     def __enter__(self):
         self.entered = True
@@ -329,8 +330,10 @@ class FakeCapture:
     def poll(self, timeout_ms):
         import time
 
-        assert self.entered and not self.exited
+        assert self.entered  # after exit: what was left in the buffer, as LiveCapture.poll
         out, self.pending = self.pending, []
+        if self.exited:
+            return out
         if not out:
             time.sleep(timeout_ms / 1000)
         return out

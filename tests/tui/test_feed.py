@@ -9,7 +9,7 @@ from harness import StepSource, login, mixed_flows
 
 from imaptap.testing import analyze, conversation
 from imaptap.tui import feed as feed_module
-from imaptap.tui.feed import Feed, FeedUpdate, SegmentsSource, snapshot
+from imaptap.tui.feed import Feed, FeedUpdate, MemorySource, snapshot
 
 
 class Ticks:
@@ -32,7 +32,7 @@ def run_feed(segments, ui_takes_batches: bool = True, **kw) -> tuple[Feed, list[
         if ui_takes_batches and update.batch:
             feed.ready.set()
 
-    feed = Feed(SegmentsSource(segments, ports=(143, 10143)), emit, clock=Ticks(), wallclock=lambda: 0.0, **kw)
+    feed = Feed(MemorySource(segments, ports=(143, 10143)), emit, clock=Ticks(), wallclock=lambda: 0.0, **kw)
     feed.run()
     return feed, updates
 
@@ -41,7 +41,7 @@ def latest(updates: list[FeedUpdate]) -> dict[int, dict]:
     out = {}
     for u in updates:
         for s in u.flows:
-            out[s.id] = s.record
+            out[s.id] = s.facts.record()
     return out
 
 
@@ -84,9 +84,9 @@ def test_a_busy_or_paused_ui_gets_counters_only_then_one_coalesced_batch():
         feed.ready.set()  # the UI takes batches again
         _until(lambda: any(u.batch for u in updates[n:]))
         (batch,) = [u for u in updates[n:] if u.batch]
-        assert [s.record["username"] for s in batch.flows] == ["bob"]
+        assert [s.facts.username for s in batch.flows] == ["bob"]
         (bob,) = batch.flows
-        assert bob.record["username"] == "bob" and bob.record["commands"] == {"LOGIN": 1, "SELECT": 1}
+        assert bob.facts.username == "bob" and bob.facts.commands == {"LOGIN": 1, "SELECT": 1}
         assert [m.command for m in batch.messages[bob.id].messages][-2:] == ["SELECT", "SELECT"]
         assert batch.status.flows_total == 2
     finally:
@@ -110,14 +110,14 @@ def test_messages_per_flow_are_bounded_and_the_rest_counted(monkeypatch):
 def test_a_snapshot_does_not_change_with_the_session():
     segments = conversation([("s", b"* OK ready\r\n"), ("c", b"a1 SELECT INBOX\r\n")], close=False)
     result = analyze(segments)  # closes the flow at the end; take the table's flow before
-    feed = Feed(SegmentsSource(segments), lambda u: None, clock=Ticks())
+    feed = Feed(MemorySource(segments), lambda u: None, clock=Ticks())
     for s in segments:
         feed.table.add(s)
     (flow,) = feed.table.flows.values()
     snap = snapshot(flow)
     flow.session.mailboxes.append("Sent")
     flow.session.commands["FETCH"] += 1
-    assert snap.record["mailboxes"] == ["INBOX"] and "FETCH" not in snap.record["commands"]
+    assert snap.facts.mailboxes == ("INBOX",) and "FETCH" not in snap.facts.commands
     assert result.flow["mailboxes"] == ["INBOX"]
 
 
@@ -150,14 +150,13 @@ def test_ended_flows_beyond_the_bound_are_reported_gone_while_the_ui_is_away(mon
 
 
 def test_a_live_capture_that_cannot_start_is_an_error_not_a_crash():
-    from imaptap.capture.live import LiveError
+    from imaptap.pipeline import SourceError
 
     class NoRoot(StepSource):
         live = True
 
-        def segments(self):
-            raise LiveError("live capture needs root")
-            yield None
+        def open(self):
+            raise SourceError("live capture needs root")
 
     updates: list[FeedUpdate] = []
     feed = Feed(NoRoot(), updates.append, clock=Ticks(), wallclock=lambda: 0.0)
@@ -187,7 +186,7 @@ def test_messages_waiting_for_an_absent_ui_are_bounded_in_total(monkeypatch):
         parts = [("s", b"* OK ready\r\n")] + [p for n in range(10) for p in
                                                 (("c", f"a{n} NOOP\r\n".encode()), ("s", f"a{n} OK\r\n".encode()))]
         segments += conversation(parts, client=("10.0.0.9", 41000 + i), ts=1_700_000_000.0 + i)
-    feed = Feed(SegmentsSource(segments), lambda u: None, clock=Ticks())
+    feed = Feed(MemorySource(segments), lambda u: None, clock=Ticks())
     feed.ready.clear()  # the UI never takes a batch until the end
     updates = []
     feed.emit = updates.append
@@ -201,3 +200,71 @@ def test_messages_waiting_for_an_absent_ui_are_bounded_in_total(monkeypatch):
     assert kept <= 34 and kept + sum(b.dropped for b in batch.messages.values()) == 84
     for b in batch.messages.values():  # each flow kept its newest
         assert b.messages[-1].tag == "a9" and b.messages[-1].kind.value == "response"
+
+
+class DrainedAtDetach:
+    """A stand-in for LiveCapture whose last segments are read only once it is detached, as the
+    kernel's ring buffer is drained at detach."""
+
+    def __init__(self, during, at_detach):
+        from imaptap.segment import PayloadPolicy
+
+        self.interfaces, self.ports, self.policy = ["veth0"], {143}, PayloadPolicy()
+        self.notes, self.privileges = [], None
+        self.during, self.at_detach = list(during), list(at_detach)
+        self.polls = 0
+        self.exited = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.exited = True
+
+    def poll(self, timeout_ms):
+        self.polls += 1
+        if self.exited:
+            out, self.at_detach = self.at_detach, []
+        else:
+            out, self.during = self.during, []
+        return out
+
+    def counters(self):
+        return {"seen": 0, "lost": 0}
+
+
+def test_the_tuis_live_path_and_the_json_path_report_the_same_segments():
+    """Both run the one pipeline: what the capture still held at detach reaches the table in
+    the TUI as in the JSON output (the TUI's own source once lost it)."""
+    import io
+    import json
+
+    from imaptap.output.jsonl import JsonlSink, JsonlWriter
+    from imaptap.pipeline import LiveSource, Pipeline
+
+    segs = login("alice", 1) + login("bob", 2, ok=False)
+    half = len(segs) // 2
+    out = io.StringIO()
+    json_capture = DrainedAtDetach(segs[:half], segs[half:])
+    writer = JsonlWriter(out)
+    json_run = Pipeline(LiveSource(json_capture), [JsonlSink(writer)])
+    json_run.run(stop=lambda: json_capture.polls >= 2)
+    writer.flush()
+    json_flows = [json.loads(line) for line in out.getvalue().splitlines()]
+
+    tui_capture = DrainedAtDetach(segs[:half], segs[half:])
+    updates: list[FeedUpdate] = []
+    feed = Feed(LiveSource(tui_capture), updates.append, clock=Ticks(), wallclock=lambda: 0.0)
+    worker = threading.Thread(target=feed.run)
+    worker.start()
+    _until(lambda: tui_capture.polls >= 2)
+    feed.stop()
+    worker.join(5)
+    assert feed.done
+    # what was sent, and what the worker holds for the next batch (a quitting UI takes none)
+    snaps = [s for u in updates for s in u.flows] + list(feed._collect()[0])
+    tui_flows = {s.id: s.facts.record() for s in snaps}
+
+    assert json_run.table.stats.segments == feed.table.stats.segments == len(segs)
+    assert [f["username"] for f in json_flows if f["type"] == "flow"] == ["alice", "bob"]
+    assert [tui_flows[k] for k in sorted(tui_flows)] == [f for f in json_flows if f["type"] == "flow"]

@@ -12,7 +12,7 @@ from rich.text import Text
 from imaptap.imap.session import Kind, Message, Side
 from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, safe
-from imaptap.tui.feed import Feed, FeedUpdate, MessageBatch, SegmentsSource
+from imaptap.tui.feed import Feed, FeedUpdate, MessageBatch, MemorySource
 from imaptap.tui.query import parse
 from imaptap.tui.store import FlowEntry, FlowStore
 from imaptap.tui.table import fit_widths
@@ -26,7 +26,7 @@ def snapshots(segments, ports=(143, 10143), close=False) -> list:
         latest.update((s.id, s) for s in update.flows)
         feed.ready.set()
 
-    feed = Feed(SegmentsSource(segments, ports, close_at_end=close), emit)
+    feed = Feed(MemorySource(segments, ports, open_at_end=not close), emit)
     feed.run()
     return [latest[k] for k in sorted(latest)]
 
@@ -47,7 +47,7 @@ def msg(i: int) -> Message:
 def test_ended_flows_go_oldest_first_beyond_the_bound_open_ones_stay():
     segments = [s for i in range(6) for s in login(f"u{i}", i)] + login("open", 99, close=False)
     snaps = snapshots(segments)
-    assert [s.record["end"] for s in snaps] == ["fin"] * 6 + [None]
+    assert [s.facts.end for s in snaps] == ["fin"] * 6 + [None]
     store = FlowStore(max_ended=4)
     changed, removed = store.apply(FeedUpdate(status(), tuple(snaps), batch=True))
     assert len(store.flows) == 5 and store.evicted == 2
@@ -84,7 +84,7 @@ def test_messages_of_unknown_flows_and_gone_flows():
 
 def matching(text: str) -> list:
     q = parse(text)
-    return sorted(s.record["username"] or "-" for s in snapshots(mixed_flows()) if q.matches(FlowEntry(s)))
+    return sorted(s.facts.username or "-" for s in snapshots(mixed_flows()) if q.matches(FlowEntry(s)))
 
 
 def test_filter_forms():
@@ -146,7 +146,7 @@ def test_safe_text_never_carries_a_control_or_bidi_character(s):
 
 
 def test_state_column_words():
-    by_user = {s.record["username"]: display.state_plain(s) for s in snapshots(mixed_flows())}
+    by_user = {s.facts.username: display.state_plain(s) for s in snapshots(mixed_flows())}
     assert by_user["alice"] == "IMAP LOGIN (alice)"
     assert by_user["bob"] == "LOGIN FAILED (bob)"
     assert by_user[None] == "TLS"

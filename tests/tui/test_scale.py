@@ -12,7 +12,7 @@ from dataclasses import replace
 
 from harness import SIZE, StepSource, login, run, step_app, wait_for
 
-from imaptap.tui.feed import CaptureStatus, Feed, FeedUpdate, FlowRef, SegmentsSource
+from imaptap.tui.feed import CaptureStatus, Feed, FeedUpdate, FlowRef, MemorySource
 from imaptap.tui.messages import CaptureUpdated
 
 FLOWS = 10_000
@@ -27,7 +27,7 @@ def two_sessions():
         out.update((s.id, s) for s in update.flows)
         feed.ready.set()
 
-    feed = Feed(SegmentsSource(login("ok", 1) + login("bad", 2, ok=False)), emit)
+    feed = Feed(MemorySource(login("ok", 1) + login("bad", 2, ok=False)), emit)
     feed.run()
     return out[1], out[2]
 
@@ -38,9 +38,9 @@ def many_flows(n: int) -> tuple:
     for i in range(n):
         base = bad if i % 7 == 0 else ok
         client = (f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}", 40000 + i % 20000)
-        record = dict(base.record, flow=i + 1, client=f"{client[0]}:{client[1]}", username=f"u{i}",
-                      first_ts=base.record["first_ts"] + i)
-        flows.append(replace(base, record=record, ref=FlowRef(i + 1, client, base.ref.server)))
+        facts = base.facts._replace(flow=i + 1, client=f"{client[0]}:{client[1]}", username=f"u{i}",
+                                    first_ts=base.facts.first_ts + i)
+        flows.append(replace(base, facts=facts, ref=FlowRef(i + 1, client, base.ref.server)))
     return tuple(flows)
 
 
@@ -49,7 +49,7 @@ def test_ten_thousand_flows_and_keys_still_answer():
         app = step_app(StepSource())
         async with app.run_test(size=SIZE) as pilot:
             flows = many_flows(FLOWS)
-            status = CaptureStatus("synthetic", False, 0, 0.0, 0, FLOWS, flows[-1].record["last_ts"], 0.0)
+            status = CaptureStatus("synthetic", False, 0, 0.0, 0, FLOWS, flows[-1].facts.last_ts, 0.0)
             t0 = time.perf_counter()
             app.post_message(CaptureUpdated(FeedUpdate(status, flows, batch=True)))
             table = app.flows_table
@@ -99,7 +99,7 @@ def test_a_syn_flood_through_the_real_pipeline_leaves_the_ui_usable():
     segs = syn_scan(n, 1_700_000_000.0) + login("alice", 1, close=False, ts=1_700_000_010.0)
 
     async def go():
-        source = SegmentsSource(segs, close_at_end=False)
+        source = MemorySource(segs, open_at_end=True)
         feed = Feed(source, max_flows=max_flows, clock=lambda: 0.0, wallclock=lambda: 0.0)
         from imaptap.tui.app import ImaptapApp
 
@@ -118,7 +118,7 @@ def test_a_syn_flood_through_the_real_pipeline_leaves_the_ui_usable():
             await pilot.pause()
             assert table.row_count == 1
             await pilot.press("enter")
-            assert app.detail_id is not None and app.store.flows[app.detail_id].snap.record["username"] == "alice"
+            assert app.detail_id is not None and app.store.flows[app.detail_id].snap.facts.username == "alice"
             await pilot.press("escape", "escape")
             app.query_one("#filter").value = ""
             await pilot.pause()

@@ -76,7 +76,7 @@ async def tui_text(path: str, ports: list[int], snaplen: int) -> str:
             entry = app.store.flows[app.detail_id]
             for msg in entry.messages:  # rows not scrolled into view too
                 rec = message_record(entry.snap.ref, msg)
-                seen += [cell.plain for cell in display.message_cells(rec, entry.snap.record["first_ts"])]
+                seen += [cell.plain for cell in display.message_cells(rec, entry.snap.facts.first_ts)]
             if i + 1 < rows:
                 await pilot.press("down")
         await pilot.press("q")

@@ -21,7 +21,7 @@ async def settled(pilot):
 async def failed_login_details(pilot):
     await settle(pilot)
     app = pilot.app
-    fid = next(fid for fid in app.flows_table.rows if app.store.flows[fid].snap.record["login_failures"] > 1)
+    fid = next(fid for fid in app.flows_table.rows if app.store.flows[fid].snap.facts.login_failures > 1)
     app.flows_table.move_to(fid)
     await pilot.press("enter")
 

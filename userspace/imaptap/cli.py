@@ -15,13 +15,16 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 from imaptap import __version__
-from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowTable
+from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowStats
 from imaptap.output import OutputError
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, PayloadPolicy, Segment
+from imaptap.pipeline import Pipeline, Source, SourceError, build_source
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
+
+if TYPE_CHECKING:
+    from imaptap.capture.pcapwrite import MaskingWriter
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -139,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-#: The signals received, in order.  The handler only records them and the capture loops look
-#: after each segment: an exception raised wherever the signal lands could leave a flow counted
-#: but never reported (between its creation and its entry in the table).
+#: The signals received, in order.  The handler only records them and the pipeline looks at
+#: them between segments: an exception raised wherever the signal lands could leave a flow
+#: counted but never reported (between its creation and its entry in the table).
 _stop: list[int] = []
 
 
@@ -155,16 +158,7 @@ def _open_output(path: str) -> tuple[IO[str], bool]:
     try:
         return open(path, "w", encoding="utf-8", buffering=1 << 16), True
     except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
-
-
-def _run(segments: Iterable[Segment | None], table: FlowTable) -> None:
-    add = table.add
-    for seg in segments:
-        if seg is not None:  # None: a tick, so a signal is seen in traffic of other ports too
-            add(seg)
-        if _stop:
-            return
+        raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,6 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source, MaskingWriter | None]:
+    """`pipeline.build_source` for the arguments; UsageError (one line) where it fails."""
+    try:
+        return build_source(read=args.read, interfaces=args.interface, ports=ports, snaplen=args.snaplen,
+                            taillen=args.tail, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp, user=args.user,
+                            write=args.write)
+    except SourceError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -221,45 +225,47 @@ def _main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         json_path = "-"
 
-    from imaptap.output.jsonl import JsonlWriter
+    from imaptap.output.jsonl import JsonlSink, JsonlWriter
 
     out, close_out = _open_output(json_path)
     writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path)
-    table = FlowTable(
-        ports,
-        message_sink=None if args.flows_only else writer.sink,
-        on_flow_end=writer.flow_end,
-        max_flows=args.max_flows,
-        idle_timeout=args.idle_timeout,
-    )
+    try:
+        source, pcap_writer = open_source(args, ports)
+    except UsageError as exc:
+        # Said on stderr and in the stats record, as any failure of the input.
+        source, pcap_writer, early_error = None, None, str(exc)
+    else:
+        early_error = None
+    pipeline = None
+    if source is not None:
+        pipeline = Pipeline(source, [JsonlSink(writer, messages=not args.flows_only)], pcap_writer=pcap_writer,
+                            max_flows=args.max_flows, idle_timeout=args.idle_timeout)
+        if args.read:
+            # Everything made so far (modules, classes, functions) lives until exit: kept out of
+            # the collector's generations, it is not traversed again at each collection of the
+            # replay, whose flows are cyclic garbage by the thousand (2% of a replay's work).
+            gc.freeze()
     _stop.clear()
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, _on_signal) for s in stop_signals}
-    error: str | None = None
     started = time.monotonic()
-    source_stats: dict[str, object] = {}
     try:
-        if args.read:
-            error = _replay(args.read, ports, PayloadPolicy(args.snaplen, args.tail), table, source_stats)
-        else:
-            error = _live(args, ports, table, source_stats)
+        if pipeline is not None:
+            pipeline.run(stop=_stop.__len__, on_open=_say_notes)
     except KeyboardInterrupt:  # before the handlers were in place
         _stop.append(signal.SIGINT)
     finally:
-        if _stop:
-            source_stats["stopped_by_signal"] = True
         # Everything seen so far is reported, whatever stopped the input; a second signal
         # must not cut that short, so they wait until it is written.
         for s in stop_signals:
             signal.signal(s, signal.SIG_IGN)
         try:
-            table.close_all("end")
-            record = {"source": args.read or ",".join(args.interface or []) or "live"}
-            record.update(source_stats)
-            record.update(dataclasses.asdict(table.stats))
-            record["seconds"] = round(time.monotonic() - started, 3)
-            if error:
-                record["error"] = error
+            if pipeline is not None:
+                record = pipeline.stats()
+            else:
+                record = {"source": args.read or ",".join(args.interface or []) or "live",
+                          **dataclasses.asdict(FlowStats()), "seconds": round(time.monotonic() - started, 3),
+                          "error": early_error}
             writer.stats(record)
             writer.flush()
         finally:
@@ -271,101 +277,13 @@ def _main(args: argparse.Namespace) -> int:
                 except OSError:
                     if writer.failed is None:
                         raise
+    error = early_error if pipeline is None else pipeline.error
     if error:
         print(f"imaptap: {error}", file=sys.stderr)
         return EXIT_USAGE
     return EXIT_OK
 
 
-def _replay(path: str, ports: frozenset[int], policy: PayloadPolicy, table: FlowTable, stats_out: dict) -> str | None:
-    from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
-
-    table.policy = policy
-    try:
-        reader = open_capture(path)
-    except CaptureFileError as exc:
-        return str(exc)
-    # Everything made so far (modules, classes, functions) lives until exit: kept out of the
-    # collector's generations, it is not traversed again at each collection of the replay,
-    # whose flows are cyclic garbage by the thousand (2% of the instructions of a replay).
-    gc.freeze()
-    stats = ReplayStats()
-    segments = reader.segments(set(ports), policy, stats, ticks=True)
-    try:
-        _run(segments, table)
-    except CaptureFileError as exc:
-        return str(exc)
-    finally:
-        segments.close()  # a stop by signal: the reader adds its last counts to stats
-        reader.close()
-        stats_out.update(_public(stats))
-    return None
-
-
-def open_live(args: argparse.Namespace, ports: frozenset[int]) -> tuple:
-    """The `LiveCapture` (not yet attached) and the ``-w`` `MaskingWriter` (or None) the
-    arguments ask for, for the JSON output and the TUI alike.  Raises ImportError without bcc's
-    side of the package, `LiveError` (one line) for a bad interface or an unwritable -w file."""
-    from imaptap.capture import live
-
-    interfaces = args.interface or [live.default_interface()]
-    capture = live.LiveCapture(interfaces, set(ports), args.snaplen, xdp_mode=args.xdp_mode,
-                               use_xdp=not args.no_xdp, taillen=args.tail, user=args.user)
-    writer = None
-    if args.write:
-        from imaptap.capture.pcapwrite import MaskingWriter
-
-        try:
-            writer = MaskingWriter(args.write, ports)
-        except OSError as exc:
-            raise live.LiveError(f"cannot write {args.write}: {exc.strerror}") from None
-    return capture, writer
-
-
-def _live(args: argparse.Namespace, ports: frozenset[int], table: FlowTable, stats_out: dict) -> str | None:
-    try:
-        from imaptap.capture import live
-    except ImportError as exc:  # pragma: no cover - depends on the machine
-        return f"live capture unavailable: {exc}"
-    try:
-        capture, writer = open_live(args, ports)
-    except live.LiveError as exc:
-        return str(exc)
-    table.policy = capture.policy
-    if writer is not None:
-        writer.bind(table)
-
-    def add(seg: Segment) -> None:
-        if writer is not None:
-            writer.write(seg)  # before the table: see MaskingWriter
-        table.add(seg)
-
-    error = None
-    try:
-        with capture:
-            for note in capture.notes:
-                print(f"imaptap: {note}", file=sys.stderr)
-            while not _stop:
-                for seg in capture.poll(200):
-                    add(seg)
-                table.expire(time.time())
-    except live.LiveError as exc:
-        error = str(exc)
-    finally:
-        # What the kernel had delivered before the programs were detached is still analysed.
-        for seg in capture.poll(0):
-            add(seg)
-        stats_out.update(capture.counters())
-        if capture.privileges is not None:
-            stats_out["user"] = capture.privileges.user
-            stats_out["capabilities"] = capture.privileges.capabilities
-        if writer is not None:
-            writer.close()
-            stats_out["written"] = writer.records
-    return error
-
-
-def _public(obj: object) -> dict:
-    if dataclasses.is_dataclass(obj):
-        return dataclasses.asdict(obj)
-    return {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+def _say_notes(source: Source) -> None:
+    for note in source.notes():
+        print(f"imaptap: {note}", file=sys.stderr)

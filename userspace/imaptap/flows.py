@@ -9,6 +9,7 @@ idle timeout, or when the table is full (oldest idle first).
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,6 +38,23 @@ _FIN = int(TcpFlag.FIN)
 _SYN = int(TcpFlag.SYN)
 _RST = int(TcpFlag.RST)
 _ACK = int(TcpFlag.ACK)
+
+
+class EndReason(enum.StrEnum):
+    """How a flow ended: the ``end`` of its JSON record."""
+
+    FIN = "fin"
+    """Both sides sent FIN."""
+    RST = "rst"
+    """Either side sent RST."""
+    IDLE = "idle"
+    """No segment for longer than the idle timeout (--idle-timeout)."""
+    EVICTED = "evicted"
+    """The table was full (--max-flows) and this flow had been idle longest."""
+    REUSED = "reused"
+    """A new connection (a SYN) came with the same addresses and ports."""
+    END = "end"
+    """Still open when the input ended or the capture was stopped."""
 
 
 def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes, int]:
@@ -146,8 +164,7 @@ class Flow:
     fin_client: bool = False
     fin_server: bool = False
     reset: bool = False
-    end_reason: str | None = None
-    """fin, rst, idle, evicted, reused, or end (input finished)."""
+    end_reason: EndReason | None = None
     c2s: _Direction = field(init=False, repr=False)
     s2c: _Direction = field(init=False, repr=False)
 
@@ -232,7 +249,7 @@ class FlowTable:
         key = (src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport)  # flow_key()
         flow = self.flows.pop(key, None)
         if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
-            self._end(flow, "reused")
+            self._end(flow, EndReason.REUSED)
             flow = None
         if flow is None:
             if wire_len == 0 and not flags & _SYN:
@@ -266,14 +283,14 @@ class FlowTable:
                 direction.data(seq, head, wire_len, tail)
         if flags & _RST:
             flow.reset = True
-            self._end(self.flows.pop(key), "rst")
+            self._end(self.flows.pop(key), EndReason.RST)
         elif flags & _FIN:
             if from_client:
                 flow.fin_client = True
             else:
                 flow.fin_server = True
             if flow.fin_client and flow.fin_server:
-                self._end(self.flows.pop(key), "fin")
+                self._end(self.flows.pop(key), EndReason.FIN)
 
     def _new_flow(self, seg: Segment, key: FlowKey) -> Flow:
         ports = self.ports
@@ -285,7 +302,7 @@ class FlowTable:
             client, server = (seg.src, seg.sport), (seg.dst, seg.dport)
         if len(self.flows) >= self.max_flows:
             oldest = next(iter(self.flows))
-            self._end(self.flows.pop(oldest), "evicted")
+            self._end(self.flows.pop(oldest), EndReason.EVICTED)
         flow_id = self._next_id
         self._next_id += 1
         # partial() binds in C: one call fewer per message than a closure
@@ -311,27 +328,27 @@ class FlowTable:
             if flow.last_ts >= limit:
                 break
             del flows[key]
-            self._end(flow, "idle")
+            self._end(flow, EndReason.IDLE)
 
-    def close_all(self, reason: str = "end") -> None:
+    def close_all(self, reason: EndReason = EndReason.END) -> None:
         """End every open flow, e.g. at the end of the input."""
         while self.flows:
             key = next(iter(self.flows))
             self._end(self.flows.pop(key), reason)
 
-    def _end(self, flow: Flow, reason: str) -> None:
+    def _end(self, flow: Flow, reason: EndReason) -> None:
         flow.end_reason = reason
         flow.c2s.flush()
         flow.s2c.flush()
         flow.session.finish()
         stats = self.stats
-        if reason == "fin":
+        if reason is EndReason.FIN:
             stats.ended_fin += 1
-        elif reason == "rst":
+        elif reason is EndReason.RST:
             stats.ended_rst += 1
-        elif reason == "idle":
+        elif reason is EndReason.IDLE:
             stats.expired += 1
-        elif reason == "evicted":
+        elif reason is EndReason.EVICTED:
             stats.evicted += 1
         session = flow.session
         if session.is_imap:

@@ -1,19 +1,21 @@
 """Builders for tests and fuzzing: conversations as Segments, and a one-call analysis.
 
 Shipped beside the code (as mitmproxy ships ``tflow``) so unit tests, property tests and the
-fuzz harness build traffic the same way.
+fuzz harness build traffic the same way; nothing else in the package imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from imaptap.flows import FlowTable
+from imaptap.facts import FlowFacts
+from imaptap.flows import Flow, FlowTable
 from imaptap.imap.session import Message
-from imaptap.output.jsonl import flow_record, message_record
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, PayloadPolicy, Segment, TcpFlag, flow_key
+from imaptap.output.jsonl import message_record
+from imaptap.pipeline import MemorySource, Pipeline, Sink
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, Segment, TcpFlag
 
 CLIENT = ("192.0.2.10", 40000)
 SERVER = ("192.0.2.20", IMAP_PORT)
@@ -34,7 +36,7 @@ def conversation(
     """Segments of one TCP connection carrying ``parts`` ("c" or "s", bytes) in order.
 
     ``cuts[i]`` lists offsets at which part ``i`` is split into separate segments.
-    Payloads are whole; `replay_cut` applies the capture's copy rules lazily.
+    Payloads are whole; `imaptap.pipeline.MemorySource` applies the capture's copy rules lazily.
     """
     ipv = 6 if ":" in client[0] else 4
     seq = {"c": 1000, "s": 50000}
@@ -68,19 +70,9 @@ def conversation(
     return segs
 
 
-def replay_cut(segments: Iterable[Segment], policy: PayloadPolicy) -> Iterator[Segment]:
-    """The segments as a capture would copy them, deciding each one only when it is reached."""
-    for s in segments:
-        head, tail = policy.cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload, s.wire_len)
-        if len(head) != len(s.payload):
-            s = Segment(s.ts, s.ip_version, s.src, s.dst, s.sport, s.dport, s.seq, s.ack, s.flags,
-                        s.wire_len, head, s.ifindex, tail)
-        yield s
-
-
 @dataclass
-class Analysis:
-    """What one run of the pipeline reported."""
+class Analysis(Sink):
+    """What one run of the pipeline reported, as the JSON output would have it."""
 
     flows: list[dict[str, Any]] = field(default_factory=list)
     messages: list[dict[str, Any]] = field(default_factory=list)
@@ -92,6 +84,13 @@ class Analysis:
         assert len(self.flows) == 1, [f["client"] for f in self.flows]
         return self.flows[0]
 
+    def flow_started(self, flow: Flow) -> Callable[[Message], None]:
+        messages = self.messages
+        return lambda msg: messages.append(message_record(flow, msg))
+
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        self.flows.append(facts.record())
+
 
 def analyze(
     segments: Iterable[Segment],
@@ -100,20 +99,10 @@ def analyze(
     max_flows: int | None = None,
     taillen: int = DEFAULT_TAILLEN,
 ) -> Analysis:
-    """Run segments through the flow table, cut as replay cuts them (whole when snaplen is None)."""
+    """Run segments through the pipeline, cut as a capture cuts them (whole when snaplen is None)."""
     result = Analysis()
-    policy = PayloadPolicy(snaplen if snaplen is not None else 1 << 30, taillen)
-    kwargs = {} if max_flows is None else {"max_flows": max_flows}
-
-    def on_message(flow, msg: Message) -> None:
-        result.messages.append(message_record(flow, msg))
-
-    def on_end(flow) -> None:
-        result.flows.append(flow_record(flow))
-
-    table = FlowTable(frozenset(ports), policy, on_message, on_end, **kwargs)
-    result.table = table
-    for s in replay_cut(segments, policy):
-        table.add(s)
-    table.close_all()
+    source = MemorySource(segments, ports, snaplen=snaplen if snaplen is not None else 1 << 30, taillen=taillen)
+    pipeline = Pipeline(source, [result], **({} if max_flows is None else {"max_flows": max_flows}))
+    result.table = pipeline.table
+    pipeline.run()
     return result

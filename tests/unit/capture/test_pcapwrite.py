@@ -31,6 +31,7 @@ def test_written_segments_replay_to_the_same_segments(tmp_path):
 
 from imaptap.capture.pcapwrite import HOLD_SEGMENTS, MaskingWriter, blank  # noqa: E402
 from imaptap.flows import FlowTable  # noqa: E402
+from imaptap.pipeline import MemorySource, Pipeline  # noqa: E402
 
 OK = b"a1 OK Logged in\r\n"
 SESSIONS = {
@@ -53,16 +54,10 @@ SESSIONS = {
 
 
 def write_live(tmp_path, segs, ports=(143,)):
-    """As `imaptap -i -w`: each segment to the writer, then to the table."""
+    """As `imaptap -i -w`: the pipeline hands each segment to the writer, then to the table."""
     path = tmp_path / "w.pcap"
-    table = FlowTable(set(ports))
     w = MaskingWriter(str(path), ports)
-    w.bind(table)
-    for s in segs:
-        w.write(s)
-        table.add(s)
-    w.close()
-    table.close_all("end")
+    Pipeline(MemorySource(segs, ports, snaplen=1 << 30, taillen=0), pcap_writer=w).run()
     return path, w
 
 
@@ -97,7 +92,7 @@ def test_written_pcap_holds_no_credential_and_replays_to_the_same_user(tmp_path,
         t.on_flow_end = lambda f, users=users: users.append(f.session.username)
         for s in src:
             t.add(s)
-        t.close_all("end")
+        t.close_all()
     assert users[0] == users[1] and users[0]
 
 

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imaptap.facts import flow_facts
 from imaptap.imap.session import Kind, Message, Side
 from imaptap.output import jsonl
 from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, message_record
@@ -129,6 +130,7 @@ def test_fast_flow_line_equals_the_encoded_record():
     import os
 
     from imaptap.capture.replay import ReplayStats, open_capture
+    from imaptap.facts import flow_facts
     from imaptap.output.jsonl import _dumps, flow_line, flow_record
     from imaptap.segment import PayloadPolicy
 
@@ -146,10 +148,10 @@ def test_fast_flow_line_equals_the_encoded_record():
                     table.add(seg)
             finally:
                 reader.close()
-            table.close_all("end")
+            table.close_all()
     assert len(flows) > 20
     for flow in flows:
-        assert flow_line(flow) == _dumps(flow_record(flow))
+        assert flow_line(flow_facts(flow)) == _dumps(flow_record(flow))
 
 
 class _FullDisk(io.StringIO):
@@ -182,7 +184,7 @@ def test_a_failed_write_is_one_output_error_then_nothing(accelerated):
         writes = out.writes
         for _ in range(1_000):
             sink(msg)
-        writer.flow_end(FLOW)
+        writer.flow_end(flow_facts(FLOW))
         writer.flush()
     assert out.writes == writes and isinstance(writer.failed, OSError)
     assert out.getvalue().endswith("}\n")

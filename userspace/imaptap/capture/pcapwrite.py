@@ -50,7 +50,9 @@ def frame(seg: Segment) -> tuple[bytes, int]:
     tcp = _tcp_header(seg)
     if seg.ip_version == 6:
         wire = _IPV6_HEADER + _TCP_HEADER + seg.wire_len
-        ip = _IPV6.pack(6 << 28, _TCP_HEADER + seg.wire_len, _PROTO_TCP, _TTL,
+        # The payload length field has 16 bits, as IPv4's total length: a GSO segment of the
+        # kernel's can be longer, and the record's original length keeps its true size.
+        ip = _IPV6.pack(6 << 28, min(_TCP_HEADER + seg.wire_len, 0xFFFF), _PROTO_TCP, _TTL,
                         socket.inet_pton(socket.AF_INET6, seg.src), socket.inet_pton(socket.AF_INET6, seg.dst))
     else:
         wire = _IPV4_HEADER + _TCP_HEADER + seg.wire_len
@@ -117,15 +119,16 @@ class MaskingWriter:
     analysed), or the flow ends, and the held segments are then written with every credential
     the flow's session knows (`ImapSession.secrets`) overwritten by ``*``.  ``write`` must see
     each segment before the flow table does, and ``flow_ended`` must be called from the table's
-    end-of-flow callback.  Records of one flow keep their order; across flows a held segment
-    can follow a later one of another flow (pcap readers accept that).
+    end-of-flow callback (`imaptap.pipeline.Pipeline` does both).  Records of one flow keep
+    their order; across flows a held segment can follow a later one of another flow (pcap
+    readers accept that).
     """
 
     def __init__(self, path: str, ports: Iterable[int]) -> None:
         self._out = SegmentWriter(path)
         self.ports = frozenset(ports)
         self.flows: Mapping[FlowKey, Any] = {}
-        """The flow table's flows (bound by the caller once the table exists)."""
+        """The flow table's flows (the pipeline binds them once the table exists)."""
         self._held: dict[FlowKey, list[Segment]] = {}
         self._held_bytes = 0
 
@@ -163,18 +166,6 @@ class MaskingWriter:
         if key in self._held:
             self._flush(key)
         self._out.write(seg)
-
-    def bind(self, table: Any) -> None:
-        """Follow ``table`` (a `FlowTable`): its flows, and its end-of-flow callback."""
-        self.flows = table.flows
-        then = table.on_flow_end
-
-        def on_flow_end(flow: Any) -> None:
-            self.flow_ended(flow)
-            if then is not None:
-                then(flow)
-
-        table.on_flow_end = on_flow_end
 
     def flow_ended(self, flow: Any) -> None:
         """The table ended ``flow``: its last client segment has been analysed too."""

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from imaptap.imap import parse
+from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
 from imaptap.imap.parse import RawLine, text
 from imaptap.imap.stream import ImapStream
 from imaptap.segment import PayloadMode
@@ -69,9 +70,12 @@ class StartTls(enum.Enum):
 
 
 class Message(NamedTuple):
-    """One IMAP line (with its literals) as seen on the wire, secrets masked.
+    """One IMAP line (with its literals) as seen on the wire, secrets masked: a JSON message
+    record (README, "JSON Lines") once its flow's id and endpoints are added.
 
-    A NamedTuple, built with ``tuple.__new__`` on the hot paths: one is made per IMAP line.
+    Made through the constructors below, one per kind of line; they build the tuple with
+    ``tuple.__new__``, skipping the NamedTuple's Python-level ``__new__``: one is made per IMAP
+    line, the hottest object of a replay.
     """
 
     ts: float
@@ -91,9 +95,56 @@ class Message(NamedTuple):
     number: int | None = None
     """The message number of ``* n EXISTS`` / ``* n FETCH``."""
     truncated: bool = False
+    """The line was longer than what is kept of it, or not all of it was captured."""
+
+    @staticmethod
+    def request(ts: float, tag: str, command: str, args: str | None, literals: tuple[int, ...],
+                truncated: bool) -> Message:
+        """A client's command."""
+        return _new(Message, (ts, _CLIENT, _REQUEST, tag, command, args, None, None, None, None, literals, None,
+                              truncated))
+
+    @staticmethod
+    def response(ts: float, tag: str, command: str | None, status: str, code: str | None, text: str | None,
+                 latency_ms: float | None, literals: tuple[int, ...], truncated: bool) -> Message:
+        """A tagged completion; ``command`` and ``latency_ms`` where its request was seen."""
+        return _new(Message, (ts, _SERVER, _RESPONSE, tag, command, None, status, code, text, latency_ms, literals,
+                              None, truncated))
+
+    @staticmethod
+    def untagged_status(ts: float, status: str, code: str | None, text: str | None, literals: tuple[int, ...],
+                        truncated: bool) -> Message:
+        """``* OK``, ``* NO``, ``* BAD``, ``* BYE``, ``* PREAUTH``."""
+        return _new(Message, (ts, _SERVER, _UNTAGGED_KIND, None, None, None, status, code, text, None, literals, None,
+                              truncated))
+
+    @staticmethod
+    def untagged_data(ts: float, name: str, args: str | None, literals: tuple[int, ...], number: int | None,
+                      truncated: bool) -> Message:
+        """Untagged data such as ``* CAPABILITY ...`` or ``* 3 FETCH ...``; ``command`` is its name."""
+        return _new(Message, (ts, _SERVER, _UNTAGGED_KIND, None, name, args, None, None, None, None, literals, number,
+                              truncated))
+
+    @staticmethod
+    def server_continuation(ts: float, text: str | None, truncated: bool) -> Message:
+        """``+ ...``: the server waits for a literal or a SASL response."""
+        return _new(Message, (ts, _SERVER, _CONTINUATION, None, None, None, None, None, text, None, (), None,
+                              truncated))
+
+    @staticmethod
+    def client_continuation(ts: float, *, command: str | None = None, args: str | None = None,
+                            text: str | None = None, truncated: bool = False) -> Message:
+        """What a client sends that is not a command: ``DONE`` after IDLE, a SASL response
+        (``args`` masked), ``*`` cancelling an exchange (``text``)."""
+        return _new(Message, (ts, _CLIENT, _CONTINUATION, None, command, args, None, None, text, None, (), None,
+                              truncated))
 
 
-_message = tuple.__new__
+#: Message fields a JSON record carries only when they hold something (non-empty, not None,
+#: true); every other field is always written.
+MESSAGE_OPTIONAL_FIELDS = ("literals", "number", "truncated")
+
+_new = tuple.__new__
 # The members the per-line paths use, as module constants: reading ``Kind.UNTAGGED`` goes
 # through the enum's metaclass and costs five times a global.
 _CLIENT = Side.CLIENT
@@ -294,14 +345,14 @@ class ImapSession:
         if self.on_message is not None:
             self.on_message(msg)
 
-    def _anomaly(self, name: str) -> None:
-        self.anomalies[name] += 1
+    def _anomaly(self, anomaly: Anomaly) -> None:
+        self.anomalies[anomaly.value] += 1
 
-    def _client_anomaly(self, name: str, detail: str) -> None:
-        self.anomalies["client_" + name] += 1
+    def _client_anomaly(self, anomaly: StreamAnomaly, detail: str) -> None:
+        self.anomalies[stream_anomaly_key("client", anomaly)] += 1
 
-    def _server_anomaly(self, name: str, detail: str) -> None:
-        self.anomalies["server_" + name] += 1
+    def _server_anomaly(self, anomaly: StreamAnomaly, detail: str) -> None:
+        self.anomalies[stream_anomaly_key("server", anomaly)] += 1
 
     def _tls_from_start(self) -> None:
         if not self.encrypted:
@@ -332,16 +383,16 @@ class ImapSession:
                 return
             self._sasl = None  # the server's answer was never seen; this is a new command
         if self._idle_tag is not None and head.strip().upper() == b"DONE":
-            self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, command="DONE"))
+            self._emit(Message.client_continuation(self.now, command="DONE"))
             return
         tag_b, cmd, argpos = parse.command_words(head)
         if cmd is None or not parse.is_tag(tag_b):
             # Not a command: maybe a SASL response or password of a session seen from the
             # middle, or mail text after a capture gap.  Counted, never shown.
-            self._anomaly("bad_request")
+            self._anomaly(Anomaly.BAD_REQUEST)
             return
         if len(cmd) > MAX_COMMAND_NAME:
-            self._anomaly("bad_request")
+            self._anomaly(Anomaly.BAD_REQUEST)
             return
         tag = _tag(tag_b)
         known = cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID ") or cmd.startswith("X")
@@ -354,7 +405,7 @@ class ImapSession:
         self.last_command = cmd
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
-            self._anomaly("too_many_pending")
+            self._anomaly(Anomaly.TOO_MANY_PENDING)
         pending = _Pending(cmd, self.now)
         self._pending[tag] = pending
 
@@ -387,8 +438,7 @@ class ImapSession:
                 self._idle_tag = tag
                 self.idles += 1
         if self.on_message is not None:
-            self.on_message(_message(Message, (self.now, _CLIENT, _REQUEST, tag, cmd, args, None, None,
-                                               None, None, _sizes(line), None, line.truncated)))
+            self.on_message(Message.request(self.now, tag, cmd, args, _sizes(line), line.truncated))
 
     def _mailbox(self, name: str) -> None:
         if len(name) > MAX_MAILBOX_NAME:
@@ -470,15 +520,15 @@ class ImapSession:
             if sasl.mechanism in parse.CLEARTEXT_MECHANISMS and (sasl.mechanism != "LOGIN" or sasl.step >= 1):
                 self.cleartext_credentials = True
         elif decoded is None:
-            self._anomaly("bad_sasl_response")
+            self._anomaly(Anomaly.BAD_SASL_RESPONSE)
         sasl.step += 1
 
     def _sasl_response(self, line: RawLine, word: bytes) -> None:
         if word == b"*":
-            self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, text="*"))
+            self._emit(Message.client_continuation(self.now, text="*"))
             return
         self._sasl_data(word)
-        self._emit(Message(self.now, Side.CLIENT, Kind.CONTINUATION, args=MASK, truncated=line.truncated))
+        self._emit(Message.client_continuation(self.now, args=MASK, truncated=line.truncated))
 
     # --- server -------------------------------------------------------------------------------
 
@@ -491,9 +541,8 @@ class ImapSession:
             return
         if head[:1] == b"+":
             if self.on_message is not None:
-                self.on_message(_message(Message, (self.now, _SERVER, _CONTINUATION, None, None, None, None,
-                                                   None, _shown(head[1:].lstrip(b" ")), None, (), None,
-                                                   line.truncated)))
+                self.on_message(Message.server_continuation(self.now, _shown(head[1:].lstrip(b" ")),
+                                                            line.truncated))
             return
         tag_b, _, rest = head.partition(b" ")
         word, _, after = rest.partition(b" ")
@@ -501,7 +550,7 @@ class ImapSession:
         if status is None or not parse.is_tag(tag_b):
             # Most often mail text: after a gap hid a literal's announcement, the stream
             # resynchronises inside the literal.  Counted, never shown as a response.
-            self._anomaly("bad_response")
+            self._anomaly(Anomaly.BAD_RESPONSE)
             return
         self.is_imap = True
         tag = _tag(tag_b)
@@ -528,9 +577,8 @@ class ImapSession:
         if command is not None and command in _STATE_COMMANDS:
             self._completed(command, status)
         if self.on_message is not None:
-            self.on_message(_message(Message, (self.now, _SERVER, _RESPONSE, tag, command, None, status,
-                                               _clip(code), _shown(rest_text), latency,
-                                               _sizes(line) if line.literals else (), None, line.truncated)))
+            self.on_message(Message.response(self.now, tag, command, status, _clip(code), _shown(rest_text), latency,
+                                             _sizes(line) if line.literals else (), line.truncated))
 
     def _lost_login_completion(self, command: str | None, status: str) -> None:
         """A later command was sent or completed while LOGIN/AUTHENTICATE's own completion was
@@ -539,7 +587,7 @@ class ImapSession:
         if command in _CRED_COMMANDS:
             # nobody logs in again after a success: the earlier attempt failed
             self._pending.pop(login_tag, None)
-            self._anomaly("login_completion_lost")
+            self._anomaly(Anomaly.LOGIN_COMPLETION_LOST)
             self._login_tag = None
             self.login_failures += 1
             if self.login_ok is None:
@@ -547,7 +595,7 @@ class ImapSession:
         elif command in _AUTHENTICATED_COMMANDS and status == "OK":
             # only an authenticated session may do this: the login succeeded
             self._pending.pop(login_tag, None)
-            self._anomaly("login_completion_lost")
+            self._anomaly(Anomaly.LOGIN_COMPLETION_LOST)
             self._login_tag = None
             self._completed("LOGIN", "OK")
 
@@ -589,7 +637,7 @@ class ImapSession:
         number_b = None
         if word_b.isdigit():
             if len(word_b) > 10 or sp < 0:
-                self._anomaly("bad_untagged")
+                self._anomaly(Anomaly.BAD_UNTAGGED)
                 return
             number_b = word_b
             start = sp + 1
@@ -598,7 +646,7 @@ class ImapSession:
         upper = _untagged_names.get(word_b)
         if upper is None:
             if not word_b[:1].isalpha() or len(word_b) > 64 or word_b.translate(None, _WORD_BYTES):
-                self._anomaly("bad_untagged")
+                self._anomaly(Anomaly.BAD_UNTAGGED)
                 return
             if len(_untagged_names) >= _UNTAGGED_NAMES_KEPT:
                 _untagged_names.clear()
@@ -620,20 +668,19 @@ class ImapSession:
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
             if self.on_message is not None:
-                self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, None, None, upper,
-                                                   _clip(code), _clip(txt), None,
-                                                   _sizes(line) if line.literals else (), None, line.truncated)))
+                self.on_message(Message.untagged_status(self.now, upper, _clip(code), _clip(txt),
+                                                        _sizes(line) if line.literals else (), line.truncated))
             return
         if number_b is not None:
             if upper not in _NUMBERED_DATA:
-                self._anomaly("unknown_untagged")
+                self._anomaly(Anomaly.UNKNOWN_UNTAGGED)
                 return
             number = int(number_b)
         else:
             # Mail text after a capture gap often starts with "* " (a bullet list): only
             # response names IMAP defines are taken as responses.
             if upper not in _UNTAGGED_DATA and not upper.startswith("X"):
-                self._anomaly("unknown_untagged")
+                self._anomaly(Anomaly.UNKNOWN_UNTAGGED)
                 return
             number = None
             if upper == "CAPABILITY":
@@ -647,9 +694,8 @@ class ImapSession:
             chunks, literals, truncated = line
             if len(chunks) > 1:
                 after = after + b"".join(chunks[1:])
-            self.on_message(_message(Message, (self.now, _SERVER, _UNTAGGED_KIND, None, upper,
-                                               _shown(after) if after else None, None, None, None, None,
-                                               _sizes(line) if literals else (), number, truncated)))
+            self.on_message(Message.untagged_data(self.now, upper, _shown(after) if after else None,
+                                                  _sizes(line) if literals else (), number, truncated))
 
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")

@@ -18,6 +18,7 @@ import re
 import zlib
 from collections.abc import Callable
 
+from imaptap.imap.anomalies import StreamAnomaly
 from imaptap.imap.parse import KNOWN_COMMANDS, LITERAL_KEEP, Literal, RawLine, literal_mark
 
 #: Bytes kept of one logical line.  RFC 7162 asks clients to keep command lines under 8192
@@ -122,7 +123,7 @@ class ImapStream:
     def __init__(
         self,
         on_line: Callable[[RawLine], None],
-        on_anomaly: Callable[[str, str], None],
+        on_anomaly: Callable[[StreamAnomaly, str], None],
         on_tls: Callable[[], None] | None = None,
         server: bool = True,
     ) -> None:
@@ -252,7 +253,7 @@ class ImapStream:
             # DEFLATE cannot skip: every later byte depends on the lost ones.
             self.mode = _UNDECODABLE
             self._drop_partial()
-            self.on_anomaly("compressed_gap", f"{n} compressed bytes not captured; stream no longer decodable")
+            self.on_anomaly(StreamAnomaly.COMPRESSED_GAP, f"{n} compressed bytes not captured; stream no longer decodable")
             return
         self._start()
         if self.mode is _LITERAL:
@@ -321,7 +322,7 @@ class ImapStream:
                 if error is not None:
                     self.mode = _UNDECODABLE
                     self._drop_partial()
-                    self.on_anomaly("inflate_error", str(error))
+                    self.on_anomaly(StreamAnomaly.INFLATE_ERROR, str(error))
                     return
                 data = inflater.unconsumed_tail
                 if not data:
@@ -397,7 +398,7 @@ class ImapStream:
             self.buf += data[start : start + room]
         if not self.truncated:
             self.truncated = True
-            self.on_anomaly("line_too_long", f"line longer than {LINE_CAP} bytes; the rest is not kept")
+            self.on_anomaly(StreamAnomaly.LINE_TOO_LONG, f"line longer than {LINE_CAP} bytes; the rest is not kept")
         self.tail = (self.tail + data[max(start, end - _MARK_TAIL) : end])[-_MARK_TAIL:]
 
     def _finish_physical(self, physical: bytes, tail: bytes, complete: bool) -> None:
@@ -415,14 +416,14 @@ class ImapStream:
         size, sync, binary = mark
         if len(self.literals) >= MAX_LITERALS_PER_LINE:
             if len(self.literals) == MAX_LITERALS_PER_LINE:
-                self.on_anomaly("too_many_literals", f"more than {MAX_LITERALS_PER_LINE} literals in one line")
+                self.on_anomaly(StreamAnomaly.TOO_MANY_LITERALS, f"more than {MAX_LITERALS_PER_LINE} literals in one line")
             self.truncated = True
             lit = Literal(size, complete=False, binary=binary, sync=sync)
         else:
             lit = Literal(size, binary=binary, sync=sync)
             self.literals.append(lit)
         if size >= LARGE_LITERAL:
-            self.on_anomaly("large_literal", f"literal of {size} bytes announced")
+            self.on_anomaly(StreamAnomaly.LARGE_LITERAL, f"literal of {size} bytes announced")
         if size > 0:
             self.lit = lit
             self.lit_left = size

@@ -14,10 +14,12 @@
  *     exact arithmetic.  Every other value (nanosecond stamps, tiny or huge numbers) goes to
  *     float's own repr.
  *
- * Formatter(lines, drain, batch, client_side, kinds).message(prefix, msg)
+ * Formatter(lines, drain, batch, client_side, kinds, keys).message(prefix, msg)
  *     JsonlWriter's message path: the JSON line of msg (a session.Message) appended to lines,
  *     its time formatted once per segment, strings escaped as json.encoder.encode_basestring
- *     does (no ASCII-fication); drain() is called at batch lines.
+ *     does (no ASCII-fication); drain() is called at batch lines.  The keys come from Python
+ *     (jsonl._C_KEYS, from Message's fields): what this file knows of the record is only the
+ *     type of each field by its position, which the Message NamedTuple declares.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -27,9 +29,6 @@
 /* Message fields after ts, side and kind (session.Message). */
 enum { F_TAG = 3, F_COMMAND, F_ARGS, F_STATUS, F_CODE, F_TEXT, F_LATENCY, F_LITERALS, F_NUMBER, F_TRUNCATED, N_FIELDS };
 
-static const char *const KEYS[] = {
-    "\"tag\":", ",\"command\":", ",\"args\":", ",\"status\":", ",\"code\":", ",\"text\":",
-};
 
 /* Length of a character once escaped: json's escapes for '"', '\\' and C0 controls. */
 static unsigned char esc_len[128];
@@ -80,7 +79,6 @@ static void put_ascii(Writer *w, const char *s, Py_ssize_t n)
         PyUnicode_WRITE(w->kind, w->data, w->pos++, (unsigned char)s[i]);
 }
 
-static void put_cstr(Writer *w, const char *s) { put_ascii(w, s, (Py_ssize_t)strlen(s)); }
 
 /* s[start:end] as it is. */
 static int put_slice(Writer *w, PyObject *s, Py_ssize_t start, Py_ssize_t end)
@@ -180,8 +178,17 @@ static PyObject *ts_repr(PyObject *self, PyObject *value)
     return PyFloat_CheckExact(value) ? float_repr(value) : PyObject_Repr(value);
 }
 
-/* args[0..2] + the record of msg; args are str, msg a tuple of N_FIELDS or more. */
-static PyObject *build_line(PyObject *const *args, PyObject *msg)
+/* Appends s, a str of ASCII characters (a key text). */
+static int put_key(Writer *w, PyObject *s)
+{
+    return put_slice(w, s, 0, PyUnicode_GET_LENGTH(s));
+}
+
+#define KEY(f) PyTuple_GET_ITEM(keys, (f) - F_TAG)
+
+/* args[0..2] + the record of msg; args are str, msg a tuple of N_FIELDS or more, keys the
+ * key texts of fields F_TAG..N_FIELDS-1 (with their leading commas), from Python. */
+static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys)
 {
     PyObject *extra[3] = {NULL, NULL, NULL}; /* latency, literals, number as text */
     PyObject *result = NULL;
@@ -197,7 +204,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
     int plain[F_TEXT + 1] = {0}; /* a field with nothing to escape: copied, not scanned again */
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
-        total += strlen(KEYS[f - F_TAG]);
+        total += PyUnicode_GET_LENGTH(KEY(f));
         if (v == Py_None) {
             total += 4;
         } else if (PyUnicode_Check(v)) {
@@ -213,7 +220,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
         }
     }
     PyObject *lat = PyTuple_GET_ITEM(msg, F_LATENCY);
-    total += strlen(",\"latency_ms\":");
+    total += PyUnicode_GET_LENGTH(KEY(F_LATENCY));
     if (lat == Py_None) {
         total += 4;
     } else {
@@ -244,20 +251,20 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
         Py_XDECREF(strs);
         if (extra[1] == NULL)
             goto done;
-        total += strlen(",\"literals\":[]") + PyUnicode_GET_LENGTH(extra[1]);
+        total += PyUnicode_GET_LENGTH(KEY(F_LITERALS)) + 2 + PyUnicode_GET_LENGTH(extra[1]);
     }
     PyObject *number = PyTuple_GET_ITEM(msg, F_NUMBER);
     if (number != Py_None) {
         extra[2] = PyObject_Str(number);
         if (extra[2] == NULL)
             goto done;
-        total += strlen(",\"number\":") + PyUnicode_GET_LENGTH(extra[2]);
+        total += PyUnicode_GET_LENGTH(KEY(F_NUMBER)) + PyUnicode_GET_LENGTH(extra[2]);
     }
     int truncated = PyObject_IsTrue(PyTuple_GET_ITEM(msg, F_TRUNCATED));
     if (truncated < 0)
         goto done;
     if (truncated)
-        total += strlen(",\"truncated\":true");
+        total += PyUnicode_GET_LENGTH(KEY(F_TRUNCATED)) + 4;
     total += 2; /* }\n */
     for (int i = 0; i < 3; i++) { /* number texts can be any str for a subclass */
         if (extra[i] != NULL && PyUnicode_MAX_CHAR_VALUE(extra[i]) > maxchar)
@@ -273,7 +280,8 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
             goto fail;
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
-        put_cstr(&w, KEYS[f - F_TAG]);
+        if (put_key(&w, KEY(f)) < 0)
+            goto fail;
         if (v == Py_None) {
             put_ascii(&w, "null", 4);
         } else if (plain[f]) {
@@ -285,24 +293,31 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg)
             goto fail;
         }
     }
-    put_cstr(&w, ",\"latency_ms\":");
+    if (put_key(&w, KEY(F_LATENCY)) < 0)
+        goto fail;
     if (extra[0] == NULL)
         put_ascii(&w, "null", 4);
     else if (put_slice(&w, extra[0], 0, PyUnicode_GET_LENGTH(extra[0])) < 0)
         goto fail;
     if (extra[1] != NULL) {
-        put_cstr(&w, ",\"literals\":[");
+        if (put_key(&w, KEY(F_LITERALS)) < 0)
+            goto fail;
+        put_ascii(&w, "[", 1);
         if (put_slice(&w, extra[1], 0, PyUnicode_GET_LENGTH(extra[1])) < 0)
             goto fail;
         put_ascii(&w, "]", 1);
     }
     if (extra[2] != NULL) {
-        put_cstr(&w, ",\"number\":");
+        if (put_key(&w, KEY(F_NUMBER)) < 0)
+            goto fail;
         if (put_slice(&w, extra[2], 0, PyUnicode_GET_LENGTH(extra[2])) < 0)
             goto fail;
     }
-    if (truncated)
-        put_cstr(&w, ",\"truncated\":true");
+    if (truncated) {
+        if (put_key(&w, KEY(F_TRUNCATED)) < 0)
+            goto fail;
+        put_ascii(&w, "true", 4);
+    }
     put_ascii(&w, "}\n", 2);
     if (w.pos != total) {
         PyErr_SetString(PyExc_SystemError, "build_line: length mismatch");
@@ -326,17 +341,30 @@ typedef struct {
     Py_ssize_t batch;
     PyObject *client;  /* Side.CLIENT */
     PyObject *kinds;   /* tuple of (Kind member, from-client text, from-server text) */
+    PyObject *keys;    /* the key texts of the fields after kind, from Python (jsonl._C_KEYS) */
     double ts;         /* the time of head, when head is set */
     PyObject *head;    /* '{"type":"message","ts":<ts>,' */
 } Formatter;
 
 static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
 {
-    PyObject *lines, *drain, *client, *kinds;
+    PyObject *lines, *drain, *client, *kinds, *keys;
     Py_ssize_t batch;
-    if (!PyArg_ParseTuple(args, "O!OnOO!:Formatter", &PyList_Type, &lines, &drain, &batch, &client,
-                          &PyTuple_Type, &kinds))
+    if (!PyArg_ParseTuple(args, "O!OnOO!O!:Formatter", &PyList_Type, &lines, &drain, &batch, &client,
+                          &PyTuple_Type, &kinds, &PyTuple_Type, &keys))
         return -1;
+    if (PyTuple_GET_SIZE(keys) != N_FIELDS - F_TAG) {
+        PyErr_Format(PyExc_TypeError, "Formatter: %d keys expected, one per Message field after kind",
+                     N_FIELDS - F_TAG);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
+        PyObject *k = PyTuple_GET_ITEM(keys, i);
+        if (!PyUnicode_Check(k) || PyUnicode_MAX_CHAR_VALUE(k) > 127) {
+            PyErr_SetString(PyExc_TypeError, "Formatter: keys are ASCII str");
+            return -1;
+        }
+    }
     for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kinds); i++) {
         PyObject *k = PyTuple_GET_ITEM(kinds, i);
         if (!PyTuple_Check(k) || PyTuple_GET_SIZE(k) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(k, 1))
@@ -353,6 +381,8 @@ static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->client, client);
     Py_INCREF(kinds);
     Py_XSETREF(self->kinds, kinds);
+    Py_INCREF(keys);
+    Py_XSETREF(self->keys, keys);
     self->batch = batch;
     Py_CLEAR(self->head);
     return 0;
@@ -364,6 +394,7 @@ static int Formatter_traverse(Formatter *self, visitproc visit, void *arg)
     Py_VISIT(self->drain);
     Py_VISIT(self->client);
     Py_VISIT(self->kinds);
+    Py_VISIT(self->keys);
     return 0;
 }
 
@@ -374,6 +405,7 @@ static int Formatter_clear(Formatter *self)
     Py_CLEAR(self->client);
     Py_CLEAR(self->head);
     Py_CLEAR(self->kinds);
+    Py_CLEAR(self->keys);
     return 0;
 }
 
@@ -426,7 +458,7 @@ static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ss
         return NULL;
     }
     PyObject *parts[3] = {self->head, args[0], from_kind};
-    PyObject *line = build_line(parts, msg);
+    PyObject *line = build_line(parts, msg, self->keys);
     if (line == NULL)
         return NULL;
     int r = PyList_Append(self->lines, line);
@@ -451,7 +483,7 @@ static PyMethodDef Formatter_methods[] = {
 static PyTypeObject FormatterType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "imaptap.output._jsonfast.Formatter",
-    .tp_doc = "Formatter(lines, drain, batch, client_side, kinds): JsonlWriter's message path.",
+    .tp_doc = "Formatter(lines, drain, batch, client_side, kinds, keys): JsonlWriter's message path.",
     .tp_basicsize = sizeof(Formatter),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,

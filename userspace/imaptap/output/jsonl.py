@@ -1,18 +1,26 @@
 """JSON Lines output: one object per IMAP line, per flow at its end, and stats at the end.
 
-The keys here are a contract that log pipelines and the tests rely on; see the README.  The
-record builders are shared with the TUI, which shows the same facts.
+The keys are a contract that log pipelines and the tests rely on (README, "JSON Lines"),
+declared once: a message record is a `Message` with its flow's id and endpoints, a flow record
+is a `FlowFacts`.  `message_record` and `FlowFacts.record` give them as dicts, the reference;
+the lines are written without the dicts, by the C formatter where it was built and by
+json's encoder otherwise, and tests check them against the reference byte for byte.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import IO, Any, Callable
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
-from imaptap.flows import Flow
-from imaptap.imap.session import Kind, Message, Side
+from imaptap.facts import FlowFacts, endpoint, flow_facts
+from imaptap.imap.session import MESSAGE_OPTIONAL_FIELDS, Kind, Message, Side
 from imaptap.output import OutputError
+from imaptap.pipeline import Sink
+
+if TYPE_CHECKING:
+    from imaptap.flows import Flow
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 # The C string encoder json itself uses for ensure_ascii=False (quotes, escapes, no ASCII-fication).
@@ -24,94 +32,50 @@ except ImportError:  # pragma: no cover - the build is optional
     _jsonfast = None
 
 
-def endpoint(addr: tuple[str, int]) -> str:
-    """``ip:port``, IPv6 as ``[ip]:port``."""
-    host, port = addr
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class FlowRef(Protocol):
+    """What a message record takes from its flow: a `Flow`, or what the TUI keeps of one."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def client(self) -> tuple[str, int]: ...
+    @property
+    def server(self) -> tuple[str, int]: ...
 
 
-def message_record(flow: Flow, msg: Message) -> dict[str, Any]:
-    rec: dict[str, Any] = {
-        "type": "message",
-        "ts": msg.ts,
-        "flow": flow.id,
-        "client": endpoint(flow.client),
-        "server": endpoint(flow.server),
-        "from": msg.side.value,
-        "kind": msg.kind.value,
-        "tag": msg.tag,
-        "command": msg.command,
-        "args": msg.args,
-        "status": msg.status,
-        "code": msg.code,
-        "text": msg.text,
-        "latency_ms": msg.latency_ms,
-    }
-    if msg.literals:
-        rec["literals"] = list(msg.literals)
-    if msg.number is not None:
-        rec["number"] = msg.number
-    if msg.truncated:
-        rec["truncated"] = True
+#: JSON keys of the Message fields that are not named as the field is.
+_MESSAGE_KEYS = {"side": "from"}
+#: The Message fields after ts, side and kind, as written: always, then only when they hold something.
+_ALWAYS = tuple(f for f in Message._fields[3:] if f not in MESSAGE_OPTIONAL_FIELDS)
+_SOMETIMES = MESSAGE_OPTIONAL_FIELDS
+
+
+def message_record(flow: FlowRef, msg: Message) -> dict[str, Any]:
+    """The JSON message record of ``msg`` as a dict: the reference that every writer of message
+    lines is checked against (its ``_dumps`` is the line)."""
+    rec: dict[str, Any] = {"type": "message", "ts": msg.ts, "flow": flow.id, "client": endpoint(flow.client),
+                           "server": endpoint(flow.server), _MESSAGE_KEYS["side"]: msg.side.value,
+                           "kind": msg.kind.value}
+    for name in _ALWAYS:
+        rec[_MESSAGE_KEYS.get(name, name)] = getattr(msg, name)
+    for name in _SOMETIMES:
+        value = getattr(msg, name)
+        if value or (value is not None and value is not False and value != ()):
+            rec[name] = list(value) if isinstance(value, tuple) else value
     return rec
 
 
 def flow_record(flow: Flow) -> dict[str, Any]:
-    s = flow.session
-    return {
-        "type": "flow",
-        "flow": flow.id,
-        "client": endpoint(flow.client),
-        "server": endpoint(flow.server),
-        "ip_version": flow.ip_version,
-        "first_ts": flow.first_ts,
-        "last_ts": flow.last_ts,
-        "packets": flow.packets,
-        "bytes": flow.bytes,
-        "packets_c2s": flow.packets_c2s,
-        "packets_s2c": flow.packets_s2c,
-        "bytes_c2s": flow.bytes_c2s,
-        "bytes_s2c": flow.bytes_s2c,
-        "end": flow.end_reason,
-        "imap": s.is_imap,
-        "greeting": s.greeting,
-        "server_software": s.server_software,
-        "username": s.username,
-        "authzid": s.authzid,
-        "auth_command": s.auth_command,
-        "auth_mechanism": s.auth_mechanism,
-        "login_ok": s.login_ok,
-        "login_failures": s.login_failures,
-        "preauth": s.preauth,
-        "capabilities": s.capabilities,
-        "starttls": s.starttls.value,
-        "encrypted": s.encrypted,
-        "encrypted_from_start": s.encrypted_from_start,
-        "compressed": s.compressed,
-        "cleartext_credentials": s.cleartext_credentials,
-        "findings": s.findings,
-        "client_id": s.client_id,
-        "server_id": s.server_id,
-        "mailboxes": s.mailboxes,
-        "mailboxes_dropped": s.mailboxes_dropped,
-        "idles": s.idles,
-        "commands": dict(s.commands),
-        "statuses": dict(s.statuses),
-        "anomalies": dict(s.anomalies),
-        "gaps": flow.c2s.holes + flow.s2c.holes,
-        "gap_bytes": flow.c2s.hole_bytes + flow.s2c.hole_bytes,
-        "resyncs": s.client.resyncs + s.server.resyncs,
-        "bytes_not_captured": s.client.bytes_missed + s.server.bytes_missed,
-        "bytes_inflated": s.client.bytes_inflated + s.server.bytes_inflated,
-        "retransmissions": flow.c2s.retransmissions + flow.s2c.retransmissions,
-        "out_of_order": flow.c2s.out_of_order + flow.s2c.out_of_order,
-    }
+    """The JSON flow record of ``flow`` now, as a dict."""
+    return flow_facts(flow).record()
 
+
+# --- flow lines: FlowFacts written field by field, each by an encoder for its declared type ----
 
 _JSON_OPTIONAL_BOOL = {None: "null", True: "true", False: "false"}
 
 
-def _strings(items: list[str]) -> str:
+def _strings(items: tuple[str, ...]) -> str:
     return "[" + ",".join(map(_quote, items)) + "]"
 
 
@@ -134,73 +98,48 @@ def _optional(s: str | None) -> str:
     return "null" if s is None else _quote(s)
 
 
-def flow_line(flow: Flow) -> str:
-    """Same bytes as ``_dumps(flow_record(flow))``, built without the dict and the encoder:
-    json's encoder took 20 µs a flow, a twentieth of a replay's time."""
-    s = flow.session
-    c2s, s2c = flow.c2s, flow.s2c
-    client, server = s.client, s.server
-    return (
-        f'{{"type":"flow","flow":{flow.id},"client":{_quote(endpoint(flow.client))},'
-        f'"server":{_quote(endpoint(flow.server))},"ip_version":{flow.ip_version},'
-        f'"first_ts":{_float(flow.first_ts)},"last_ts":{_float(flow.last_ts)},'
-        f'"packets":{flow.packets},"bytes":{flow.bytes},"packets_c2s":{flow.packets_c2s},'
-        f'"packets_s2c":{flow.packets_s2c},"bytes_c2s":{flow.bytes_c2s},"bytes_s2c":{flow.bytes_s2c},'
-        f'"end":{_optional(flow.end_reason)},"imap":{_JSON_OPTIONAL_BOOL[s.is_imap]},'
-        f'"greeting":{_optional(s.greeting)},"server_software":{_optional(s.server_software)},'
-        f'"username":{_optional(s.username)},"authzid":{_optional(s.authzid)},'
-        f'"auth_command":{_optional(s.auth_command)},"auth_mechanism":{_optional(s.auth_mechanism)},'
-        f'"login_ok":{_JSON_OPTIONAL_BOOL[s.login_ok]},"login_failures":{s.login_failures},'
-        f'"preauth":{_JSON_OPTIONAL_BOOL[s.preauth]},"capabilities":{_capabilities(tuple(s.capabilities))},'
-        f'"starttls":{_quote(s.starttls.value)},"encrypted":{_JSON_OPTIONAL_BOOL[s.encrypted]},'
-        f'"encrypted_from_start":{_JSON_OPTIONAL_BOOL[s.encrypted_from_start]},'
-        f'"compressed":{_JSON_OPTIONAL_BOOL[s.compressed]},'
-        f'"cleartext_credentials":{_JSON_OPTIONAL_BOOL[s.cleartext_credentials]},'
-        f'"findings":{_strings(s.findings)},'
-        f'"client_id":{"null" if s.client_id is None else _dumps(s.client_id)},'
-        f'"server_id":{"null" if s.server_id is None else _dumps(s.server_id)},'
-        f'"mailboxes":{_strings(s.mailboxes)},"mailboxes_dropped":{s.mailboxes_dropped},"idles":{s.idles},'
-        f'"commands":{_counts(s.commands)},"statuses":{_counts(s.statuses)},"anomalies":{_counts(s.anomalies)},'
-        f'"gaps":{c2s.holes + s2c.holes},"gap_bytes":{c2s.hole_bytes + s2c.hole_bytes},'
-        f'"resyncs":{client.resyncs + server.resyncs},'
-        f'"bytes_not_captured":{client.bytes_missed + server.bytes_missed},'
-        f'"bytes_inflated":{client.bytes_inflated + server.bytes_inflated},'
-        f'"retransmissions":{c2s.retransmissions + s2c.retransmissions},'
-        f'"out_of_order":{c2s.out_of_order + s2c.out_of_order}}}'
-    )
+def _object(d: dict | None) -> str:
+    return "null" if d is None else _dumps(d)
+
+
+#: The encoder of each type a FlowFacts field is declared with.
+_ENCODERS: dict[str, Callable[[Any], str]] = {
+    "int": str,
+    "float": _float,
+    "str": _quote,
+    "str | None": _optional,
+    "bool": _JSON_OPTIONAL_BOOL.__getitem__,
+    "bool | None": _JSON_OPTIONAL_BOOL.__getitem__,
+    "tuple[str, ...]": _strings,
+    "dict[str, int]": _counts,
+    "dict[str, str | None] | None": _object,
+}
+#: Fields whose values repeat from flow to flow: a cached encoder.
+_ENCODER_OF_FIELD = {"capabilities": _capabilities}
+_FLOW_FIELDS = tuple((f'"{name}":', _ENCODER_OF_FIELD.get(name) or _ENCODERS[getattr(hint, "__forward_arg__", hint)])
+                     for name, hint in FlowFacts.__annotations__.items())
+
+
+def flow_line(facts: FlowFacts) -> str:
+    """The JSON line of a flow record: the same bytes as ``_dumps(facts.record())``, built
+    without the dict and json's encoder, which took 20 µs a flow, a twentieth of a replay."""
+    return '{"type":"flow",' + ",".join([key + encode(value) for (key, encode), value in zip(_FLOW_FIELDS, facts)]) \
+        + "}"
 
 
 #: Lines queued before one write to the output.
 _BATCH = 256
 
-# Enum members hash in Python code: the hot path tells the side by identity and looks the kind
-# up by its value (a str, whose hash is cached).
 _CLIENT = Side.CLIENT
 _FROM_CLIENT = {kind.value: f'"from":"client","kind":"{kind.value}",' for kind in Kind}
 _FROM_SERVER = {kind.value: f'"from":"server","kind":"{kind.value}",' for kind in Kind}
+#: The keys of the Message fields after ts, side and kind, as the C formatter writes them.
+_C_KEYS = tuple(("" if i == 0 else ",") + f'"{_MESSAGE_KEYS.get(name, name)}":'
+                for i, name in enumerate(Message._fields[3:]))
 
 
-def _flow_prefix(flow: Flow) -> str:
+def _flow_prefix(flow: FlowRef) -> str:
     return f'"flow":{flow.id},"client":{_quote(endpoint(flow.client))},"server":{_quote(endpoint(flow.server))},'
-
-
-def _message_rest(msg: Message) -> str:
-    """A message record after its "kind" key, as _jsonfast's Formatter writes it."""
-    tag, command, args, status, code, txt, lat, literals, number, truncated = msg[3:]
-    q = _quote
-    line = (
-        f'"tag":{"null" if tag is None else q(tag)},"command":{"null" if command is None else q(command)},'
-        f'"args":{"null" if args is None else q(args)},"status":{"null" if status is None else q(status)},'
-        f'"code":{"null" if code is None else q(code)},"text":{"null" if txt is None else q(txt)},'
-        f'"latency_ms":{"null" if lat is None else repr(lat)}'
-    )
-    if literals:
-        line += ',"literals":[' + ",".join(map(str, literals)) + "]"
-    if number is not None:
-        line += f',"number":{number}'
-    if truncated:
-        line += ',"truncated":true'
-    return line + "}\n"
 
 
 class JsonlWriter:
@@ -213,13 +152,11 @@ class JsonlWriter:
         """The error that stopped the output: later records are dropped, not retried."""
         self._lines: list[str] = []
         self._append = self._lines.append
-        self._ts = -1.0
-        self._ts_text = ""
-        self._emit: Callable[[str, Message], None] = self._message_py
-        """Queues the line of one message after its flow's part: the C formatter where built."""
+        self._formatter = None
+        """The C formatter of message lines, where it was built."""
         if _jsonfast is not None:
             kinds = tuple((kind, _FROM_CLIENT[kind.value], _FROM_SERVER[kind.value]) for kind in Kind)
-            self._emit = _jsonfast.Formatter(self._lines, self._drain, _BATCH, _CLIENT, kinds).message
+            self._formatter = _jsonfast.Formatter(self._lines, self._drain, _BATCH, _CLIENT, kinds, _C_KEYS)
 
     def write(self, line: str) -> None:
         """Queue one line; lines go out in batches, in order (one write call per line was a
@@ -247,29 +184,24 @@ class JsonlWriter:
             self.failed = exc
             raise OutputError(f"cannot write {self.name}: {exc.strerror or exc}") from None
 
-    def sink(self, flow: Flow) -> Callable[[Message], None]:
+    def sink(self, flow: FlowRef) -> Callable[[Message], None]:
         """The message writer of one flow, for FlowTable(message_sink=...): each message as the
-        same bytes as ``_dumps(message_record(flow, msg))``, built without the dict.
+        bytes of ``_dumps(message_record(flow, msg))``.
 
-        One record is written per IMAP line, so this is the hottest path of a replay: the
-        flow's part of the record is made once, and with the C formatter a message costs one
-        C call and no Python frame.
+        One record is written per IMAP line, so this is the hottest path of a replay: with the
+        C formatter the flow's part of the line is made once, and a message costs one C call
+        and no Python frame.
         """
-        return partial(self._emit, _flow_prefix(flow))
+        if self._formatter is not None:
+            return partial(self._formatter.message, _flow_prefix(flow))
+        return partial(self._message, flow)
 
-    def _message_py(self, prefix: str, msg: Message) -> None:
-        """`_emit` without the C formatter: the same characters."""
-        ts = msg[0]
-        if ts != self._ts:  # the lines of one segment share its time: format it once
-            self._ts = ts
-            self._ts_text = f'{{"type":"message","ts":{ts!r},'
-        from_kind = (_FROM_CLIENT if msg[1] is _CLIENT else _FROM_SERVER)[msg[2]._value_]
-        self._append(self._ts_text + prefix + from_kind + _message_rest(msg))
-        if len(self._lines) >= _BATCH:
-            self._drain()
+    def _message(self, flow: FlowRef, msg: Message) -> None:
+        """A message line without the C formatter: json's encoder over the reference record."""
+        self.write(_dumps(message_record(flow, msg)) + "\n")
 
-    def flow_end(self, flow: Flow) -> None:
-        self.write(flow_line(flow) + "\n")
+    def flow_end(self, facts: FlowFacts) -> None:
+        self.write(flow_line(facts) + "\n")
 
     def stats(self, record: dict[str, Any]) -> None:
         self.write(_dumps({"type": "stats", **record}) + "\n")
@@ -277,3 +209,18 @@ class JsonlWriter:
     def flush(self) -> None:
         self._drain()
         self._output(self.out.flush)
+
+
+class JsonlSink(Sink):
+    """The pipeline's JSON Lines output: message records as they come (unless ``messages`` is
+    false, as with --flows-only) and a flow record as each flow ends."""
+
+    def __init__(self, writer: JsonlWriter, messages: bool = True) -> None:
+        self.writer = writer
+        self.messages = messages
+
+    def flow_started(self, flow: Flow) -> Callable[[Message], None] | None:
+        return self.writer.sink(flow) if self.messages else None
+
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        self.writer.flow_end(facts)

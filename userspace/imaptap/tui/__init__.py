@@ -17,40 +17,28 @@ def available() -> bool:
 
 def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
     """Run the TUI on the capture the arguments name; the exit status as the JSON output's."""
-    from imaptap.tui.feed import Feed, LiveSource, ReplaySource
+    from imaptap.pipeline import SourceError, build_source
 
-    if args.read:
-        from imaptap.capture.replay import CaptureFileError
-
-        try:
-            source = ReplaySource(args.read, ports, args.snaplen, args.tail)
-        except CaptureFileError as exc:
-            print(f"imaptap: {exc}", file=sys.stderr)
-            return 2
-    else:
-        try:
-            from imaptap.capture import live
-        except ImportError as exc:  # pragma: no cover - depends on the machine
-            print(f"imaptap: live capture unavailable: {exc}", file=sys.stderr)
-            return 2
-        from imaptap.cli import open_live
-
-        try:
-            capture, writer = open_live(args, ports)
-        except live.LiveError as exc:
-            print(f"imaptap: {exc}", file=sys.stderr)
-            return 2
-        source = LiveSource(capture, writer)
+    try:
+        source, pcap_writer = build_source(read=args.read, interfaces=args.interface, ports=ports,
+                                           snaplen=args.snaplen, taillen=args.tail, xdp_mode=args.xdp_mode,
+                                           use_xdp=not args.no_xdp, user=args.user, write=args.write)
+        if args.read:
+            source.open()  # a bad file fails before the UI starts; a live capture attaches in the worker
+    except SourceError as exc:
+        print(f"imaptap: {exc}", file=sys.stderr)
+        return 2
 
     from imaptap.tui.app import ImaptapApp
+    from imaptap.tui.feed import Feed
 
-    feed = Feed(source, max_flows=args.max_flows, idle_timeout=args.idle_timeout)
+    feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout)
     app = ImaptapApp(feed, handle_signals=True)
     try:
         status = app.run()
     finally:
         # However the app ended, the worker must end too: Python waits for it at exit, and a
-        # live capture's programs are detached only when it leaves its with block.
+        # live capture's programs are detached only when the pipeline closes its source.
         feed.stop()
     if app.capture_error:
         print(f"imaptap: {app.capture_error}", file=sys.stderr)

@@ -271,8 +271,8 @@ class ImaptapApp(App[int]):
         if not 0 <= pos < len(entry.messages):
             return None, ()
         msg = entry.messages[pos]
-        rec = message_record(entry.snap.ref, msg)  # type: ignore[arg-type]
-        return self.detail_id, display.message_cells(rec, entry.snap.record["first_ts"])
+        rec = message_record(entry.snap.ref, msg)
+        return self.detail_id, display.message_cells(rec, entry.snap.facts.first_ts)
 
     # --- details ---------------------------------------------------------------------------------
 
@@ -305,9 +305,9 @@ class ImaptapApp(App[int]):
             timeline.set_rows([])
             return
         snap = entry.snap
-        r = snap.record
+        r = snap.facts
         details.border_title = Text.assemble(
-            f"flow {r['flow']}  ", r["client"], " → ", r["server"], "  ", display.state_text(snap))
+            f"flow {r.flow}  ", r.client, " → ", r.server, "  ", display.state_text(snap))
         body.update(display.facts_table(snap, len(entry.messages), entry.dropped))
         first = entry.dropped
         keys = list(range(first, entry.received))

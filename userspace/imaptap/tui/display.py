@@ -163,32 +163,32 @@ or SASL secret crossed in clear (so it shows without colours too)."""
 
 
 def user_of(snap: FlowSnapshot) -> str | None:
-    return snap.record["username"]
+    return snap.facts.username
 
 
 def state_parts(snap: FlowSnapshot) -> tuple[str, str | None, str, str]:
     """(words, network text or None, closing words, style) of the state column."""
-    r = snap.record
-    user = r["username"]
-    if r["encrypted"]:
+    r = snap.facts
+    user = r.username
+    if r.encrypted:
         return ("TLS", None, "", STYLE_TLS)
-    if r["compressed"]:
+    if r.compressed:
         return ("DEFLATE", None, "", STYLE_DEFLATE) if user is None else ("DEFLATE (", user, ")", STYLE_DEFLATE)
-    cleartext = STYLE_CLEARTEXT if r["cleartext_credentials"] else ""
-    if user is not None or r["login_ok"] is not None:
-        if r["login_ok"]:
+    cleartext = STYLE_CLEARTEXT if r.cleartext_credentials else ""
+    if user is not None or r.login_ok is not None:
+        if r.login_ok:
             word = "IMAP LOGIN"
-        elif r["login_ok"] is False:
+        elif r.login_ok is False:
             return ("LOGIN FAILED", None, "", STYLE_FAILED) if user is None else ("LOGIN FAILED (", user, ")", STYLE_FAILED)
         else:
             word = "IMAP LOGIN?"
         return (word, None, "", cleartext) if user is None else (word + " (", user, ")", cleartext)
-    software = r["server_software"]
-    if r["preauth"]:
+    software = r.server_software
+    if r.preauth:
         return ("IMAP PREAUTH", None, "", "") if software is None else ("IMAP PREAUTH (", software, ")", "")
-    if r["greeting"] is not None:
+    if r.greeting is not None:
         return ("IMAP OK", None, "", "") if software is None else ("IMAP OK (", software, ")", "")
-    if r["imap"]:
+    if r.imap:
         return ("IMAP", None, "", "")
     return ("TCP", None, "", STYLE_NONE)
 
@@ -209,17 +209,17 @@ def state_plain(snap: FlowSnapshot) -> str:
 
 def age_seconds(snap: FlowSnapshot, now: float) -> float:
     """How long the flow has been open; for an ended flow, how long it lasted."""
-    r = snap.record
-    end = r["last_ts"] if r["end"] is not None else max(now, r["last_ts"])
-    return end - r["first_ts"]
+    r = snap.facts
+    end = r.last_ts if r.end is not None else max(now, r.last_ts)
+    return end - r.first_ts
 
 
 def flow_cells(snap: FlowSnapshot) -> list[Text]:
     """The cells of a flow's row except the age, which changes with the clock."""
-    r = snap.record
-    ended = r["end"] is not None
+    r = snap.facts
+    ended = r.end is not None
     dim = STYLE_ENDED if ended else ""
-    user_style = STYLE_CLEARTEXT if r["cleartext_credentials"] else ""
+    user_style = STYLE_CLEARTEXT if r.cleartext_credentials else ""
     last = Text(end="")
     if snap.last_command is not None:
         last.append_text(safe(snap.last_command))
@@ -227,15 +227,15 @@ def flow_cells(snap: FlowSnapshot) -> list[Text]:
         if last:
             last.append(" ")
         last.append_text(safe(snap.last_status, STATUS_STYLES.get(snap.last_status, "")))
-    commands = sum(r["commands"].values())
-    failures = r["login_failures"]
+    commands = sum(r.commands.values())
+    failures = r.login_failures
     return [
         Text.assemble(("○", "dim") if ended else ("●", "green"),
-                      ("!", STYLE_CLEARTEXT) if r["cleartext_credentials"] else " ", end=""),
-        Text(r["client"], style=dim, end=""),
-        Text(r["server"], style=dim, end=""),
-        safe(r["username"], user_style),
-        safe(r["server_software"]),
+                      ("!", STYLE_CLEARTEXT) if r.cleartext_credentials else " ", end=""),
+        Text(r.client, style=dim, end=""),
+        Text(r.server, style=dim, end=""),
+        safe(r.username, user_style),
+        safe(r.server_software),
         state_text(snap),
         last,
         Text(f"{commands:,}" if commands else "", end=""),
@@ -245,7 +245,7 @@ def flow_cells(snap: FlowSnapshot) -> list[Text]:
 
 
 def age_cell(snap: FlowSnapshot, now: float) -> Text:
-    return Text(duration(age_seconds(snap, now)), style=STYLE_ENDED if snap.record["end"] is not None else "",
+    return Text(duration(age_seconds(snap, now)), style=STYLE_ENDED if snap.facts.end is not None else "",
                 end="")
 
 
@@ -269,15 +269,15 @@ def _text_key(v: str | None) -> tuple:
 
 
 SORT_KEYS: dict[str, Callable[[FlowSnapshot, float], Any]] = {
-    "mark": lambda s, now: s.record["end"] is not None,
+    "mark": lambda s, now: s.facts.end is not None,
     "client": lambda s, now: _addr_key(s.ref.client),
     "server": lambda s, now: _addr_key(s.ref.server),
-    "user": lambda s, now: _text_key(s.record["username"]),
-    "software": lambda s, now: _text_key(s.record["server_software"]),
+    "user": lambda s, now: _text_key(s.facts.username),
+    "software": lambda s, now: _text_key(s.facts.server_software),
     "state": lambda s, now: state_plain(s).casefold(),
     "last": lambda s, now: _text_key(s.last_command),
-    "commands": lambda s, now: sum(s.record["commands"].values()),
-    "failed": lambda s, now: s.record["login_failures"],
+    "commands": lambda s, now: sum(s.facts.commands.values()),
+    "failed": lambda s, now: s.facts.login_failures,
     "latency": lambda s, now: _none_last(s.last_latency_ms),
     "age": lambda s, now: age_seconds(s, now),
 }
@@ -386,14 +386,14 @@ def facts_table(snap: FlowSnapshot, shown: int, dropped: int) -> Table:
     table = Table.grid(padding=(0, 1), expand=True)
     table.add_column(style="bold", no_wrap=True)
     table.add_column(ratio=1, overflow="fold")
-    r = snap.record
+    r = snap.facts.record()
     for key, value in r.items():
         if key == "type":
             continue
         fmt = _FACTS.get(key, _value)
         table.add_row(key, fmt(value))
         if key == "last_ts":
-            table.add_row("duration", Text(f"{r['last_ts'] - r['first_ts']:.3f} s", style="dim"))
+            table.add_row("duration", Text(f"{snap.facts.last_ts - snap.facts.first_ts:.3f} s", style="dim"))
     table.add_row("last_command", safe(snap.last_command) if snap.last_command else _value(None))
     table.add_row("last_status", safe(snap.last_status) if snap.last_status else _value(None))
     table.add_row("last_latency_ms", _value(snap.last_latency_ms))

@@ -1,8 +1,9 @@
 """The capture side of the TUI: the one pipeline run in a worker thread, coalesced for the UI.
 
 The `FlowTable` is not thread-safe, so only the worker touches it.  A few times a second
-(`FLUSH_INTERVAL`) the worker hands the UI one `FeedUpdate`: a `FlowSnapshot` (the JSON
-``flow_record``, copied) of every flow that changed since the previous update, the message
+(`FLUSH_INTERVAL`) the worker hands the UI one `FeedUpdate`: a `FlowSnapshot` (the flow's
+`FlowFacts`, which share nothing with the live flow) of every flow that changed since the
+previous update, the message
 events since then, and the capture's counters.  While the UI has not taken the previous batch
 (busy redrawing, or paused by the user) the worker only sends the counters and keeps collecting:
 open flows are compared when a batch is built, so what waits is only the ended flows and the
@@ -14,19 +15,20 @@ benchmarked without a terminal.
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, Flow, FlowTable
+from imaptap.facts import FlowFacts, flow_facts
+from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, Flow
 from imaptap.imap.session import Message
-from imaptap.output.jsonl import flow_record
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, PayloadPolicy, Segment
+from imaptap.pipeline import CHECK_EVERY, LiveSource, MemorySource, Pipeline, ReplaySource, Sink, Source
+
+__all__ = ["CHECK_EVERY", "LiveSource", "MemorySource", "ReplaySource", "Source"]
 
 #: Seconds between two updates to the UI: 4 Hz looks live and leaves the UI thread idle.
 FLUSH_INTERVAL = 0.25
@@ -43,10 +45,6 @@ MAX_PENDING_MESSAGES = 200_000
 MAX_ENDED_FLOWS = 10_000
 #: Seconds over which segments/s is counted: one flush interval is too short a sample.
 RATE_WINDOW = 1.0
-#: Segments handled between two looks at the clock and the stop flag.
-CHECK_EVERY = 512
-#: Milliseconds a live poll waits for the first segment: the stop flag is seen within this.
-POLL_MS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +60,8 @@ class FlowRef:
 class FlowSnapshot:
     """One flow's facts at one moment, safe to read in another thread."""
 
-    record: dict[str, Any]
-    """``flow_record(flow)`` with its lists and dicts copied: the same facts as the JSON output."""
+    facts: FlowFacts
+    """The same facts as the JSON output's flow record."""
     last_command: str | None
     last_status: str | None
     last_latency_ms: float | None
@@ -131,163 +129,25 @@ class FeedUpdate:
     """The worker's final update: everything it will ever report is in this one or before."""
 
 
-def snapshot(flow: Flow) -> FlowSnapshot:
-    """The flow's record, detached from the live session (which goes on changing in the worker)."""
-    rec = flow_record(flow)
-    for key, value in rec.items():
-        if isinstance(value, (list, dict)):
-            rec[key] = value.copy()
+def snapshot(flow: Flow, facts: FlowFacts | None = None) -> FlowSnapshot:
+    """The flow as it is now (with ``facts`` already taken of it, if given)."""
     s = flow.session
-    return FlowSnapshot(rec, s.last_command, s.last_status, s.last_latency_ms, FlowRef(flow.id, flow.client, flow.server))
-
-
-# --- sources -------------------------------------------------------------------------------------
-
-
-class Source:
-    """Where segments come from: `segments` yields them one by one, None when there is nothing yet.
-
-    One at a time, never read ahead: the analyzer changes what the capture copies of a flow
-    (nothing after STARTTLS, whole payloads after COMPRESS) from the very next segment on.
-    """
-
-    label = ""
-    live = False
-    ports: frozenset[int] = frozenset()
-    policy: PayloadPolicy | None = None
-    close_at_end = True
-    """End every flow when the input ends, as the JSON output does for a replay."""
-
-    def segments(self) -> Iterator[Segment | None]:
-        raise NotImplementedError
-
-    def progress(self) -> tuple[int | None, int | None]:
-        """(bytes read, total bytes) when known."""
-        return None, None
-
-    def counters(self) -> dict[str, int] | None:
-        return None
-
-    def totals(self) -> dict[str, Any]:
-        """Source counters for the final stats record."""
-        return {}
-
-    def notes(self) -> tuple[str, ...]:
-        return ()
-
-    def close(self) -> None:
-        pass
-
-
-class ReplaySource(Source):
-    """A pcap or pcapng file, read as fast as it goes; opened here so a bad file fails before the UI starts."""
-
-    def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
-                 taillen: int = DEFAULT_TAILLEN, label: str | None = None) -> None:
-        from imaptap.capture.replay import ReplayStats, open_capture
-
-        self.label = path if label is None else label
-        self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen, taillen)
-        self.reader = open_capture(path)  # CaptureFileError: the caller says so and exits
-        try:
-            self.size = os.path.getsize(path)
-        except OSError:
-            self.size = None
-        self.stats = ReplayStats()
-
-    def segments(self) -> Iterator[Segment | None]:
-        # CaptureFileError (a cut or corrupt file) comes after the last good segment.
-        return self.reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
-
-    def progress(self) -> tuple[int | None, int | None]:
-        return self.stats.position, self.size
-
-    def totals(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.stats)
-
-    def close(self) -> None:
-        self.reader.close()
-
-
-class LiveSource(Source):
-    """A `LiveCapture`: attached when the worker starts, detached when `segments` is closed."""
-
-    live = True
-    close_at_end = False
-
-    def __init__(self, capture: Any, writer: Any = None) -> None:
-        self.capture = capture
-        self.writer = writer
-        """A `MaskingWriter` for ``-w``, or None."""
-        self.label = ",".join(capture.interfaces)
-        self.ports = frozenset(capture.ports)
-        self.policy = capture.policy
-        self._entered = False
-
-    def segments(self) -> Iterator[Segment | None]:
-        # The generator is suspended inside the with block: closing it (the worker always
-        # does, in a finally) leaves the block and detaches the kernel programs.
-        writer = self.writer
-        try:
-            with self.capture:
-                self._entered = True
-                poll = self.capture.poll
-                while True:
-                    segs = poll(POLL_MS)
-                    if writer is not None:
-                        for seg in segs:
-                            writer.write(seg)  # each just before the table has it (MaskingWriter)
-                            yield seg
-                    else:
-                        yield from segs
-                    yield None
-        finally:
-            if writer is not None:
-                writer.close()
-
-    def bind(self, table: Any) -> None:
-        if self.writer is not None:
-            self.writer.bind(table)
-
-    def counters(self) -> dict[str, int] | None:
-        return self.capture.counters() if self._entered else None
-
-    def totals(self) -> dict[str, Any]:
-        return dict(self.counters() or {})
-
-    def notes(self) -> tuple[str, ...]:
-        return tuple(self.capture.notes)
-
-
-class SegmentsSource(Source):
-    """Segments from memory (tests, benchmarks), cut to the snap length as a replay would."""
-
-    def __init__(self, segments: Iterable[Segment], ports: Iterable[int] = (143,), label: str = "segments",
-                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, close_at_end: bool = True) -> None:
-        self.given = segments
-        self.label = label
-        self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen, taillen)
-        self.close_at_end = close_at_end
-
-    def segments(self) -> Iterator[Segment | None]:
-        from imaptap.testing import replay_cut
-
-        return replay_cut(self.given, self.policy)
+    return FlowSnapshot(flow_facts(flow) if facts is None else facts, s.last_command, s.last_status,
+                        s.last_latency_ms, FlowRef(flow.id, flow.client, flow.server))
 
 
 # --- the worker ----------------------------------------------------------------------------------
 
 
-class Feed:
-    """Runs a `Source` through a `FlowTable` (in `run`, on a worker thread) and emits `FeedUpdate`s."""
+class Feed(Sink):
+    """Runs a `Source` through the pipeline (in `run`, on a worker thread) and emits `FeedUpdate`s."""
 
     def __init__(
         self,
         source: Source,
         emit: Callable[[FeedUpdate], object] | None = None,
         *,
+        pcap_writer: Any = None,
         max_flows: int = MAX_FLOWS,
         idle_timeout: float = IDLE_TIMEOUT,
         clock: Callable[[], float] = time.monotonic,
@@ -301,11 +161,9 @@ class Feed:
         self.wallclock = wallclock
         """The capture clock of a live capture (ages, idle expiry)."""
         self.flush_interval = flush_interval
-        self.table = FlowTable(source.ports, source.policy, self._on_message, self._on_end,
-                               max_flows=max_flows, idle_timeout=idle_timeout)
-        bind = getattr(source, "bind", None)
-        if bind is not None:
-            bind(self.table)  # a -w writer follows the table
+        self.pipeline = Pipeline(source, [self], pcap_writer=pcap_writer, max_flows=max_flows,
+                                 idle_timeout=idle_timeout, wallclock=wallclock, clock=clock)
+        self.table = self.pipeline.table
         self.ready = threading.Event()
         """Set by the UI when it takes batches (it is not busy with the previous one, and not paused)."""
         self.ready.set()
@@ -315,22 +173,26 @@ class Feed:
         self.done = False
         self._seen: dict[int, tuple[float, int]] = {}
         # Open flows already sent, with (last_ts, packets) as sent: anything newer gets a snapshot.
-        self._ended: dict[int, tuple[Flow, bool]] = {}
+        self._ended: dict[int, tuple[FlowSnapshot, bool]] = {}
         self._messages: dict[int, list] = {}  # flow id -> [deque of Message, count]
         self._pending = 0  # messages in those deques
         self._gone: list[int] = []
         self.ended_dropped = 0
         """Ended flows let go in the worker (see `CaptureStatus.ended_dropped`)."""
         self._started = 0.0
+        self._next_flush = 0.0
         self._rate_mark = (0.0, 0)
         self._rate = 0.0
 
-    # --- table callbacks (worker thread) -------------------------------------------------------
+    # --- the pipeline's events (worker thread) -------------------------------------------------
 
-    def _on_message(self, flow: Flow, msg: Message) -> None:
-        entry = self._messages.get(flow.id)
+    def flow_started(self, flow: Flow) -> Callable[[Message], None]:
+        return partial(self._on_message, flow.id)
+
+    def _on_message(self, flow_id: int, msg: Message) -> None:
+        entry = self._messages.get(flow_id)
         if entry is None:
-            entry = self._messages[flow.id] = [deque(maxlen=MAX_MESSAGES_PER_FLOW), 0]
+            entry = self._messages[flow_id] = [deque(maxlen=MAX_MESSAGES_PER_FLOW), 0]
         q = entry[0]
         if len(q) == MAX_MESSAGES_PER_FLOW:
             pass  # the deque pushes its oldest out
@@ -343,10 +205,10 @@ class Feed:
         q.append(msg)
         entry[1] += 1
 
-    def _on_end(self, flow: Flow) -> None:
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
         shown = self._seen.pop(flow.id, None) is not None
         ended = self._ended
-        ended[flow.id] = (flow, shown)
+        ended[flow.id] = (snapshot(flow, facts), shown)
         if len(ended) > MAX_ENDED_FLOWS:
             old_id = next(iter(ended))
             _, old_shown = ended.pop(old_id)
@@ -364,48 +226,12 @@ class Feed:
         self.stopping.set()
 
     def run(self) -> None:
-        """The worker's body: read until the input ends or `stop`, then send the final update."""
-        from imaptap.capture.replay import CaptureFileError
-
-        source = self.source
-        table = self.table
-        add = table.add
+        """The worker's body: run the pipeline until the input ends or `stop`, then send the final update."""
         clock = self.clock
-        live = source.live
-        live_errors: tuple[type[BaseException], ...] = ()
-        if live:
-            from imaptap.capture.live import LiveError
-
-            live_errors = (LiveError,)
-        self._started = clock()
+        self._started = self._next_flush = clock()
         self._rate_mark = (self._started, 0)
-        next_flush = self._started
-        segments = source.segments()
-        pending = 0
-        try:
-            for seg in segments:
-                if seg is not None:
-                    add(seg)
-                    pending += 1
-                    if pending < CHECK_EVERY:
-                        continue
-                pending = 0
-                if live:
-                    table.expire(self.wallclock())
-                if self.stopping.is_set():
-                    break
-                now = clock()
-                if now >= next_flush:
-                    next_flush = now + self.flush_interval
-                    self._flush(now)
-        except (CaptureFileError, *live_errors) as exc:
-            self.error = str(exc)
-        finally:
-            if hasattr(segments, "close"):
-                segments.close()  # live: leaves the capture's with block, detaching the programs
-            source.close()
-        if source.close_at_end and not self.stopping.is_set():
-            table.close_all("end")
+        self.pipeline.run(stop=self.stopping.is_set, on_tick=self._tick)
+        self.error = self.pipeline.error
         self.done = True
         now = clock()
         # Tell the UI the input is over even if it is paused, then wait for it to take the rest.
@@ -414,6 +240,12 @@ class Feed:
             if self.ready.wait(0.1):
                 self._flush(now, final=True)
                 return
+
+    def _tick(self) -> None:
+        now = self.clock()
+        if now >= self._next_flush:
+            self._next_flush = now + self.flush_interval
+            self._flush(now)
 
     def _flush(self, now: float, final: bool = False) -> None:
         status = self._status(now, final)
@@ -439,8 +271,8 @@ class Feed:
             if seen.get(flow.id) != mark:
                 seen[flow.id] = mark
                 snaps.append(snapshot(flow))
-        for flow, _ in self._ended.values():
-            snaps.append(snapshot(flow))
+        for snap, _ in self._ended.values():
+            snaps.append(snap)
         snaps.sort(key=lambda s: s.ref.id)
         messages = {fid: MessageBatch(tuple(q), n - len(q)) for fid, (q, n) in self._messages.items()}
         gone = tuple(self._gone)
@@ -461,10 +293,7 @@ class Feed:
         bytes_read, size = source.progress()
         totals = None
         if final:
-            totals = {"source": source.label, **source.totals(), **dataclasses.asdict(table.stats),
-                      "seconds": round(now - self._started, 3)}
-            if self.error:
-                totals["error"] = self.error
+            totals = self.pipeline.stats()
         return CaptureStatus(
             source=source.label,
             live=source.live,

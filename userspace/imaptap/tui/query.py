@@ -57,18 +57,18 @@ def _state(s: FlowSnapshot) -> list[Any]:
 
 
 FIELDS: dict[str, Callable[[str], Predicate]] = {
-    "user": _field(lambda s: [s.record["username"], s.record["authzid"]]),
-    "port": _field(lambda s: [_endpoint_port(s.record["client"]), _endpoint_port(s.record["server"])], exact=True),
-    "status": _field(lambda s: [*s.record["statuses"], s.last_status], exact=True),
-    "cmd": _field(lambda s: [*s.record["commands"], s.last_command]),
-    "client": _field(lambda s: [s.record["client"]]),
-    "server": _field(lambda s: [s.record["server"]]),
-    "host": _field(lambda s: [s.record["client"], s.record["server"]]),
-    "software": _field(lambda s: [s.record["server_software"], s.record["greeting"]]),
-    "mailbox": _field(lambda s: s.record["mailboxes"]),
-    "mech": _field(lambda s: [s.record["auth_mechanism"]]),
-    "finding": _field(lambda s: s.record["findings"]),
-    "end": _field(lambda s: [s.record["end"] or "open"], exact=True),
+    "user": _field(lambda s: [s.facts.username, s.facts.authzid]),
+    "port": _field(lambda s: [_endpoint_port(s.facts.client), _endpoint_port(s.facts.server)], exact=True),
+    "status": _field(lambda s: [*s.facts.statuses, s.last_status], exact=True),
+    "cmd": _field(lambda s: [*s.facts.commands, s.last_command]),
+    "client": _field(lambda s: [s.facts.client]),
+    "server": _field(lambda s: [s.facts.server]),
+    "host": _field(lambda s: [s.facts.client, s.facts.server]),
+    "software": _field(lambda s: [s.facts.server_software, s.facts.greeting]),
+    "mailbox": _field(lambda s: s.facts.mailboxes),
+    "mech": _field(lambda s: [s.facts.auth_mechanism]),
+    "finding": _field(lambda s: s.facts.findings),
+    "end": _field(lambda s: [s.facts.end or "open"], exact=True),
     "state": _field(_state),
 }
 """``key:value`` forms; user, cmd, host, software, mailbox, state match substrings, the rest whole values."""
@@ -78,7 +78,7 @@ ALIASES = {"command": "cmd", "ip": "host", "addr": "host", "sw": "software", "mb
 
 
 def _has(key: str) -> Predicate:
-    return lambda f: bool(f.snap.record[key])
+    return lambda f: bool(getattr(f.snap.facts, key))
 
 
 KEYWORDS: dict[str, Predicate] = {
@@ -87,12 +87,12 @@ KEYWORDS: dict[str, Predicate] = {
     "deflate": _has("compressed"),
     "failed": _has("login_failures"),
     "imap": _has("imap"),
-    "open": lambda f: f.snap.record["end"] is None,
-    "ended": lambda f: f.snap.record["end"] is not None,
-    "starttls": lambda f: f.snap.record["starttls"] != "none",
+    "open": lambda f: f.snap.facts.end is None,
+    "ended": lambda f: f.snap.facts.end is not None,
+    "starttls": lambda f: f.snap.facts.starttls != "none",
     "findings": _has("findings"),
-    "ipv6": lambda f: f.snap.record["ip_version"] == 6,
-    "ipv4": lambda f: f.snap.record["ip_version"] == 4,
+    "ipv6": lambda f: f.snap.facts.ip_version == 6,
+    "ipv4": lambda f: f.snap.facts.ip_version == 4,
 }
 """Bare words with a meaning of their own; quote one ("tls") to search for it as text."""
 KEYWORD_ALIASES = {"compressed": "deflate", "encrypted": "tls", "closed": "ended"}
@@ -160,13 +160,13 @@ def parse(text: str) -> Query:
 
 def haystack(snap: FlowSnapshot) -> str:
     """Every text field of a flow, lower case, for plain-text terms."""
-    r = snap.record
+    r = snap.facts
     parts: list[Any] = [
-        r["client"], r["server"], r["username"], r["authzid"], r["server_software"], r["greeting"],
-        r["auth_mechanism"], r["starttls"], r["end"] or "open", snap.last_command, snap.last_status,
-        *r["commands"], *r["statuses"], *r["mailboxes"], *r["capabilities"], *r["findings"], *r["anomalies"],
+        r.client, r.server, r.username, r.authzid, r.server_software, r.greeting,
+        r.auth_mechanism, r.starttls, r.end or "open", snap.last_command, snap.last_status,
+        *r.commands, *r.statuses, *r.mailboxes, *r.capabilities, *r.findings, *r.anomalies,
     ]
-    for ident in (r["client_id"], r["server_id"]):
+    for ident in (r.client_id, r.server_id):
         if ident:
             for k, v in ident.items():
                 parts.append(k)

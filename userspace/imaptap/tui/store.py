@@ -40,7 +40,7 @@ class FlowEntry:
 
     @property
     def ended(self) -> bool:
-        return self.snap.record["end"] is not None
+        return self.snap.facts.end is not None
 
     @property
     def dropped(self) -> int:
@@ -93,7 +93,7 @@ class FlowStore:
                 flows[fid] = FlowEntry(snap)
             else:
                 entry.update(snap)
-            if snap.record["end"] is not None:
+            if snap.facts.end is not None:
                 self._ended[fid] = None
             changed.add(fid)
         for fid, batch in update.messages.items():

@@ -1,0 +1,404 @@
+"""The one pipeline: segments from a source, through the flow table, to the sinks.
+
+    Source --Segment--> [-w writer] --> FlowTable --Message, FlowFacts--> Sinks
+    (replay file,                        (flows.py and      (JSON Lines, the TUI's feed,
+     live capture,                        imap/)              the tests' collector)
+     segments in memory)
+
+The command line, the TUI and the tests all run a `Pipeline`; it owns what they must agree on:
+how a source is opened, read and closed (a live capture is read once more after its programs
+are detached), when the stop flag and the clock are looked at, that every flow still open is
+ended (`EndReason.END`) when the input ends or the run is stopped, so each one is reported,
+where the ``-w`` writer sees a segment (before the analyzer: see `MaskingWriter`), and the
+final stats record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from imaptap.facts import FlowFacts, flow_facts
+from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, EndReason, Flow, FlowTable
+from imaptap.imap.session import Message
+from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, PayloadPolicy, Segment, flow_key
+
+if TYPE_CHECKING:
+    from imaptap.capture.pcapwrite import MaskingWriter
+
+#: Segments analysed between two looks at the stop flag and the clock.  A look costs a call;
+#: 512 segments take a few milliseconds, so a stop is still seen at once.
+CHECK_EVERY = 512
+#: Milliseconds a live poll waits for the first segment: a stop is seen within this.
+POLL_MS = 100
+
+
+class SourceError(Exception):
+    """The input cannot be read on (a cut capture file, a capture that failed): one line."""
+
+
+class Source:
+    """Where segments come from.
+
+    `segments` yields them one at a time, and None ("a tick") whenever there is nothing to hand
+    over for a while, so the pipeline can look at the stop flag and the clock.  Never read
+    ahead: the analyzer changes what the capture copies of a flow (nothing after STARTTLS, whole
+    payloads after COMPRESS) from the very next segment on.
+    """
+
+    label = ""
+    """The file replayed, or the interfaces captured on."""
+    live = False
+    """The wall clock drives idle expiry (live); otherwise the capture's own time does."""
+    ports: frozenset[int] = frozenset()
+    policy: PayloadPolicy
+    """The copy rules the analyzer sets per flow and the source applies."""
+    flows_end_with_input = True
+    """When the input ends, so do the connections in it: every open flow is ended (and
+    reported).  False only for a stand-in of a live capture looked at mid-way (tests)."""
+
+    def open(self) -> None:
+        """Start reading (a live capture attaches here); SourceError if it cannot.  Idempotent."""
+
+    def segments(self) -> Iterator[Segment | None]:
+        raise NotImplementedError
+
+    def close(self) -> Iterable[Segment]:
+        """Stop reading; returns what still arrived as it stopped (a live capture's buffer after
+        its programs were detached)."""
+        return ()
+
+    def progress(self) -> tuple[int | None, int | None]:
+        """(bytes read, total bytes), where known."""
+        return None, None
+
+    def counters(self) -> dict[str, int] | None:
+        """The capture's own counters while it runs (live), else None."""
+        return None
+
+    def totals(self) -> dict[str, Any]:
+        """The source's part of the final stats record."""
+        return {}
+
+    def notes(self) -> tuple[str, ...]:
+        """What the user should know about how the capture runs (fallbacks taken)."""
+        return ()
+
+
+class ReplaySource(Source):
+    """A pcap or pcapng file, read as fast as it goes."""
+
+    def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
+                 taillen: int = DEFAULT_TAILLEN, label: str | None = None) -> None:
+        from imaptap.capture.replay import ReplayStats
+
+        self.path = path
+        self.label = path if label is None else label
+        self.ports = frozenset(ports)
+        self.policy = PayloadPolicy(snaplen, taillen)
+        self.stats = ReplayStats()
+        try:
+            self.size: int | None = os.path.getsize(path)
+        except OSError:
+            self.size = None  # open() says why
+        self._reader: Any = None
+        self._segments: Any = None
+
+    def open(self) -> None:
+        from imaptap.capture.replay import CaptureFileError, open_capture
+
+        if self._reader is not None:
+            return
+        try:
+            self._reader = open_capture(self.path)
+        except CaptureFileError as exc:
+            raise SourceError(str(exc)) from None
+
+    def segments(self) -> Iterator[Segment | None]:
+        from imaptap.capture.replay import CaptureFileError
+
+        self._segments = self._reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
+        try:
+            yield from self._segments
+        except CaptureFileError as exc:  # a cut or corrupt file: after the last good segment
+            raise SourceError(str(exc)) from None
+
+    def close(self) -> Iterable[Segment]:
+        if self._segments is not None:
+            self._segments.close()  # a stop before the end: the reader adds its last counts
+        if self._reader is not None:
+            self._reader.close()
+        return ()
+
+    def progress(self) -> tuple[int | None, int | None]:
+        return self.stats.position, self.size
+
+    def totals(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.stats) if self._reader is not None else {}
+
+
+class LiveSource(Source):
+    """A `LiveCapture`: attached by `open`, detached by `close`."""
+
+    live = True
+
+    def __init__(self, capture: Any) -> None:
+        self.capture = capture
+        self.label = ",".join(capture.interfaces)
+        self.ports = frozenset(capture.ports)
+        self.policy = capture.policy
+        self._open = False
+
+    def open(self) -> None:
+        from imaptap.capture.live import LiveError
+
+        if self._open:
+            return
+        try:
+            self.capture.__enter__()
+        except LiveError as exc:
+            raise SourceError(str(exc)) from None
+        self._open = True
+
+    def segments(self) -> Iterator[Segment | None]:
+        from imaptap.capture.live import LiveError
+
+        poll = self.capture.poll
+        try:
+            while True:
+                yield from poll(POLL_MS)
+                yield None
+        except LiveError as exc:
+            raise SourceError(str(exc)) from None
+
+    def close(self) -> Iterable[Segment]:
+        from imaptap.capture.live import LiveError
+
+        if not self._open:
+            return ()
+        self._open = False
+        try:
+            self.capture.__exit__(None, None, None)
+        except LiveError as exc:
+            raise SourceError(str(exc)) from None
+        finally:
+            # What the kernel had delivered before the programs were detached is analysed too.
+            left = self.capture.poll(0)
+        return left
+
+    def counters(self) -> dict[str, int] | None:
+        return self.capture.counters() if self._open else None
+
+    def totals(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.capture.counters())
+        dropped = self.capture.privileges
+        if dropped is not None:
+            out["user"] = dropped.user
+            out["capabilities"] = dropped.capabilities
+        return out
+
+    def notes(self) -> tuple[str, ...]:
+        return tuple(self.capture.notes)
+
+
+class MemorySource(Source):
+    """Segments from memory (tests, benchmarks), cut as a capture would copy them: each one
+    only when it is reached, so the analyzer's payload modes apply as they do live."""
+
+    def __init__(self, segments: Iterable[Segment], ports: Iterable[int] = (143,), label: str = "segments",
+                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, open_at_end: bool = False) -> None:
+        self.given = segments
+        self.label = label
+        self.ports = frozenset(ports)
+        self.policy = PayloadPolicy(snaplen, taillen)
+        self.flows_end_with_input = not open_at_end
+
+    def segments(self) -> Iterator[Segment | None]:
+        cut = self.policy.cut
+        for s in self.given:
+            head, tail = cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload, s.wire_len)
+            if len(head) != len(s.payload):
+                s = s._replace(payload=head, tail=tail)
+            yield s
+
+
+def build_source(*, read: str | None, interfaces: list[str] | None, ports: frozenset[int],
+                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, xdp_mode: str | None = None,
+                 use_xdp: bool = True, user: str | None = None,
+                 write: str | None = None) -> tuple[Source, MaskingWriter | None]:
+    """The source the command line names (a file to replay, else a live capture on
+    ``interfaces`` or the default route's), not yet open, and the ``-w`` writer of ``write``
+    (or None).  SourceError (one line) for a bad interface or option, an unwritable ``-w``
+    file, or live capture without bcc's side of the package."""
+    source: Source
+    if read:
+        source = ReplaySource(read, ports, snaplen, taillen)
+    else:
+        try:
+            from imaptap.capture import live
+        except ImportError as exc:  # pragma: no cover - depends on the machine
+            raise SourceError(f"live capture unavailable: {exc}") from None
+        try:
+            capture = live.LiveCapture(interfaces or [live.default_interface()], set(ports), snaplen,
+                                       xdp_mode=xdp_mode, use_xdp=use_xdp, taillen=taillen, user=user)
+        except live.LiveError as exc:
+            raise SourceError(str(exc)) from None
+        source = LiveSource(capture)
+    writer = None
+    if write:
+        from imaptap.capture.pcapwrite import MaskingWriter
+
+        try:
+            writer = MaskingWriter(write, ports)
+        except OSError as exc:
+            raise SourceError(f"cannot write {write}: {exc.strerror or exc}") from None
+    return source, writer
+
+
+class Sink:
+    """What takes the pipeline's events: messages as they are parsed, flows as they end.
+
+    ``flow_started`` is asked once per new flow for the callable its messages go to; None (the
+    default) means none are wanted, and where no sink wants them the analyzer does not even
+    make them.  ``flow_ended`` receives the flow and its final facts.
+    """
+
+    def flow_started(self, flow: Flow) -> Callable[[Message], None] | None:
+        return None
+
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        pass
+
+
+def _never() -> bool:
+    return False
+
+
+class Pipeline:
+    """One run of a `Source` through a `FlowTable` into `Sink`s."""
+
+    def __init__(
+        self,
+        source: Source,
+        sinks: Iterable[Sink] = (),
+        *,
+        pcap_writer: MaskingWriter | None = None,
+        max_flows: int = MAX_FLOWS,
+        idle_timeout: float = IDLE_TIMEOUT,
+        wallclock: Callable[[], float] = time.time,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.source = source
+        self.sinks = list(sinks)
+        self.pcap_writer = pcap_writer
+        """The ``-w`` writer: sees each segment before the flow table, and each flow's end."""
+        self.wallclock = wallclock
+        """The capture clock of a live source (idle expiry)."""
+        self.clock = clock
+        """Measures the run's duration."""
+        self.table = FlowTable(source.ports, source.policy, on_flow_end=self._flow_ended,
+                               message_sink=self._message_sink, max_flows=max_flows, idle_timeout=idle_timeout)
+        if pcap_writer is not None:
+            pcap_writer.flows = self.table.flows
+        self.error: str | None = None
+        """Why the input ended early, as one line (a cut file, a failed capture)."""
+        self.stopped = False
+        """The run was stopped before its input ended."""
+        self.opened = False
+        self.started = clock()
+
+    # --- the table's callbacks ------------------------------------------------------------------
+
+    def _message_sink(self, flow: Flow) -> Callable[[Message], None] | None:
+        calls = [call for sink in self.sinks if (call := sink.flow_started(flow)) is not None]
+        if not calls:
+            return None
+        if len(calls) == 1:
+            return calls[0]
+
+        def each(msg: Message) -> None:
+            for call in calls:
+                call(msg)
+
+        return each
+
+    def _flow_ended(self, flow: Flow) -> None:
+        if self.pcap_writer is not None:
+            self.pcap_writer.flow_ended(flow)  # its last client segments are analysed now
+        facts = flow_facts(flow)
+        for sink in self.sinks:
+            sink.flow_ended(flow, facts)
+
+    # --- the run --------------------------------------------------------------------------------
+
+    def run(self, stop: Callable[[], bool] = _never, on_tick: Callable[[], None] | None = None,
+            on_open: Callable[[Source], None] | None = None) -> None:
+        """Read the source until it ends, fails, or ``stop()`` returns true, then end every flow.
+
+        ``stop`` and ``on_tick`` are called at every tick of the source and after every
+        `CHECK_EVERY` segments; ``on_open`` once the source is open (a live capture attached).
+        A failure of the source is kept in `error`; whatever was read before it is analysed.
+        """
+        source = self.source
+        table = self.table
+        writer = self.pcap_writer
+        add = table.add
+        live = source.live
+        self.started = self.clock()
+        segments: Iterator[Segment | None] | None = None
+        try:
+            source.open()
+            self.opened = True
+            if on_open is not None:
+                on_open(source)
+            segments = source.segments()
+            pending = 0
+            for seg in segments:
+                if seg is not None:
+                    if writer is not None:
+                        writer.write(seg)  # before the table: see MaskingWriter
+                    add(seg)
+                    pending += 1
+                    if pending < CHECK_EVERY:
+                        continue
+                pending = 0
+                if live:
+                    table.expire(self.wallclock())
+                if stop():
+                    self.stopped = True
+                    break
+                if on_tick is not None:
+                    on_tick()
+        except SourceError as exc:
+            self.error = str(exc)
+        finally:
+            if segments is not None:
+                segments.close()
+            try:
+                for seg in source.close():
+                    if writer is not None:
+                        writer.write(seg)
+                    add(seg)
+            except SourceError as exc:
+                self.error = self.error or str(exc)
+            if source.flows_end_with_input or self.stopped:
+                table.close_all(EndReason.END)
+            if writer is not None:
+                writer.close()
+
+    def stats(self) -> dict[str, Any]:
+        """The final stats record (the JSON ``stats`` line without its type)."""
+        record: dict[str, Any] = {"source": self.source.label}
+        record.update(self.source.totals())
+        if self.pcap_writer is not None:
+            record["written"] = self.pcap_writer.records
+        if self.stopped:
+            record["stopped_by_signal"] = True
+        record.update(dataclasses.asdict(self.table.stats))
+        record["seconds"] = round(self.clock() - self.started, 3)
+        if self.error:
+            record["error"] = self.error
+        return record
