@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from imaptap.imap.session import ImapSession, Message
-from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag
+from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag, flow_key
 
 #: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
 #: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
@@ -246,7 +246,7 @@ class FlowTable:
             if ts >= self._next_sweep:
                 self._next_sweep = ts + EXPIRY_SWEEP
                 self.expire(ts)
-        key = (src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport)  # flow_key()
+        key = flow_key(src, sport, dst, dport)
         flow = self.flows.pop(key, None)
         if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
             self._end(flow, EndReason.REUSED)

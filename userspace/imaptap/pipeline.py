@@ -29,8 +29,9 @@ from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, PayloadPolicy, Seg
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
 
-#: Segments analysed between two looks at the stop flag and the clock.  A look costs a call;
-#: 512 segments take a few milliseconds, so a stop is still seen at once.
+#: Segments a source hands over at most between two ticks (a replay ticks after each megabyte
+#: of records, a live capture after each poll): the pipeline looks at the stop flag and the
+#: clock only on a tick, not per segment.  512 segments take a few milliseconds.
 CHECK_EVERY = 512
 #: Milliseconds a live poll waits for the first segment: a stop is seen within this.
 POLL_MS = 100
@@ -43,9 +44,9 @@ class SourceError(Exception):
 class Source:
     """Where segments come from.
 
-    `segments` yields them one at a time, and None ("a tick") whenever there is nothing to hand
-    over for a while, so the pipeline can look at the stop flag and the clock.  Never read
-    ahead: the analyzer changes what the capture copies of a flow (nothing after STARTTLS, whole
+    `segments` yields them one at a time, and None ("a tick") at least every `CHECK_EVERY`
+    segments or so and whenever there is nothing to hand over for a while: the pipeline looks
+    at the stop flag and the clock on ticks.  Never read ahead: the analyzer changes what the capture copies of a flow (nothing after STARTTLS, whole
     payloads after COMPRESS) from the very next segment on.
     """
 
@@ -56,6 +57,10 @@ class Source:
     ports: frozenset[int] = frozenset()
     policy: PayloadPolicy
     """The copy rules the analyzer sets per flow and the source applies."""
+    errors: tuple[type[Exception], ...] = ()
+    """What `segments` may raise besides SourceError when the input cannot be read on (each a
+    one-line message): named here rather than translated, which would take a generator frame
+    per segment."""
     flows_end_with_input = True
     """When the input ends, so do the connections in it: every open flow is ended (and
     reported).  False only for a stand-in of a live capture looked at mid-way (tests)."""
@@ -93,8 +98,9 @@ class ReplaySource(Source):
 
     def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
                  taillen: int = DEFAULT_TAILLEN, label: str | None = None) -> None:
-        from imaptap.capture.replay import ReplayStats
+        from imaptap.capture.replay import CaptureFileError, ReplayStats
 
+        self.errors = (CaptureFileError,)
         self.path = path
         self.label = path if label is None else label
         self.ports = frozenset(ports)
@@ -118,13 +124,9 @@ class ReplaySource(Source):
             raise SourceError(str(exc)) from None
 
     def segments(self) -> Iterator[Segment | None]:
-        from imaptap.capture.replay import CaptureFileError
-
+        # CaptureFileError (a cut or corrupt file) comes after the last good segment.
         self._segments = self._reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
-        try:
-            yield from self._segments
-        except CaptureFileError as exc:  # a cut or corrupt file: after the last good segment
-            raise SourceError(str(exc)) from None
+        return self._segments
 
     def close(self) -> Iterable[Segment]:
         if self._segments is not None:
@@ -218,11 +220,13 @@ class MemorySource(Source):
 
     def segments(self) -> Iterator[Segment | None]:
         cut = self.policy.cut
-        for s in self.given:
+        for i, s in enumerate(self.given, 1):
             head, tail = cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload, s.wire_len)
             if len(head) != len(s.payload):
                 s = s._replace(payload=head, tail=tail)
             yield s
+            if not i % CHECK_EVERY:
+                yield None
 
 
 def build_source(*, read: str | None, interfaces: list[str] | None, ports: frozenset[int],
@@ -338,14 +342,14 @@ class Pipeline:
             on_open: Callable[[Source], None] | None = None) -> None:
         """Read the source until it ends, fails, or ``stop()`` returns true, then end every flow.
 
-        ``stop`` and ``on_tick`` are called at every tick of the source and after every
-        `CHECK_EVERY` segments; ``on_open`` once the source is open (a live capture attached).
+        ``stop`` and ``on_tick`` are called at every tick of the source; ``on_open`` once the
+        source is open (a live capture attached).
         A failure of the source is kept in `error`; whatever was read before it is analysed.
         """
         source = self.source
         table = self.table
         writer = self.pcap_writer
-        add = table.add
+        add = table.add if writer is None else self._write_then_add
         live = source.live
         self.started = self.clock()
         segments: Iterator[Segment | None] | None = None
@@ -355,16 +359,10 @@ class Pipeline:
             if on_open is not None:
                 on_open(source)
             segments = source.segments()
-            pending = 0
             for seg in segments:
                 if seg is not None:
-                    if writer is not None:
-                        writer.write(seg)  # before the table: see MaskingWriter
                     add(seg)
-                    pending += 1
-                    if pending < CHECK_EVERY:
-                        continue
-                pending = 0
+                    continue
                 if live:
                     table.expire(self.wallclock())
                 if stop():
@@ -372,15 +370,13 @@ class Pipeline:
                     break
                 if on_tick is not None:
                     on_tick()
-        except SourceError as exc:
+        except (SourceError, *source.errors) as exc:
             self.error = str(exc)
         finally:
             if segments is not None:
                 segments.close()
             try:
                 for seg in source.close():
-                    if writer is not None:
-                        writer.write(seg)
                     add(seg)
             except SourceError as exc:
                 self.error = self.error or str(exc)
@@ -388,6 +384,11 @@ class Pipeline:
                 table.close_all(EndReason.END)
             if writer is not None:
                 writer.close()
+
+    def _write_then_add(self, seg: Segment) -> None:
+        assert self.pcap_writer is not None
+        self.pcap_writer.write(seg)  # before the table: see MaskingWriter
+        self.table.add(seg)
 
     def stats(self) -> dict[str, Any]:
         """The final stats record (the JSON ``stats`` line without its type)."""

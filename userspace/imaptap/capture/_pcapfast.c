@@ -145,8 +145,8 @@ static PyObject *result(int code, Py_ssize_t off, PyObject *value)
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 10) {
-        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 10)");
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 13) {
+        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 13)");
         return NULL;
     }
     PyObject *bufobj = args[0], *config = args[2];
@@ -156,7 +156,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (off == -1 && PyErr_Occurred())
         return NULL;
     /* config: record_len, big_endian, divisor, ports bitmap (bytes of 8192) or None, modes,
-       snaplen, taillen, Segment type, largest record, counts (bytearray of COUNTS int64) */
+       snaplen, taillen, Segment type, largest record, counts (bytearray of COUNTS int64),
+       then segment.PayloadMode.NONE and .WHOLE and segment.WHOLE_PAYLOAD_CAP */
     Py_ssize_t record_len = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 0));
     int big = PyObject_IsTrue(PyTuple_GET_ITEM(config, 1));
     double divisor = PyFloat_AsDouble(PyTuple_GET_ITEM(config, 2));
@@ -167,10 +168,13 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     PyObject *segtype = PyTuple_GET_ITEM(config, 7);
     Py_ssize_t max_record = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 8));
     PyObject *countobj = PyTuple_GET_ITEM(config, 9);
+    long mode_none = PyLong_AsLong(PyTuple_GET_ITEM(config, 10));
+    long mode_whole = PyLong_AsLong(PyTuple_GET_ITEM(config, 11));
+    Py_ssize_t whole_cap = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 12));
     if (PyErr_Occurred())
         return NULL;
     if (!PyType_Check(segtype) || !PyDict_Check(modes) || (ports != Py_None && (!PyBytes_Check(ports)
-            || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0
+            || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0 || whole_cap < 0
             || !PyByteArray_Check(countobj) || PyByteArray_GET_SIZE(countobj) != COUNTS * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_TypeError, "scan: bad config");
         return NULL;
@@ -198,7 +202,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         int version;
         uint32_t ethertype = be16(f + 12);
         if (ethertype == 0x0800) {
-            /* decode.ETHERNET_IPV4_TCP: version 4 and IHL 5, TCP, not a fragment; a zero total
+            /* decode.decode_ethernet's usual frame: version 4 and IHL 5, TCP, not a fragment; a zero total
                length (segmentation offload) reaches to the end of the record */
             uint32_t total_len = be16(f + 16);
             if (f[14] != 0x45 || f[23] != 6 || (be16(f + 20) & 0x3FFF) || (total_len < IPV4_MIN_LEN && total_len != 0)) {
@@ -259,8 +263,9 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(dst);
             goto done;
         }
+        long mode = -1; /* the flow's payload mode where it has one (PayloadPolicy.modes) */
         if (PyDict_GET_SIZE(modes)) {
-            /* segment.flow_key(), then the policy decides: handed back to Python */
+            /* segment.flow_key(), then the flow's mode */
             int c = PyUnicode_Compare(src, dst);
             if (c == -1 && PyErr_Occurred()) {
                 Py_DECREF(src);
@@ -270,25 +275,34 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             int forward = c < 0 || (c == 0 && sport <= dport);
             PyObject *key = forward ? Py_BuildValue("(OIOI)", src, sport, dst, dport)
                                     : Py_BuildValue("(OIOI)", dst, dport, src, sport);
-            int has = key ? PyDict_Contains(modes, key) : -1;
+            PyObject *value = key ? PyDict_GetItemWithError(modes, key) : NULL;
             Py_XDECREF(key);
-            if (has < 0) {
+            if (value == NULL && PyErr_Occurred()) {
                 Py_DECREF(src);
                 Py_DECREF(dst);
                 goto done;
             }
-            if (has) {
-                /* the flow has a payload mode: PayloadPolicy.cut decides, in the Python loop */
-                Py_DECREF(src);
-                Py_DECREF(dst);
-                code = PYTHON;
-                break;
+            if (value != NULL) {
+                mode = PyLong_AsLong(value);
+                if ((mode != mode_none && mode != mode_whole) || PyErr_Occurred()) {
+                    /* a mode this loop does not know: PayloadPolicy.cut decides, in Python */
+                    PyErr_Clear();
+                    Py_DECREF(src);
+                    Py_DECREF(dst);
+                    code = PYTHON;
+                    break;
+                }
             }
         }
-        /* PayloadPolicy.cut for the default mode, as the Python fast path does it */
+        /* PayloadPolicy.cut, the reference: nothing for NONE, the captured payload up to the
+           cap for WHOLE, else the snap length's head and the tail */
         Py_ssize_t head_end, tail_start = 0;
         int has_tail = 0;
-        if (captured < wire_len) {
+        if (mode == mode_none) {
+            head_end = payload;
+        } else if (mode == mode_whole) {
+            head_end = captured > whole_cap ? payload + whole_cap : captured_end;
+        } else if (captured < wire_len) {
             head_end = captured > snaplen ? payload + snaplen : captured_end;
         } else if (captured <= snaplen) {
             head_end = captured_end;

@@ -137,26 +137,6 @@ TCP_PORTS = struct.Struct("!HH")
 ETHERNET_IPV4 = struct.Struct(ETHERNET.format + IPV4.format[1:])
 """`ETHERNET` and `IPV4` read at once."""
 
-ETHERNET_IPV4_TCP = struct.Struct("!12xIH2xI10xHHIIBB")
-"""An untagged Ethernet frame carrying IPv4 without options and TCP, read at once, for the
-replay's fast path (the frame of nearly every record in a capture):
-
-- EtherType, version and IHL, TOS as one word: ``>> 8 == ETHERNET_IPV4_NO_OPTIONS``;
-- IPv4 total length;
-- flags and fragment offset, TTL and protocol as one word: ``& ETHERNET_IPV4_TCP_MASK == IPPROTO_TCP``
-  for TCP that is not a fragment;
-- TCP source and destination port, seq, ack, data offset (high nibble), flags.
-
-The addresses (bytes 26-33) are skipped: the replay reads them as bytes."""
-ETHERNET_IPV4_TCP_LEN = ETHERNET_LEN + IPV4_MIN_LEN + TCP_MIN_LEN
-ETHERNET_IPV4_NO_OPTIONS = ETHERTYPE_IPV4 << 8 | 0x45
-"""EtherType IPv4, version 4, IHL 5 (20 bytes)."""
-ETHERNET_IPV4_TCP_MASK = IPV4_FRAGMENT_MASK << 16 | 0xFF
-"""Fragment bits and protocol: equal to IPPROTO_TCP for an unfragmented TCP packet."""
-ETHERNET_IPV4_ENDPOINTS = ETHERNET_LEN + IPV4_SRC
-"""Source and destination address, source and destination port: 12 bytes that name a connection."""
-ETHERNET_IPV4_ENDPOINTS_LEN = 12
-
 _ethernet = ETHERNET.unpack_from
 _vlan_tag = VLAN_TAG.unpack_from
 _sll = SLL.unpack_from

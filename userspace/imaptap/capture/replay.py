@@ -18,38 +18,22 @@ replay:
   every packet, skips Simple Packet Blocks, silently drops a block cut in its header, and reads
   the rest of the file as one block when a length field is corrupt.
 
-Headers below the link layer are decoded in `imaptap.capture.decode`.  For classic pcap,
-the usual Ethernet/IPv4/TCP frame is decoded in the record loop itself, and by the optional C
-module `_pcapfast` where it was built (setup.py); the two give the same segments (tested).
+Headers below the link layer are decoded in `imaptap.capture.decode`, the reference.  For
+classic pcap, the optional C module `_pcapfast` (setup.py builds it where it can) takes the
+usual Ethernet/IPv4/TCP frame in the record loop and hands every other record back; the two
+give the same segments (tested on every capture).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from imaptap.capture.decode import (
-    ETHERNET_IPV4_ENDPOINTS,
-    ETHERNET_IPV4_ENDPOINTS_LEN,
-    ETHERNET_IPV4_NO_OPTIONS,
-    ETHERNET_IPV4_TCP,
-    ETHERNET_IPV4_TCP_LEN,
-    ETHERNET_IPV4_TCP_MASK,
-    ETHERNET_LEN,
-    IPPROTO_TCP,
-    IPV4_MIN_LEN,
-    LINK_TYPES,
-    TCP_MIN_LEN,
-    LinkDecoder,
-    LinkType,
-    Ports,
-    Skip,
-)
-from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag, flow_key
+from imaptap.capture.decode import LINK_TYPES, LinkDecoder, LinkType, Ports, Skip
+from imaptap.segment import WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy, Segment, flow_key
 
 try:
     from imaptap.capture import _pcapfast
@@ -69,13 +53,7 @@ READ_BUFFER = 1 << 20
 #: Records between two ticks of the generic (pcapng) loop: see `CaptureReader.segments`.
 TICK_RECORDS = 4096
 
-#: Connections whose addresses are kept as text by the pcap fast path; past this the memo
-#: starts again, so a scan of many addresses cannot grow it.
-ENDPOINT_CACHE = 4096
-
 ETHERNET_LINKTYPE = 1
-#: SYN, FIN and RST: the flags that make a segment without payload worth yielding.
-LIFECYCLE_FLAGS = int(TcpFlag.SYN | TcpFlag.FIN | TcpFlag.RST)
 
 PCAP_MAGICS = {
     # magic as read big-endian -> (byte order, nanosecond timestamps, record header length)
@@ -303,10 +281,10 @@ class _PcapReader(CaptureReader):
         fixed record headers, read in large chunks.  This loop runs once per packet of a
         capture, and the two generators and the reads per record were a third of a replay.
 
-        For Ethernet it also decodes the usual frame (untagged IPv4 without options, TCP) in
-        place, with one unpack and without copying the record: the same steps as
-        `decode.decode_ethernet` and `PayloadPolicy.cut`, taken only where they cannot differ
-        from them.  Any other frame goes through the link type's decoder."""
+        For Ethernet the C accelerator, where it was built, takes the usual frame (untagged
+        IPv4 without options, TCP) in place, without copying the record, and hands every other
+        record back to this loop, which decodes it with `imaptap.capture.decode`, the reference
+        the accelerator is tested against."""
         stats.link_type = self.link.name
         empty, other_port = Skip.EMPTY, Skip.OTHER_PORT
         cut = policy.cut
@@ -314,9 +292,8 @@ class _PcapReader(CaptureReader):
         snaplen, taillen = policy.snaplen, policy.taillen
         decode = self.link.decode
         fast = self.linktype == ETHERNET_LINKTYPE and snaplen >= 0
-        frame = ETHERNET_IPV4_TCP.unpack_from
-        # The C accelerator takes the records of the fast path below, in the same way, and
-        # hands every other record to this loop (see _pcapfast.c).
+        # The C accelerator takes the usual records and hands every other one to this loop
+        # (see _pcapfast.c).
         scan = _pcapfast.scan if fast and _pcapfast is not None else None
         counts = None
         if scan is not None:
@@ -324,8 +301,8 @@ class _PcapReader(CaptureReader):
             SEGMENT, NEED_MORE = _pcapfast.SEGMENT, _pcapfast.NEED_MORE
             counts = bytearray(_COUNTS.size)  # what scan() consumed, for _take_counts
             config = (self._record_len, self._big_endian, self._divisor, _port_bitmap(ports), modes, snaplen,
-                      taillen, Segment, MAX_RECORD_LEN, counts)
-        endpoints: dict[bytes, tuple[str, str, FlowKey]] = {}
+                      taillen, Segment, MAX_RECORD_LEN, counts, int(PayloadMode.NONE), int(PayloadMode.WHOLE),
+                      WHOLE_PAYLOAD_CAP)
         unpack = self._record.unpack_from
         record_len = self._record_len
         divisor = self._divisor
@@ -364,53 +341,6 @@ class _PcapReader(CaptureReader):
                     off = stop
                     stats.packets += 1
                     stats.bytes += caplen
-                    if fast and caplen >= ETHERNET_IPV4_TCP_LEN:
-                        ether_ip, total_len, fragment_proto, sport, dport, seq, ack, data_offset, flags = frame(buf, start)
-                        header_len = (data_offset >> 4) * 4
-                        if (ether_ip >> 8 == ETHERNET_IPV4_NO_OPTIONS and fragment_proto & ETHERNET_IPV4_TCP_MASK == IPPROTO_TCP
-                                and header_len >= TCP_MIN_LEN and (total_len >= IPV4_MIN_LEN or total_len == 0)):
-                            if ports is not None and sport not in ports and dport not in ports:
-                                stats.other_ports += 1
-                                continue
-                            # decode._tcp_packet and PayloadPolicy.cut, in offsets into buf
-                            ip_end = start + ETHERNET_LEN + total_len if total_len else stop
-                            payload = start + ETHERNET_LEN + IPV4_MIN_LEN + header_len
-                            wire_len = ip_end - payload
-                            if wire_len <= 0:
-                                if not flags & LIFECYCLE_FLAGS:
-                                    stats.pure_acks += 1
-                                    continue
-                                wire_len = 0
-                            # ip_end, not the record's end: Ethernet padding is not payload (min() is a call)
-                            captured_end = ip_end if ip_end < stop else stop  # noqa: FURB136
-                            captured = captured_end - payload
-                            # The addresses as text and the flow key, once per connection rather
-                            # than per packet.
-                            raw = buf[start + ETHERNET_IPV4_ENDPOINTS : start + ETHERNET_IPV4_ENDPOINTS + ETHERNET_IPV4_ENDPOINTS_LEN]
-                            known = endpoints.get(raw)
-                            if known is None:
-                                if len(endpoints) >= ENDPOINT_CACHE:
-                                    endpoints.clear()
-                                known = endpoints[raw] = _endpoints(raw, sport, dport)
-                            src, dst, key = known
-                            if modes and key in modes:
-                                head, tail = cut(key, buf[payload:captured_end], wire_len)
-                            elif captured < wire_len:  # the file's snap length cut the segment
-                                head = buf[payload : payload + snaplen if captured > snaplen else captured_end]
-                                tail = b""
-                            elif captured <= snaplen:
-                                head = buf[payload:captured_end]
-                                tail = b""
-                            else:  # split_payload()
-                                head = buf[payload : payload + snaplen]
-                                if taillen > 0:
-                                    tail = buf[max(captured_end - taillen, payload + snaplen) : captured_end]
-                                else:
-                                    tail = b""
-                            stats.segments += 1
-                            yield new_segment(Segment, (sec + frac / divisor, 4, src, dst, sport, dport, seq, ack, flags,
-                                                        wire_len, head, 0, tail))
-                            continue
                     p = decode(buf[start:stop], ports)
                     if p.__class__ is Skip:
                         if p is empty:
@@ -420,10 +350,9 @@ class _PcapReader(CaptureReader):
                         else:
                             _count_skip(stats, p)
                         continue
-                    # the same steps as CaptureReader._segments, with flow_key() inlined
+                    # the same steps as CaptureReader._segments
                     version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-                    head, tail = cut((src, sport, dst, dport) if (src, sport) <= (dst, dport) else (dst, dport, src, sport),
-                                     payload, wire_len)
+                    head, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
                     stats.segments += 1
                     yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
                                                 wire_len, head, 0, tail))
@@ -467,14 +396,6 @@ def _port_bitmap(ports: Ports) -> bytes | None:
         if 0 <= port <= 0xFFFF:
             bits[port >> 3] |= 1 << (port & 7)
     return bytes(bits)
-
-
-def _endpoints(raw: bytes, sport: int, dport: int) -> tuple[str, str, FlowKey]:
-    """Source and destination address as text and the flow key, from the 12 endpoint bytes of an
-    IPv4 header and the ports (`decode._tcp_packet` and `flow_key` for the replay's fast path)."""
-    src = socket.inet_ntoa(raw[:4])
-    dst = socket.inet_ntoa(raw[4:8])
-    return src, dst, flow_key(src, sport, dst, dport)
 
 
 @dataclass(slots=True)
