@@ -154,10 +154,11 @@ _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 def bpf_source_dir() -> Path:
     """The directory holding imaptap.bpf.c: inside the package if installed so, else the repo's bpf/."""
     here = Path(__file__).resolve()
-    for candidate in (here.parent.parent / "bpf", here.parents[3] / "bpf"):
+    package = here.parents[2]          # imaptap/capture/live/__init__.py -> imaptap
+    for candidate in (package / "bpf", package.parents[1] / "bpf"):
         if (candidate / "imaptap.bpf.c").is_file():
             return candidate
-    raise LiveError(f"the kernel program imaptap.bpf.c is missing (looked beside {here.parent.parent})")
+    raise LiveError(f"the kernel program imaptap.bpf.c is missing (looked beside {package})")
 
 
 # --- interfaces ----------------------------------------------------------------------------------
