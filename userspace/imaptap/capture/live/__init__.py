@@ -33,78 +33,28 @@ from pathlib import Path
 
 from imaptap import privileges
 from imaptap.privileges import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN
+from imaptap.capture.live.abi import (
+    COUNTER_NAMES,
+    EVENT_HEADER,
+    MAP_CONFIG,
+    MAP_COUNTERS,
+    MAP_EVENTS,
+    MAP_FLOW_MODES,
+    PERF_PAYLOAD_CAP,
+    PROG_PREFIX,
+    PROG_TC_EG,
+    PROG_TC_IN,
+    PROG_XDP,
+    EventHeader,
+    KernelConfig,
+    KernelCounters,
+    KernelFlowKey,
+    bpf_source_dir,
+    kernel_config,
+)
+from imaptap.capture.live.errors import LiveError
 from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
 
-
-class LiveError(Exception):
-    """A one-line, user-facing reason why live capture cannot run (the CLI exits 2)."""
-
-
-# --- the contract with bpf/imaptap.h -------------------------------------------------------------
-
-HOOK_XDP, HOOK_TC_INGRESS, HOOK_TC_EGRESS = 0, 1, 2
-
-
-class EventHeader(ctypes.Structure):
-    """struct imaptap_event; ``cap_len`` head bytes, then ``tail_len`` tail bytes follow it."""
-
-    _fields_ = [
-        ("ts_ns", ctypes.c_uint64),
-        ("saddr", ctypes.c_uint8 * 16),
-        ("daddr", ctypes.c_uint8 * 16),
-        ("seq", ctypes.c_uint32),
-        ("ack", ctypes.c_uint32),
-        ("wire_len", ctypes.c_uint32),
-        ("ifindex", ctypes.c_uint32),
-        ("cap_len", ctypes.c_uint32),
-        ("sport", ctypes.c_uint16),
-        ("dport", ctypes.c_uint16),
-        ("ip_version", ctypes.c_uint8),
-        ("tcp_flags", ctypes.c_uint8),
-        ("hook", ctypes.c_uint8),
-        ("mode", ctypes.c_uint8),
-        ("tail_len", ctypes.c_uint32),
-    ]
-
-
-class KernelFlowKey(ctypes.Structure):
-    """struct imaptap_flow_key: the per-flow mode map's key, in the kernel's canonical order."""
-
-    _fields_ = [
-        ("addr_a", ctypes.c_uint8 * 16),
-        ("addr_b", ctypes.c_uint8 * 16),
-        ("port_a", ctypes.c_uint16),
-        ("port_b", ctypes.c_uint16),
-        ("ip_version", ctypes.c_uint8),
-        ("_pad", ctypes.c_uint8 * 3),
-    ]
-
-
-class KernelConfig(ctypes.Structure):
-    """struct imaptap_config."""
-
-    _fields_ = [
-        ("ports", ctypes.c_uint8 * 8192),
-    ]
-
-
-class KernelCounters(ctypes.Structure):
-    """struct imaptap_counters (one per CPU)."""
-
-    _fields_ = [
-        ("seen", ctypes.c_uint64),
-        ("matched", ctypes.c_uint64),
-        ("submitted", ctypes.c_uint64),
-        ("lost", ctypes.c_uint64),
-        ("unparsed", ctypes.c_uint64),
-        ("copy_failed", ctypes.c_uint64),
-    ]
-
-
-#: The same layout as `EventHeader`, for decoding records fast (struct beats ctypes fields).
-_EVENT = struct.Struct("<Q16s16sIIIIIHHBBBBI")
-assert _EVENT.size == ctypes.sizeof(EventHeader) == 72
-assert ctypes.sizeof(KernelFlowKey) == 40
 
 #: Default ring buffer size: 4 MiB holds ~9,000 records of a long segment (72-byte header,
 #: 256-byte head, 128-byte tail), a second or two of a busy server's IMAP segments while the
@@ -114,8 +64,6 @@ RING_PAGES = 1024
 MAX_RING_BYTES = 1 << 30
 #: Perf buffer (kernels < 5.8) pages per CPU; ``buffer_bytes`` does not apply to it.
 PERF_PAGES_PER_CPU = 256
-#: The perf buffer fallback builds records in a per-CPU map value (at most 32 KiB).
-PERF_PAYLOAD_CAP = 32768 - ctypes.sizeof(EventHeader)
 #: Records handed out by one poll(); the rest stay in the buffer for the next one, so a burst
 #: cannot starve the analyzer or grow memory without bound.
 MAX_BATCH = 8192
@@ -132,6 +80,8 @@ LINGER_S = 0.002
 #: Address texts remembered by the decoder before it starts over.
 ADDR_CACHE_MAX = 4096
 
+_HEADER_LEN = EVENT_HEADER.size
+
 #: TC filter placement: priority 1 runs before filters added with tc's default priority, and the
 #: program returns TC_ACT_UNSPEC so filters after it still run.
 TC_PRIO = 1
@@ -139,26 +89,12 @@ TC_HANDLE = 0x1A7A9
 TC_PARENT_INGRESS = 0xFFFFFFF2
 TC_PARENT_EGRESS = 0xFFFFFFF3
 
-#: BPF program names (BPF_OBJ_NAME_LEN is 16); the prefix is how stale programs are recognised.
-PROG_PREFIX = "imaptap_"
-PROG_XDP, PROG_TC_IN, PROG_TC_EG = "imaptap_xdp", "imaptap_tc_in", "imaptap_tc_eg"
-
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
 XDP_FLAGS_DRV_MODE = 1 << 2
 XDP_FLAGS_REPLACE = 1 << 4
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
-
-def bpf_source_dir() -> Path:
-    """The directory holding imaptap.bpf.c: inside the package if installed so, else the repo's bpf/."""
-    here = Path(__file__).resolve()
-    package = here.parents[2]          # imaptap/capture/live/__init__.py -> imaptap
-    for candidate in (package / "bpf", package.parents[1] / "bpf"):
-        if (candidate / "imaptap.bpf.c").is_file():
-            return candidate
-    raise LiveError(f"the kernel program imaptap.bpf.c is missing (looked beside {package})")
 
 
 # --- interfaces ----------------------------------------------------------------------------------
@@ -712,20 +648,17 @@ class LiveCapture:
                 raise LiveError(f"the kernel refused the BPF program {fname} ({exc}); the verifier's log"
                                 " is above") from None
         self._check_layout()
-        cfg = KernelConfig()
-        for p in self.ports:
-            cfg.ports[p >> 3] |= 1 << (p & 7)
-        self._bpf[b"config"][ctypes.c_int(0)] = cfg
-        self.policy._bind(self._bpf[b"flow_modes"])
+        self._bpf[MAP_CONFIG][ctypes.c_int(0)] = kernel_config(self.ports)
+        self.policy._bind(self._bpf[MAP_FLOW_MODES])
 
     def _check_layout(self) -> None:
-        """The ctypes mirrors must match what BCC compiled (imaptap.h changed without live.py?)."""
+        """The ctypes mirrors must match what BCC compiled (imaptap.h changed without abi.py?)."""
         b = self._bpf
-        sizes = [("config", b[b"config"].Leaf, KernelConfig), ("flow_modes", b[b"flow_modes"].Key, KernelFlowKey),
-                 ("counters", b[b"counters"].sLeaf, KernelCounters)]
+        sizes = [("config", b[MAP_CONFIG].Leaf, KernelConfig), ("flow_modes", b[MAP_FLOW_MODES].Key, KernelFlowKey),
+                 ("counters", b[MAP_COUNTERS].sLeaf, KernelCounters)]
         for table, compiled, mirror in sizes:
             if ctypes.sizeof(compiled) != ctypes.sizeof(mirror):
-                raise LiveError(f"internal error: bpf/imaptap.h and capture/live.py disagree on {table}")
+                raise LiveError(f"internal error: bpf/imaptap.h and capture/live/abi.py disagree on {table}")
 
     def _remove_stale(self, stale: list[tuple]) -> None:
         for item in stale:
@@ -758,7 +691,7 @@ class LiveCapture:
         self._ipr.link("set", index=index, xdp={"attrs": attrs})
 
     def _open_output(self) -> None:
-        table = self._bpf[b"events"]
+        table = self._bpf[MAP_EVENTS]
         if self.ringbuf:
             table.open_ring_buffer(self._on_ring_record)
         else:
@@ -890,12 +823,12 @@ class LiveCapture:
         self._offset_ns = best[1]
 
     def _decode(self, raw: bytes) -> Segment | None:
-        if len(raw) < 72:
+        if len(raw) < _HEADER_LEN:
             self._malformed += 1
             return None
         (ts_ns, saddr, daddr, seq, ack, wire_len, ifindex, cap_len, sport, dport, ipver, flags,
-         _hook, _mode, tail_len) = _EVENT.unpack_from(raw)
-        if cap_len + tail_len > len(raw) - 72:
+         _hook, _mode, tail_len) = EVENT_HEADER.unpack_from(raw)
+        if cap_len + tail_len > len(raw) - _HEADER_LEN:
             self._malformed += 1
             return None
         names = self._addr4 if ipver == 4 else self._addr6
@@ -906,9 +839,10 @@ class LiveCapture:
         if dst is None:
             dst = self._name(ipver, daddr)
         self._received += 1
+        head_end = _HEADER_LEN + cap_len
         return Segment((ts_ns + self._offset_ns) / 1e9, ipver, src, dst, sport, dport, seq, ack, flags,
-                       wire_len, raw[72:72 + cap_len], ifindex,
-                       raw[72 + cap_len:72 + cap_len + tail_len] if tail_len else b"")
+                       wire_len, raw[_HEADER_LEN:head_end], ifindex,
+                       raw[head_end:head_end + tail_len] if tail_len else b"")
 
     def _name(self, ipver: int, addr: bytes) -> str:
         """Text of an address, remembered: a busy server has few peers, and inet_ntop per
@@ -991,9 +925,9 @@ class LiveCapture:
             self._window_start, self._window_records = now, 0
 
     def _read_counters(self) -> dict[str, int]:
-        totals = {name: 0 for name, _ in KernelCounters._fields_}
+        totals = dict.fromkeys(COUNTER_NAMES, 0)
         if self._bpf is not None:
-            per_cpu = self._bpf[b"counters"].getvalue(ctypes.c_int(0))
+            per_cpu = self._bpf[MAP_COUNTERS].getvalue(ctypes.c_int(0))
             for c in per_cpu:
                 for name in totals:
                     totals[name] += getattr(c, name)
@@ -1003,7 +937,7 @@ class LiveCapture:
         """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed)
         and userspace ones (received, malformed, perf_lost, policy_errors)."""
         kernel = self._read_counters() if self._bpf is not None else getattr(self, "_final_counters", None)
-        out = dict(kernel or {name: 0 for name, _ in KernelCounters._fields_})
+        out = dict(kernel or dict.fromkeys(COUNTER_NAMES, 0))
         out["lost"] += self._perf_lost
         out.update(received=self._received, malformed=self._malformed, perf_lost=self._perf_lost,
                    policy_errors=self.policy.kernel_errors)
