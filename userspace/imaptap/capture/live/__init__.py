@@ -32,7 +32,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from imaptap import privileges
-from imaptap.privileges import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN
 from imaptap.capture.live.abi import (
     COUNTER_NAMES,
     EVENT_HEADER,
@@ -53,6 +52,29 @@ from imaptap.capture.live.abi import (
     kernel_config,
 )
 from imaptap.capture.live.errors import LiveError
+from imaptap.capture.live.interfaces import (
+    attr_value,
+    default_interface,
+    interface_gone,
+    link_kind,
+    list_interfaces,
+    nested_attrs,
+)
+from imaptap.capture.live.kernel import (
+    MIN_KERNEL,
+    bpf_syscall,
+    has_ringbuf,
+    has_xdp_load_bytes,
+    imaptap_pids,
+    kernel_headers_present,
+    kernel_version,
+    missing_capabilities,
+    prog_fd_by_id,
+    prog_holders,
+    prog_info,
+    prog_name_by_id,
+    prog_owner,
+)
 from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
 
 
@@ -96,251 +118,9 @@ XDP_FLAGS_REPLACE = 1 << 4
 
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
-
-# --- interfaces ----------------------------------------------------------------------------------
-
-_RTF_UP = 0x0001
-_RTF_REJECT = 0x0200
-_IFF_UP, _IFF_RUNNING, _IFF_LOOPBACK = 0x1, 0x40, 0x8
-
-
-def default_interface() -> str:
-    """The interface of the default route (IPv4 first, then IPv6)."""
-    best: tuple[int, str] | None = None
-    try:
-        with open("/proc/net/route") as f:
-            next(f, None)
-            for line in f:
-                fields = line.split()
-                if len(fields) < 8:
-                    continue
-                iface, dest, flags, metric, mask = fields[0], fields[1], int(fields[3], 16), int(fields[6]), fields[7]
-                if dest == "00000000" and mask == "00000000" and flags & _RTF_UP and not flags & _RTF_REJECT:
-                    if best is None or metric < best[0]:
-                        best = (metric, iface)
-    except OSError:
-        pass
-    if best is None:
-        try:
-            with open("/proc/net/ipv6_route") as f:
-                for line in f:
-                    fields = line.split()
-                    if len(fields) < 10:
-                        continue
-                    dest, plen, metric, flags, iface = fields[0], fields[1], int(fields[5], 16), int(fields[8], 16), fields[9]
-                    if (dest == "0" * 32 and plen == "00" and flags & _RTF_UP and not flags & _RTF_REJECT
-                            and iface != "lo"):
-                        if best is None or metric < best[0]:
-                            best = (metric, iface)
-        except OSError:
-            pass
-    if best is None:
-        raise LiveError("no default route: name an interface with -i (imaptap -D lists them)")
-    return best[1]
-
-
-def _read_sys(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""
-
-
-def list_interfaces() -> list[tuple[int, str, str]]:
-    """(index, name, description) of every interface, as tcpdump -D lists them."""
-    out = []
-    base = Path("/sys/class/net")
-    try:
-        names = sorted(os.listdir(base))
-    except OSError:
-        return [(i, n, "") for i, n in socket.if_nameindex()]
-    for name in names:
-        d = base / name
-        try:
-            index = int(_read_sys(d / "ifindex"))
-        except ValueError:
-            continue
-        try:
-            flags = int(_read_sys(d / "flags"), 16)
-        except ValueError:
-            flags = 0
-        parts = []
-        if flags & _IFF_UP:
-            parts.append("Up")
-        if flags & _IFF_RUNNING:
-            parts.append("Running")
-        if flags & _IFF_LOOPBACK:
-            parts.append("Loopback")
-        else:
-            if (d / "wireless").exists():
-                parts.append("Wireless")
-            state = _read_sys(d / "operstate")
-            parts.append({"up": "Connected", "down": "Disconnected"}.get(state, "Connection status unknown"))
-        out.append((index, name, ", ".join(parts)))
-    out.sort()
-    return out
-
-
-# --- privileges and kernel features --------------------------------------------------------------
-
-
-def missing_capabilities() -> list[str]:
-    """Capabilities live capture needs that this process lacks (CAP_SYS_ADMIN stands in for BPF/PERFMON)."""
-    eff = 0
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    eff = int(line.split()[1], 16)
-    except (OSError, ValueError):
-        return [] if os.geteuid() == 0 else ["CAP_BPF", "CAP_NET_ADMIN", "CAP_PERFMON"]
-
-    def has(cap: int) -> bool:
-        return bool(eff >> cap & 1)
-
-    missing = []
-    if not (has(CAP_BPF) or has(CAP_SYS_ADMIN)):
-        missing.append("CAP_BPF")
-    if not has(CAP_NET_ADMIN):
-        missing.append("CAP_NET_ADMIN")
-    if not (has(CAP_PERFMON) or has(CAP_SYS_ADMIN)):
-        missing.append("CAP_PERFMON")
-    return missing
-
-
-def kernel_version() -> tuple[int, int]:
-    release = platform.release()
-    nums = []
-    for part in release.split(".")[:2]:
-        digits = "".join(c for c in part if c.isdigit()) if not part.isdigit() else part
-        nums.append(int(digits or 0))
-    return (nums + [0, 0])[0], (nums + [0, 0])[1]
-
-
-#: The oldest kernel the program can run on: the compiler leaves bounded loops in it, which the
-#: verifier accepts from 5.3 on (tests/live/test_kernel_compat.py checks what each variant uses).
-MIN_KERNEL = (5, 3)
-
-
-def has_xdp_load_bytes() -> bool:
-    """bpf_xdp_load_bytes and bpf_xdp_get_buff_len arrived in 5.18."""
-    return kernel_version() >= (5, 18)
-
-
-def kernel_headers_present() -> bool:
-    release = platform.release()
-    if os.environ.get("BCC_KERNEL_SOURCE"):
-        return True
-    return (Path("/lib/modules") / release / "build" / "include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists()
-
-
-# Raw bpf(2): the few commands needed to recognise programs by id, without bpftool.
-_BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "ppc64le": 361,
-                "ppc64": 361, "s390x": 351, "armv7l": 386, "armv6l": 386, "i686": 357, "i386": 357}
-_BPF_MAP_CREATE, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD = 0, 13, 15
-_BPF_MAP_TYPE_RINGBUF = 27
-# Offsets in struct bpf_prog_info (include/uapi/linux/bpf.h); stable since the fields were added.
-_INFO_NAME, _INFO_RUN_TIME_NS, _INFO_RUN_CNT, _INFO_LEN = 64, 192, 200, 208
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _bpf(cmd: int, attr: ctypes.Array) -> int:
-    nr = _BPF_SYSCALL.get(platform.machine())
-    if nr is None:
-        raise OSError(errno.ENOSYS, f"bpf(2) number unknown on {platform.machine()}")
-    ret = _libc.syscall(ctypes.c_long(nr), ctypes.c_int(cmd), attr, ctypes.c_uint(ctypes.sizeof(attr)))
-    if ret < 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-    return ret
-
-
-def has_ringbuf() -> bool:
-    """Whether the kernel can create a BPF ring buffer (5.8+)."""
-    attr = (ctypes.c_uint8 * 72)()
-    struct.pack_into("<IIII", attr, 0, _BPF_MAP_TYPE_RINGBUF, 0, 0, 4096)
-    try:
-        fd = _bpf(_BPF_MAP_CREATE, attr)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
-def prog_fd_by_id(prog_id: int) -> int:
-    attr = (ctypes.c_uint8 * 16)()
-    struct.pack_into("<I", attr, 0, prog_id)
-    return _bpf(_BPF_PROG_GET_FD_BY_ID, attr)
-
-
-def prog_info(fd: int) -> tuple[str, int, int]:
-    """(name, run_time_ns, run_cnt) of a loaded program; the counts need kernel.bpf_stats_enabled=1."""
-    info = (ctypes.c_uint8 * _INFO_LEN)()
-    attr = (ctypes.c_uint8 * 16)()
-    struct.pack_into("<IIQ", attr, 0, fd, _INFO_LEN, ctypes.addressof(info))
-    _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
-    raw = bytes(info)
-    name = raw[_INFO_NAME:_INFO_NAME + 16].split(b"\0", 1)[0].decode("ascii", "replace")
-    run_time_ns, run_cnt = struct.unpack_from("<QQ", raw, _INFO_RUN_TIME_NS)
-    return name, run_time_ns, run_cnt
-
-
-def prog_name_by_id(prog_id: int) -> str | None:
-    try:
-        fd = prog_fd_by_id(prog_id)
-    except OSError:
-        return None
-    try:
-        return prog_info(fd)[0]
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-
-
-def _prog_holders() -> Iterator[tuple[int, int]]:
-    """(pid, prog_id) for every BPF program fd open in any process."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        fd_dir = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                if os.readlink(f"{fd_dir}/{fd}") != "anon_inode:bpf-prog":
-                    continue
-                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
-                    for line in f:
-                        if line.startswith("prog_id:"):
-                            yield int(pid), int(line.split()[1])
-                            break
-            except (OSError, ValueError):
-                continue
-
-
-def prog_owner(prog_id: int) -> int | None:
-    """A live process holding program ``prog_id`` open, or None (the program is orphaned)."""
-    me = os.getpid()
-    for pid, pid_prog in _prog_holders():
-        if pid_prog == prog_id and pid != me:
-            return pid
-    return None
-
-
-def imaptap_pids() -> set[int]:
-    """Processes that hold an imaptap program open: running captures."""
-    names: dict[int, str | None] = {}
-    pids = set()
-    for pid, prog_id in _prog_holders():
-        if prog_id not in names:
-            names[prog_id] = prog_name_by_id(prog_id)
-        if (names[prog_id] or "").startswith(PROG_PREFIX):
-            pids.add(pid)
-    return pids
+# The old single module's private names that scripts/bench-live and tests/live call.
+_bpf = bpf_syscall
+_prog_holders = prog_holders
 
 
 # --- the per-flow payload policy, mirrored into the kernel ---------------------------------------
@@ -408,18 +188,6 @@ class KernelPayloadPolicy(PayloadPolicy):
 
 
 # --- netlink (pyroute2) ------------------------------------------------------------------------
-
-
-def _nested(msg, name):
-    attr = msg.get_attr(name)
-    return attr if attr is not None else {}
-
-
-def _attr(nla, name, default=None):
-    for k, v in (nla or {}).get("attrs", []):
-        if k == name:
-            return v
-    return default
 
 
 class _Held:
@@ -590,8 +358,8 @@ class LiveCapture:
         running: set[int] | None = None
         for name, index in indexes.items():
             link = self._ipr.get_links(index)[0]
-            xdp = _nested(link, "IFLA_XDP")
-            attached = [(_attr(xdp, key), mode) for key, mode in
+            xdp = nested_attrs(link, "IFLA_XDP")
+            attached = [(attr_value(xdp, key), mode) for key, mode in
                         (("IFLA_XDP_DRV_PROG_ID", "xdp"), ("IFLA_XDP_SKB_PROG_ID", "xdpgeneric"),
                          ("IFLA_XDP_HW_PROG_ID", "xdpoffload"))]
             for prog_id, mode in attached:
@@ -609,7 +377,7 @@ class LiveCapture:
                     stale.append(("xdp", name, index, prog_id, mode))
             for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
                 for flt in self._filters(index, parent):
-                    fname = _attr(_nested(flt, "TCA_OPTIONS"), "TCA_BPF_NAME") or ""
+                    fname = attr_value(nested_attrs(flt, "TCA_OPTIONS"), "TCA_BPF_NAME") or ""
                     if not fname.startswith(PROG_PREFIX):
                         continue
                     pid = _filter_pid(fname)
@@ -738,21 +506,13 @@ class LiveCapture:
                 continue
             self._attached.append(("xdp", name, index, flags))
             self.xdp_modes[name] = mode
-            if mode == "native" and self._link_kind(index) == "veth":
+            if mode == "native" and link_kind(self._ipr, index) == "veth":
                 self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
                                   " segmentation offload on its peer, which can cost most of the"
                                   " throughput into it; --no-xdp captures with TC instead")
             return
         hint = "; try --xdp-mode skb" if self.xdp_mode == "native" else "; try --no-xdp"
         raise LiveError(f"could not attach XDP to {name} ({', '.join(errors)}){hint}")
-
-    def _link_kind(self, index: int) -> str | None:
-        """The link's kind as `ip -d link` shows it (veth, bridge, ...); None for a plain device."""
-        try:
-            (link,) = self._ipr.get_links(index)
-        except Exception:  # noqa: BLE001 - only a note depends on it
-            return None
-        return _attr(_nested(link, "IFLA_LINKINFO"), "IFLA_INFO_KIND")
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -786,7 +546,7 @@ class LiveCapture:
                     if not self._filters_any(index):
                         self._ipr.tc("del", "clsact", index)
             except Exception as exc:
-                if _interface_gone(item[2]):
+                if interface_gone(item[2]):
                     continue  # removed while we captured: nothing of ours is left on it
                 problems.append(f"{item[0]} on {item[1]}: {exc}")
         self._active = False
@@ -951,14 +711,6 @@ class LiveCapture:
                 _, ns, cnt = prog_info(fn.fd)
                 out[name] = (ns, cnt)
         return out
-
-
-def _interface_gone(index: int) -> bool:
-    try:
-        socket.if_indextoname(index)
-    except OSError:
-        return True
-    return False
 
 
 def _filter_pid(name: str) -> int | None:
