@@ -75,7 +75,8 @@ from imaptap.capture.live.kernel import (
     prog_name_by_id,
     prog_owner,
 )
-from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, FlowKey, PayloadMode, PayloadPolicy, Segment
+from imaptap.capture.live.policy import KernelPayloadPolicy, kernel_flow_key
+from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, Segment
 
 
 #: Default ring buffer size: 4 MiB holds ~9,000 records of a long segment (72-byte header,
@@ -121,70 +122,6 @@ _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 # The old single module's private names that scripts/bench-live and tests/live call.
 _bpf = bpf_syscall
 _prog_holders = prog_holders
-
-
-# --- the per-flow payload policy, mirrored into the kernel ---------------------------------------
-
-
-def kernel_flow_key(key: FlowKey) -> KernelFlowKey:
-    """Translate Python's `flow_key` (ordered by address text) into the kernel's canonical order
-    (smaller port first; on equal ports the smaller address bytes)."""
-    a, ap, b, bp = key
-    family = socket.AF_INET6 if ":" in a else socket.AF_INET
-    ab = socket.inet_pton(family, a).ljust(16, b"\0")
-    bb = socket.inet_pton(family, b).ljust(16, b"\0")
-    if (bp, bb) < (ap, ab):
-        a, ap, ab, b, bp, bb = b, bp, bb, a, ap, ab
-    k = KernelFlowKey()
-    k.addr_a[:] = ab
-    k.addr_b[:] = bb
-    k.port_a = ap
-    k.port_b = bp
-    k.ip_version = 6 if family == socket.AF_INET6 else 4
-    return k
-
-
-class KernelPayloadPolicy(PayloadPolicy):
-    """`PayloadPolicy` whose changes are written to the kernel's per-flow mode map.
-
-    The kernel applies a mode from the next packet on; records already in the ring buffer were
-    cut under the previous one.  Before the capture starts and after it ends only the Python
-    side changes (flows are forgotten after detach when the CLI closes them).
-    """
-
-    def __init__(self, snaplen: int, taillen: int) -> None:
-        super().__init__(snaplen, taillen)
-        self._table = None
-        self.kernel_errors = 0
-        """Map updates the kernel refused (never expected; counted rather than raised)."""
-
-    def _bind(self, table) -> None:
-        self._table = table
-        for key, mode in self.modes.items():
-            self._write(key, mode)
-
-    def _write(self, key: FlowKey, mode: PayloadMode) -> None:
-        if self._table is None:
-            return
-        try:
-            k = kernel_flow_key(key)
-            if mode is PayloadMode.PREFIX:
-                try:
-                    del self._table[k]
-                except KeyError:
-                    pass
-            else:
-                self._table[k] = ctypes.c_uint8(int(mode))
-        except Exception:  # bcc raises bare Exception
-            self.kernel_errors += 1
-
-    def set(self, key: FlowKey, mode: PayloadMode) -> None:
-        super().set(key, mode)
-        self._write(key, mode)
-
-    def forget(self, key: FlowKey) -> None:
-        super().forget(key)
-        self._write(key, PayloadMode.PREFIX)
 
 
 # --- netlink (pyroute2) ------------------------------------------------------------------------
@@ -417,7 +354,7 @@ class LiveCapture:
                                 " is above") from None
         self._check_layout()
         self._bpf[MAP_CONFIG][ctypes.c_int(0)] = kernel_config(self.ports)
-        self.policy._bind(self._bpf[MAP_FLOW_MODES])
+        self.policy.bind(self._bpf[MAP_FLOW_MODES])
 
     def _check_layout(self) -> None:
         """The ctypes mirrors must match what BCC compiled (imaptap.h changed without abi.py?)."""
@@ -554,7 +491,7 @@ class LiveCapture:
             self._drain()
             self._final_counters = self._read_counters()
             bpf, self._bpf = self._bpf, None
-            self.policy._table = None
+            self.policy.unbind()
             _close_bpf(bpf)
         if self._ipr is not None:
             self._ipr.close()
