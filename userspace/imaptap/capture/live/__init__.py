@@ -51,6 +51,18 @@ from imaptap.capture.live.abi import (
     bpf_source_dir,
     kernel_config,
 )
+from imaptap.capture.live.attach import (
+    TC_HANDLE,
+    TC_PARENT_EGRESS,
+    TC_PARENT_INGRESS,
+    TC_PRIO,
+    XDP_FLAGS_DRV_MODE,
+    XDP_FLAGS_REPLACE,
+    XDP_FLAGS_SKB_MODE,
+    XDP_FLAGS_UPDATE_IF_NOEXIST,
+    Attachments,
+    SignalsHeld,
+)
 from imaptap.capture.live.errors import LiveError
 from imaptap.capture.live.interfaces import (
     attr_value,
@@ -105,39 +117,9 @@ ADDR_CACHE_MAX = 4096
 
 _HEADER_LEN = EVENT_HEADER.size
 
-#: TC filter placement: priority 1 runs before filters added with tc's default priority, and the
-#: program returns TC_ACT_UNSPEC so filters after it still run.
-TC_PRIO = 1
-TC_HANDLE = 0x1A7A9
-TC_PARENT_INGRESS = 0xFFFFFFF2
-TC_PARENT_EGRESS = 0xFFFFFFF3
-
-XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
-XDP_FLAGS_SKB_MODE = 1 << 1
-XDP_FLAGS_DRV_MODE = 1 << 2
-XDP_FLAGS_REPLACE = 1 << 4
-
-_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-
 # The old single module's private names that scripts/bench-live and tests/live call.
 _bpf = bpf_syscall
 _prog_holders = prog_holders
-
-
-# --- netlink (pyroute2) ------------------------------------------------------------------------
-
-
-class _Held:
-    """Hold SIGINT/SIGTERM/SIGHUP while attaching or detaching, so a signal cannot leave a
-    program attached that we have not recorded; pending signals are delivered on exit."""
-
-    def __enter__(self):
-        self._old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
-        return self
-
-    def __exit__(self, *exc):
-        signal.pthread_sigmask(signal.SIG_SETMASK, self._old)
-        return False
 
 
 # --- the capture ---------------------------------------------------------------------------------
@@ -198,7 +180,7 @@ class LiveCapture:
         self._bpf = None
         self._ipr = None
         self._fns: dict[str, object] = {}
-        self._attached: list[tuple] = []       # undo log, newest last
+        self._attachments: Attachments | None = None
         self._pending: list[Segment] = []
         self._addr4: dict[bytes, str] = {}
         self._addr6: dict[bytes, str] = {}
@@ -206,7 +188,6 @@ class LiveCapture:
         self._received = 0
         self._malformed = 0
         self._perf_lost = 0
-        self._active = False
         self._draining = False
         self._busy = False
         self._window_start = time.monotonic()
@@ -253,8 +234,9 @@ class LiveCapture:
                             f" kernel program copies with a perf buffer ({self.max_copy()})")
 
         self._ipr = IPRoute()
+        self._attachments = Attachments(self._ipr)
         try:
-            stale = self._inspect(indexes)
+            stale = self._attachments.find_stale(indexes, self.use_xdp)
             if not kernel_headers_present():
                 r = platform.release()
                 raise LiveError(f"kernel headers for {r} are missing: install linux-headers-{r}, or on a"
@@ -263,10 +245,12 @@ class LiveCapture:
             self._load()            # seconds of compiling: Ctrl-C stays possible here
             self._open_output()
             self._refresh_clock()
-            with _Held():
-                self._remove_stale(stale)
+            with SignalsHeld():
+                for item in stale:
+                    note = item.remove(self._ipr)
+                    if note is not None:
+                        self.notes.append(note)
                 self._attach(indexes)
-                self._active = True
             if self.user is not None:
                 self._drop_privileges()
         except BaseException:
@@ -288,49 +272,6 @@ class LiveCapture:
     def max_copy(self) -> int:
         """Most payload bytes one record carries: WHOLE mode is cut to it, snap + tail length may not exceed it."""
         return 2 * WHOLE_PAYLOAD_CAP if self.ringbuf else PERF_PAYLOAD_CAP
-
-    def _inspect(self, indexes: dict[str, int]) -> list[tuple]:
-        """Refuse foreign XDP programs and running imaptaps; list our stale programs to remove."""
-        stale = []
-        running: set[int] | None = None
-        for name, index in indexes.items():
-            link = self._ipr.get_links(index)[0]
-            xdp = nested_attrs(link, "IFLA_XDP")
-            attached = [(attr_value(xdp, key), mode) for key, mode in
-                        (("IFLA_XDP_DRV_PROG_ID", "xdp"), ("IFLA_XDP_SKB_PROG_ID", "xdpgeneric"),
-                         ("IFLA_XDP_HW_PROG_ID", "xdpoffload"))]
-            for prog_id, mode in attached:
-                if prog_id is None:
-                    continue
-                pname = prog_name_by_id(prog_id) or "?"
-                if not pname.startswith(PROG_PREFIX):
-                    if self.use_xdp:
-                        raise LiveError(f"{name} already has an XDP program of another tool (id {prog_id},"
-                                        f" name {pname}); imaptap does not replace it: detach it or use --no-xdp")
-                else:
-                    owner = prog_owner(prog_id)
-                    if owner is not None:
-                        raise LiveError(f"imaptap (pid {owner}) is already capturing on {name}")
-                    stale.append(("xdp", name, index, prog_id, mode))
-            for parent in (TC_PARENT_INGRESS, TC_PARENT_EGRESS):
-                for flt in self._filters(index, parent):
-                    fname = attr_value(nested_attrs(flt, "TCA_OPTIONS"), "TCA_BPF_NAME") or ""
-                    if not fname.startswith(PROG_PREFIX):
-                        continue
-                    pid = _filter_pid(fname)
-                    if running is None:
-                        running = imaptap_pids()
-                    if pid in running and pid != os.getpid():
-                        raise LiveError(f"imaptap (pid {pid}) is already capturing on {name}")
-                    stale.append(("tc", name, index, parent, flt["info"] >> 16, flt["handle"]))
-        return stale
-
-    def _filters(self, index: int, parent: int) -> list:
-        try:
-            return [f for f in self._ipr.get_filters(index=index, parent=parent)
-                    if f.get_attr("TCA_KIND") == "bpf" and f["handle"]]
-        except Exception:  # no clsact qdisc: no filters
-            return []
 
     def _load(self) -> None:
         import bcc
@@ -365,36 +306,6 @@ class LiveCapture:
             if ctypes.sizeof(compiled) != ctypes.sizeof(mirror):
                 raise LiveError(f"internal error: bpf/imaptap.h and capture/live/abi.py disagree on {table}")
 
-    def _remove_stale(self, stale: list[tuple]) -> None:
-        for item in stale:
-            if item[0] == "xdp":
-                _, name, index, prog_id, mode = item
-                try:
-                    fd = prog_fd_by_id(prog_id)
-                except OSError:
-                    continue  # gone meanwhile
-                try:
-                    flags = XDP_FLAGS_REPLACE | (XDP_FLAGS_SKB_MODE if mode == "xdpgeneric" else XDP_FLAGS_DRV_MODE)
-                    self._set_xdp(index, -1, flags, expected_fd=fd)
-                except Exception as exc:
-                    raise LiveError(f"could not remove imaptap's stale XDP program {prog_id} from {name}: {exc}") from None
-                finally:
-                    os.close(fd)
-                self.notes.append(f"removed a stale imaptap XDP program (id {prog_id}) from {name}")
-            else:
-                _, name, index, parent, prio, handle = item
-                try:
-                    self._ipr.tc("del-filter", "bpf", index, handle, parent=parent, prio=prio)
-                except Exception as exc:
-                    raise LiveError(f"could not remove imaptap's stale TC filter from {name}: {exc}") from None
-                self.notes.append(f"removed a stale imaptap TC filter from {name}")
-
-    def _set_xdp(self, index: int, fd: int, flags: int, expected_fd: int | None = None) -> None:
-        attrs = [("IFLA_XDP_FD", fd), ("IFLA_XDP_FLAGS", flags)]
-        if expected_fd is not None:
-            attrs.append(("IFLA_XDP_EXPECTED_FD", expected_fd))
-        self._ipr.link("set", index=index, xdp={"attrs": attrs})
-
     def _open_output(self) -> None:
         table = self._bpf[MAP_EVENTS]
         if self.ringbuf:
@@ -403,53 +314,18 @@ class LiveCapture:
             table.open_perf_buffer(self._on_perf_record, page_cnt=PERF_PAGES_PER_CPU, lost_cb=self._on_perf_lost)
 
     def _attach(self, indexes: dict[str, int]) -> None:
-        pid = os.getpid()
+        tc = [(TC_PARENT_EGRESS, PROG_TC_EG)]
+        if not self.use_xdp:
+            tc.insert(0, (TC_PARENT_INGRESS, PROG_TC_IN))
         for name, index in indexes.items():
             if self.use_xdp:
-                self._attach_xdp(name, index)
-            if not any(q.get_attr("TCA_KIND") == "clsact" for q in self._ipr.get_qdiscs(index=index)):
-                try:
-                    self._ipr.tc("add", "clsact", index)
-                except Exception as exc:
-                    raise LiveError(f"could not add a clsact qdisc to {name}: {exc}") from None
-                self._attached.append(("clsact", name, index))
-            hooks = [(TC_PARENT_EGRESS, PROG_TC_EG)]
-            if not self.use_xdp:
-                hooks.insert(0, (TC_PARENT_INGRESS, PROG_TC_IN))
-            for parent, fname in hooks:
-                fn = self._fns[fname]
-                try:
-                    # The pid in the filter's name tells a later start whether this run is alive.
-                    self._ipr.tc("add-filter", "bpf", index, TC_HANDLE, fd=fn.fd, name=f"{fname} pid {pid}",
-                                 parent=parent, prio=TC_PRIO, classid=1, direct_action=True)
-                except Exception as exc:
-                    raise LiveError(f"could not add the TC filter on {name}: {exc}") from None
-                self._attached.append(("tc", name, index, parent))
-
-    def _attach_xdp(self, name: str, index: int) -> None:
-        fd = self._fns[PROG_XDP].fd
-        modes = {"native": ["native"], "skb": ["skb"], None: ["native", "skb"]}[self.xdp_mode]
-        errors = []
-        for mode in modes:
-            flags = XDP_FLAGS_UPDATE_IF_NOEXIST | (XDP_FLAGS_DRV_MODE if mode == "native" else XDP_FLAGS_SKB_MODE)
-            try:
-                self._set_xdp(index, fd, flags)
-            except Exception as exc:
-                code = getattr(exc, "code", None)
-                if code in (errno.EBUSY, errno.EEXIST):
-                    raise LiveError(f"{name} already has an XDP program of another tool; imaptap does not"
-                                    " replace it: detach it or use --no-xdp") from None
-                errors.append(f"{mode}: {exc}")
-                continue
-            self._attached.append(("xdp", name, index, flags))
-            self.xdp_modes[name] = mode
-            if mode == "native" and link_kind(self._ipr, index) == "veth":
-                self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
-                                  " segmentation offload on its peer, which can cost most of the"
-                                  " throughput into it; --no-xdp captures with TC instead")
-            return
-        hint = "; try --xdp-mode skb" if self.xdp_mode == "native" else "; try --no-xdp"
-        raise LiveError(f"could not attach XDP to {name} ({', '.join(errors)}){hint}")
+                mode = self._attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
+                self.xdp_modes[name] = mode
+                if mode == "native" and link_kind(self._ipr, index) == "veth":
+                    self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
+                                      " segmentation offload on its peer, which can cost most of the"
+                                      " throughput into it; --no-xdp captures with TC instead")
+            self._attachments.attach_tc(name, index, [(parent, prog, self._fns[prog].fd) for parent, prog in tc])
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -459,34 +335,11 @@ class LiveCapture:
 
     def close(self) -> None:
         """Detach everything this capture attached; safe to call twice."""
-        with _Held():
+        with SignalsHeld():
             self._teardown()
 
     def _teardown(self) -> None:
-        problems = []
-        while self._attached:
-            item = self._attached.pop()
-            try:
-                if item[0] == "xdp":
-                    _, name, index, flags = item
-                    mode_flags = flags & (XDP_FLAGS_SKB_MODE | XDP_FLAGS_DRV_MODE)
-                    # REPLACE with our fd as the expected one: never remove a program that
-                    # replaced ours meanwhile.
-                    self._set_xdp(index, -1, mode_flags | XDP_FLAGS_REPLACE,
-                                  expected_fd=self._fns[PROG_XDP].fd)
-                elif item[0] == "tc":
-                    _, name, index, parent = item
-                    self._ipr.tc("del-filter", "bpf", index, TC_HANDLE, parent=parent, prio=TC_PRIO)
-                elif item[0] == "clsact":
-                    _, name, index = item
-                    # Only an empty clsact: another tool may have added filters since.
-                    if not self._filters_any(index):
-                        self._ipr.tc("del", "clsact", index)
-            except Exception as exc:
-                if interface_gone(item[2]):
-                    continue  # removed while we captured: nothing of ours is left on it
-                problems.append(f"{item[0]} on {item[1]}: {exc}")
-        self._active = False
+        problems = self._attachments.undo_all() if self._attachments is not None else []
         if self._bpf is not None:
             self._drain()
             self._final_counters = self._read_counters()
@@ -498,13 +351,6 @@ class LiveCapture:
             self._ipr = None
         if problems:
             raise LiveError("could not detach everything: " + "; ".join(problems))
-
-    def _filters_any(self, index: int) -> bool:
-        try:
-            return any(True for _ in self._ipr.get_filters(index=index, parent=TC_PARENT_INGRESS)) or \
-                any(True for _ in self._ipr.get_filters(index=index, parent=TC_PARENT_EGRESS))
-        except Exception:
-            return False
 
     # --- records -------------------------------------------------------------------------------
 
@@ -648,14 +494,6 @@ class LiveCapture:
                 _, ns, cnt = prog_info(fn.fd)
                 out[name] = (ns, cnt)
         return out
-
-
-def _filter_pid(name: str) -> int | None:
-    """The pid in a filter name "imaptap_tc_eg pid 123"."""
-    parts = name.split()
-    if len(parts) == 3 and parts[1] == "pid" and parts[2].isdigit():
-        return int(parts[2])
-    return None
 
 
 def _close_bpf(bpf) -> None:
