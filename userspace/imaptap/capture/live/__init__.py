@@ -5,31 +5,26 @@ monitored ports, with at most the snap length of payload (none for flows the ana
 encrypted, whole payloads for compressed ones).  Ingress is XDP (native where the driver has it,
 else generic), egress is a TC clsact filter; ``use_xdp=False`` puts TC on ingress too.
 
-This is the only module that imports bcc and pyroute2, and it does so when a capture starts,
-so ``imaptap -D`` and everything else work on machines without them.
+This is the only package that imports bcc and pyroute2, and it does so when a capture starts,
+so ``imaptap -D`` and everything else work on machines without them.  Its modules, one job each:
 
-Attach and detach are careful because XDP programs and TC filters outlive the process that
-added them: everything added is removed in ``__exit__`` (signals held off meanwhile), and a
-start after a SIGKILL finds the previous run's programs by name (``imaptap_*``) and replaces
-them.  Another tool's XDP program is never touched.
+- `abi`: ctypes and struct mirrors of bpf/imaptap.h, program and map names;
+- `interfaces`: the default route's interface, the interface list, link kinds;
+- `kernel`: kernel version and feature probes, capabilities, raw bpf(2) calls, program owners;
+- `policy`: the per-flow payload policy written to the kernel's map;
+- `attach`: netlink attach and detach of XDP and TC, with the undo log;
+- `ring`: records decoded into `Segment`s, ring and perf buffer polling, counters;
 
-Kernel headers: BCC compiles bpf/imaptap.bpf.c against /lib/modules/$(uname -r)/build.  The
-program uses only UAPI structures, so on kernels without a header package (custom and cloud
-kernels) the distribution's generic headers linked there are sound; scripts/setup does that.
+and `LiveCapture` below composes them.  Every name other code used from the single module this
+package replaces is still importable from here.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import os
 import platform
-import signal
 import socket
-import struct
-import time
-from collections.abc import Iterator
-from pathlib import Path
 
 from imaptap import privileges
 from imaptap.capture.live.abi import (
@@ -37,7 +32,6 @@ from imaptap.capture.live.abi import (
     EVENT_HEADER,
     MAP_CONFIG,
     MAP_COUNTERS,
-    MAP_EVENTS,
     MAP_FLOW_MODES,
     PERF_PAYLOAD_CAP,
     PROG_PREFIX,
@@ -64,14 +58,7 @@ from imaptap.capture.live.attach import (
     SignalsHeld,
 )
 from imaptap.capture.live.errors import LiveError
-from imaptap.capture.live.interfaces import (
-    attr_value,
-    default_interface,
-    interface_gone,
-    link_kind,
-    list_interfaces,
-    nested_attrs,
-)
+from imaptap.capture.live.interfaces import default_interface, link_kind, list_interfaces
 from imaptap.capture.live.kernel import (
     MIN_KERNEL,
     bpf_syscall,
@@ -88,41 +75,35 @@ from imaptap.capture.live.kernel import (
     prog_owner,
 )
 from imaptap.capture.live.policy import KernelPayloadPolicy, kernel_flow_key
+from imaptap.capture.live.ring import (
+    ADDR_CACHE_MAX,
+    BUSY_RATE,
+    LINGER_S,
+    MAX_BATCH,
+    MAX_RING_BYTES,
+    PERF_PAGES_PER_CPU,
+    RATE_WINDOW_S,
+    RING_PAGES,
+    RecordReader,
+    kernel_counters,
+)
 from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, Segment
 
-
-#: Default ring buffer size: 4 MiB holds ~9,000 records of a long segment (72-byte header,
-#: 256-byte head, 128-byte tail), a second or two of a busy server's IMAP segments while the
-#: analyzer is slow; overflow is counted as ``lost``.  ``buffer_bytes`` changes it.
-RING_PAGES = 1024
-#: Largest ring buffer accepted (BPF ring buffers are limited to a few GiB; this is plenty).
-MAX_RING_BYTES = 1 << 30
-#: Perf buffer (kernels < 5.8) pages per CPU; ``buffer_bytes`` does not apply to it.
-PERF_PAGES_PER_CPU = 256
-#: Records handed out by one poll(); the rest stay in the buffer for the next one, so a burst
-#: cannot starve the analyzer or grow memory without bound.
-MAX_BATCH = 8192
-
-#: poll() under load: while records arrive at BUSY_RATE per second or more (measured over
-#: RATE_WINDOW_S), each poll waits LINGER_S after the wake-up and takes everything that came
-#: meanwhile, since a wake-up per record or two costs more CPU than decoding them (measured:
-#: ~17 us a segment without, ~7-10 with).  Below that rate nothing waits, so an interactive
-#: session's STARTTLS or COMPRESS reaches the kernel's per-flow map without delay.
-BUSY_RATE = 1000
-RATE_WINDOW_S = 0.1
-LINGER_S = 0.002
-
-#: Address texts remembered by the decoder before it starts over.
-ADDR_CACHE_MAX = 4096
-
-_HEADER_LEN = EVENT_HEADER.size
+__all__ = [
+    "ADDR_CACHE_MAX", "BUSY_RATE", "EVENT_HEADER", "LINGER_S", "MAX_BATCH", "MAX_RING_BYTES", "MIN_KERNEL",
+    "PERF_PAGES_PER_CPU", "PERF_PAYLOAD_CAP", "PROG_PREFIX", "PROG_TC_EG", "PROG_TC_IN", "PROG_XDP",
+    "RATE_WINDOW_S", "RING_PAGES", "TC_HANDLE", "TC_PARENT_EGRESS", "TC_PARENT_INGRESS", "TC_PRIO",
+    "WHOLE_PAYLOAD_CAP", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_REPLACE", "XDP_FLAGS_SKB_MODE",
+    "XDP_FLAGS_UPDATE_IF_NOEXIST", "EventHeader", "KernelConfig", "KernelCounters", "KernelFlowKey",
+    "KernelPayloadPolicy", "LiveCapture", "LiveError", "bpf_source_dir", "bpf_syscall", "default_interface",
+    "has_ringbuf", "has_xdp_load_bytes", "imaptap_pids", "kernel_flow_key", "kernel_headers_present",
+    "kernel_version", "list_interfaces", "missing_capabilities", "prog_fd_by_id", "prog_holders", "prog_info",
+    "prog_name_by_id", "prog_owner",
+]
 
 # The old single module's private names that scripts/bench-live and tests/live call.
 _bpf = bpf_syscall
 _prog_holders = prog_holders
-
-
-# --- the capture ---------------------------------------------------------------------------------
 
 
 class LiveCapture:
@@ -179,23 +160,14 @@ class LiveCapture:
         """Interface -> "native" or "skb" for interfaces with XDP attached."""
         self._bpf = None
         self._ipr = None
-        self._fns: dict[str, object] = {}
         self._attachments: Attachments | None = None
-        self._pending: list[Segment] = []
-        self._addr4: dict[bytes, str] = {}
-        self._addr6: dict[bytes, str] = {}
-        self._offset_ns = 0
-        self._received = 0
-        self._malformed = 0
-        self._perf_lost = 0
-        self._draining = False
-        self._busy = False
-        self._window_start = time.monotonic()
-        self._window_records = 0
+        self._fns: dict[str, object] = {}
+        self._reader = RecordReader()
+        self._final_counters: dict[str, int] | None = None
 
     # --- start ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> "LiveCapture":
+    def __enter__(self) -> LiveCapture:
         indexes = {}
         for name in self.interfaces:
             try:
@@ -244,7 +216,7 @@ class LiveCapture:
                                 f" headers to /lib/modules/{r}/build and source (scripts/setup does this)")
             self._load()            # seconds of compiling: Ctrl-C stays possible here
             self._open_output()
-            self._refresh_clock()
+            self._reader.refresh_clock()
             with SignalsHeld():
                 for item in stale:
                     note = item.remove(self._ipr)
@@ -307,11 +279,7 @@ class LiveCapture:
                 raise LiveError(f"internal error: bpf/imaptap.h and capture/live/abi.py disagree on {table}")
 
     def _open_output(self) -> None:
-        table = self._bpf[MAP_EVENTS]
-        if self.ringbuf:
-            table.open_ring_buffer(self._on_ring_record)
-        else:
-            table.open_perf_buffer(self._on_perf_record, page_cnt=PERF_PAGES_PER_CPU, lost_cb=self._on_perf_lost)
+        self._reader.open(self._bpf, self.ringbuf)
 
     def _attach(self, indexes: dict[str, int]) -> None:
         tc = [(TC_PARENT_EGRESS, PROG_TC_EG)]
@@ -341,8 +309,8 @@ class LiveCapture:
     def _teardown(self) -> None:
         problems = self._attachments.undo_all() if self._attachments is not None else []
         if self._bpf is not None:
-            self._drain()
-            self._final_counters = self._read_counters()
+            self._reader.close()
+            self._final_counters = kernel_counters(self._bpf)
             bpf, self._bpf = self._bpf, None
             self.policy.unbind()
             _close_bpf(bpf)
@@ -354,135 +322,21 @@ class LiveCapture:
 
     # --- records -------------------------------------------------------------------------------
 
-    def _refresh_clock(self) -> None:
-        """bpf_ktime_get_ns() is CLOCK_MONOTONIC; keep the offset to the wall clock current."""
-        best = None
-        for _ in range(3):
-            t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            wall = time.time_ns()
-            t2 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            if best is None or t2 - t1 < best[0]:
-                best = (t2 - t1, wall - (t1 + t2) // 2)
-        self._offset_ns = best[1]
-
-    def _decode(self, raw: bytes) -> Segment | None:
-        if len(raw) < _HEADER_LEN:
-            self._malformed += 1
-            return None
-        (ts_ns, saddr, daddr, seq, ack, wire_len, ifindex, cap_len, sport, dport, ipver, flags,
-         _hook, _mode, tail_len) = EVENT_HEADER.unpack_from(raw)
-        if cap_len + tail_len > len(raw) - _HEADER_LEN:
-            self._malformed += 1
-            return None
-        names = self._addr4 if ipver == 4 else self._addr6
-        src = names.get(saddr)
-        if src is None:
-            src = self._name(ipver, saddr)
-        dst = names.get(daddr)
-        if dst is None:
-            dst = self._name(ipver, daddr)
-        self._received += 1
-        head_end = _HEADER_LEN + cap_len
-        return Segment((ts_ns + self._offset_ns) / 1e9, ipver, src, dst, sport, dport, seq, ack, flags,
-                       wire_len, raw[_HEADER_LEN:head_end], ifindex,
-                       raw[head_end:head_end + tail_len] if tail_len else b"")
-
-    def _name(self, ipver: int, addr: bytes) -> str:
-        """Text of an address, remembered: a busy server has few peers, and inet_ntop per
-        segment is a third of the decoding cost."""
-        # One table per version: 10.0.0.1 and a00:1:: have the same 16 bytes.
-        if ipver == 4:
-            names, text = self._addr4, socket.inet_ntop(socket.AF_INET, addr[:4])
-        else:
-            names, text = self._addr6, socket.inet_ntop(socket.AF_INET6, addr)
-        if len(names) >= ADDR_CACHE_MAX:
-            names.clear()
-        names[addr] = text
-        return text
-
-    def _on_ring_record(self, _ctx, data, size) -> int:
-        seg = self._decode(ctypes.string_at(data, size))
-        if seg is not None:
-            self._pending.append(seg)
-        # A negative return stops this poll after the current record (which is kept).
-        return -1 if len(self._pending) >= MAX_BATCH and not self._draining else 0
-
-    def _on_perf_record(self, _cpu, data, size) -> None:
-        seg = self._decode(ctypes.string_at(data, size))
-        if seg is not None:
-            self._pending.append(seg)
-
-    def _on_perf_lost(self, count) -> None:
-        self._perf_lost += count
-
-    def _drain(self) -> None:
-        """After detaching: read what is left in the buffer, for one last poll()."""
-        self._draining = True
-        try:
-            while True:
-                before = len(self._pending)
-                if self.ringbuf:
-                    self._bpf.ring_buffer_consume()
-                else:
-                    self._bpf.perf_buffer_consume()
-                if len(self._pending) == before:
-                    break
-        except Exception:
-            pass  # never opened: nothing to read
-        finally:
-            self._draining = False
-        if not self.ringbuf:
-            self._pending.sort(key=lambda s: s.ts)
-
     def poll(self, timeout_ms: int) -> list[Segment]:
         """Segments received since the last call, in arrival order; waits up to timeout_ms for the first.
 
         After the capture is closed, one more call returns the segments that were still in the
         buffer when it was detached (then nothing)."""
-        if self._bpf is None:
-            out, self._pending = self._pending, []
-            return out
-        self._refresh_clock()
-        if not self._pending:
-            if self.ringbuf:
-                self._bpf.ring_buffer_poll(timeout_ms)
-                if self._busy and 0 < len(self._pending) < MAX_BATCH:
-                    # Under load, wait a moment and take what came meanwhile: a wake-up per
-                    # few records costs more CPU than decoding them.  Idle flows are not delayed.
-                    time.sleep(LINGER_S)
-                    self._bpf.ring_buffer_consume()
-                self._measure_rate(len(self._pending))
-            else:
-                self._bpf.perf_buffer_poll(timeout_ms)
-                # Per-CPU buffers: restore the order across CPUs.
-                self._pending.sort(key=lambda s: s.ts)
-        out, self._pending = self._pending, []
-        return out
-
-    def _measure_rate(self, records: int) -> None:
-        """Decide whether poll() lingers: records per second over the last RATE_WINDOW_S."""
-        self._window_records += records
-        now = time.monotonic()
-        if now - self._window_start >= RATE_WINDOW_S:
-            self._busy = self._window_records >= BUSY_RATE * (now - self._window_start)
-            self._window_start, self._window_records = now, 0
-
-    def _read_counters(self) -> dict[str, int]:
-        totals = dict.fromkeys(COUNTER_NAMES, 0)
-        if self._bpf is not None:
-            per_cpu = self._bpf[MAP_COUNTERS].getvalue(ctypes.c_int(0))
-            for c in per_cpu:
-                for name in totals:
-                    totals[name] += getattr(c, name)
-        return totals
+        return self._reader.poll(timeout_ms)
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed)
         and userspace ones (received, malformed, perf_lost, policy_errors)."""
-        kernel = self._read_counters() if self._bpf is not None else getattr(self, "_final_counters", None)
+        kernel = kernel_counters(self._bpf) if self._bpf is not None else self._final_counters
         out = dict(kernel or dict.fromkeys(COUNTER_NAMES, 0))
-        out["lost"] += self._perf_lost
-        out.update(received=self._received, malformed=self._malformed, perf_lost=self._perf_lost,
+        reader = self._reader
+        out["lost"] += reader.perf_lost
+        out.update(received=reader.received, malformed=reader.malformed, perf_lost=reader.perf_lost,
                    policy_errors=self.policy.kernel_errors)
         return out
 

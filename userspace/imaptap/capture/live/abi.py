@@ -17,7 +17,6 @@ from pathlib import Path
 from imaptap.capture.live.errors import LiveError
 from imaptap.segment import WHOLE_PAYLOAD_CAP, PayloadMode
 
-
 #: Bytes of an address in the kernel's structs: an IPv6 address, or IPv4 in the first 4, rest zero.
 ADDR_BYTES = 16
 #: Bytes of the monitored-ports bitmap: one bit per TCP port.

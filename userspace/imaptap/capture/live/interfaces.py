@@ -45,7 +45,8 @@ def default_interface() -> str:
                     fields = line.split()
                     if len(fields) < _IPV6_ROUTE_FIELDS:
                         continue
-                    dest, plen, metric, flags, iface = fields[0], fields[1], int(fields[5], 16), int(fields[8], 16), fields[9]
+                    dest, plen, iface = fields[0], fields[1], fields[9]
+                    metric, flags = int(fields[5], 16), int(fields[8], 16)
                     if (dest == "0" * 32 and plen == "00" and flags & _RTF_UP and not flags & _RTF_REJECT
                             and iface != "lo"):
                         if best is None or metric < best[0]:

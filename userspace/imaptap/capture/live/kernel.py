@@ -72,7 +72,8 @@ def kernel_headers_present() -> bool:
     release = platform.release()
     if os.environ.get("BCC_KERNEL_SOURCE"):
         return True
-    return (Path("/lib/modules") / release / "build" / "include").is_dir() or Path("/sys/kernel/kheaders.tar.xz").exists()
+    return ((Path("/lib/modules") / release / "build" / "include").is_dir()
+            or Path("/sys/kernel/kheaders.tar.xz").exists())
 
 
 # --- raw bpf(2) ----------------------------------------------------------------------------------
