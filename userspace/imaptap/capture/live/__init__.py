@@ -340,15 +340,6 @@ class LiveCapture:
                    policy_errors=self.policy.kernel_errors)
         return out
 
-    def prog_stats(self) -> dict[str, tuple[int, int]]:
-        """Program name -> (run_time_ns, run_cnt); non-zero only with kernel.bpf_stats_enabled=1."""
-        out = {}
-        for name, fn in self._fns.items():
-            if self._bpf is not None:
-                _, ns, cnt = prog_info(fn.fd)
-                out[name] = (ns, cnt)
-        return out
-
 
 def _close_bpf(bpf) -> None:
     """Free what BCC holds: program and map fds, the ring buffer reader, the module."""
