@@ -1,8 +1,13 @@
-/* imaptap.h: what the kernel program (imaptap.bpf.c) and userspace (capture/live.py) share.
+/* imaptap.h: what the kernel program (imaptap.bpf.c) and userspace (capture/live/) share.
  *
- * Every struct here is mirrored field for field by a ctypes.Structure in capture/live.py, and
- * live.py checks the sizes against the compiled program's maps at start.  Change both together.
- * Fields are laid out without implicit padding so the mirror cannot drift.
+ * Every struct here is mirrored field for field by a ctypes.Structure in capture/live/abi.py,
+ * and every #define either has its Python value there or is listed as kernel-only.  Change both
+ * together: tests/unit/capture/test_abi.py parses this file and checks names, order, offsets,
+ * sizes and values against abi.py (no kernel needed), and a capture compares the struct sizes
+ * with the compiled program's maps at start.  That test reads only plain structs of fixed-width
+ * integer fields and arrays (network-order ones are bytes in Python), integer #defines and the
+ * include guard; it fails on anything else rather than skip it.  Fields are laid out without
+ * implicit padding so the mirror cannot drift; the test checks that too.
  */
 #ifndef IMAPTAP_H
 #define IMAPTAP_H
@@ -50,7 +55,8 @@ struct imaptap_event {
 
 /* Key of the per-flow mode map: one entry for both directions.  Canonical order: endpoint `a`
  * is the one with the smaller port; on equal ports the one whose address bytes compare lower
- * (memcmp order).  Python's flow_key orders by address *text*, so live.py translates. */
+ * (memcmp order).  Python's flow_key orders by address *text*, so capture/live/policy.py
+ * translates. */
 struct imaptap_flow_key {
     __be32 addr_a[4];
     __be32 addr_b[4];
