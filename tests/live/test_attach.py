@@ -18,10 +18,10 @@ import time
 
 import pytest
 
-from livelab import ROOT, SERVER_PORT, Client, both_fins, check_stream, collect, of_client
 from imaptap.capture import live
 from imaptap.capture.live import LiveCapture, LiveError
 from imaptap.segment import flow_key
+from livelab import ROOT, SERVER_PORT, Client, both_fins, check_stream, collect, of_client
 
 pytestmark = pytest.mark.live
 

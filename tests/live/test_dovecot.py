@@ -15,11 +15,11 @@ import time
 
 import pytest
 
-from livelab import set_gro
 from imaptap.capture.live import LiveCapture
 from imaptap.capture.replay import ReplayStats, open_capture
 from imaptap.flows import FlowTable
 from imaptap.segment import PayloadPolicy, Segment, TcpFlag
+from livelab import set_gro
 
 pytestmark = pytest.mark.live
 

@@ -13,10 +13,10 @@ import time
 
 import pytest
 
-from livelab import Client, both_fins, check_session, check_stream, collect, of_client
 from imaptap.capture import live
 from imaptap.capture.live import LiveCapture
 from imaptap.segment import DEFAULT_TAILLEN, PayloadMode, TcpFlag, flow_key
+from livelab import Client, both_fins, check_session, check_stream, collect, of_client
 
 pytestmark = pytest.mark.live
 

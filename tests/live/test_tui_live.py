@@ -12,9 +12,8 @@ import time
 from livelab import ROOT
 
 sys.path.insert(0, str(ROOT / "tests" / "tui"))
-from test_terminal import run_on_terminal  # noqa: E402
-
 from test_cli_live import attached, dropped_uid, env, imaptap_cmd  # noqa: E402
+from test_terminal import run_on_terminal  # noqa: E402
 
 KEPT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF
 

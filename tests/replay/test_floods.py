@@ -13,6 +13,7 @@ import sys
 import time
 
 import pytest
+
 from testenv import ROOT
 
 MAKE_FLOOD = os.path.join(ROOT, "scripts", "make-flood")

@@ -4,7 +4,6 @@ Files are read in place from testenv.PUBLIC_PCAPS (README, Tests); where they ar
 tests skip, and under CI=true they fail.
 """
 
-import os
 import re
 
 import pytest

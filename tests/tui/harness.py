@@ -16,7 +16,7 @@ from imaptap.capture.replay import open_capture
 from imaptap.segment import PayloadPolicy, Segment
 from imaptap.testing import conversation
 from imaptap.tui.app import ImaptapApp
-from imaptap.tui.feed import Feed, ReplaySource, MemorySource, Source
+from imaptap.tui.feed import Feed, MemorySource, ReplaySource, Source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OWN_PCAPS = os.path.join(ROOT, "pcaps")

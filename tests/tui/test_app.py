@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from harness import (SIZE, StepSource, login, mixed_flows, replay_app, run, segments_app, settle, step_app,
-                     wait_for)
+from harness import SIZE, StepSource, login, mixed_flows, replay_app, run, segments_app, settle, step_app, wait_for
 from imaptap.tui.app import KEYS, HelpScreen, ImaptapApp
 from imaptap.tui.table import VirtualTable
 
@@ -344,7 +343,6 @@ class FakeCapture:
 
 def test_live_capture_counters_notes_and_q_detaches():
     from harness import frozen
-
     from imaptap.tui.feed import Feed, LiveSource
 
     async def go():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-from harness import StepSource, login, mixed_flows
 
+from harness import StepSource, login, mixed_flows
 from imaptap.testing import analyze, conversation
 from imaptap.tui import feed as feed_module
 from imaptap.tui.feed import Feed, FeedUpdate, MemorySource, snapshot

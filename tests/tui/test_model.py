@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import unicodedata
 
-from harness import login, mixed_flows
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.text import Text
 
+from harness import login, mixed_flows
 from imaptap.imap.session import Kind, Message, Side
 from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, safe
-from imaptap.tui.feed import Feed, FeedUpdate, MessageBatch, MemorySource
+from imaptap.tui.feed import Feed, FeedUpdate, MemorySource, MessageBatch
 from imaptap.tui.query import parse
 from imaptap.tui.store import FlowEntry, FlowStore
 from imaptap.tui.table import fit_widths

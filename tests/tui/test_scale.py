@@ -11,7 +11,6 @@ import time
 from dataclasses import replace
 
 from harness import SIZE, StepSource, login, run, step_app, wait_for
-
 from imaptap.tui.feed import CaptureStatus, Feed, FeedUpdate, FlowRef, MemorySource
 from imaptap.tui.messages import CaptureUpdated
 

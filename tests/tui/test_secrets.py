@@ -14,13 +14,13 @@ import json
 import os
 
 import pytest
-from harness import OWN_PCAPS, SIZE, frozen, settle
-from testenv import PUBLIC_PCAPS, PUBLIC_PCAPS_PRESENT, public_pcap_paths
 
+from harness import OWN_PCAPS, SIZE, frozen, settle
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
 from imaptap.tui.app import ImaptapApp
 from imaptap.tui.feed import Feed, ReplaySource
+from testenv import PUBLIC_PCAPS, PUBLIC_PCAPS_PRESENT, public_pcap_paths
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 #: Public captures with a login, and its password (the rest have none to leak).

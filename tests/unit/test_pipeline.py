@@ -2,13 +2,12 @@
 
 import itertools
 
-from testenv import OWN_PCAPS
-
 from imaptap.facts import FlowFacts
 from imaptap.flows import EndReason
 from imaptap.imap.session import Kind
 from imaptap.pipeline import CHECK_EVERY, MemorySource, Pipeline, ReplaySource, Sink, Source
 from imaptap.testing import conversation
+from testenv import OWN_PCAPS
 
 SESSION = [("s", b"* OK ready\r\n"), ("c", b"a1 LOGIN alice secret\r\n"), ("s", b"a1 OK done\r\n")]
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from testenv import ROOT
-
 from imaptap import privileges
+from testenv import ROOT
 
 KEPT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF
 CHILD = """

@@ -9,19 +9,33 @@ import struct
 
 import dpkt
 import pytest
+from dpkt.pcapng import (
+    EnhancedPacketBlock,
+    EnhancedPacketBlockLE,
+    InterfaceDescriptionBlock,
+    InterfaceDescriptionBlockLE,
+    PcapngOption,
+    PcapngOptionLE,
+    SectionHeaderBlock,
+    SectionHeaderBlockLE,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from dpkt.pcapng import (EnhancedPacketBlock, EnhancedPacketBlockLE, InterfaceDescriptionBlock,
-                         InterfaceDescriptionBlockLE, PcapngOption, PcapngOptionLE, SectionHeaderBlock,
-                         SectionHeaderBlockLE)
 
 import imaptap.capture.replay as replay_module
-from testenv import OWN_PCAPS, accelerator, accelerator_params, public_pcap, public_pcap_paths
 from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
-from imaptap.segment import (DEFAULT_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy,
-                             Segment, flow_key)
+from imaptap.segment import (
+    DEFAULT_SNAPLEN,
+    DEFAULT_TAILLEN,
+    WHOLE_PAYLOAD_CAP,
+    PayloadMode,
+    PayloadPolicy,
+    Segment,
+    flow_key,
+)
 from test_decode import C4, C6, S4, S6, ethernet, ipv4, ipv6, null, sll, sll2, tcp
+from testenv import OWN_PCAPS, accelerator, accelerator_params, public_pcap, public_pcap_paths
 
 TS = 1_700_000_000.25
 

@@ -234,9 +234,9 @@ def test_compress_is_inflated_when_whole_payloads_are_copied():
 
 def test_compress_without_whole_payloads_prints_no_deflate_bytes():
     # A capture that kept only prefixes, e.g. tcpdump -s 64: nothing after COMPRESS can be read.
-    from imaptap.testing import Analysis
     from imaptap.flows import FlowTable
     from imaptap.output.jsonl import flow_record, message_record
+    from imaptap.testing import Analysis
     segs = conversation(compressed_session())
     cut = [s.__class__(*[getattr(s, f) for f in ("ts", "ip_version", "src", "dst", "sport", "dport", "seq", "ack", "flags", "wire_len")], s.payload[:64]) for s in segs]
     res = Analysis()

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imaptap.facts import flow_facts
+from imaptap.flows import FlowTable
 from imaptap.imap.session import Kind, Message, Side
 from imaptap.output import jsonl
 from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, message_record
-from imaptap.flows import FlowTable
 from imaptap.testing import conversation
 from testenv import OWN_PCAPS, PUBLIC_PCAPS, accelerator, accelerator_params, public_pcap_paths
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 from imaptap.tui.display import state_plain
 from imaptap.tui.feed import FlowSnapshot
 
+
 class Searchable(Protocol):
     """A flow as the filter sees it: its snapshot, and its text fields (built only when needed)."""
 
