@@ -96,3 +96,20 @@ def test_a_full_disk_is_one_line_not_a_traceback(imaptap, flows_only):
                            stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr == "imaptap: cannot write standard output: No space left on device\n"
+
+
+def test_w_with_r_writes_a_sanitised_copy_that_replays_to_the_same_facts(imaptap, tmp_path):
+    out = tmp_path / "clean.pcap"
+    r = imaptap("-r", CAPTURE, "-s", "65535", "-w", str(out), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    raw = out.read_bytes()
+    assert b"Alice-Pw-7391" not in raw and b"*************" in raw  # the password, blanked
+    assert r.stats["written"] == r.stats["segments"] > 0
+    again = imaptap("-r", str(out), "--json", "-", "--flows-only")
+    (f,) = again.flows
+    assert (f["username"], f["login_ok"], f["cleartext_credentials"]) == ("alice", True, True)
+    assert f["commands"] == r.flows[0]["commands"]
+
+
+def test_an_unwritable_w_file_is_one_line(imaptap, tmp_path):
+    one_line_error(imaptap("-r", CAPTURE, "-w", str(tmp_path / "no" / "dir.pcap"), "--json", "-"), "cannot write")
