@@ -33,7 +33,7 @@ Use it from Python (as root)::
             ...
         lab.deliver("alice", b"Subject: hi\\r\\n\\r\\nbody\\r\\n")
 
-or from the shell: ``python scripts/imaplab.py start|stop|status``.
+or from the shell: ``scripts/imaplab.py start|stop|status`` (its entry point).
 
 The server offers STARTTLS (self-signed certificate), LOGIN and AUTHENTICATE
 PLAIN/LOGIN/CRAM-MD5 in clear text, LITERAL+, SASL-IR, ID, IDLE and COMPRESS=DEFLATE.
@@ -61,9 +61,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 # --- Names -------------------------------------------------------------------------------
 NETNS_PREFIX = "imaptap-lab-"
@@ -121,11 +121,11 @@ COMMAND_TIMEOUT = 30.0
 CAPTURE_START_TIMEOUT = 10.0
 """tcpdump prints "listening on" once the socket is open; wait at most this long."""
 CAPTURE_SETTLE = 1.0
+"""tcpdump gets this long before SIGINT: without it the last packets (FIN, final ACK)
+are often still in the kernel buffer and never written."""
 CAPTURE_BUFFER_KIB = 65536
 """tcpdump's kernel buffer (-B): large enough that thousands of benchmark sessions on a busy
 two-core machine are recorded without drops (a drop fails the capture)."""
-"""tcpdump gets this long before SIGINT: without it the last packets (FIN, final ACK)
-are often still in the kernel buffer and never written."""
 DEFAULT_PORT_FILTER = f"tcp port {IMAP_PORT} or tcp port {ALT_IMAP_PORT}"
 LOG_TAIL_LINES = 40
 """How much of Dovecot's log goes into an error message."""
@@ -268,7 +268,7 @@ class LabState:
         tmp.replace(self.path)
 
     @classmethod
-    def load(cls, path: Path) -> "LabState | None":
+    def load(cls, path: Path) -> LabState | None:
         try:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError):
@@ -360,7 +360,7 @@ def _used_slots() -> set[int]:
 # Dovecot configuration
 # ------------------------------------------------------------------------------------------
 DOVECOT_CONF_TEMPLATE = """\
-# Written by imaptap's scripts/imaplab.py for one lab; the system configuration is not read.
+# Written by imaptap's lab (imaptap_lab/lab.py) for one lab; the system configuration is not read.
 base_dir = {tmp}/run
 state_dir = {tmp}/state
 log_path = {tmp}/dovecot.log
@@ -538,14 +538,14 @@ class Lab:
         return self._state
 
     # -- life cycle --
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def start(self) -> "Lab":
+    def start(self) -> Lab:
         """Build namespace, veth, addresses and Dovecot; return once Dovecot greets."""
         if os.geteuid() != 0:
             raise LabError("the lab needs root (network namespaces, Dovecot)")
@@ -594,8 +594,8 @@ class Lab:
         _run(["ip", "link", "set", self.host_if, "up"])
         if not self.offloads:
             _set_tx_checksum(self.host_if, False)
-            self.run_in_ns([sys.executable, os.path.abspath(__file__), "_tx-checksum",
-                            self.ns_if, "off"])
+            self.run_in_ns([sys.executable, "-m", "imaptap_lab.lab", "_tx-checksum", self.ns_if,
+                            "off"])
         state.tmpdir = tempfile.mkdtemp(prefix=TMPDIR_PREFIX)
         state.save()
         os.chmod(state.tmpdir, 0o755)  # login, auth and mail processes run unprivileged
@@ -660,7 +660,7 @@ class Lab:
         self._owner = False
 
     @classmethod
-    def attach(cls, name: str) -> "Lab":
+    def attach(cls, name: str) -> Lab:
         """A Lab object for a running lab started elsewhere (e.g. by `imaplab.py start`)."""
         state = LabState.load(STATE_DIR / f"{name}.json")
         if state is None:
@@ -847,7 +847,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/imaplab.py."""
     parser = argparse.ArgumentParser(
         prog="imaplab.py", description="Run a Dovecot IMAP lab in a network namespace.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -866,7 +867,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     txc = sub.add_parser("_tx-checksum", help=argparse.SUPPRESS)
     txc.add_argument("ifname")
     txc.add_argument("state", choices=("on", "off"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """scripts/imaplab.py: start, stop or list labs."""
+    args = build_parser().parse_args(argv)
     if os.geteuid() != 0:
         print("imaplab: needs root", file=sys.stderr)
         return 2

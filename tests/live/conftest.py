@@ -12,12 +12,10 @@ import subprocess
 import sys
 
 import pytest
+from imaptap_lab.lab import Lab
 
-from livelab import (IN_CI, NETNS_PREFIX, OTHER_PORT, ROOT, SERVER, SERVER_PORT, NetLab, free_slot,
-                     live_unavailable, reap_leftovers, run, wait_port)
-
-sys.path.insert(0, str(ROOT / "scripts"))
-from imaplab import Lab  # noqa: E402
+from livelab import (IN_CI, NETNS_PREFIX, OTHER_PORT, SERVER, SERVER_PORT, NetLab, free_slot, live_unavailable,
+                     reap_leftovers, run, wait_port)
 
 
 @pytest.fixture(scope="session")
@@ -65,7 +63,7 @@ def netlab(live_ready, tmp_path):
 
 @pytest.fixture
 def lab(live_ready):
-    """A real Dovecot in its own namespace (scripts/imaplab.py), torn down afterwards."""
+    """A real Dovecot in its own namespace (imaptap_lab.lab, scripts/imaplab.py), torn down afterwards."""
     for tool in ("dovecot", "doveadm", "tcpdump", "openssl"):
         if shutil.which(tool) is None:
             if IN_CI:
