@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark: replay each hostile capture of scripts/make-flood and check memory stays bounded.
 
 For each flood (a 100,000-flow SYN scan, 100,000 short sessions, a 50 MB line, a literal
@@ -24,11 +23,9 @@ import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, os.path.join(ROOT, "userspace"))
-
 from imaptap.flows import MAX_FLOWS
+
+from imaptap_lab.checkout import OUT_DIR, USERSPACE
 
 FLOWS = 100_000
 #: Peak RSS allowed per flood, in MB, with the default --max-flows 32768.  Measured on a
@@ -40,14 +37,18 @@ BOUNDS = {"syn": 400, "sessions": 100, "giant-line": 60, "literal": 60, "long-ta
 #: Snap lengths replayed: the default, and whole packets so the stream itself must cut the line.
 SNAPLENS = ("256", "65535")
 IDLE_FLOWS = 10_000
+#: Bytes read from the end of imaptap's output for its last line, the stats record (~600 bytes).
+STATS_TAIL = 4096
 
 
 def make(variant: str, n: int) -> str:
-    d = os.path.join(ROOT, "out", "floods")
+    """The capture of flood ``variant`` with ``n`` flows, made once into out/floods/."""
+    d = os.path.join(OUT_DIR, "floods")
     os.makedirs(d, exist_ok=True)
     path = os.path.join(d, f"{variant}-{n}.pcap" if variant in ("syn", "sessions") else f"{variant}.pcap")
     if not os.path.exists(path):
-        subprocess.run([sys.executable, os.path.join(HERE, "make-flood"), variant, "-n", str(n), "-o", path + ".tmp"],
+        # A child of its own, as scripts/make-flood: its memory never counts in this process.
+        subprocess.run([sys.executable, "-m", "imaptap_lab.make_flood", variant, "-n", str(n), "-o", path + ".tmp"],
                        check=True)
         os.rename(path + ".tmp", path)
     return path
@@ -55,7 +56,7 @@ def make(variant: str, n: int) -> str:
 
 def replay(path: str, *args: str) -> tuple[int, dict, float, int]:
     """Exit status, the stats record, wall seconds and peak RSS (bytes) of one imaptap run."""
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
+    env = dict(os.environ, PYTHONPATH=str(USERSPACE))
     out = path + ".json"
     t = time.monotonic()
     with open(out, "wb") as f:
@@ -67,7 +68,7 @@ def replay(path: str, *args: str) -> tuple[int, dict, float, int]:
     seconds = time.monotonic() - t
     stats: dict = {}
     with open(out, "rb") as f:
-        f.seek(max(0, os.path.getsize(out) - 4096))
+        f.seek(max(0, os.path.getsize(out) - STATS_TAIL))
         last = f.read().splitlines()[-1:]
     if last and last[0].startswith(b"{"):
         stats = json.loads(last[0])
@@ -95,13 +96,19 @@ def bytes_per_flow(n: int = IDLE_FLOWS) -> float:
     return sum(st.size_diff for st in after.compare_to(before, "filename")) / n
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/bench-flood."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", action="append", choices=sorted(BOUNDS), help="run only this flood (repeatable)")
     p.add_argument("-n", "--flows", type=int, default=FLOWS, help=f"flows in syn and sessions (default {FLOWS})")
     p.add_argument("--max-flows", type=int, default=MAX_FLOWS, help=f"imaptap --max-flows (default {MAX_FLOWS})")
-    args = p.parse_args()
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/bench-flood: replay every flood, print and check the figures."""
+    args = build_parser().parse_args(argv)
     failures = []
     print(f"{'flood':<12} {'snaplen':>7} {'flows':>8} {'evicted':>8} {'seconds':>8} {'peak RSS':>9} {'bound':>7}")
     for variant in args.only or BOUNDS:

@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Write hostile captures for the flood and giant-input tests (issue 5):  scripts/make-flood VARIANT -o FILE
 
 Variants:
@@ -25,11 +24,14 @@ from __future__ import annotations
 import argparse
 import struct
 import sys
+from typing import BinaryIO
 
 IMAP_PORT = 143
 SERVER = bytes([192, 0, 2, 20])
 #: 198.18.0.0/15 (RFC 2544 benchmarking): 131,072 addresses, so every flow has its own.
 SCAN_BASE = (198 << 24) | (18 << 16)
+#: Addresses in 198.18.0.0/15: a scan or session flood has at most one flow per address.
+SCAN_ADDRESSES = 1 << 17
 #: Payload bytes per segment: an Ethernet MSS.
 MSS = 1460
 USER = b"alice"
@@ -100,7 +102,7 @@ class Session:
 
 
 def _scan_addr(i: int) -> bytes:
-    return struct.pack("!I", SCAN_BASE + i % (1 << 17))
+    return struct.pack("!I", SCAN_BASE + i % SCAN_ADDRESSES)
 
 
 def _login_start(s: Session) -> Session:
@@ -163,20 +165,37 @@ VARIANTS = {"syn": syn, "sessions": sessions, "giant-line": giant_line, "literal
             "long-tag": long_tag, "nul": nul, "bad-utf8": bad_utf8}
 #: Default --size per variant: the figures named in issue 5.
 SIZES = {"giant-line": 50_000_000, "literal": 20_000_000}
+#: Flows of syn and sessions unless told (issue 5).
+DEFAULT_FLOWS = 100_000
+#: Write buffer: the 50 MB line goes out in MSS-sized writes.
+WRITE_BUFFER = 1 << 20
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/make-flood."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("variant", choices=sorted(VARIANTS))
     p.add_argument("-o", "--output", required=True, metavar="FILE")
-    p.add_argument("-n", "--flows", type=int, default=100_000, help="flows for syn and sessions (default 100000)")
+    p.add_argument("-n", "--flows", type=int, default=DEFAULT_FLOWS,
+                   help=f"flows for syn and sessions (default {DEFAULT_FLOWS})")
     p.add_argument("--size", type=int, help="bytes of the giant line or of the literal data (default 50 MB / 20 MB)")
-    args = p.parse_args()
-    if args.flows > 1 << 17:
-        p.error("at most 131072 flows: one address of 198.18.0.0/15 each")
-    with open(args.output, "wb", buffering=1 << 20) as out:
-        VARIANTS[args.variant](PcapWriter(out), args.flows, args.size or SIZES.get(args.variant, 0))
+    return p
+
+
+def write_flood(variant: str, out: BinaryIO, flows: int, size: int | None = None) -> None:
+    """Write flood ``variant`` as a pcap to ``out``; ``size`` defaults to SIZES."""
+    VARIANTS[variant](PcapWriter(out), flows, size or SIZES.get(variant, 0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/make-flood: write one hostile capture."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.flows > SCAN_ADDRESSES:
+        p.error(f"at most {SCAN_ADDRESSES} flows: one address of 198.18.0.0/15 each")
+    with open(args.output, "wb", buffering=WRITE_BUFFER) as out:
+        write_flood(args.variant, out, args.flows, args.size)
     return 0
 
 
