@@ -1,5 +1,4 @@
-#!/usr/bin/env python3
-"""Benchmark: what live capture costs the host, on the Dovecot lab's veth (scripts/imaplab.py).
+"""Benchmark: what live capture costs the host, on the Dovecot lab's veth (imaptap_lab.lab).
 
 Four measurements, each reported as medians of interleaved rounds:
 
@@ -66,14 +65,12 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "userspace"))
+from imaptap_lab.checkout import USERSPACE, VENV_PYTHON
+from imaptap_lab.lab import Lab
+from imaptap_lab.mail import filler_mail
+from imaptap_lab.rounds import format_quartiles, quartiles, rotated
 
-from imaplab import Lab
-
-PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
+PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
 IPERF_PORT = 5201
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
 BPF_PROG_TEST_RUN = 10
@@ -144,13 +141,6 @@ def tc_filters(iface: str, direction: str) -> str:
                           check=False).stdout
 
 
-def quartiles(xs: list[float]) -> tuple[float, float, float]:
-    if len(xs) == 1:
-        return xs[0], xs[0], xs[0]
-    q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
-    return q1, q2, q3
-
-
 class Nothing:
     def __init__(self) -> None:
         self.pids: list[int] = []
@@ -167,7 +157,7 @@ class Imaptap:
 
     def __init__(self, iface: str, extra: list[str], out: Path) -> None:
         self.out = out
-        env = dict(os.environ, PYTHONPATH=str(ROOT / "userspace"))
+        env = dict(os.environ, PYTHONPATH=str(USERSPACE))
         err = out.with_suffix(".stderr")
         with open(err, "w") as f:
             self.proc = subprocess.Popen([PYTHON, "-m", "imaptap", "-i", iface, "--json", str(out), *extra],
@@ -258,7 +248,8 @@ class NullTc:
         self.bpf = bcc.BPF(text=b"int null_tc_in(struct __sk_buff *skb) { return -1; }\n"
                                 b"int null_tc_eg(struct __sk_buff *skb) { return -1; }")
         self.fns = {parent: self.bpf.load_func(name, bcc.BPF.SCHED_CLS)
-                    for parent, name in ((live.TC_PARENT_INGRESS, b"null_tc_in"), (live.TC_PARENT_EGRESS, b"null_tc_eg"))}
+                    for parent, name in ((live.TC_PARENT_INGRESS, b"null_tc_in"),
+                                         (live.TC_PARENT_EGRESS, b"null_tc_eg"))}
         self.ipr = IPRoute()
         self.index = socket.if_nametoindex(iface)
         self.added_clsact = False
@@ -356,7 +347,7 @@ class Segmentation:
                          for sock, ifname in self.ends)
 
     def restore(self) -> None:
-        for (sock, ifname), saved in zip(self.ends, self.saved):
+        for (sock, ifname), saved in zip(self.ends, self.saved, strict=True):
             for feature, value in saved.items():
                 _ethtool(sock, ifname, feature, value)
             sock.close()
@@ -443,8 +434,8 @@ def traffic(lab: Lab, server_pid: int, seg: Segmentation, names: list[str], roun
     results = {load: {d: {name: [] for name in names} for d in DIRECTIONS} for load in LOADS}
     offloads: dict = {}
     for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        directions = DIRECTIONS if r % 2 == 0 else DIRECTIONS[::-1]
+        order = rotated(names, r)
+        directions = rotated(DIRECTIONS, r)   # two of them: every other round reversed
         for name in order:
             arm = setups[name]()
             try:
@@ -504,7 +495,7 @@ def summarize_traffic(results: dict) -> dict:
                 for kind, base in base_names:
                     if name == base or not by_arm.get(base):
                         continue
-                    pairs = list(zip(runs, by_arm[base]))
+                    pairs = list(zip(runs, by_arm[base], strict=True))   # one run of each per round
                     row[f"{kind} throughput ratio"] = quartiles([a["rate"] / b["rate"] for a, b in pairs])
                     row[f"{kind} cost ratio"] = quartiles([cost_of(a, load) / cost_of(b, load) for a, b in pairs])
                 if any(x["arm_cpu"] for x in runs):
@@ -559,10 +550,6 @@ def summarize_stats(results: dict) -> dict:
     return out
 
 
-def fmt_q(q: tuple[float, float, float], spec: str = ".3f") -> str:
-    return f"{q[1]:{spec}} [{q[0]:{spec}}-{q[2]:{spec}}]"
-
-
 def print_traffic(summary: dict) -> None:
     for load, by_dir in summary.items():
         udp = load.startswith("UDP")
@@ -573,7 +560,7 @@ def print_traffic(summary: dict) -> None:
                   f" {'cost':>20s} {'raw cost ratio':>20s} {'isolated cost':>20s}")
             for name, row in rows.items():
                 def col(key, spec=".3f", row=row):
-                    return fmt_q(row[key], spec) if key in row else "-"
+                    return format_quartiles(row[key], spec) if key in row else "-"
                 print(f"    {name:22s} {col('rate', '.3f' if udp else '.2f'):>20s} {col('raw throughput ratio'):>20s}"
                       f" {col('isolated throughput ratio'):>20s} {col('cost', '.2f' if udp else '.0f'):>20s}"
                       f" {col('raw cost ratio'):>20s} {col('isolated cost ratio'):>20s}")
@@ -586,12 +573,13 @@ def print_stats(summary: dict) -> None:
             for name, row in rows.items():
                 for prog, f in row.items():
                     if prog.startswith("all programs"):
-                        print(f"    {name:22s} {prog.split(':')[0]}: {fmt_q(f, '.4f')} of the traffic's CPU")
+                        print(f"    {name:22s} {prog.split(':')[0]}: {format_quartiles(f, '.4f')} of the traffic's CPU")
                         continue
                     less = (f"; less null {f['ns/run less null']:.0f} ns/run, share {f['share less null']:.4f}"
                             if "ns/run less null" in f else "")
-                    print(f"    {name:22s} {prog:14s} {fmt_q(f['ns/run'], '.0f')} ns/run, {f['runs/s']:9.0f} runs/s,"
-                          f" share {fmt_q(f['share of traffic CPU'], '.4f')}{less}")
+                    share = format_quartiles(f["share of traffic CPU"], ".4f")
+                    print(f"    {name:22s} {prog:14s} {format_quartiles(f['ns/run'], '.0f')} ns/run,"
+                          f" {f['runs/s']:9.0f} runs/s, share {share}{less}")
 
 
 # --- 1b: imaptap's programs against do-nothing ones, swapped in place between runs -------------
@@ -640,7 +628,7 @@ class Swapped:
                 self.ipr.tc("add", "clsact", self.index)
                 self.added_clsact = True
             self._del_filters()
-            for parent, fn in zip((live.TC_PARENT_INGRESS, live.TC_PARENT_EGRESS), fns):
+            for parent, fn in zip((live.TC_PARENT_INGRESS, live.TC_PARENT_EGRESS), fns, strict=True):
                 self.ipr.tc("add-filter", "bpf", self.index, NULL_TC_HANDLE, fd=fn.fd, name=fn.name.decode(),
                             parent=parent, prio=live.TC_PRIO, classid=1, direct_action=True)
         self.current = which
@@ -718,8 +706,8 @@ def print_swapped(summary: dict) -> None:
     for hook, by_load in summary.items():
         for load, by_dir in by_load.items():
             for d, row in by_dir.items():
-                print(f"    {hook:5s} {load:18s} {d:9s} {row['pairs']:5d} {fmt_q(row['throughput ratio']):>24s}"
-                      f" {fmt_q(row['cost ratio']):>24s}")
+                print(f"    {hook:5s} {load:18s} {d:9s} {row['pairs']:5d}"
+                      f" {format_quartiles(row['throughput ratio']):>24s} {format_quartiles(row['cost ratio']):>24s}")
 
 
 # --- 2: the program's own cost, BPF_PROG_TEST_RUN ------------------------------------------------
@@ -812,8 +800,7 @@ m.logout()
 print(n)
 '''
 
-MAIL = (b"From: bench@imaptap.test\r\nTo: alice@imaptap.test\r\nSubject: load\r\n\r\n"
-        + b"A line of a mail body that an analyzer must not read as IMAP.\r\n" * 60)
+MAIL = filler_mail("load")
 
 
 def start_clients(lab: Lab, sessions: int, seconds: float, nice: int) -> list[subprocess.Popen]:
@@ -889,7 +876,8 @@ def machine() -> str:
     return f"{platform.node()}: {os.cpu_count()} CPUs ({model}), kernel {platform.release()}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/bench-live."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=15,
@@ -909,14 +897,28 @@ def main(argv=None) -> int:
     p.add_argument("--sessions", type=int, default=40, help="concurrent IMAP sessions for the load (default 40)")
     p.add_argument("--client-nice", type=int, default=10, help="niceness of the IMAP load clients (default 10)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The options, with ``sections`` and ``arm_names`` split from --only and --arms and checked;
+    "nothing" is always an arm, since every ratio is taken against it."""
+    p = build_parser()
     args = p.parse_args(argv)
-    sections = args.only.split(",")
-    names = args.arms.split(",")
-    bad = [s for s in sections if s not in SECTIONS] + [a for a in names if a not in ARM_NAMES]
+    args.sections = args.only.split(",")
+    args.arm_names = args.arms.split(",")
+    bad = [s for s in args.sections if s not in SECTIONS] + [a for a in args.arm_names if a not in ARM_NAMES]
     if bad:
         p.error(f"unknown section or arm: {', '.join(bad)}")
-    if "nothing" not in names:
-        names.insert(0, "nothing")
+    if "nothing" not in args.arm_names:
+        args.arm_names.insert(0, "nothing")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/bench-live: the sections asked for, printed and optionally written as JSON."""
+    args = parse_args(argv)
+    sections, names = args.sections, args.arm_names
     if os.geteuid() != 0:
         print("bench-live: needs root (network namespaces, BPF)", file=sys.stderr)
         return 2
@@ -937,7 +939,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix="bench-live-") as tmpdir, Lab() as lab:
             tmp = Path(tmpdir)
             seg = Segmentation(lab)
-            report["segmentation offload before"] = dict(zip((lab.host_if, lab.ns_if), seg.saved))
+            report["segmentation offload before"] = dict(zip((lab.host_if, lab.ns_if), seg.saved, strict=True))
             server_cmd = ["iperf3", "-s", "-p", str(IPERF_PORT)]
             server = lab.popen_in_ns((["taskset", "-c", "1"] if args.pin else []) + server_cmd,
                                      stdout=subprocess.DEVNULL)

@@ -1,8 +1,7 @@
-#!/usr/bin/env python3
 """Benchmark: imaptap -r against tshark on one large capture of real Dovecot sessions.
 
 Makes (once, cached in out/) a capture of thousands of real IMAP sessions between Python's
-imaplib and the lab's Dovecot (scripts/imaplab.py): mostly clients syncing a mailbox of
+imaplib and the lab's Dovecot (imaptap_lab.lab): mostly clients syncing a mailbox of
 realistic mails (1.5 KB to 150 KB, text and attachments), plus AUTHENTICATE, LIST/STATUS,
 APPEND, STARTTLS and IPv6 sessions.  Then it times, interleaved, round after round:
 
@@ -24,47 +23,26 @@ import imaplib
 import os
 import platform
 import resource
+import ssl
 import statistics
 import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
+from imaptap_lab.checkout import OUT_DIR, VENV_IMAPTAP
+from imaptap_lab.lab import Lab
+from imaptap_lab.mail import MAILBOX_SIZES, filler_mail, realistic_mail
+from imaptap_lab.rounds import medians, per_round_ratios, rotated
 
-from imaplab import Lab  # noqa: E402
-
-IMAPTAP = os.path.join(ROOT, ".venv", "bin", "imaptap")
+IMAPTAP = str(VENV_IMAPTAP)
 TSHARK = ["tshark", "-r", "{file}", "-Y", "imap", "-T", "fields", "-e", "imap.request_tag",
           "-e", "imap.request.command", "-e", "imap.request.username", "-e", "imap.response.status"]
 #: Parallel client sessions while making the capture.
 CLIENT_THREADS = 4
-MAIL = (b"From: bench@imaptap.test\r\nTo: alice@imaptap.test\r\nSubject: bench\r\n\r\n"
-        + b"A line of a mail body that an analyzer must not read as IMAP.\r\n" * 60)
-#: Sizes of the mails put in every user's INBOX before the sessions: the spread of a real
-#: mailbox, from a short note to a message with a 150 KB attachment.
-MAILBOX_SIZES = (1_500, 3_000, 6_000, 12_000, 25_000, 60_000, 150_000)
-
-
-def realistic_mail(n: int, size: int) -> bytes:
-    """A MIME mail of about ``size`` bytes: a text part, and past 10 KB a base64 attachment."""
-    import base64
-    import random
-
-    rnd = random.Random(n)
-    words = "the of and to in is you that it he was for on are as with his they at be this from".split()
-    text = " ".join(rnd.choice(words) for _ in range(min(size, 8000) // 5))
-    lines = [text[i : i + 72] for i in range(0, len(text), 72)]
-    head = (f"From: sender{n}@imaptap.test\r\nTo: user@imaptap.test\r\nSubject: mail {n} of {size} bytes\r\n"
-            f"Message-ID: <bench-{n}@imaptap.test>\r\nMIME-Version: 1.0\r\n"
-            'Content-Type: multipart/mixed; boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\n')
-    body = head + "\r\n".join(lines) + "\r\n"
-    rest = size - len(body)
-    if rest > 0:
-        blob = base64.encodebytes(rnd.randbytes(rest * 3 // 4)).decode().replace("\n", "\r\n")
-        body += "--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\n" + blob
-    return (body + "--b--\r\n").encode()
+#: The mail APPENDed by one session in ten.
+MAIL = filler_mail("bench")
+#: Bound on any client operation while making the capture.
+CLIENT_TIMEOUT = 30
 
 
 def one_session(lab: Lab, i: int) -> None:
@@ -73,12 +51,10 @@ def one_session(lab: Lab, i: int) -> None:
     user = users[i % len(users)]
     pw = lab.users[user]
     server = lab.server6 if i % 10 == 9 else lab.server4
-    imap = imaplib.IMAP4(server, 143, timeout=30)
+    imap = imaplib.IMAP4(server, 143, timeout=CLIENT_TIMEOUT)
     kind = i % 10
     try:
         if kind == 8:  # STARTTLS, then the login is encrypted
-            import ssl
-
             ctx = ssl.create_default_context()
             ctx.check_hostname = False
             ctx.verify_mode = ssl.CERT_NONE
@@ -109,6 +85,7 @@ def one_session(lab: Lab, i: int) -> None:
 
 
 def make_capture(path: str, sessions: int, offloads: bool) -> None:
+    """Record ``sessions`` real sessions, CLIENT_THREADS at a time, against a fresh lab."""
     with Lab(offloads=offloads) as lab:
         for user in lab.users:
             for n, size in enumerate(MAILBOX_SIZES):
@@ -139,7 +116,8 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/bench-replay."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sessions", type=int, default=3000)
     ap.add_argument("--rounds", type=int, default=21, help="rounds (21 for the README's figures)")
@@ -148,9 +126,14 @@ def main() -> int:
     ap.add_argument("--wire-frames", action="store_true",
                     help="record MTU-sized frames as on the wire (segmentation offload off on the lab's veth) "
                          "instead of the host's offloaded super-packets")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/bench-replay: make the capture once, then time the commands round after round."""
+    args = build_parser().parse_args(argv)
     kind = "wire" if args.wire_frames else "host"
-    path = args.file or os.path.join(ROOT, "out", f"bench-replay-{args.sessions}-{kind}.pcap")
+    path = args.file or os.path.join(OUT_DIR, f"bench-replay-{args.sessions}-{kind}.pcap")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if args.regen or not os.path.exists(path):
         t = time.perf_counter()
@@ -170,12 +153,12 @@ def main() -> int:
     names = list(commands)
     for r in range(args.rounds):
         # Rotated, so that no command always runs right after the same one.
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        for k in rotated(names, r):
             wall, cpu = timed(commands[k])
             walls[k].append(wall)
             cpus[k].append(cpu)
-    wall_med = {k: statistics.median(v) for k, v in walls.items()}
-    cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
+    wall_med = medians(walls)
+    cpu_med = medians(cpus)
     base = "tshark -Y imap -T fields"
     print(f"capture: {packets} packets, {size / 1e6:.1f} MB, {args.sessions} sessions, "
           f"{'frames as on the wire' if args.wire_frames else 'host capture with segmentation offload'}")
@@ -190,7 +173,7 @@ def main() -> int:
     for k in commands:
         if k == base:
             continue
-        ratios = sorted(b / c for b, c in zip(cpus[base], cpus[k]))
+        ratios = per_round_ratios(cpus[base], cpus[k])
         print(f"  {k:30} {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
     return 0
 

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Is the TUI still responsive with many flows and a steady stream of segments?
 
-    .venv/bin/python scripts/bench-tui [--flows 10000] [--rate 5000] [--seconds 10] [--syn-flood]
+    scripts/bench-tui [--flows 10000] [--rate 5000] [--seconds 10] [--syn-flood]
 
 Runs the real app headless (Textual's test driver, 160x40) on a synthetic live source: first
 --flows IMAP sessions are opened (greeting, LOGIN, SELECT) as fast as the analyzer goes, then
@@ -18,23 +17,31 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 from collections.abc import Iterator
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "userspace"))
+from imaptap.segment import PayloadPolicy, Segment, TcpFlag
+from imaptap.tui.app import ImaptapApp
+from imaptap.tui.feed import Feed, Source
 
-from imaptap.segment import PayloadPolicy, Segment, TcpFlag  # noqa: E402
-from imaptap.tui.app import ImaptapApp  # noqa: E402
-from imaptap.tui.feed import Feed, Source  # noqa: E402
+from imaptap_lab.rounds import percentile
 
 SERVER = ("10.255.0.1", 143)
 PSH_ACK = int(TcpFlag.PSH | TcpFlag.ACK)
 #: Segments produced per pacing step of the steady phase.
 STEP = 50
+#: The headless terminal, as the screenshot's.
+SCREEN = (160, 40)
+#: Seconds for every opened flow to show in the table before the run is given up.
+SHOWN_TIMEOUT = 300
+#: Seconds a key may take to move the cursor before it is counted as done anyway.
+KEY_TIMEOUT = 5
+#: Seconds the filter may take to apply before the run is given up.
+FILTER_TIMEOUT = 30
+#: Seconds between two keys: "twice a second".
+KEY_INTERVAL = 0.5
 
 
 class SyntheticLive(Source):
@@ -115,11 +122,6 @@ class SyntheticLive(Source):
             yield None
 
 
-def pct(values: list[float], p: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(len(values) * p))] if values else 0.0
-
-
 async def bench(args: argparse.Namespace) -> None:
     source = SyntheticLive(args.flows, args.rate, args.seconds, args.syn_flood)
     app = ImaptapApp(Feed(source))
@@ -133,12 +135,12 @@ async def bench(args: argparse.Namespace) -> None:
 
     app._apply = timed_apply
     key_ms: list[float] = []
-    async with app.run_test(size=(160, 40)) as pilot:
+    async with app.run_test(size=SCREEN) as pilot:
         table = app.flows_table
         t0 = time.monotonic()
         while table.row_count < args.flows:
             await asyncio.sleep(0.05)
-            if time.monotonic() - t0 > 300:
+            if time.monotonic() - t0 > SHOWN_TIMEOUT:
                 raise SystemExit("the flows never all showed up")
         shown = time.monotonic() - t0
         setup_batches = len(batch_ms)
@@ -151,7 +153,7 @@ async def bench(args: argparse.Namespace) -> None:
             app.call_later(table.action_cursor_down)
             # rows come and go under a flood: the cursor moved when its row or its flow changed
             while ((table.cursor_row, table.cursor_key) == before and table.row_count
-                   and table.cursor_row != table.row_count - 1 and time.perf_counter() - t < 5):
+                   and table.cursor_row != table.row_count - 1 and time.perf_counter() - t < KEY_TIMEOUT):
                 await asyncio.sleep(0.001)
             key_ms.append((time.perf_counter() - t) * 1000)
             if filter_ms is None and time.monotonic() > end - args.seconds / 2:
@@ -159,10 +161,10 @@ async def bench(args: argparse.Namespace) -> None:
                 app.query_one("#filter").value = "user:user99"
                 while table.row_count != expected and not (args.syn_flood and table.row_count <= expected):
                     await asyncio.sleep(0.001)
-                    if time.perf_counter() - t > 30:
+                    if time.perf_counter() - t > FILTER_TIMEOUT:
                         raise SystemExit(f"the filter never applied ({table.row_count} rows)")
                 filter_ms = (time.perf_counter() - t) * 1000
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(KEY_INTERVAL)
         await pilot.press("q")
     steady = batch_ms[setup_batches:]
     if args.syn_flood:
@@ -176,22 +178,29 @@ async def bench(args: argparse.Namespace) -> None:
         print("steady: the worker never reached its steady phase (it fell behind)")
     if steady:
         print(f"UI per batch (steady): {len(steady)} batches, median {statistics.median(steady):.1f} ms, "
-              f"p95 {pct(steady, 0.95):.1f} ms, max {max(steady):.1f} ms")
+              f"p95 {percentile(steady, 0.95):.1f} ms, max {max(steady):.1f} ms")
     print(f"UI per batch (setup): {setup_batches} batches, max {max(batch_ms[:setup_batches] or [0]):.1f} ms")
     print(f"key to effect: {len(key_ms)} keys, median {statistics.median(key_ms):.1f} ms, "
-          f"p95 {pct(key_ms, 0.95):.1f} ms, max {max(key_ms):.1f} ms")
+          f"p95 {percentile(key_ms, 0.95):.1f} ms, max {max(key_ms):.1f} ms")
     if filter_ms is not None:
         print(f"filter user:user99 over {args.flows:,} flows: {filter_ms:.0f} ms to its {expected:,} rows")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/bench-tui."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--flows", type=int, default=10_000)
     p.add_argument("--rate", type=float, default=5000.0, help="segments per second once all flows are open")
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--syn-flood", action="store_true", help="steady phase: SYNs from new addresses, not sessions")
-    asyncio.run(bench(p.parse_args()))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/bench-tui: run the app headless under the synthetic load and print the figures."""
+    asyncio.run(bench(build_parser().parse_args(argv)))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Regenerate docs/screenshot.svg and docs/screenshot.png: the TUI over every capture in pcaps/.
 
-    .venv/bin/python scripts/tui-screenshot [OUT.svg]
+    scripts/tui-screenshot [OUT.svg]
 
 The app runs headless (Textual's test driver) at 160x40, replaying all of
 pcaps/ as one time line, the details of the flow with failed logins open.  The PNG needs
@@ -10,6 +9,7 @@ rsvg-convert (Debian: librsvg2-bin) and the Fira Code font Textual's SVG names (
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import html
 import json
@@ -20,19 +20,18 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "userspace"))
+from imaptap.capture.replay import ReplayStats, open_capture
+from imaptap.segment import PayloadPolicy
+from imaptap.tui.app import ImaptapApp
+from imaptap.tui.feed import Feed, SegmentsSource
 
-from imaptap.capture.replay import ReplayStats, open_capture  # noqa: E402
-from imaptap.segment import PayloadPolicy  # noqa: E402
-from imaptap.tui.app import ImaptapApp  # noqa: E402
-from imaptap.tui.feed import Feed, SegmentsSource  # noqa: E402
+from imaptap_lab.checkout import PCAP_DIR, ROOT
 
 SIZE = (160, 40)
 
 
 def all_captures() -> tuple[list, set[int]]:
-    pcaps = os.path.join(ROOT, "pcaps")
+    pcaps = str(PCAP_DIR)
     with open(os.path.join(pcaps, "facts.json")) as f:
         facts = json.load(f)
     segments, ports = [], set()
@@ -80,8 +79,17 @@ def for_rsvg(svg: str) -> str:
     return _TEXT.sub(fix, svg)
 
 
-def main() -> int:
-    svg_path = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "docs", "screenshot.svg")
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/tui-screenshot."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("svg", nargs="?", default=os.path.join(ROOT, "docs", "screenshot.svg"), metavar="OUT.svg",
+                   help="where to write the SVG; the PNG goes beside it (default docs/screenshot.svg)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/tui-screenshot: write the SVG, and the PNG where rsvg-convert is installed."""
+    svg_path = build_parser().parse_args(argv).svg
     os.makedirs(os.path.dirname(os.path.abspath(svg_path)), exist_ok=True)
     asyncio.run(shoot(svg_path))
     print(svg_path)
