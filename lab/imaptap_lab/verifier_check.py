@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """The kernel program through the verifier of older kernels: Debian's 5.10 and 6.1, booted in qemu.
 
 Usage (as root):  scripts/verifier-check [--kernel 5.10|6.1 ...] [--variant NAME ...] [--json FILE]
@@ -7,7 +6,7 @@ Usage (as root):  scripts/verifier-check [--kernel 5.10|6.1 ...] [--variant NAME
 This machine runs one kernel, so every other test meets one verifier.  Here each variant of
 bpf/imaptap.bpf.c that capture/live.py may build is compiled by bcc on this machine, exactly as
 live.py compiles it, and its bytecode and maps are handed to a small static loader
-(scripts/verifier-loader.c) that runs as /init of an initramfs under a Debian kernel in qemu:
+(imaptap_lab/verifier_loader.c) that runs as /init of an initramfs under a Debian kernel in qemu:
 it creates the maps, loads each program with BPF_PROG_LOAD and prints what the kernel said
 (the verifier's log on a rejection), then powers the machine off.
 
@@ -44,10 +43,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(ROOT / "userspace"))
-
 CACHE = Path(os.environ.get("IMAPTAP_KERNEL_CACHE", "/var/cache/imaptap/kernels"))
 #: Where apt keeps the machine's package sources: the mirror comes from there.
 APT_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
@@ -66,13 +61,23 @@ BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP = 3, 6
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
 PREFIX = "IMAPTAP-VC "
+#: Seconds one boot may take, to the loader's DONE: TCG needs about 15 s a kernel; a loaded
+#: 2-core machine booting two at once, several times that.
+BOOT_TIMEOUT = 180
+#: Seconds a download from the mirror may stall; the kernel package is about 60 MB.
+DOWNLOAD_TIMEOUT = 120
+DOWNLOAD_CHUNK = 1 << 20
+#: Characters of serial output (or qemu's stderr) an error message carries: the end is what tells.
+SERIAL_TAIL = 3000
+QEMU_ERROR_TAIL = 2000
 
 
 class CheckError(Exception):
-    pass
+    """The check could not run (no root, no qemu, no kernel image ...): exit status 2."""
 
 
 def log(msg: str) -> None:
+    """One line of progress on stderr."""
     print(f"verifier-check: {msg}", file=sys.stderr, flush=True)
 
 
@@ -125,8 +130,8 @@ def debian_mirror(sources: tuple[Path, ...] = APT_SOURCES) -> str:
 
 def _fetch(url: str, dest: Path) -> None:
     tmp = dest.with_name(dest.name + ".part")
-    with urllib.request.urlopen(url, timeout=120) as r, open(tmp, "wb") as f:
-        shutil.copyfileobj(r, f, 1 << 20)
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT) as r, open(tmp, "wb") as f:
+        shutil.copyfileobj(r, f, DOWNLOAD_CHUNK)
     tmp.rename(dest)
 
 
@@ -175,6 +180,7 @@ def kernel_image(name: str, refresh: bool = False, mirror: str | None = None) ->
 
 
 def kernel_release(image: Path) -> str:
+    """The release a cached vmlinuz is of: ``5.10.0-35-amd64`` for ``vmlinuz-5.10.0-35-amd64``."""
     return image.name.removeprefix("vmlinuz-")
 
 
@@ -190,7 +196,6 @@ def compile_variant(ringbuf: bool, xdp: bool) -> tuple[list[tuple], list[tuple]]
 
     import bcc
     from bcc import lib
-
     from imaptap.capture import live
 
     for fn, restype in (("bpf_table_name", ct.c_char_p), ("bpf_table_fd_id", ct.c_int),
@@ -226,6 +231,7 @@ def compile_variant(ringbuf: bool, xdp: bool) -> tuple[list[tuple], list[tuple]]
 
 
 def write_spec(units: list[tuple[str, list, list]]) -> bytes:
+    """The loader's /spec: (label, maps, programs) units in the layout verifier_loader.c reads."""
     out = [struct.pack("<I", len(units))]
     for label, maps, progs in units:
         out.append(struct.pack("<32sI", label.encode(), len(maps)))
@@ -239,9 +245,13 @@ def write_spec(units: list[tuple[str, list, list]]) -> bytes:
 
 # --- the initramfs ---------------------------------------------------------------------------
 
+#: The loader's source, package data beside this module.
+LOADER_SOURCE = Path(__file__).with_name("verifier_loader.c")
+
+
 def loader_binary() -> Path:
-    """scripts/verifier-loader.c built static, rebuilt when the source changes."""
-    src = HERE / "verifier-loader.c"
+    """verifier_loader.c built static, rebuilt when the source changes."""
+    src = LOADER_SOURCE
     out = CACHE / "verifier-init"
     if not out.exists() or out.stat().st_mtime < src.stat().st_mtime:
         CACHE.mkdir(parents=True, exist_ok=True)
@@ -351,7 +361,7 @@ def _boot(image: Path, initrd: Path, timeout: float, accel: str, silent_limit: f
                 raise CheckError(f"{image.name} printed nothing of the loader's in {silent_limit:.0f} s ({accel})")
             if now > timeout:
                 raise CheckError(f"{image.name} did not power off within {timeout:.0f} s ({accel}); serial"
-                                 f" output:\n{out.decode('utf-8', 'replace')[-3000:]}")
+                                 f" output:\n{out.decode('utf-8', 'replace')[-SERIAL_TAIL:]}")
             if not chunk:
                 time.sleep(0.05)
         proc.wait()
@@ -362,7 +372,7 @@ def _boot(image: Path, initrd: Path, timeout: float, accel: str, silent_limit: f
     serial = out.decode("utf-8", "replace").replace("\r", "")
     if proc.returncode != 0:
         err = proc.stderr.read().decode(errors="replace").strip()
-        raise CheckError(f"qemu exited {proc.returncode} ({accel}): {err[-2000:] or 'no message'}")
+        raise CheckError(f"qemu exited {proc.returncode} ({accel}): {err[-QEMU_ERROR_TAIL:] or 'no message'}")
     return serial, time.monotonic() - t0, accel
 
 
@@ -392,7 +402,7 @@ def parse(serial: str) -> dict:
     return res
 
 
-def run(kernels: list[str], variants: list[str], refresh: bool = False, timeout: float = 180,
+def run(kernels: list[str], variants: list[str], refresh: bool = False, timeout: float = BOOT_TIMEOUT,
         accel: str = "auto", mirror: str | None = None) -> dict:
     """Compile, boot each kernel once, and return {'results': [...], 'timings': {...},
     'boots': {kernel: {'accel': 'kvm' or 'tcg', 'kvm_failed': why or None, 'seconds': s}}}."""
@@ -425,16 +435,18 @@ def run(kernels: list[str], variants: list[str], refresh: bool = False, timeout:
         initrd = Path(tmp, "initrd.cpio")
         initrd.write_bytes(initramfs(write_spec([(v, m, u) for v, m, _, u in units if u])))
         with concurrent.futures.ThreadPoolExecutor(len(kernels)) as pool:  # TCG: a CPU each
-            boots = dict(zip(kernels, pool.map(lambda k: boot(images[k], initrd, timeout, accel), kernels)))
+            boots = dict(zip(kernels, pool.map(lambda k: boot(images[k], initrd, timeout, accel), kernels),
+                             strict=True))
         for k in kernels:
             serial, secs, used, why = boots[k]
             timings[f"boot {k} ({used})"] = round(secs, 2)
             booted[k] = {"accel": used, "kvm_failed": why, "seconds": round(secs, 2)}
             got = parse(serial)
             if not got["done"] or got["errors"]:
-                raise CheckError(f"the loader did not finish on {images[k].name}; serial output:\n{serial[-3000:]}")
-            for v, maps, progs, _ in units:
-                for name, ptype, code in progs:
+                raise CheckError(f"the loader did not finish on {images[k].name}; serial output:\n"
+                                 f"{serial[-SERIAL_TAIL:]}")
+            for v, _maps, progs, _ in units:
+                for name, ptype, _code in progs:
                     fv, fname = same_as[(v, name)]
                     p = got["progs"].get((fv, fname), {"status": "MISSING", "detail": "", "log": []})
                     fmaps = next(u[1] for u in units if u[0] == fv)
@@ -452,12 +464,14 @@ def run(kernels: list[str], variants: list[str], refresh: bool = False, timeout:
 
 
 def table(results: list[dict]) -> str:
+    """The results as a text table, one row per kernel, variant and program."""
     rows = [("kernel", "variant", "program", "type", "result", "live.py builds it here", "detail")]
     for r in results:
         rows.append((f"{r['kernel']} ({r['release']})", r["variant"], r["program"], r["type"],
                      r["status"].lower(), "yes" if r["expected"] else "no", r["detail"]))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[-1] for row in rows)
+    # zip stops at the widths: the last column (detail) is not padded.
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + "  " + row[-1] for row in rows)
 
 
 def accelerators(boots: dict) -> str:
@@ -468,7 +482,8 @@ def accelerators(boots: dict) -> str:
     return "booted: " + "; ".join(parts)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of scripts/verifier-check."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kernel", action="append", choices=sorted(KERNELS), help="default: all")
     ap.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="default: all")
@@ -476,11 +491,17 @@ def main() -> int:
     ap.add_argument("--refresh", action="store_true", help="look for newer kernel builds on the mirror")
     ap.add_argument("--mirror", metavar="URL", help="Debian archive to download the kernels from"
                     " (default: the one this machine's apt sources name)")
-    ap.add_argument("--timeout", type=float, default=180, help="seconds per boot (default 180)")
+    ap.add_argument("--timeout", type=float, default=BOOT_TIMEOUT,
+                    help=f"seconds per boot (default {BOOT_TIMEOUT})")
     ap.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                     help="qemu accelerator (default: KVM, and TCG where a KVM boot fails in any way)")
     ap.add_argument("--logs", action="store_true", help="print the verifier's log of every rejection")
-    args = ap.parse_args()
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """scripts/verifier-check: the table, and exit 1 where a variant failed where it must load."""
+    args = build_parser().parse_args(argv)
     kernels = args.kernel or list(KERNELS)
     variants = args.variant or list(VARIANTS)
     try:

@@ -1,4 +1,4 @@
-"""scripts/verifier-check without root or a kernel: the Debian mirror taken from apt's sources,
+"""imaptap_lab.verifier_check (scripts/verifier-check) without root or a kernel: the Debian mirror taken from apt's sources,
 and the fall-back from KVM to TCG for every way a KVM boot can fail (a fake qemu on PATH).
 
 The real boots are in tests/live/test_old_kernels.py.
@@ -6,26 +6,14 @@ The real boots are in tests/live/test_old_kernels.py.
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from imaptap_lab import verifier_check as vc
 
 from testenv import ROOT
-
-
-def _load_script():
-    loader = importlib.machinery.SourceFileLoader("verifier_check", os.path.join(ROOT, "scripts", "verifier-check"))
-    spec = importlib.util.spec_from_loader("verifier_check", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-vc = _load_script()
 
 LOADER_DONE = "IMAPTAP-VC KERNEL 5.10.0-99-amd64 #1\\nIMAPTAP-VC DONE\\n"
 
@@ -65,7 +53,7 @@ def test_the_repository_names_no_mirror_host():
     """The machine's sources name the mirror; no file of this repository may."""
     import subprocess
 
-    if not os.path.isdir(os.path.join(ROOT, ".git")):
+    if not os.path.exists(os.path.join(ROOT, ".git")):  # a directory, or a file in a worktree
         pytest.skip("not a git checkout")
     hosts = {uri.split("/")[2] for uri, _, _ in vc._apt_entries()}
     for host in sorted(hosts):

@@ -1,4 +1,5 @@
-"""The kernel program through the real verifier of older kernels (scripts/verifier-check).
+"""The kernel program through the real verifier of older kernels (scripts/verifier-check,
+imaptap_lab.verifier_check).
 
 test_kernel_compat.py checks what each variant asks of its oldest kernel by reading the
 bytecode; here the verifiers of Debian 11's 5.10 and Debian 12's 6.1 decide, in qemu: every
@@ -9,34 +10,22 @@ Needs root, bcc, gcc, qemu-system-x86_64 (scripts/setup installs it) and, once, 
 mirror of this machine's apt sources for the two kernel images (cached in
 /var/cache/imaptap/kernels).  Skips without them on a workstation, fails with CI=true.  About
 20 s (two TCG boots side by side) once cached.  The end of the run says which accelerator
-booted each kernel; a KVM boot that fails in any way falls back to TCG (tests/unit/scripts/
+booted each kernel; a KVM boot that fails in any way falls back to TCG (tests/lab/
 test_verifier_check.py checks every way with a fake qemu; here a real qemu that aborts under
 KVM is given a real kernel).
 """
 
 from __future__ import annotations
 
-import importlib.machinery
-import importlib.util
 import os
 import re
 import shutil
 
 import pytest
+from imaptap_lab import verifier_check as vc
 
-from livelab import IN_CI, ROOT
+from livelab import IN_CI
 from testenv import SUMMARY
-
-
-def _load_script():
-    loader = importlib.machinery.SourceFileLoader("verifier_check", str(ROOT / "scripts" / "verifier-check"))
-    spec = importlib.util.spec_from_loader("verifier_check", loader)
-    mod = importlib.util.module_from_spec(spec)
-    loader.exec_module(mod)
-    return mod
-
-
-vc = _load_script()
 
 
 def _unavailable(reason: str):
