@@ -7,13 +7,18 @@ import os
 
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import PayloadPolicy, TcpFlag
-from targets import ROOT, encode_feed
 
+from imaptap_lab.checkout import PCAP_DIR, ROOT
+from imaptap_lab.fuzz_targets import encode_feed
+
+#: The third-party captures, where the test suite finds them (tests/testenv.py, README "Tests").
 PUBLIC_PCAPS = os.environ.get("IMAPTAP_PUBLIC_PCAPS", os.path.join(os.path.dirname(ROOT), "shared", "pcaps-public"))
-OWN_PCAPS = os.path.join(ROOT, "pcaps")
+OWN_PCAPS = str(PCAP_DIR)
 #: Zeek's IMAP fuzz corpus: raw stream chunks, each after b"\x01PKT" and a direction byte.
 ZEEK_CORPUS = os.path.join(PUBLIC_PCAPS, "zeek", "fuzz-corpus")
 _PKT = b"\x01PKT"
+#: A snap length past any segment: seeds are made from whole payloads.
+WHOLE_PAYLOADS = 1 << 30
 
 
 def capture_paths() -> list[str]:
@@ -25,6 +30,7 @@ def capture_paths() -> list[str]:
 
 
 def zeek_paths() -> list[str]:
+    """Every entry of Zeek's IMAP fuzz corpus, sorted (none where the public captures are absent)."""
     return sorted(glob.glob(os.path.join(ZEEK_CORPUS, "imap-000*.pcap.pkt")))
 
 
@@ -43,7 +49,7 @@ def capture_to_streams(path: str) -> list[bytes]:
     flows: dict[tuple, tuple[tuple, bytearray]] = {}
     try:
         with open_capture(path) as reader:
-            for s in reader.segments(None, PayloadPolicy(1 << 30, 0), ReplayStats()):
+            for s in reader.segments(None, PayloadPolicy(WHOLE_PAYLOADS, 0), ReplayStats()):
                 key = tuple(sorted([(s.src, s.sport), (s.dst, s.dport)]))
                 if key not in flows:
                     # The SYN's sender is the client; else guess the side on the lower port is the server.
@@ -61,6 +67,7 @@ def capture_to_streams(path: str) -> list[bytes]:
 
 
 def stream_seeds() -> list[bytes]:
+    """Seeds of imap_stream: every connection of every capture, and every Zeek corpus entry."""
     seeds = []
     for path in capture_paths():
         seeds += capture_to_streams(path)
@@ -71,6 +78,7 @@ def stream_seeds() -> list[bytes]:
 
 
 def file_seeds() -> list[bytes]:
+    """Seeds of capture_file: every capture file as it is."""
     seeds = []
     for path in capture_paths():
         with open(path, "rb") as f:

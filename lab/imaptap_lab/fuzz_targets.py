@@ -9,27 +9,23 @@ an unexpected exception or a bound broken.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(ROOT, "userspace"))
-
-from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture  # noqa: E402
-from imaptap.flows import FlowTable  # noqa: E402
-from imaptap.imap.parse import LITERAL_KEEP  # noqa: E402
-from imaptap.imap.session import (  # noqa: E402
+from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
+from imaptap.flows import FlowTable
+from imaptap.imap.parse import LITERAL_KEEP
+from imaptap.imap.session import (
     DISPLAY_CAP,
     MAILBOX_BUDGET,
     MAX_COMMAND_NAMES,
     MAX_MAILBOX_NAME,
-    MAX_TAG,
     MAX_PENDING,
+    MAX_TAG,
     MAX_USERNAME,
     ImapSession,
 )
-from imaptap.imap.stream import LINE_CAP, MAX_LITERALS_PER_LINE  # noqa: E402
-from imaptap.segment import IMAP_PORT, PayloadPolicy  # noqa: E402
+from imaptap.imap.stream import LINE_CAP, MAX_LITERALS_PER_LINE
+from imaptap.segment import IMAP_PORT, PayloadPolicy
 
 # --- the operation encoding of imap_stream ---------------------------------------------------
 #

@@ -14,12 +14,12 @@ import subprocess
 import sys
 
 import pytest
+from imaptap_lab.fuzz_seeds import SEEDS
+from imaptap_lab.fuzz_targets import TARGETS
+
+from testenv import ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from seeds import SEEDS  # noqa: E402
-from targets import ROOT, TARGETS  # noqa: E402
 
 #: Mutated inputs per target; ~2,000 keeps both targets under 10 s on a 2-core machine.
 MUTATIONS = 2000
