@@ -204,7 +204,8 @@ class Observer:
             self.idle = True
         elif name == "ID" and args[:1] == ["("]:
             items = [a.decode() for a in args[1:-1]]
-            self.facts["client_id"] = dict(zip(items[::2], items[1::2], strict=False))  # pairs; a stray last item is dropped
+            # Field and value pairs; a stray last item is dropped.
+            self.facts["client_id"] = dict(zip(items[::2], items[1::2], strict=False))
         elif name == "STARTTLS":
             self.facts["starttls"] = "requested"
 
