@@ -40,6 +40,7 @@ def flow(client_kind: str, username: str | None, *, commands: list[str],
 
 
 def b64(data: str | bytes) -> str:
+    """``data`` (UTF-8 when text) in base64, as SASL sends it."""
     return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
@@ -69,6 +70,7 @@ def mutf7(name: str) -> str:
 
 
 def quote(text: str) -> str:
+    """``text`` as an IMAP quoted string, backslashes and quotes escaped."""
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -173,6 +175,7 @@ def auth_label(facts: dict) -> str:
 
 
 def summarize(flows: list[dict]) -> str:
+    """The facts of a capture's flows in one table cell, flows numbered and joined by <br>."""
     parts = []
     for index, f in enumerate(flows):
         who = repr(f["username"]).replace("\\\\", "\\") if f["username"] is not None else "—"

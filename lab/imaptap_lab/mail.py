@@ -9,8 +9,9 @@ import random
 #: Sizes of the mails put in every user's INBOX before benchmark sessions: the spread of a real
 #: mailbox, from a short note to a message with a 150 KB attachment.
 MAILBOX_SIZES = (1_500, 3_000, 6_000, 12_000, 25_000, 60_000, 150_000)
-#: Past this many bytes of text, the rest of a realistic mail is a base64 attachment: mail text
-#: seldom runs longer, and attachments are what make real mailboxes big.
+#: A realistic mail has one word of text for every 5 bytes of its size up to this size (about
+#: 6 KB of text at most), and a base64 attachment for the rest: mail text seldom runs longer,
+#: and attachments are what make real mailboxes big.
 TEXT_CAP = 8000
 #: Characters per text line (RFC 5322 recommends at most 78).
 TEXT_WIDTH = 72
@@ -25,7 +26,7 @@ LAB_DATE = "Mon, 06 Jan 2025 10:00:00 +0000"
 
 
 def realistic_mail(n: int, size: int) -> bytes:
-    """A MIME mail of about ``size`` bytes: a text part, and past 10 KB a base64 attachment."""
+    """A MIME mail of about ``size`` bytes: a text part (at most ~6 KB) and a base64 attachment."""
     rnd = random.Random(n)
     text = " ".join(rnd.choice(WORDS) for _ in range(min(size, TEXT_CAP) // 5))
     lines = [text[i : i + TEXT_WIDTH] for i in range(0, len(text), TEXT_WIDTH)]

@@ -1,0 +1,127 @@
+"""The figures the benchmarks compute from their runs, without running anything: bench-live's
+ratios and shares, bench-flood's bounds, bench-flood-live's checks, the fuzz driver's summary."""
+
+from __future__ import annotations
+
+import pytest
+from imaptap_lab import bench_flood, bench_flood_live, bench_live, fuzz, make_flood
+
+
+def run(rate: float, cpu: float, gb: float = 1.0, packets: int | None = None, programs: dict | None = None,
+        wall: float = 2.0) -> dict:
+    """One iperf3 run as bench_live.iperf returns it."""
+    return {"rate": rate, "bytes": gb * 1e9, "packets": packets, "wall": wall, "cpu": cpu, "arm_cpu": 0.0,
+            "programs": programs or {}}
+
+
+def test_traffic_ratios_are_taken_within_each_round():
+    # round 1 ran on a fast machine, round 2 on a slow one: per-round ratios are 0.9 both times
+    results = {"TCP, offloads on": {"egress": {
+        "nothing": [run(10.0, 0.5), run(5.0, 1.0)],
+        "null XDP": [run(9.5, 0.5), run(4.75, 1.0)],
+        "imaptap": [run(9.0, 0.55), run(4.5, 1.1)]}}}
+    rows = bench_live.summarize_traffic(results)["TCP, offloads on"]["egress"]
+    assert rows["imaptap"]["raw throughput ratio"] == pytest.approx((0.9, 0.9, 0.9))
+    assert rows["imaptap"]["raw cost ratio"] == pytest.approx((1.1, 1.1, 1.1))
+    assert rows["imaptap"]["isolated throughput ratio"] == pytest.approx((9 / 9.5,) * 3)
+    # cost: ms of CPU per GB received
+    assert rows["nothing"]["cost"][1] == pytest.approx(750.0)
+    assert "raw throughput ratio" not in rows["nothing"], "no ratio of the baseline against itself"
+    assert "isolated throughput ratio" not in rows["null XDP"]
+
+
+def test_udp_cost_is_per_datagram():
+    r = run(0.4, cpu=2.0, packets=1_000_000)
+    assert bench_live.cost_of(r, "UDP 64 B") == pytest.approx(2.0)  # us per datagram
+    assert bench_live.cost_of(run(1.0, cpu=0.5, gb=2.0), "TCP, offloads on") == pytest.approx(250.0)
+
+
+def test_program_share_less_the_do_nothing_program():
+    # imaptap's XDP program: 50 ns a run; the do-nothing one on the same hook: 30 ns (the clock reads)
+    results = {"TCP, offloads on": {"ingress": {
+        "null XDP": [run(5.0, 1.0, programs={"null_xdp": (30_000_000, 1_000_000)})],
+        "imaptap": [run(5.0, 1.0, programs={"imaptap_xdp": (50_000_000, 1_000_000), "imaptap_tc_eg": (0, 0)})]}}}
+    row = bench_live.summarize_stats(results)["TCP, offloads on"]["ingress"]["imaptap"]
+    assert row["imaptap_xdp"]["ns/run"][1] == pytest.approx(50.0)
+    assert row["imaptap_xdp"]["ns/run less null"] == pytest.approx(20.0)
+    assert row["imaptap_xdp"]["share of traffic CPU"][1] == pytest.approx(0.05)
+    assert row["imaptap_xdp"]["share less null"] == pytest.approx(0.02)
+    assert "imaptap_tc_eg" not in row, "a program that never ran has no figures"
+
+
+def test_swapped_pairs():
+    pairs = [(run(9.0, 1.0), run(10.0, 1.0)), (run(11.0, 1.2), run(10.0, 1.0))]
+    got = bench_live.summarize_swapped({"XDP": {"TCP, offloads on": {"egress": pairs}}})
+    row = got["XDP"]["TCP, offloads on"]["egress"]
+    assert row["pairs"] == 2
+    assert row["throughput ratio"][1] == pytest.approx(1.0)
+    assert row["null rate"] == 10.0
+
+
+def test_load_figures():
+    f = bench_live.load_figures(4, 10, wall=2.0, loops=100, cpu=0.2, stats={"received": 20_000, "lost": 0})
+    assert f["segments/s"] == 10_000
+    assert f["% of a core per 1000 segments/s"] == 1.0
+    assert f["CPU us per segment"] == 10.0
+    assert bench_live.load_figures(4, 10, 2.0, 0, 0.1, {})["CPU us per segment"] is None
+
+
+def test_bench_live_arguments():
+    args = bench_live.parse_args([])
+    assert args.arm_names == list(bench_live.DEFAULT_ARMS)
+    assert args.sections == list(bench_live.SECTIONS)
+    assert (args.rounds, args.stats_rounds, args.pairs, args.sessions) == (15, 5, 20, 40)
+    # every ratio is taken against "nothing": it is always run
+    assert bench_live.parse_args(["--arms", "imaptap,tcpdump"]).arm_names == ["nothing", "imaptap", "tcpdump"]
+    with pytest.raises(SystemExit):
+        bench_live.parse_args(["--only", "throughput,speed"])
+    with pytest.raises(SystemExit):
+        bench_live.parse_args(["--arms", "imaptap,wireshark"])
+    assert set(bench_live.ISOLATE.values()) <= set(bench_live.ARM_NAMES)
+    assert set(bench_live.DEFAULT_ARMS) <= set(bench_live.ARM_NAMES)
+
+
+def test_every_flood_has_a_memory_bound():
+    assert set(bench_flood.BOUNDS) == set(make_flood.VARIANTS)
+    args = bench_flood.build_parser().parse_args(["--only", "syn", "--only", "nul"])
+    assert (args.only, args.flows) == (["syn", "nul"], 100_000)
+
+
+def test_flood_live_checks():
+    good = {"flows": 100_000, "evicted": 100_000 - bench_flood_live.MAX_FLOWS, "matched": 100_000,
+            "received": 83_000, "lost": 17_000}
+    assert all(bench_flood_live.checks(0, 100_000, good, 100_000, 335.0).values())
+    failed = bench_flood_live.checks(1, 99_999, dict(good, lost=16_000), 100_000, 600.0)
+    assert [name for name, ok in failed.items() if not ok] == [
+        "exit 0", "one record per flow", "every SYN matched or counted lost", "RSS bound"]
+    assert not bench_flood_live.checks(0, 100_000, {}, 100_000, 1.0)["one record per flow"]
+
+
+def test_fuzz_artifacts_by_kind(tmp_path):
+    for name in ("crash-1", "crash-2", "timeout-3", "oom-4", "leak-5", "seed-6", "notes"):
+        (tmp_path / name).write_bytes(b"")
+    found = fuzz.artifacts(str(tmp_path))
+    assert found == ["crash-1", "crash-2", "leak-5", "oom-4", "timeout-3"]
+    assert fuzz.count_kinds(found) == {"crash-": 2, "timeout-": 1, "oom-": 1, "leak-": 1}
+
+
+def test_libfuzzer_arguments():
+    args = fuzz.libfuzzer_args(20, 1, "/c", "/s", "/x")
+    assert args[-2:] == ["/c", "/s"], "the corpus first: libFuzzer writes new inputs to the first directory"
+    assert f"-timeout={fuzz.HANG_SECONDS}" in args and f"-rss_limit_mb={fuzz.RSS_LIMIT_MB}" in args
+    assert "-max_total_time=20" in args and "-artifact_prefix=/x/" in args
+    assert not any(a.startswith("-jobs") for a in args)
+    assert fuzz.libfuzzer_args(20, 2, "/c", "/s", "/x")[:2] == ["-jobs=2", "-workers=2"]
+
+
+def test_the_fuzz_driver_imports_nothing_of_imaptap():
+    """The child instruments imaptap on import: were it imported with the driver, it would not be."""
+    import subprocess
+    import sys
+
+    code = "import sys, imaptap_lab.fuzz; print(sorted(m for m in sys.modules if m.split('.')[0] == 'imaptap'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    from imaptap_lab import fuzz_seeds, fuzz_targets
+
+    assert set(fuzz.TARGETS) == set(fuzz_targets.TARGETS) == set(fuzz_seeds.SEEDS)
