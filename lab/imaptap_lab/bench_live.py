@@ -126,6 +126,7 @@ def run_ns(pids: list[int]) -> int:
 
 
 def ksoftirqd_pids() -> list[int]:
+    """The ksoftirqd threads: softirq work not done in a process's own context runs there."""
     out = []
     for pid in os.listdir("/proc"):
         try:
@@ -137,11 +138,13 @@ def ksoftirqd_pids() -> list[int]:
 
 
 def tc_filters(iface: str, direction: str) -> str:
+    """`tc filter show` of one direction of ``iface``."""
     return subprocess.run(["tc", "filter", "show", "dev", iface, direction], capture_output=True, text=True,
                           check=False).stdout
 
 
 class Nothing:
+    """The baseline arm: nothing attached."""
     def __init__(self) -> None:
         self.pids: list[int] = []
 
@@ -188,6 +191,7 @@ class Imaptap:
 
 
 class Tcpdump:
+    """tcpdump on the veth with a port-143 filter and no output: the usual way to watch IMAP."""
     def __init__(self, iface: str) -> None:
         self.proc = subprocess.Popen(["tcpdump", "-i", iface, "-n", "-w", "/dev/null", "tcp port 143"],
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -370,6 +374,7 @@ BPF_ARMS = ("null XDP", "imaptap", "null XDP skb", "imaptap --xdp-mode skb", "nu
 
 
 def arms(lab: Lab, tmp: Path) -> dict:
+    """A factory per arm name; each call attaches a fresh arm."""
     return {
         "nothing": lambda: Nothing(),
         "null XDP": lambda: NullXdp(lab.host_if),
@@ -551,6 +556,7 @@ def summarize_stats(results: dict) -> dict:
 
 
 def print_traffic(summary: dict) -> None:
+    """The traffic section's tables, one per load and direction."""
     for load, by_dir in summary.items():
         udp = load.startswith("UDP")
         unit, rate = ("us CPU/datagram", "Mpps") if udp else ("ms CPU/GB", "Gbit/s")
@@ -567,6 +573,7 @@ def print_traffic(summary: dict) -> None:
 
 
 def print_stats(summary: dict) -> None:
+    """ns per run and CPU share of every attached program, per load and direction."""
     for load, by_dir in summary.items():
         for d, rows in by_dir.items():
             print(f"\n  {load}, {d}")
@@ -688,6 +695,7 @@ def swapped(lab: Lab, server_pid: int, seg: Segmentation, pairs: int, seconds: f
 
 
 def summarize_swapped(results: dict) -> dict:
+    """Per hook, load and direction: the imaptap/null ratios of the pairs, median and quartiles."""
     out: dict = {}
     for hook, by_load in results.items():
         for load, by_dir in by_load.items():
@@ -701,6 +709,7 @@ def summarize_swapped(results: dict) -> dict:
 
 
 def print_swapped(summary: dict) -> None:
+    """The swap section's table."""
     print(f"    {'hook':5s} {'load':18s} {'direction':9s} {'pairs':>5s} {'imaptap/null throughput':>24s}"
           f" {'imaptap/null CPU cost':>24s}")
     for hook, by_load in summary.items():
@@ -754,6 +763,7 @@ def packets() -> dict[str, tuple[bytes, int]]:
 
 
 def program_cost(rounds: int) -> dict:
+    """Per hook and packet: (median ns of imaptap's program, median ns of a do-nothing one)."""
     import bcc
     from imaptap.capture import live
 
@@ -804,6 +814,7 @@ MAIL = filler_mail("load")
 
 
 def start_clients(lab: Lab, sessions: int, seconds: float, nice: int) -> list[subprocess.Popen]:
+    """``sessions`` load clients, IPv4 and IPv6 mixed, each looping FETCH and NOOP for ``seconds``."""
     users = sorted(lab.users)
     return [subprocess.Popen(["nice", "-n", str(nice), sys.executable, "-c", LOAD_CLIENT,
                               lab.server4 if i % 4 else lab.server6, users[i % len(users)],
@@ -812,6 +823,7 @@ def start_clients(lab: Lab, sessions: int, seconds: float, nice: int) -> list[su
 
 
 def load_figures(sessions: int, nice: int, wall: float, loops: int, cpu: float, stats: dict) -> dict:
+    """The IMAP load section's figures of one run, from its wall and CPU time and imaptap's counters."""
     received = stats.get("received", 0)
     return {"sessions": sessions, "client nice": nice, "seconds": round(wall, 2), "fetch+noop loops": loops,
             "segments": received, "segments/s": round(received / wall), "lost": stats.get("lost"),
@@ -865,6 +877,7 @@ def imap_load(lab: Lab, sessions: int, seconds: float, tmp: Path, nice: int) -> 
 
 
 def machine() -> str:
+    """Host name, CPUs, CPU model and kernel, for the report."""
     model = ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

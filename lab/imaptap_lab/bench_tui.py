@@ -123,6 +123,7 @@ class SyntheticLive(Source):
 
 
 async def bench(args: argparse.Namespace) -> None:
+    """Run the app on the synthetic source, move the cursor and filter, and print the figures."""
     source = SyntheticLive(args.flows, args.rate, args.seconds, args.syn_flood)
     app = ImaptapApp(Feed(source))
     batch_ms: list[float] = []

@@ -26,6 +26,7 @@ TSHARK_TIMEOUT = 60.0
 
 @dataclass
 class Connection:
+    """One TCP connection of a capture: its ends, family and payloads in order."""
     client: tuple
     server: tuple
     family: str
@@ -147,6 +148,7 @@ class Observer:
             self.facts["starttls"] = "offered"
 
     def feed(self, side: bool, data: bytes) -> None:
+        """Take payload bytes of one side (True: the client), inflated once COMPRESS is on."""
         if self.tls:
             return
         if side in self.inflate:
@@ -174,6 +176,7 @@ class Observer:
             (self.client_line if side else self.server_line)(pieces)
 
     def client_line(self, pieces: list[bytes]) -> None:
+        """One client command (its line and literals): command names, user, mailboxes, ID, STARTTLS."""
         if self.sasl_tag is not None:
             self.sasl_lines.append(pieces[0])
             return
@@ -210,6 +213,7 @@ class Observer:
             self.facts["starttls"] = "requested"
 
     def server_line(self, pieces: list[bytes]) -> None:
+        """One server line: greeting, capabilities, ID, and the tagged completions."""
         line = pieces[0]
         if self.greeting is None:
             self.greeting = line
@@ -247,6 +251,7 @@ class Observer:
                 self.feed(False, rest)
 
     def sasl_done(self) -> None:
+        """An AUTHENTICATE ended: the user (and CRAM-MD5's secrets) from its SASL lines."""
         mech = self.facts["auth_mechanism"]
         decoded = [base64.b64decode(x) if x not in (b"=", b"*") else b"" for x in self.sasl_lines]
         if mech == "PLAIN" and decoded:

@@ -69,6 +69,7 @@ def scenario(name: str, client: str, description: str):
 # Clients
 # ------------------------------------------------------------------------------------------
 def imap4(lab: Lab, port: int = IMAP_PORT, *, host: str | None = None) -> imaplib.IMAP4:
+    """An imaplib client connected to the lab's Dovecot (IPv4 unless ``host`` says otherwise)."""
     return imaplib.IMAP4(host or lab.server4, port, timeout=CLIENT_TIMEOUT)
 
 
@@ -138,6 +139,7 @@ class RawClient:
 
 
 def ok(result: tuple) -> list:
+    """The data of an imaplib result, which must be OK."""
     typ, data = result
     if typ != "OK":
         raise RuntimeError(f"IMAP command failed: {typ} {data}")
@@ -439,6 +441,7 @@ FILLER = ("Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusm
 
 
 def fake_body(variant: str) -> bytes:
+    """A mail whose body quotes IMAP protocol lines, far past the first 256 bytes."""
     body = FILLER + FAKE_LINES + FILLER + FAKE_LINES + FILLER[:300] + FAKE_LINES
     return dated_mail(f"Protocol lines quoted in a mail ({variant})", body,
                       msgid=f"fake-commands-{variant}", sender="mallory@imaptap.test",
@@ -554,6 +557,7 @@ def curl(lab: Lab) -> Outcome:
 
 
 def run_curl(args: list[str]) -> bytes:
+    """Run curl with ``args``, bounded by CLIENT_TIMEOUT; its output, or RuntimeError."""
     proc = subprocess.run(["curl", "-sS", "--max-time", str(CLIENT_TIMEOUT), *args],
                           capture_output=True)
     if proc.returncode != 0:

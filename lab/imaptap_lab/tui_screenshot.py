@@ -31,6 +31,7 @@ SIZE = (160, 40)
 
 
 def all_captures() -> tuple[list, set[int]]:
+    """Every segment of pcaps/ in time order, and every server port."""
     pcaps = str(PCAP_DIR)
     with open(os.path.join(pcaps, "facts.json")) as f:
         facts = json.load(f)
@@ -47,6 +48,7 @@ def all_captures() -> tuple[list, set[int]]:
 
 
 async def shoot(svg_path: str) -> None:
+    """Run the app headless, open the flow with failed logins, save the SVG."""
     segments, ports = all_captures()
     app = ImaptapApp(Feed(SegmentsSource(segments, ports, label="pcaps/*.pcap")))
     async with app.run_test(size=SIZE) as pilot:

@@ -286,6 +286,7 @@ def cpio_newc(entries: list[tuple[str, int, bytes, tuple[int, int]]]) -> bytes:
 
 
 def initramfs(spec: bytes) -> bytes:
+    """The guest's initramfs: /dev/console, the loader as /init, and the spec."""
     init = loader_binary().read_bytes()
     return cpio_newc([("dev", 0o40755, b"", (0, 0)),
                       ("dev/console", 0o20600, b"", (5, 1)),
@@ -296,6 +297,7 @@ def initramfs(spec: bytes) -> bytes:
 # --- booting ---------------------------------------------------------------------------------
 
 def kvm_usable() -> bool:
+    """Whether /dev/kvm opens (KVM may still fail to run a guest)."""
     try:
         fd = os.open("/dev/kvm", os.O_RDWR)
     except OSError:
