@@ -31,6 +31,8 @@ from pathlib import Path
 from imaptap_lab.checkout import OUT_DIR, ROOT, VENV_PYTHON
 
 TARGETS = ("imap_stream", "capture_file")
+#: This module, as the child runs it (python -m).
+DRIVER_MODULE = "imaptap_lab.fuzz"
 #: The module the child imports under instrumentation; its functions are TARGETS.
 TARGETS_MODULE = "imaptap_lab.fuzz_targets"
 #: What the child instruments: imaptap, the packet library under its reader, and the targets'
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         # As root, #!/usr/bin/env python3 finds the system's Python; atheris is in the .venv's.
         if VENV_PYTHON.exists() and Path(sys.prefix).resolve() != VENV_PYTHON.parents[1].resolve():
-            os.execv(VENV_PYTHON, [str(VENV_PYTHON), "-m", __spec__.name, *argv])
+            os.execv(VENV_PYTHON, [str(VENV_PYTHON), "-m", DRIVER_MODULE, *argv])
         print("scripts/fuzz: atheris is not installed (pip install atheris)", file=sys.stderr)
         return 2
 
@@ -133,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     libfuzzer = libfuzzer_args(args.seconds, args.jobs, corpus, seeds, crashes)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", __spec__.name, "--child", args.target, *libfuzzer],
+    proc = subprocess.run([sys.executable, "-m", DRIVER_MODULE, "--child", args.target, *libfuzzer],
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     elapsed = time.monotonic() - started
     log = proc.stdout
