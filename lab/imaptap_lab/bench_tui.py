@@ -48,7 +48,7 @@ class SyntheticLive(Source):
     """Many long sessions; paced like a live capture once they are all open."""
 
     live = True
-    close_at_end = False
+    flows_end_with_input = False
 
     def __init__(self, flows: int, rate: float, seconds: float, syn_flood: bool = False) -> None:
         self.label = f"synthetic {flows} flows @ {rate:.0f} {'SYN' if syn_flood else 'seg'}/s"
@@ -83,6 +83,8 @@ class SyntheticLive(Source):
             yield seg(i, "s", b"a1 OK Logged in\r\n")
             yield seg(i, "c", b"a2 SELECT INBOX\r\n")
             yield seg(i, "s", b"* 12 EXISTS\r\na2 OK [READ-WRITE] Select completed.\r\n")
+            if i % 100 == 99:
+                yield None  # a tick every 500 segments, as a source gives them (pipeline.CHECK_EVERY)
         self.setup_seconds = time.monotonic() - t0
         yield None
 

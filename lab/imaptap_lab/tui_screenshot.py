@@ -21,9 +21,10 @@ import sys
 import tempfile
 
 from imaptap.capture.replay import ReplayStats, open_capture
+from imaptap.pipeline import MemorySource
 from imaptap.segment import PayloadPolicy
 from imaptap.tui.app import ImaptapApp
-from imaptap.tui.feed import Feed, SegmentsSource
+from imaptap.tui.feed import Feed
 
 from imaptap_lab.checkout import PCAP_DIR, ROOT
 
@@ -50,12 +51,12 @@ def all_captures() -> tuple[list, set[int]]:
 async def shoot(svg_path: str) -> None:
     """Run the app headless, open the flow with failed logins, save the SVG."""
     segments, ports = all_captures()
-    app = ImaptapApp(Feed(SegmentsSource(segments, ports, label="pcaps/*.pcap")))
+    app = ImaptapApp(Feed(MemorySource(segments, ports, label="pcaps/*.pcap")))
     async with app.run_test(size=SIZE) as pilot:
         while not app.capture_complete:
             await pilot.pause(0.05)
         rows = app.flows_table.rows
-        target = next(i for i, fid in enumerate(rows) if app.store.flows[fid].snap.record["login_failures"] > 1)
+        target = next(i for i, fid in enumerate(rows) if app.store.flows[fid].snap.facts.login_failures > 1)
         await pilot.press(*["down"] * target, "enter")
         await pilot.pause()
         app.save_screenshot(os.path.basename(svg_path), os.path.dirname(os.path.abspath(svg_path)))
