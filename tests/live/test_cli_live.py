@@ -189,7 +189,8 @@ def test_live_cli_on_real_sessions(lab, tmp_path):
 
     replayed = subprocess.run(imaptap_cmd("-r", str(pcap), "--port", "143", "--port", "10143", "--json", "-",
                                           "--flows-only"), capture_output=True, text=True, env=env(), check=True)
-    replay_flows = sorted((json.loads(line) for line in replayed.stdout.splitlines()), key=lambda r: r.get("first_ts", 0))
+    replay_flows = sorted((json.loads(line) for line in replayed.stdout.splitlines()),
+                          key=lambda r: r.get("first_ts", 0))
     replay_flows = [f for f in replay_flows if f["type"] == "flow"]
     assert [facts(f) for f in replay_flows] == [facts(f) for f in live_flows]
 

@@ -84,6 +84,7 @@ def frames(lab) -> list[tuple[str, bytes, bool]]:
     text = b"a1 LOGIN alice secret\r\n"
     big = bytes(range(256)) + bytes(range(44))
     HOP, ROUTING, DST, FRAG, AH, TCP, UDP = 0, 43, 60, 44, 51, 6, 17
+    udp = struct.pack("!HHHH", 40000, 143, 8 + len(text), 0) + text
     out = [
         ("ipv4", eth(0x0800, ipv4(c4, s4, tcp(1000, text))), False),
         ("ipv4 from the server", eth(0x0800, ipv4(s4, c4, tcp(2000, text, sport=143, dport=40000))), False),
@@ -103,23 +104,28 @@ def frames(lab) -> list[tuple[str, bytes, bool]]:
         ("rst with payload", eth(0x0800, ipv4(c4, s4, tcp(12000, b"x", flags=RST))), False),
         ("pure ack", eth(0x0800, ipv4(c4, s4, tcp(13000, flags=ACK))), False),
         ("other port", eth(0x0800, ipv4(c4, s4, tcp(14000, text, dport=8143))), False),
-        ("udp to 143", eth(0x0800, ipv4(c4, s4, struct.pack("!HHHH", 40000, 143, 8 + len(text), 0) + text, proto=UDP)), False),
+        ("udp to 143", eth(0x0800, ipv4(c4, s4, udp, proto=UDP)), False),
         ("ipv4 first fragment", eth(0x0800, ipv4(c4, s4, tcp(15000, text), frag=0x2000)), False),
         ("ipv4 later fragment", eth(0x0800, ipv4(c4, s4, tcp(16000, text), frag=0x0010)), False),
         ("ipv4 total length 0 (GSO)", eth(0x0800, ipv4(c4, s4, tcp(17000, text), total_len=0)), False),
         ("ipv4 truncated", eth(0x0800, ipv4(c4, s4, tcp(18000, text), total_len=20 + 20 + 500)), False),
         ("ipv4 bad version", eth(0x0800, ipv4(c4, s4, tcp(19000, text), version=5)), False),
         ("tcp data offset < 5", eth(0x0800, ipv4(c4, s4, tcp(20000, text, doff=4))), False),
-        ("ip length inside the tcp header", eth(0x0800, ipv4(c4, s4, tcp(21000, text, flags=SYN), total_len=30)), False),
+        ("ip length inside the tcp header",
+         eth(0x0800, ipv4(c4, s4, tcp(21000, text, flags=SYN), total_len=30)), False),
         ("ipv6", eth(0x86DD, ipv6(c6, s6, TCP, tcp(22000, text))), False),
-        ("ipv6 hop-by-hop, routing, dest opts", eth(0x86DD, ipv6(c6, s6, HOP, ext8(ROUTING) + ext8(DST, 1) + ext8(TCP, 2) + tcp(23000, text))), False),
+        ("ipv6 hop-by-hop, routing, dest opts",
+         eth(0x86DD, ipv6(c6, s6, HOP, ext8(ROUTING) + ext8(DST, 1) + ext8(TCP, 2) + tcp(23000, text))), False),
         ("ipv6 ah", eth(0x86DD, ipv6(c6, s6, AH, ah(TCP) + tcp(24000, text))), False),
         ("ipv6 atomic fragment", eth(0x86DD, ipv6(c6, s6, FRAG, frag6(TCP, 0) + tcp(25000, text))), False),
         ("ipv6 fragment", eth(0x86DD, ipv6(c6, s6, FRAG, frag6(TCP, 1) + tcp(26000, text))), False),
-        ("ipv6 four extension headers", eth(0x86DD, ipv6(c6, s6, HOP, ext8(DST) + ext8(ROUTING) + ext8(DST) + ext8(TCP) + tcp(27000, text))), False),
-        ("ipv6 five extension headers", eth(0x86DD, ipv6(c6, s6, HOP, ext8(DST) + ext8(ROUTING) + ext8(DST) + ext8(DST) + ext8(TCP) + tcp(28000, text))), True),
+        ("ipv6 four extension headers",
+         eth(0x86DD, ipv6(c6, s6, HOP, ext8(DST) + ext8(ROUTING) + ext8(DST) + ext8(TCP) + tcp(27000, text))), False),
+        ("ipv6 five extension headers",
+         eth(0x86DD, ipv6(c6, s6, HOP, ext8(DST) + ext8(ROUTING) + ext8(DST) + ext8(DST) + ext8(TCP)
+                          + tcp(28000, text))), True),
         ("ipv6 payload length 0", eth(0x86DD, ipv6(c6, s6, TCP, tcp(29000, text), payload_len=0)), False),
-        ("ipv6 udp", eth(0x86DD, ipv6(c6, s6, UDP, struct.pack("!HHHH", 40000, 143, 8 + len(text), 0) + text)), False),
+        ("ipv6 udp", eth(0x86DD, ipv6(c6, s6, UDP, udp)), False),
         ("arp", eth(0x0806, bytes(28)), False),
     ]
     return out

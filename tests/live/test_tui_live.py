@@ -9,11 +9,13 @@ import sys
 import threading
 import time
 
+from test_cli_live import attached, dropped_uid, env, imaptap_cmd
+
 from livelab import ROOT
 
+# test_terminal lives beside the TUI tests, which are not on the path of the live ones.
 sys.path.insert(0, str(ROOT / "tests" / "tui"))
-from test_cli_live import attached, dropped_uid, env, imaptap_cmd  # noqa: E402
-from test_terminal import run_on_terminal  # noqa: E402
+from test_terminal import run_on_terminal
 
 KEPT = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF
 

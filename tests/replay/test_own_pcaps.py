@@ -33,7 +33,7 @@ def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
     r = replay(imaptap, name, "-s", snap)
     flows = sorted(r.flows, key=lambda f: f["first_ts"])
     assert len(flows) == len(spec["flows"]), [f["client"] for f in flows]
-    for got, want in zip(flows, spec["flows"]):
+    for got, want in zip(flows, spec["flows"], strict=True):
         assert got["imap"] is True
         assert got["server"].endswith(f":{want['port']}")
         assert got["ip_version"] == (6 if want["family"] == "ipv6" else 4)

@@ -44,7 +44,8 @@ def test_ndpi_starttls_completed_then_nothing_parsed(imaptap):
     caps = [c.strip().upper() for c in zeek_caps.strip("[]").split(",")]
     assert len(caps) == 20 and f["capabilities"] == caps
     last = r.messages[-1]
-    assert (last["from"], last["tag"], last["status"], last["text"]) == ("server", ".", "OK", "Begin TLS negotiation now")
+    assert (last["from"], last["tag"], last["status"], last["text"]) == \
+        ("server", ".", "OK", "Begin TLS negotiation now")
     assert f["bytes_not_captured"] > 1000  # the TLS bytes were never copied
 
 
@@ -67,7 +68,8 @@ def test_exchange_1999_session(imaptap, name):
     assert f["username"] == "neulingern" and f["login_ok"] is True
     assert set(f["mailboxes"]) == {"INBOX"}
     assert f["server_software"] == "Microsoft Exchange 5.5.2650.23"
-    assert f["capabilities"] == ["IMAP4", "IMAP4REV1", "IDLE", "LITERAL+", "LOGIN-REFERRALS", "MAILBOX-REFERRALS", "NAMESPACE", "AUTH=NTLM"]
+    assert f["capabilities"] == ["IMAP4", "IMAP4REV1", "IDLE", "LITERAL+", "LOGIN-REFERRALS", "MAILBOX-REFERRALS",
+                                 "NAMESPACE", "AUTH=NTLM"]
     assert "XXXXXX" not in r.stdout
     login = [m for m in r.messages if m["command"] == "LOGIN" and m["kind"] == "request"][0]
     assert login["args"] == "neulingern ***"
@@ -79,7 +81,8 @@ def test_exchange_1999_session(imaptap, name):
     whole = imaptap("-r", pcap(name), "--json", "-", "-s", "65535")
     (g,) = whole.flows
     assert g["anomalies"] == {} and g["resyncs"] == 0 and g["bytes_not_captured"] == 0
-    assert {k: g[k] for k in ("username", "mailboxes", "commands")} == {k: f[k] for k in ("username", "mailboxes", "commands")}
+    same = ("username", "mailboxes", "commands")
+    assert {k: g[k] for k in same} == {k: f[k] for k in same}
 
 
 def test_arkime_greeting_alone_is_an_imap_flow(imaptap):
@@ -121,7 +124,7 @@ def test_zeek_fuzz_corpus_exchange_session():
     s = ImapSession(on_message=msgs.append)
     data = open(pcap("zeek/fuzz-corpus/imap-0001.pcap.pkt"), "rb").read()
     parts = re.split(rb"\x01PKT([\x01\x02])", data)[1:]
-    for direction, chunk in zip(parts[::2], parts[1::2]):
+    for direction, chunk in zip(parts[::2], parts[1::2], strict=True):
         (s.client if direction == b"\x01" else s.server).feed(chunk)
     s.finish()
     assert s.username == "neulingern" and s.login_ok and s.mailboxes == ["INBOX", "INBOX"]
@@ -135,6 +138,6 @@ def test_zeek_fuzz_junk_does_not_raise(name):
     s = ImapSession(on_message=lambda m: None)
     data = open(pcap("zeek/fuzz-corpus/" + name), "rb").read()
     parts = re.split(rb"\x01PKT([\x01\x02])", data)[1:]
-    for direction, chunk in zip(parts[::2], parts[1::2]):
+    for direction, chunk in zip(parts[::2], parts[1::2], strict=True):
         (s.client if direction == b"\x01" else s.server).feed(chunk)
     s.finish()

@@ -101,7 +101,8 @@ async def wait_for(pilot, cond: Callable[[], bool], timeout: float = 10.0) -> No
 
 
 def login(user: str, i: int, ok: bool = True, port: int = 143, greeting: bytes = b"* OK Dovecot ready.\r\n",
-          extra: list[tuple[str, bytes]] | None = None, close: bool = True, ts: float = 1_700_000_000.0) -> list[Segment]:
+          extra: list[tuple[str, bytes]] | None = None, close: bool = True,
+          ts: float = 1_700_000_000.0) -> list[Segment]:
     """One connection: greeting, LOGIN user (OK or NO), then ``extra``."""
     parts = [("s", greeting), ("c", f"a1 LOGIN {user} secret{i}\r\n".encode()),
              ("s", b"a1 OK Logged in\r\n" if ok else b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n")]

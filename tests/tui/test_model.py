@@ -174,7 +174,7 @@ def test_column_widths_fill_the_width_then_shrink_then_drop():
         widths = fit_widths(FLOW_COLUMNS, total)
         assert sum(widths) + len(widths) - 1 == total
         assert widths[1] >= 21 and widths[2] >= 21  # client and server: a whole IPv4 address and port
-    narrow = dict(zip((c.key for c in FLOW_COLUMNS), fit_widths(FLOW_COLUMNS, 90)))
+    narrow = dict(zip((c.key for c in FLOW_COLUMNS), fit_widths(FLOW_COLUMNS, 90), strict=True))
     assert narrow["software"] == narrow["latency"] == narrow["last"] == 0  # dropped first
     assert narrow["state"] >= 12 and narrow["user"] >= 8 and narrow["failed"] == 4
 

@@ -3,13 +3,12 @@
 import os
 import re
 
-from testenv import ROOT
-
 from imaptap.facts import FlowFacts
 from imaptap.flows import EndReason
 from imaptap.imap.anomalies import ALL_KEYS
 from imaptap.imap.session import MESSAGE_OPTIONAL_FIELDS, Message
 from imaptap.output.jsonl import _MESSAGE_KEYS
+from testenv import ROOT
 
 README = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
 JSON_SECTION = README[README.index("## JSON Lines"):README.index("## How it works")]

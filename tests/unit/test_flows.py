@@ -84,7 +84,7 @@ def test_idle_flows_expire_on_capture_time():
 def test_table_is_bounded_and_evicts_the_oldest_idle_flow():
     segs = []
     for i in range(50):
-        segs += conversation(SESSION[:1], client=("192.0.2.%d" % (i + 1), 40000 + i), close=False, ts=1000.0 + i)
+        segs += conversation(SESSION[:1], client=(f"192.0.2.{i + 1}", 40000 + i), close=False, ts=1000.0 + i)
     r = analyze(segs, max_flows=10)
     assert len(r.flows) == 50
     assert [f["end"] for f in r.flows].count("evicted") == 40
@@ -98,7 +98,8 @@ def test_syn_only_flows_and_reused_tuples():
     r = analyze(segs)
     # the SYN-only attempt and the real session share a 5-tuple: the later SYN starts a new flow
     assert len(r.flows) == 1 and r.flow["username"] == "alice"
-    again = conversation(SESSION, client=("192.0.2.1", 5555), close=False) + conversation(SESSION, client=("192.0.2.1", 5555), ts=1_700_000_100.0)
+    again = (conversation(SESSION, client=("192.0.2.1", 5555), close=False)
+             + conversation(SESSION, client=("192.0.2.1", 5555), ts=1_700_000_100.0))
     assert [f["end"] for f in analyze(again).flows] == ["reused", "fin"]
 
 

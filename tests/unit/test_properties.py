@@ -59,7 +59,8 @@ def test_arbitrary_bytes_with_a_snap_length_never_raise(case, snaplen):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.binary(min_size=1, max_size=3000), st.lists(st.integers(1, 3000), max_size=6), st.sampled_from([None, 256, 40]))
+@given(st.binary(min_size=1, max_size=3000), st.lists(st.integers(1, 3000), max_size=6),
+       st.sampled_from([None, 256, 40]))
 def test_no_mail_body_changes_a_fact(body, cut_at, snaplen):
     def session(b):
         return [

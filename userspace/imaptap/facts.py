@@ -88,7 +88,7 @@ class FlowFacts(NamedTuple):
     def record(self) -> dict[str, Any]:
         """The JSON flow record as a dict: JSON's types (lists, not tuples), copies throughout."""
         rec: dict[str, Any] = {"type": "flow"}
-        for key, value in zip(self._fields, self):
+        for key, value in zip(self._fields, self, strict=True):
             if isinstance(value, tuple):
                 value = list(value)
             elif isinstance(value, dict):

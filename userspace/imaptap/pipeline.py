@@ -46,8 +46,9 @@ class Source:
 
     `segments` yields them one at a time, and None ("a tick") at least every `CHECK_EVERY`
     segments or so and whenever there is nothing to hand over for a while: the pipeline looks
-    at the stop flag and the clock on ticks.  Never read ahead: the analyzer changes what the capture copies of a flow (nothing after STARTTLS, whole
-    payloads after COMPRESS) from the very next segment on.
+    at the stop flag and the clock on ticks.  Never read ahead: the analyzer changes what the
+    capture copies of a flow (nothing after STARTTLS, whole payloads after COMPRESS) from the
+    very next segment on.
     """
 
     label = ""

@@ -58,7 +58,7 @@ def conversation(
         seq["s"] += 1
     for i, (side, data) in enumerate(parts):
         offsets = [0, *sorted(o for o in (cuts[i] if cuts and i < len(cuts) else ()) if 0 < o < len(data)), len(data)]
-        for a, b in zip(offsets, offsets[1:]):
+        for a, b in zip(offsets, offsets[1:], strict=False):
             if a == b:
                 continue
             seg(side, _PSH_ACK, data[a:b])

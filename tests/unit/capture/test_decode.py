@@ -176,7 +176,8 @@ def test_dont_fragment_is_not_a_fragment():
 
 
 def test_a_fragment_of_udp_is_not_tcp_rather_than_a_lost_tcp_fragment():
-    assert decode_ipv4(ipv4(bytes(dpkt.udp.UDP(sport=53, dport=53, data=b"x" * 8)), proto=17, off=dpkt.ip.IP_MF)) is Skip.NOT_TCP
+    udp = bytes(dpkt.udp.UDP(sport=53, dport=53, data=b"x" * 8))
+    assert decode_ipv4(ipv4(udp, proto=17, off=dpkt.ip.IP_MF)) is Skip.NOT_TCP
 
 
 def test_udp_and_icmp_are_not_tcp():

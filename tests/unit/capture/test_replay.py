@@ -230,7 +230,8 @@ def test_pcapng_as_dpkt_writes_it(tmp_path):
 def idb(linktype, tsresol=None, le=True):
     opt = PcapngOptionLE if le else PcapngOption
     opts = [] if tsresol is None else [opt(code=dpkt.pcapng.PCAPNG_OPT_IF_TSRESOL, data=bytes([tsresol])), opt(code=0)]
-    return bytes((InterfaceDescriptionBlockLE if le else InterfaceDescriptionBlock)(linktype=linktype, snaplen=0, opts=opts))
+    block = InterfaceDescriptionBlockLE if le else InterfaceDescriptionBlock
+    return bytes(block(linktype=linktype, snaplen=0, opts=opts))
 
 
 def epb(iface, ticks, frame, le=True):
@@ -385,7 +386,8 @@ def test_not_a_capture(tmp_path, content, words):
     path.write_bytes(content)
     with pytest.raises(CaptureFileError) as info:
         open_capture(path)
-    assert str(info.value) == f"{path}: {words}" or (str(info.value).startswith(f"{path}: ") and words in str(info.value))
+    message = str(info.value)
+    assert message == f"{path}: {words}" or (message.startswith(f"{path}: ") and words in message)
 
 
 def test_missing_file_and_directory(tmp_path):

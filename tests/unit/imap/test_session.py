@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 from imaptap.testing import analyze, conversation
 
-GREETING = b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n"
+GREETING = (b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS"
+            b" AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n")
 
 
 def run(parts, snaplen=256, taillen=128, **kw):
@@ -57,7 +58,8 @@ def test_login_atom_session_facts():
 
 
 def test_quoted_login_strips_quotes_and_escapes():
-    r = run([("s", GREETING), ("c", b'a1 LOGIN "bob \\"the\\" builder" "Bob Pw \\"q\\" 42"\r\n'), ("s", b"a1 OK ok\r\n")])
+    r = run([("s", GREETING), ("c", b'a1 LOGIN "bob \\"the\\" builder" "Bob Pw \\"q\\" 42"\r\n'),
+             ("s", b"a1 OK ok\r\n")])
     assert r.flow["username"] == 'bob "the" builder'
     assert "Bob Pw" not in everything(r)
 
@@ -87,7 +89,8 @@ def test_authenticate_plain_with_initial_response():
     r = run([("s", GREETING), ("c", b"A001 AUTHENTICATE PLAIN " + b64(b"\x00alice\x00Alice-Pw-7391") + b"\r\n"),
              ("s", b"A001 OK Logged in\r\n")])
     f = r.flow
-    assert (f["username"], f["auth_mechanism"], f["auth_command"], f["login_ok"]) == ("alice", "PLAIN", "AUTHENTICATE", True)
+    assert (f["username"], f["auth_mechanism"], f["auth_command"], f["login_ok"]) == \
+        ("alice", "PLAIN", "AUTHENTICATE", True)
     assert f["cleartext_credentials"] is True
     out = everything(r)
     assert "Alice-Pw-7391" not in out and b64(b"\x00alice\x00Alice-Pw-7391").decode() not in out
@@ -160,7 +163,8 @@ def test_mail_body_full_of_commands_changes_no_fact(snaplen):
     cuts = [[], [], [], [], [], [100, 700], [], [], [90, 1000], [], []]
     trap = run(session(FAKE_BODY), snaplen=snaplen, cuts=cuts)
     base = run(session(plain), snaplen=snaplen)
-    ignore = {"first_ts", "last_ts", "packets", "bytes", "packets_c2s", "packets_s2c", "bytes_c2s", "bytes_s2c", "bytes_not_captured"}
+    ignore = {"first_ts", "last_ts", "packets", "bytes", "packets_c2s", "packets_s2c", "bytes_c2s", "bytes_s2c",
+              "bytes_not_captured"}
     a = {k: v for k, v in trap.flow.items() if k not in ignore}
     b = {k: v for k, v in base.flow.items() if k not in ignore}
     assert a == b
@@ -174,7 +178,8 @@ def test_starttls_completed_stops_parsing():
     r = run([("s", GREETING), ("c", b"a1 STARTTLS\r\n"), ("s", b"a1 OK Begin TLS negotiation now.\r\n"),
              ("c", b"\x16\x03\x01\x00\x30" + b"a2 LOGIN mallory x\r\n"), ("s", b"\x16\x03\x03\x00\x10* OK fake\r\n")])
     f = r.flow
-    assert (f["starttls"], f["encrypted"], f["username"], f["cleartext_credentials"]) == ("completed", True, None, False)
+    assert (f["starttls"], f["encrypted"], f["username"], f["cleartext_credentials"]) == \
+        ("completed", True, None, False)
     assert f["findings"] == []
     assert len(r.messages) == 3
 
@@ -238,9 +243,11 @@ def test_compress_without_whole_payloads_prints_no_deflate_bytes():
     from imaptap.output.jsonl import flow_record, message_record
     from imaptap.testing import Analysis
     segs = conversation(compressed_session())
-    cut = [s.__class__(*[getattr(s, f) for f in ("ts", "ip_version", "src", "dst", "sport", "dport", "seq", "ack", "flags", "wire_len")], s.payload[:64]) for s in segs]
+    head = ("ts", "ip_version", "src", "dst", "sport", "dport", "seq", "ack", "flags", "wire_len")
+    cut = [s.__class__(*[getattr(s, f) for f in head], s.payload[:64]) for s in segs]
     res = Analysis()
-    table = FlowTable({143}, None, lambda fl, m: res.messages.append(message_record(fl, m)), lambda fl: res.flows.append(flow_record(fl)))
+    table = FlowTable({143}, None, lambda fl, m: res.messages.append(message_record(fl, m)),
+                      lambda fl: res.flows.append(flow_record(fl)))
     for s in cut:
         table.add(s)
     table.close_all()
@@ -290,8 +297,8 @@ def test_refused_literal_does_not_swallow_the_rest():
 @pytest.mark.parametrize("tag", [".", "a0000", "C00000", "A001", "x" * 10_000])
 def test_tags_of_any_shape_and_length_match(tag):
     t = tag.encode()
-    r = run([("s", GREETING), ("c", t + b" CAPABILITY\r\n"), ("s", b"* CAPABILITY IMAP4rev1\r\n" + t + b" OK done\r\n")],
-            snaplen=None)
+    r = run([("s", GREETING), ("c", t + b" CAPABILITY\r\n"),
+             ("s", b"* CAPABILITY IMAP4rev1\r\n" + t + b" OK done\r\n")], snaplen=None)
     (req,) = [m for m in r.messages if m["kind"] == "request"]
     (resp,) = [m for m in r.messages if m["kind"] == "response"]
     assert resp["command"] == "CAPABILITY" and resp["latency_ms"] is not None
@@ -313,7 +320,8 @@ def test_capture_started_mid_connection():
 @pytest.mark.parametrize("snaplen, taillen, lines", [(None, 0, 5), (256, 128, 5), (256, 0, 4)])
 def test_server_side_only_capture_invents_no_requests(snaplen, taillen, lines):
     r = run([("s", GREETING), ("s", b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n"),
-             ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")], snaplen=snaplen, taillen=taillen)
+             ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")],
+            snaplen=snaplen, taillen=taillen)
     f = r.flow
     assert f["commands"] == {} and f["username"] is None
     assert [m["from"] for m in r.messages] == ["server"] * lines
@@ -360,14 +368,12 @@ def test_hostile_strings_are_plain_data():
 
 def test_lost_login_completions_are_inferred_from_what_follows():
     lost = b"a1 OK " + b"x" * 4000 + b"\r\n"  # a completion the capture cuts off
-    ok = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
-              ("c", b"a2 SELECT INBOX\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    login = [("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost)]
+    ok = run([*login, ("c", b"a2 SELECT INBOX\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
     assert ok.flow["login_ok"] is True and ok.flow["anomalies"]["login_completion_lost"] == 1
-    failed = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
-                  ("c", b"a2 LOGIN alice pw2\r\n"), ("s", b"a2 OK in\r\n")], taillen=0)
+    failed = run([*login, ("c", b"a2 LOGIN alice pw2\r\n"), ("s", b"a2 OK in\r\n")], taillen=0)
     assert failed.flow["login_failures"] == 1 and failed.flow["login_ok"] is True
-    unknown = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost),
-                   ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    unknown = run([*login, ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
     assert unknown.flow["login_ok"] is None
 
 
@@ -378,7 +384,8 @@ _untagged_heads = st.builds(
     st.one_of(st.sampled_from([b"FETCH", b"OK", b"exists", b"CAPABILITY", b"ID", b"X-Y.z", b"", b"1A", b"A" * 64,
                                b"A" * 65, b"Ok\x00", b"\xc3\xa9"]),
               st.binary(max_size=8).filter(lambda b: b"\n" not in b and b"\r" not in b)),
-    st.one_of(st.just(b""), st.just(b" "), st.binary(max_size=12).map(lambda b: b" " + b.replace(b"\n", b"").replace(b"\r", b""))),
+    st.one_of(st.just(b""), st.just(b" "),
+              st.binary(max_size=12).map(lambda b: b" " + b.replace(b"\n", b"").replace(b"\r", b""))),
 )
 
 

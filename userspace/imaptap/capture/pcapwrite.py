@@ -65,7 +65,7 @@ class SegmentWriter:
     """Appends segments to a pcap file as they are captured."""
 
     def __init__(self, path: str) -> None:
-        self._file = open(path, "wb")  # noqa: SIM115 - closed by close()
+        self._file = open(path, "wb")  # open for the writer's lifetime; close() closes it
         self._file.write(_FILE_HEADER.pack(_PCAP_MAGIC, 2, 4, 0, 0, FILE_SNAPLEN, LINKTYPE_RAW))
         self.records = 0
 
@@ -179,7 +179,7 @@ class MaskingWriter:
         self._held_bytes -= sum(len(s.payload) for s in held)
         secrets = self._secrets(key, flow)
         payloads = blank([s.payload for s in held], secrets) if secrets else [s.payload for s in held]
-        for seg, payload in zip(held, payloads):
+        for seg, payload in zip(held, payloads, strict=True):
             self._out.write(seg if payload is seg.payload else seg._replace(payload=payload))
         if last is not None:
             self._held[key] = [last]

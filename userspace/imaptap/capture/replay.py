@@ -232,7 +232,8 @@ class CaptureReader:
             version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
             payload, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
             stats.segments += 1
-            yield new_segment(Segment, (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
+            yield new_segment(Segment,
+                              (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
 
     def _records(self, stats: ReplayStats) -> Iterator[tuple[float, LinkDecoder, bytes]]:
         """(time, the decoder for the record's link type, captured bytes) per packet record."""

@@ -253,7 +253,8 @@ class ImapStream:
             # DEFLATE cannot skip: every later byte depends on the lost ones.
             self.mode = _UNDECODABLE
             self._drop_partial()
-            self.on_anomaly(StreamAnomaly.COMPRESSED_GAP, f"{n} compressed bytes not captured; stream no longer decodable")
+            self.on_anomaly(StreamAnomaly.COMPRESSED_GAP,
+                            f"{n} compressed bytes not captured; stream no longer decodable")
             return
         self._start()
         if self.mode is _LITERAL:
@@ -416,7 +417,8 @@ class ImapStream:
         size, sync, binary = mark
         if len(self.literals) >= MAX_LITERALS_PER_LINE:
             if len(self.literals) == MAX_LITERALS_PER_LINE:
-                self.on_anomaly(StreamAnomaly.TOO_MANY_LITERALS, f"more than {MAX_LITERALS_PER_LINE} literals in one line")
+                self.on_anomaly(StreamAnomaly.TOO_MANY_LITERALS,
+                                f"more than {MAX_LITERALS_PER_LINE} literals in one line")
             self.truncated = True
             lit = Literal(size, complete=False, binary=binary, sync=sync)
         else:

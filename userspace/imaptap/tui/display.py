@@ -179,7 +179,9 @@ def state_parts(snap: FlowSnapshot) -> tuple[str, str | None, str, str]:
         if r.login_ok:
             word = "IMAP LOGIN"
         elif r.login_ok is False:
-            return ("LOGIN FAILED", None, "", STYLE_FAILED) if user is None else ("LOGIN FAILED (", user, ")", STYLE_FAILED)
+            if user is None:
+                return ("LOGIN FAILED", None, "", STYLE_FAILED)
+            return ("LOGIN FAILED (", user, ")", STYLE_FAILED)
         else:
             word = "IMAP LOGIN?"
         return (word, None, "", cleartext) if user is None else (word + " (", user, ")", cleartext)

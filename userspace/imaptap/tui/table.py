@@ -212,7 +212,7 @@ class VirtualTable(ScrollView, can_focus=True):
             return
         if offset.y == 0:
             x = 0
-            for column, width in zip(self.columns, self._fit()):
+            for column, width in zip(self.columns, self._fit(), strict=True):
                 if x <= offset.x < x + width + len(SEPARATOR):
                     self.post_message(HeaderClicked(self, column.key))
                     return
@@ -267,7 +267,8 @@ class VirtualTable(ScrollView, can_focus=True):
         if strip is not None:
             return strip
         line = Text(style=base, end="", no_wrap=True)
-        for column, w, cell in zip(self.columns, widths, cells):
+        # Not strict: a row whose flow has just left the store has no cells and is drawn blank.
+        for column, w, cell in zip(self.columns, widths, cells, strict=False):
             if w <= 0:
                 continue
             line.append_text(self._fitted(cell, w, column.right))
@@ -294,7 +295,7 @@ class VirtualTable(ScrollView, can_focus=True):
         header = base + self.get_component_rich_style("virtual-table--header")
         sorted_style = base + self.get_component_rich_style("virtual-table--header-sorted")
         line = Text(style=header, end="", no_wrap=True)
-        for column, w in zip(self.columns, widths):
+        for column, w in zip(self.columns, widths, strict=True):
             if w <= 0:
                 continue
             label = column.label

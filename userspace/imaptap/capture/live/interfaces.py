@@ -127,6 +127,6 @@ def link_kind(ipr, index: int) -> str | None:
     """The link's kind as `ip -d link` shows it (veth, bridge, ...); None for a plain device."""
     try:
         (link,) = ipr.get_links(index)
-    except Exception:  # noqa: BLE001 - only a note depends on it
+    except Exception:  # any failure: only a note depends on the kind
         return None
     return attr_value(nested_attrs(link, "IFLA_LINKINFO"), "IFLA_INFO_KIND")
