@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from typing import IO, TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, NoReturn
 
 from imaptap import __version__
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowStats
@@ -60,8 +60,11 @@ class _Parser(argparse.ArgumentParser):
     #: check its metavar, and the terminal's width (looked up by importing shutil, 2% of a
     #: replay's start-up) matters only when help is printed.
     building = True
+    # argparse's stubs allow any callable taking prog; this parser is given a HelpFormatter
+    # class, whose width _get_formatter sets.
+    formatter_class: type[argparse.HelpFormatter]
 
-    def error(self, message: str) -> None:  # one line, not usage + line
+    def error(self, message: str) -> NoReturn:  # one line, not usage + line
         raise UsageError(f"{message} (see imaptap --help)")
 
     def _get_formatter(self) -> argparse.HelpFormatter:
@@ -229,13 +232,14 @@ def _main(args: argparse.Namespace) -> int:
 
     out, close_out = _open_output(json_path)
     writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path)
+    source: Source | None
+    pcap_writer: MaskingWriter | None
+    early_error: str | None = None
     try:
         source, pcap_writer = open_source(args, ports)
     except UsageError as exc:
         # Said on stderr and in the stats record, as any failure of the input.
         source, pcap_writer, early_error = None, None, str(exc)
-    else:
-        early_error = None
     pipeline = None
     if source is not None:
         pipeline = Pipeline(source, [JsonlSink(writer, messages=not args.flows_only)], pcap_writer=pcap_writer,

@@ -90,10 +90,11 @@ class FlowFacts(NamedTuple):
         rec: dict[str, Any] = {"type": "flow"}
         for key, value in zip(self._fields, self, strict=True):
             if isinstance(value, tuple):
-                value = list(value)
+                rec[key] = list(value)
             elif isinstance(value, dict):
-                value = dict(value)
-            rec[key] = value
+                rec[key] = dict(value)
+            else:
+                rec[key] = value
         return rec
 
 

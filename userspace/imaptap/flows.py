@@ -117,7 +117,9 @@ class _Direction:
         self.draining = True
         try:
             while self.pending:
-                ready = [s for s in self.pending if (s - self.next_seq) % _SEQ_MOD >= _SEQ_HALF or s == self.next_seq]
+                next_seq = self.next_seq
+                assert next_seq is not None, "segments are held only once the sequence is known"
+                ready = [s for s in self.pending if (s - next_seq) % _SEQ_MOD >= _SEQ_HALF or s == next_seq]
                 if not ready:
                     return
                 for seq in ready:
@@ -128,8 +130,10 @@ class _Direction:
 
     def flush_one(self) -> None:
         """Give up waiting for the earliest hole: report it as a gap and go on from there."""
-        nearest = min(self.pending, key=lambda s: (s - self.next_seq) % _SEQ_MOD)
-        hole = (nearest - self.next_seq) % _SEQ_MOD
+        next_seq = self.next_seq
+        assert next_seq is not None, "segments are held only once the sequence is known"
+        nearest = min(self.pending, key=lambda s: (s - next_seq) % _SEQ_MOD)
+        hole = (nearest - next_seq) % _SEQ_MOD
         self.holes += 1
         self.hole_bytes += hole
         self.gap(hole)
@@ -215,13 +219,14 @@ class FlowTable:
         on_flow_end: Callable[[Flow], None] | None = None,
         max_flows: int = MAX_FLOWS,
         idle_timeout: float = IDLE_TIMEOUT,
-        message_sink: Callable[[Flow], Callable[[Message], None]] | None = None,
+        message_sink: Callable[[Flow], Callable[[Message], None] | None] | None = None,
     ) -> None:
         self.ports = frozenset(ports)
         self.policy = policy
         self.on_message = on_message
         self.message_sink = message_sink
-        """Instead of on_message: makes each new flow's own message callable (JsonlWriter.sink)."""
+        """Instead of on_message: makes each new flow's own message callable (JsonlWriter.sink), or
+        None where no sink wants that flow's messages."""
         self.on_flow_end = on_flow_end
         self.max_flows = max_flows
         self.idle_timeout = idle_timeout

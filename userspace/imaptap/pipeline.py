@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from typing import TYPE_CHECKING, Any
 
 from imaptap.facts import FlowFacts, flow_facts
@@ -69,7 +69,8 @@ class Source:
     def open(self) -> None:
         """Start reading (a live capture attaches here); SourceError if it cannot.  Idempotent."""
 
-    def segments(self) -> Iterator[Segment | None]:
+    def segments(self) -> Generator[Segment | None, None, None]:
+        """The segments, and None at each tick; a generator, so that a run stopped early closes it."""
         raise NotImplementedError
 
     def close(self) -> Iterable[Segment]:
@@ -124,7 +125,7 @@ class ReplaySource(Source):
         except CaptureFileError as exc:
             raise SourceError(str(exc)) from None
 
-    def segments(self) -> Iterator[Segment | None]:
+    def segments(self) -> Generator[Segment | None, None, None]:
         # CaptureFileError (a cut or corrupt file) comes after the last good segment.
         self._segments = self._reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
         return self._segments
@@ -166,7 +167,7 @@ class LiveSource(Source):
             raise SourceError(str(exc)) from None
         self._open = True
 
-    def segments(self) -> Iterator[Segment | None]:
+    def segments(self) -> Generator[Segment | None, None, None]:
         from imaptap.capture.live import LiveError
 
         poll = self.capture.poll
@@ -219,7 +220,7 @@ class MemorySource(Source):
         self.policy = PayloadPolicy(snaplen, taillen)
         self.flows_end_with_input = not open_at_end
 
-    def segments(self) -> Iterator[Segment | None]:
+    def segments(self) -> Generator[Segment | None, None, None]:
         cut = self.policy.cut
         for i, s in enumerate(self.given, 1):
             head, tail = cut(flow_key(s.src, s.sport, s.dst, s.dport), s.payload, s.wire_len)
@@ -339,7 +340,7 @@ class Pipeline:
 
     # --- the run --------------------------------------------------------------------------------
 
-    def run(self, stop: Callable[[], bool] = _never, on_tick: Callable[[], None] | None = None,
+    def run(self, stop: Callable[[], object] = _never, on_tick: Callable[[], None] | None = None,
             on_open: Callable[[Source], None] | None = None) -> None:
         """Read the source until it ends, fails, or ``stop()`` returns true, then end every flow.
 
@@ -353,7 +354,8 @@ class Pipeline:
         add = table.add if writer is None else self._write_then_add
         live = source.live
         self.started = self.clock()
-        segments: Iterator[Segment | None] | None = None
+        segments: Generator[Segment | None, None, None] | None = None
+        errors: tuple[type[Exception], ...] = (SourceError, *source.errors)
         try:
             source.open()
             self.opened = True
@@ -371,7 +373,7 @@ class Pipeline:
                     break
                 if on_tick is not None:
                     on_tick()
-        except (SourceError, *source.errors) as exc:
+        except errors as exc:
             self.error = str(exc)
         finally:
             if segments is not None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from imaptap.facts import FlowFacts
-from imaptap.flows import Flow, FlowTable
+from imaptap.flows import MAX_FLOWS, Flow, FlowTable
 from imaptap.imap.session import Message
 from imaptap.output.jsonl import message_record
 from imaptap.pipeline import MemorySource, Pipeline, Sink
@@ -102,7 +102,7 @@ def analyze(
     """Run segments through the pipeline, cut as a capture cuts them (whole when snaplen is None)."""
     result = Analysis()
     source = MemorySource(segments, ports, snaplen=snaplen if snaplen is not None else 1 << 30, taillen=taillen)
-    pipeline = Pipeline(source, [result], **({} if max_flows is None else {"max_flows": max_flows}))
+    pipeline = Pipeline(source, [result], max_flows=MAX_FLOWS if max_flows is None else max_flows)
     result.table = pipeline.table
     pipeline.run()
     return result

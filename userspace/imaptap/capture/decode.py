@@ -28,11 +28,12 @@ import enum
 import socket
 import struct
 from collections.abc import Callable, Collection
-from typing import NamedTuple
+from typing import NamedTuple, final
 
 from imaptap.segment import TcpFlag
 
 
+@final  # as every enum with members; said so that ``type(p) is Skip`` narrows both ways
 class Skip(enum.IntEnum):
     """Why a packet gave no TCP segment; the replay counts each reason."""
 
@@ -192,7 +193,8 @@ def decode_ipv4(buf: bytes, off: int = 0, ports: Ports = None) -> Decoded:
     """The IPv4 packet at ``off`` of ``buf``."""
     if len(buf) < off + IPV4_MIN_LEN:
         return UNDECODABLE
-    return _ipv4_fields(buf, off, *_ipv4(buf, off), ports)
+    version_ihl, total_len, fragment, proto = _ipv4(buf, off)
+    return _ipv4_fields(buf, off, version_ihl, total_len, fragment, proto, ports)
 
 
 def _ipv4_fields(buf: bytes, off: int, version_ihl: int, total_len: int, fragment: int, proto: int,

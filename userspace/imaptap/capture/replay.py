@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -36,7 +36,7 @@ from imaptap.capture.decode import LINK_TYPES, LinkDecoder, LinkType, Ports, Ski
 from imaptap.segment import WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy, Segment, flow_key
 
 try:
-    from imaptap.capture import _pcapfast
+    import imaptap.capture._pcapfast as _pcapfast
 except ImportError:  # built without a C compiler: the Python loop does the same, slower
     _pcapfast = None
 
@@ -193,7 +193,7 @@ class CaptureReader:
         self._file = f
 
     def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                 ticks: bool = False) -> Iterator[Segment | None]:
+                 ticks: bool = False) -> Generator[Segment | None, None, None]:
         """Every TCP segment with ``sport`` or ``dport`` in ``ports`` (None: all), payload cut by ``policy``.
 
         Pure ACKs (no payload, no SYN, FIN or RST) are counted, not yielded, as in the kernel.
@@ -208,7 +208,7 @@ class CaptureReader:
             raise self._error(f"read error: {exc.strerror or exc}") from None
 
     def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                  ticks: bool = False) -> Iterator[Segment | None]:
+                  ticks: bool = False) -> Generator[Segment | None, None, None]:
         other_port, empty = Skip.OTHER_PORT, Skip.EMPTY
         cut = policy.cut
         countdown = TICK_RECORDS
@@ -221,7 +221,7 @@ class CaptureReader:
             stats.packets += 1
             stats.bytes += len(data)
             p = decode(data, ports)
-            if p.__class__ is Skip:
+            if type(p) is Skip:
                 if p is other_port:
                     stats.other_ports += 1
                 elif p is empty:
@@ -277,7 +277,7 @@ class _PcapReader(CaptureReader):
         self._data_start = len(buf)
 
     def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                  ticks: bool = False) -> Iterator[Segment | None]:
+                  ticks: bool = False) -> Generator[Segment | None, None, None]:
         """The generic loop over `_records`, fused into one for classic pcap: one link type and
         fixed record headers, read in large chunks.  This loop runs once per packet of a
         capture, and the two generators and the reads per record were a third of a replay.
@@ -343,7 +343,7 @@ class _PcapReader(CaptureReader):
                     stats.packets += 1
                     stats.bytes += caplen
                     p = decode(buf[start:stop], ports)
-                    if p.__class__ is Skip:
+                    if type(p) is Skip:
                         if p is empty:
                             stats.pure_acks += 1
                         elif p is other_port:

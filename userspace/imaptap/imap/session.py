@@ -584,6 +584,7 @@ class ImapSession:
         """A later command was sent or completed while LOGIN/AUTHENTICATE's own completion was
         never seen (cut from the capture): what the later one implies about the login."""
         login_tag = self._login_tag
+        assert login_tag is not None, "called only while a login is outstanding"
         if command in _CRED_COMMANDS:
             # nobody logs in again after a success: the earlier attempt failed
             self._pending.pop(login_tag, None)
@@ -688,8 +689,10 @@ class ImapSession:
                 self._offered()
             elif upper == "ID":
                 self.server_id = parse.id_params(parse.tokens(line, 0, sp + 1 if sp >= 0 else len(head)))
-                if self.server_software is None and self.server_id and self.server_id.get("name"):
-                    self.server_software = self.server_id["name"][:MAX_SOFTWARE]
+                if self.server_software is None and self.server_id:
+                    name = self.server_id.get("name")
+                    if name:
+                        self.server_software = name[:MAX_SOFTWARE]
         if self.on_message is not None:
             chunks, literals, truncated = line
             if len(chunks) > 1:

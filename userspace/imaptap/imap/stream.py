@@ -139,7 +139,7 @@ class ImapStream:
         self.truncated = False
         self.lit: Literal | None = None
         self.lit_left = 0
-        self.inflater = None
+        self.inflater: zlib._Decompress | None = None
         self._inflating = False
         self.started = False
         self.pre = b""
@@ -191,17 +191,18 @@ class ImapStream:
 
     def segment(self, head: bytes, wire_len: int, tail: bytes = b"") -> None:
         """One segment: its captured head and tail, ``wire_len`` bytes on the wire."""
-        lit = self.lit
-        if (self.mode is _LITERAL and self.lit_left > wire_len and lit.size > LITERAL_KEEP
-                and self.inflater is None):
-            # Wholly inside a literal too large to keep (the body of a mail): count it.
-            captured = len(head) + len(tail)
-            self.lit_left -= wire_len
-            self.bytes_seen += captured
-            if wire_len > captured:
-                self.bytes_missed += wire_len - captured
-                lit.complete = False
-            return
+        if self.mode is _LITERAL and self.lit_left > wire_len:
+            lit = self.lit
+            assert lit is not None, "a literal is being read"
+            if lit.size > LITERAL_KEEP and self.inflater is None:
+                # Wholly inside a literal too large to keep (the body of a mail): count it.
+                captured = len(head) + len(tail)
+                self.lit_left -= wire_len
+                self.bytes_seen += captured
+                if wire_len > captured:
+                    self.bytes_missed += wire_len - captured
+                    lit.complete = False
+                return
         if head:
             if self.started and self.inflater is None and self.mode is not _ENCRYPTED:
                 # feed() for a stream already under way, uncompressed: the usual case
@@ -224,7 +225,7 @@ class ImapStream:
             self.bytes_encrypted += len(data)
             return
         if self.inflater is not None:
-            self._inflate(data)
+            self._inflate(self.inflater, data)
             return
         if not self.started:
             if self.pre:
@@ -299,12 +300,11 @@ class ImapStream:
                 pre, self.pre = self.pre, b""
                 self._consume(pre, True)
 
-    def _inflate(self, data: bytes) -> None:
+    def _inflate(self, inflater: zlib._Decompress, data: bytes) -> None:
         if self.mode is _UNDECODABLE:
             return
         self._inflating = True
         try:
-            inflater = self.inflater
             while True:
                 # zlib drops what a call inflated before it met an error, so the stream would
                 # depend on where the segments were cut: on an error, the same bytes are
@@ -341,6 +341,7 @@ class ImapStream:
             if mode is _LITERAL:
                 take = self.lit_left if self.lit_left < n - pos else n - pos
                 lit = self.lit
+                assert lit is not None, "a literal is being read"
                 # Only literals that can be kept whole are kept (user names, ID values);
                 # the contents of a mail body are never needed.
                 room = LITERAL_KEEP - len(lit.data) if lit.size <= LITERAL_KEEP else 0
@@ -366,7 +367,7 @@ class ImapStream:
                 return
             if self.inflater is not None and not self._inflating:
                 # COMPRESS became active on the line just delivered: the rest is deflate.
-                self._inflate(data[pos:])
+                self._inflate(self.inflater, data[pos:])
                 return
             lf = data.find(b"\n", pos)
             if lf < 0:

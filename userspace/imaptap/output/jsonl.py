@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from functools import lru_cache, partial
-from typing import IO, TYPE_CHECKING, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, ForwardRef, Protocol
 
 from imaptap.facts import FlowFacts, endpoint, flow_facts
 from imaptap.imap.session import MESSAGE_OPTIONAL_FIELDS, Kind, Message, Side
@@ -27,7 +27,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circu
 _quote = json.encoder.encode_basestring
 
 try:  # the C accelerator of the message line (setup.py builds it where it can)
-    from imaptap.output import _jsonfast
+    import imaptap.output._jsonfast as _jsonfast
 except ImportError:  # pragma: no cover - the build is optional
     _jsonfast = None
 
@@ -115,8 +115,15 @@ _ENCODERS: dict[str, Callable[[Any], str]] = {
     "dict[str, str | None] | None": _object,
 }
 #: Fields whose values repeat from flow to flow: a cached encoder.
-_ENCODER_OF_FIELD = {"capabilities": _capabilities}
-_FLOW_FIELDS = tuple((f'"{name}":', _ENCODER_OF_FIELD.get(name) or _ENCODERS[getattr(hint, "__forward_arg__", hint)])
+_ENCODER_OF_FIELD: dict[str, Callable[[Any], str]] = {"capabilities": _capabilities}
+
+
+def _declared(hint: Any) -> str:
+    """A field's type as written: facts.py postpones annotations, which NamedTuple keeps as ForwardRefs."""
+    return hint.__forward_arg__ if isinstance(hint, ForwardRef) else hint
+
+
+_FLOW_FIELDS = tuple((f'"{name}":', _ENCODER_OF_FIELD.get(name) or _ENCODERS[_declared(hint)])
                      for name, hint in FlowFacts.__annotations__.items())
 
 

@@ -146,11 +146,11 @@ class ImaptapApp(App[int]):
         yield Footer()
 
     @property
-    def flows_table(self) -> VirtualTable:
+    def flows_table(self) -> VirtualTable[int]:
         return self._flows
 
     @property
-    def timeline(self) -> VirtualTable:
+    def timeline(self) -> VirtualTable[int]:
         return self._timeline
 
     def on_mount(self) -> None:
@@ -256,18 +256,18 @@ class ImaptapApp(App[int]):
 
     # --- cells -----------------------------------------------------------------------------------
 
-    def _flow_cells(self, fid: Hashable) -> tuple[Hashable, Sequence[Text]]:
-        entry = self.store.flows.get(fid)  # type: ignore[arg-type]
+    def _flow_cells(self, fid: int) -> tuple[Hashable, Sequence[Text]]:
+        entry = self.store.flows.get(fid)
         if entry is None:
             return None, ()
         age = display.age_cell(entry.snap, self.now)
         return (entry.version, age.plain), [*entry.cells(), age]
 
-    def _message_cells(self, index: Hashable) -> tuple[Hashable, Sequence[Text]]:
+    def _message_cells(self, index: int) -> tuple[Hashable, Sequence[Text]]:
         entry = self.store.flows.get(self.detail_id) if self.detail_id is not None else None
         if entry is None:
             return None, ()
-        pos = index - entry.dropped  # type: ignore[operator]
+        pos = index - entry.dropped
         if not 0 <= pos < len(entry.messages):
             return None, ()
         msg = entry.messages[pos]
@@ -277,15 +277,15 @@ class ImaptapApp(App[int]):
     # --- details ---------------------------------------------------------------------------------
 
     @on(RowSelected, "#flows")
-    def _open_details(self, message: RowSelected) -> None:
-        self.detail_id = message.key  # type: ignore[assignment]
+    def _open_details(self, message: RowSelected[int]) -> None:
+        self.detail_id = message.key
         self.screen.add_class("-details")
         self._show_details(new=True)
 
     @on(RowHighlighted, "#flows")
-    def _follow_cursor(self, message: RowHighlighted) -> None:
+    def _follow_cursor(self, message: RowHighlighted[int]) -> None:
         if self.detail_id is not None and message.key is not None and message.key != self.detail_id:
-            self.detail_id = message.key  # type: ignore[assignment]
+            self.detail_id = message.key
             self._show_details(new=True)
 
     def _close_details(self) -> None:
@@ -415,7 +415,7 @@ class ImaptapApp(App[int]):
         self._refilter()
         self.flows_table.focus()
 
-    def action_back(self) -> None:
+    async def action_back(self) -> None:  # async as the App action it replaces (pop a screen)
         focused = self.focused
         if focused is not None and focused.id == "filter":
             self._clear_filter()

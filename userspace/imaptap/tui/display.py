@@ -109,11 +109,12 @@ def count(n: int | float) -> str:
 def size(n: int | None) -> str:
     if n is None:
         return "?"
+    value: float = n
     for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"  # pragma: no cover
+        if value < 1024 or unit == "GB":
+            return f"{value} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"  # pragma: no cover
 
 
 def timestamp(ts: float) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from textual.message import Message
 
@@ -16,6 +16,9 @@ from imaptap.tui.feed import FeedUpdate
 
 if TYPE_CHECKING:
     from imaptap.tui.table import VirtualTable
+
+#: The row key type of the table a message comes from.
+K = TypeVar("K", bound=Hashable)
 
 
 @dataclass
@@ -26,26 +29,26 @@ class CaptureUpdated(Message):
 
 
 @dataclass
-class RowHighlighted(Message):
+class RowHighlighted(Message, Generic[K]):
     """The cursor moved to another row (keys, mouse, or the row under it went away)."""
 
-    table: VirtualTable
-    key: Hashable | None
+    table: VirtualTable[K]
+    key: K | None
 
     @property
-    def control(self) -> VirtualTable:
+    def control(self) -> VirtualTable[K]:
         return self.table
 
 
 @dataclass
-class RowSelected(Message):
+class RowSelected(Message, Generic[K]):
     """Enter, or a click on the row under the cursor."""
 
-    table: VirtualTable
-    key: Hashable
+    table: VirtualTable[K]
+    key: K
 
     @property
-    def control(self) -> VirtualTable:
+    def control(self) -> VirtualTable[K]:
         return self.table
 
 

@@ -15,7 +15,7 @@ Never raises: a filter is typed one key at a time, so every prefix of it must me
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,7 +43,7 @@ def _endpoint_port(endpoint: str) -> str:
     return endpoint.rsplit(":", 1)[-1]
 
 
-def _field(get: Callable[[FlowSnapshot], list[Any]], exact: bool = False) -> Callable[[str], Predicate]:
+def _field(get: Callable[[FlowSnapshot], Iterable[Any]], exact: bool = False) -> Callable[[str], Predicate]:
     def make(value: str) -> Predicate:
         v = value.lower()
         if exact:

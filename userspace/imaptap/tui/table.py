@@ -10,6 +10,7 @@ and the cursor follows its key, not its position, so a flow stays selected while
 from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Sequence
+from typing import Generic, TypeVar
 
 from rich.style import Style
 from rich.text import Text
@@ -25,6 +26,9 @@ from imaptap.tui.messages import HeaderClicked, RowHighlighted, RowSelected
 
 #: Between two cells.
 SEPARATOR = " "
+
+#: The type of a table's row keys (the app's are flow ids and message numbers).
+K = TypeVar("K", bound=Hashable)
 
 #: Drawn rows kept: a few screens' worth, so scrolling back and forth and a 4 Hz refresh
 #: redraw only the rows that changed.
@@ -72,7 +76,7 @@ def fit_widths(columns: Sequence[Column], total: int) -> list[int]:
     return widths
 
 
-class VirtualTable(ScrollView, can_focus=True):
+class VirtualTable(ScrollView, Generic[K], can_focus=True):
     """Rows are keys; ``cells(key)`` gives (version, cells): the row's cells (`rich.text.Text`,
     never markup) and a hashable that changes whenever they do, for the cache of drawn rows."""
 
@@ -105,14 +109,14 @@ class VirtualTable(ScrollView, can_focus=True):
     }
     """
 
-    def __init__(self, columns: Sequence[Column], cells: Callable[[Hashable], tuple[Hashable, Sequence[Text]]],
+    def __init__(self, columns: Sequence[Column], cells: Callable[[K], tuple[Hashable, Sequence[Text]]],
                  *, name: str | None = None, id: str | None = None, classes: str | None = None) -> None:
         super().__init__(name=name, id=id, classes=classes)
         self.columns = tuple(columns)
         self.cells = cells
-        self.rows: list[Hashable] = []
-        self._index: dict[Hashable, int] = {}
-        self.cursor_key: Hashable | None = None
+        self.rows: list[K] = []
+        self._index: dict[K, int] = {}
+        self.cursor_key: K | None = None
         self.sort_column: str | None = None
         self.sort_reverse = False
         self._widths: tuple[int, list[int]] = (-1, [])
@@ -130,7 +134,7 @@ class VirtualTable(ScrollView, can_focus=True):
         """The cursor's position in `rows`, None without rows."""
         return self._index.get(self.cursor_key) if self.cursor_key is not None else None
 
-    def set_rows(self, keys: list[Hashable]) -> None:
+    def set_rows(self, keys: list[K]) -> None:
         """Show these rows in this order; the cursor stays on its key, else on its position."""
         old_row = self.cursor_row
         self.rows = keys
@@ -149,12 +153,12 @@ class VirtualTable(ScrollView, can_focus=True):
         self.sort_reverse = reverse
         self.refresh()
 
-    def move_to(self, key: Hashable) -> None:
+    def move_to(self, key: K) -> None:
         """Put the cursor on ``key`` (no-op if it is not shown)."""
         if key in self._index:
             self._move(key)
 
-    def _move(self, key: Hashable | None) -> None:
+    def _move(self, key: K | None) -> None:
         changed = key != self.cursor_key
         self.cursor_key = key
         row = self.cursor_row

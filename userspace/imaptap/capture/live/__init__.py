@@ -25,6 +25,7 @@ import ctypes
 import os
 import platform
 import socket
+from typing import TYPE_CHECKING
 
 from imaptap import privileges
 from imaptap.capture.live.abi import (
@@ -89,6 +90,10 @@ from imaptap.capture.live.ring import (
 )
 from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, Segment
 
+if TYPE_CHECKING:  # both are imported only when a capture starts
+    from bcc import BPF
+    from pyroute2 import IPRoute
+
 __all__ = [
     "ADDR_CACHE_MAX", "BUSY_RATE", "EVENT_HEADER", "LINGER_S", "MAX_BATCH", "MAX_RING_BYTES", "MIN_KERNEL",
     "PERF_PAGES_PER_CPU", "PERF_PAYLOAD_CAP", "PROG_PREFIX", "PROG_TC_EG", "PROG_TC_IN", "PROG_XDP",
@@ -151,17 +156,17 @@ class LiveCapture:
             self.ring_pages = 1 << (-(-buffer_bytes // page) - 1).bit_length()
         self.policy = KernelPayloadPolicy(snaplen, taillen)
         self.user = user
-        self.privileges = None
+        self.privileges: privileges.Dropped | None = None
         """`privileges.Dropped` once ``user`` was applied."""
         self.notes: list[str] = []
         """Things the user should know about how the capture runs (fallbacks taken)."""
         self.ringbuf = True
         self.xdp_modes: dict[str, str] = {}
         """Interface -> "native" or "skb" for interfaces with XDP attached."""
-        self._bpf = None
-        self._ipr = None
+        self._bpf: BPF | None = None
+        self._ipr: IPRoute | None = None
         self._attachments: Attachments | None = None
-        self._fns: dict[str, object] = {}
+        self._fns: dict[str, BPF.Function] = {}
         self._reader = RecordReader()
         self._final_counters: dict[str, int] | None = None
 
@@ -224,7 +229,7 @@ class LiveCapture:
                         self.notes.append(note)
                 self._attach(indexes)
             if self.user is not None:
-                self._drop_privileges()
+                self._drop_privileges(self.user)
         except BaseException:
             try:
                 self.close()
@@ -233,13 +238,14 @@ class LiveCapture:
             raise
         return self
 
-    def _drop_privileges(self) -> None:
+    def _drop_privileges(self, user: str) -> None:
         try:
-            self.privileges = privileges.drop(self.user)
+            dropped = privileges.drop(user)
         except (privileges.PrivilegeError, OSError) as exc:
-            raise LiveError(f"cannot drop privileges to {self.user}: {exc}") from None
-        if self.privileges.note:
-            self.notes.append(self.privileges.note)
+            raise LiveError(f"cannot drop privileges to {user}: {exc}") from None
+        self.privileges = dropped
+        if dropped.note:
+            self.notes.append(dropped.note)
 
     def max_copy(self) -> int:
         """Most payload bytes one record carries: WHOLE mode is cut to it, snap + tail length may not exceed it."""
@@ -253,25 +259,26 @@ class LiveCapture:
                   f"-DIMAPTAP_RING_PAGES={self.ring_pages}", f"-DIMAPTAP_SNAPLEN={self.snaplen}",
                   f"-DIMAPTAP_TAILLEN={self.taillen}"]
         try:
-            self._bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
+            bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
         except Exception as exc:
             raise LiveError(f"the kernel program did not compile ({exc}); the compiler's messages are"
                             f" above; kernel headers: /lib/modules/{platform.release()}/build") from None
+        self._bpf = bpf
         wanted = [(PROG_TC_EG, bcc.BPF.SCHED_CLS)]
         wanted.append((PROG_XDP, bcc.BPF.XDP) if self.use_xdp else (PROG_TC_IN, bcc.BPF.SCHED_CLS))
         for fname, ptype in wanted:
             try:
-                self._fns[fname] = self._bpf.load_func(fname.encode(), ptype)
+                self._fns[fname] = bpf.load_func(fname.encode(), ptype)
             except Exception as exc:
                 raise LiveError(f"the kernel refused the BPF program {fname} ({exc}); the verifier's log"
                                 " is above") from None
-        self._check_layout()
-        self._bpf[MAP_CONFIG][ctypes.c_int(0)] = kernel_config(self.ports)
-        self.policy.bind(self._bpf[MAP_FLOW_MODES])
+        self._check_layout(bpf)
+        bpf[MAP_CONFIG][ctypes.c_int(0)] = kernel_config(self.ports)
+        self.policy.bind(bpf[MAP_FLOW_MODES])
 
-    def _check_layout(self) -> None:
+    @staticmethod
+    def _check_layout(b: BPF) -> None:
         """The ctypes mirrors must match what BCC compiled (imaptap.h changed without abi.py?)."""
-        b = self._bpf
         sizes = [("config", b[MAP_CONFIG].Leaf, KernelConfig), ("flow_modes", b[MAP_FLOW_MODES].Key, KernelFlowKey),
                  ("counters", b[MAP_COUNTERS].sLeaf, KernelCounters)]
         for table, compiled, mirror in sizes:
@@ -282,24 +289,25 @@ class LiveCapture:
         self._reader.open(self._bpf, self.ringbuf)
 
     def _attach(self, indexes: dict[str, int]) -> None:
+        attachments = self._attachments
+        assert attachments is not None, "__enter__ opens netlink before it attaches"
         tc = [(TC_PARENT_EGRESS, PROG_TC_EG)]
         if not self.use_xdp:
             tc.insert(0, (TC_PARENT_INGRESS, PROG_TC_IN))
         for name, index in indexes.items():
             if self.use_xdp:
-                mode = self._attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
+                mode = attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
                 self.xdp_modes[name] = mode
                 if mode == "native" and link_kind(self._ipr, index) == "veth":
                     self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
                                       " segmentation offload on its peer, which can cost most of the"
                                       " throughput into it; --no-xdp captures with TC instead")
-            self._attachments.attach_tc(name, index, [(parent, prog, self._fns[prog].fd) for parent, prog in tc])
+            attachments.attach_tc(name, index, [(parent, prog, self._fns[prog].fd) for parent, prog in tc])
 
     # --- stop ----------------------------------------------------------------------------------
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc: object) -> None:
         self.close()
-        return False
 
     def close(self) -> None:
         """Detach everything this capture attached; safe to call twice."""

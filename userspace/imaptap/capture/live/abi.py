@@ -92,7 +92,7 @@ EVENT_HEADER = struct.Struct("<Q16s16sIIIIIHHBBBBI")
 assert EVENT_HEADER.size == ctypes.sizeof(EventHeader)
 
 #: The kernel counters in the order of struct imaptap_counters.
-COUNTER_NAMES = tuple(name for name, _ in KernelCounters._fields_)
+COUNTER_NAMES = tuple(field[0] for field in KernelCounters._fields_)
 
 #: #defines of imaptap.h and the Python values they must equal.
 MIRRORED_DEFINES: dict[str, int] = {

@@ -10,9 +10,13 @@ from __future__ import annotations
 import ctypes
 import socket
 import time
+from typing import TYPE_CHECKING
 
 from imaptap.capture.live.abi import COUNTER_NAMES, EVENT_HEADER, MAP_COUNTERS, MAP_EVENTS
 from imaptap.segment import Segment
+
+if TYPE_CHECKING:  # imported only when a capture starts
+    from bcc import BPF
 
 #: Default ring buffer size: 4 MiB holds ~9,000 records of a long segment (72-byte header,
 #: 256-byte head, 128-byte tail), a second or two of a busy server's IMAP segments while the
@@ -63,7 +67,7 @@ class RecordReader:
     """
 
     def __init__(self) -> None:
-        self._bpf = None
+        self._bpf: BPF | None = None
         self._ringbuf = True
         self._pending: list[Segment] = []
         self._addr4: dict[bytes, str] = {}
@@ -80,7 +84,7 @@ class RecordReader:
         self.perf_lost = 0
         """Records the perf buffer reported lost (a ring buffer counts them in the kernel)."""
 
-    def open(self, bpf, ringbuf: bool) -> None:
+    def open(self, bpf: BPF, ringbuf: bool) -> None:
         """Start reading ``bpf``'s events map, a ring buffer if ``ringbuf`` else a perf buffer."""
         table = bpf[MAP_EVENTS]
         if ringbuf:
@@ -92,18 +96,19 @@ class RecordReader:
     def close(self) -> None:
         """Take what is left in the buffer for one last poll(), then stop reading it."""
         if self._bpf is not None:
-            self._drain()
+            self._drain(self._bpf)
         self._bpf = None
 
     def refresh_clock(self) -> None:
         """bpf_ktime_get_ns() is CLOCK_MONOTONIC; keep the offset to the wall clock current."""
-        best = None
+        best: tuple[int, int] | None = None
         for _ in range(CLOCK_SAMPLES):
             t1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             wall = time.time_ns()
             t2 = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if best is None or t2 - t1 < best[0]:
                 best = (t2 - t1, wall - (t1 + t2) // 2)
+        assert best is not None, "CLOCK_SAMPLES is at least 1"
         self._offset_ns = best[1]
 
     def decode(self, raw: bytes) -> Segment | None:
@@ -157,15 +162,15 @@ class RecordReader:
     def _on_perf_lost(self, count) -> None:
         self.perf_lost += count
 
-    def _drain(self) -> None:
+    def _drain(self, bpf: BPF) -> None:
         self._draining = True
         try:
             while True:
                 before = len(self._pending)
                 if self._ringbuf:
-                    self._bpf.ring_buffer_consume()
+                    bpf.ring_buffer_consume()
                 else:
-                    self._bpf.perf_buffer_consume()
+                    bpf.perf_buffer_consume()
                 if len(self._pending) == before:
                     break
         except Exception:
