@@ -119,3 +119,22 @@ def test_w_works_with_a_replay_and_writes_no_password(tmp_path):
     again = Collect()
     Pipeline(ReplaySource(str(out), {143}), [again]).run()
     assert [f.username for f in again.ended] == ["alice"]
+
+
+def test_sinks_are_ticked_on_the_sources_ticks_and_told_when_the_run_is_over():
+    class Clocked(Collect):
+        def __init__(self):
+            super().__init__()
+            self.ticks, self.done = 0, None
+
+        def tick(self, pipeline):
+            self.ticks += 1
+
+        def finished(self, pipeline):
+            self.done = (len(self.ended), len(pipeline.table.flows))
+
+    segs = [s for i in range(3) for s in conversation(SESSION * 200, client=("192.0.2.10", 40000 + i))]
+    sink = Clocked()
+    Pipeline(MemorySource(segs), [sink]).run()
+    assert sink.ticks == len(segs) // CHECK_EVERY
+    assert sink.done == (3, 0)  # after every flow ended

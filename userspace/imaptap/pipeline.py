@@ -269,13 +269,22 @@ class Sink:
 
     ``flow_started`` is asked once per new flow for the callable its messages go to; None (the
     default) means none are wanted, and where no sink wants them the analyzer does not even
-    make them.  ``flow_ended`` receives the flow and its final facts.
+    make them.  ``flow_ended`` receives the flow and its final facts.  ``tick`` is called on
+    every tick of the source (a few times a second at most, live and replay alike), with the
+    pipeline, for work that follows the clock rather than the traffic; ``finished`` once the
+    run is over and every flow has ended.
     """
 
     def flow_started(self, flow: Flow) -> Callable[[Message], None] | None:
         return None
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        pass
+
+    def tick(self, pipeline: Pipeline) -> None:
+        pass
+
+    def finished(self, pipeline: Pipeline) -> None:
         pass
 
 
@@ -371,6 +380,8 @@ class Pipeline:
                 if stop():
                     self.stopped = True
                     break
+                for sink in self.sinks:
+                    sink.tick(self)
                 if on_tick is not None:
                     on_tick()
         except errors as exc:
@@ -387,6 +398,8 @@ class Pipeline:
                 table.close_all(EndReason.END)
             if writer is not None:
                 writer.close()
+            for sink in self.sinks:
+                sink.finished(self)
 
     def _write_then_add(self, seg: Segment) -> None:
         assert self.pcap_writer is not None
