@@ -14,9 +14,9 @@ import subprocess
 import sys
 
 import pytest
+
 from imaptap_lab.fuzz_seeds import SEEDS
 from imaptap_lab.fuzz_targets import TARGETS
-
 from testenv import ROOT
 
 HERE = os.path.dirname(os.path.abspath(__file__))

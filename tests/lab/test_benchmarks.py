@@ -4,6 +4,7 @@ ratios and shares, bench-flood's bounds, bench-flood-live's checks, the fuzz dri
 from __future__ import annotations
 
 import pytest
+
 from imaptap_lab import bench_flood, bench_flood_live, bench_live, fuzz, make_flood
 
 

@@ -12,11 +12,11 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from imaptap_lab import capture_check as cc
 from imaptap_lab.capture_facts import Outcome
 from imaptap_lab.lab import LAB_PORTS
 from imaptap_lab.make_flood import PcapWriter, Session, write_flood
-
 from testenv import OWN_PCAPS
 
 with open(os.path.join(OWN_PCAPS, "facts.json")) as _f:

@@ -10,8 +10,8 @@ import json
 import re
 
 import pytest
-from imaptap_lab import capture_facts as cf
 
+from imaptap_lab import capture_facts as cf
 from testenv import OWN_PCAPS
 
 

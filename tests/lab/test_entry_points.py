@@ -9,9 +9,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from imaptap_lab import (bench_flood, bench_flood_live, bench_live, bench_replay, bench_tui, checkout, fuzz, lab,
-                         make_captures, make_flood, tui_screenshot, verifier_check)
 
+from imaptap_lab import (
+    bench_flood,
+    bench_flood_live,
+    bench_live,
+    bench_replay,
+    bench_tui,
+    checkout,
+    fuzz,
+    lab,
+    make_captures,
+    make_flood,
+    tui_screenshot,
+    verifier_check,
+)
 from testenv import ROOT
 
 SCRIPTS = Path(ROOT, "scripts")

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+
 from imaptap_lab import lab
 
 

@@ -7,6 +7,7 @@ import email
 import email.policy
 
 import pytest
+
 from imaptap_lab import mail
 
 

@@ -6,6 +6,7 @@ import io
 
 import dpkt
 import pytest
+
 from imaptap_lab import make_flood
 
 

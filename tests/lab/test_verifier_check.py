@@ -12,8 +12,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from imaptap_lab import verifier_check as vc
 
+from imaptap_lab import verifier_check as vc
 from testenv import ROOT
 
 LOADER_DONE = "IMAPTAP-VC KERNEL 5.10.0-99-amd64 #1\\nIMAPTAP-VC DONE\\n"

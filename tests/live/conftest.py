@@ -12,10 +12,21 @@ import subprocess
 import sys
 
 import pytest
-from imaptap_lab.lab import Lab
 
-from livelab import (IN_CI, NETNS_PREFIX, OTHER_PORT, SERVER, SERVER_PORT, NetLab, free_slot, live_unavailable,
-                     reap_leftovers, run, wait_port)
+from imaptap_lab.lab import Lab
+from livelab import (
+    IN_CI,
+    NETNS_PREFIX,
+    OTHER_PORT,
+    SERVER,
+    SERVER_PORT,
+    NetLab,
+    free_slot,
+    live_unavailable,
+    reap_leftovers,
+    run,
+    wait_port,
+)
 
 
 @pytest.fixture(scope="session")

@@ -22,8 +22,8 @@ import re
 import shutil
 
 import pytest
-from imaptap_lab import verifier_check as vc
 
+from imaptap_lab import verifier_check as vc
 from livelab import IN_CI
 from testenv import SUMMARY
 
