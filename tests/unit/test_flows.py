@@ -1,3 +1,6 @@
+from hypothesis import given
+from hypothesis import strategies as st
+
 from imaptap.flows import MAX_OUT_OF_ORDER, FlowTable
 from imaptap.segment import PayloadPolicy, Segment, TcpFlag
 from imaptap.testing import analyze, conversation
@@ -117,3 +120,13 @@ def test_policy_entries_are_removed_when_flows_end():
     assert list(policy.modes.values()) == [1]
     table.close_all()
     assert policy.modes == {}
+
+
+@given(st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "2001:db8::1", "9.9.9.9"]), st.integers(0, 65535)),
+       st.tuples(st.sampled_from(["10.0.0.1", "10.0.0.2", "2001:db8::1", "9.9.9.9"]), st.integers(0, 65535)))
+def test_flow_key_is_the_same_both_ways_and_orders_endpoints_as_tuples_do(a, b):
+    from imaptap.segment import flow_key
+
+    key = flow_key(*a, *b)
+    assert key == flow_key(*b, *a)
+    assert key == (*min(a, b), *max(a, b))

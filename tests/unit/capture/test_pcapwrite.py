@@ -107,3 +107,16 @@ def test_a_client_that_never_hears_back_is_written_in_bounded_steps(tmp_path):
     segs = conversation([("s", GREETING), *lines], close=False)
     path, w = write_live(tmp_path, segs)
     assert w.records == len(segs) == len(read_back(path))
+
+
+def test_a_gso_segment_longer_than_an_ip_length_field_is_written_with_its_true_length(tmp_path):
+    """The kernel hands over segments of up to 64 KB of payload and more (segmentation
+    offload): the 16-bit IP length fields are clamped, the record's original length keeps the size."""
+    from imaptap.capture.pcapwrite import frame
+    from imaptap.segment import Segment
+
+    for src, dst, ip_header in (("2001:db8::1", "2001:db8::2", 40), ("192.0.2.1", "192.0.2.2", 20)):
+        seg = Segment(1.0, 6 if ":" in src else 4, src, dst, 143, 40000, 1, 1, 0x18, 70_000, b"* OK" + b"x" * 252)
+        data, wire = frame(seg)
+        assert wire == ip_header + 20 + 70_000
+        assert len(data) == ip_header + 20 + 256
