@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 if TYPE_CHECKING:
     from imaptap.flows import Flow
 
+_new = tuple.__new__
+
 
 def endpoint(addr: tuple[str, int]) -> str:
     """``ip:port``, IPv6 as ``[ip]:port``."""
@@ -103,50 +105,52 @@ def flow_facts(flow: Flow) -> FlowFacts:
     s = flow.session
     c2s, s2c = flow.c2s, flow.s2c
     client, server = s.client, s.server
-    return FlowFacts(
-        flow=flow.id,
-        client=endpoint(flow.client),
-        server=endpoint(flow.server),
-        ip_version=flow.ip_version,
-        first_ts=flow.first_ts,
-        last_ts=flow.last_ts,
-        packets=flow.packets_c2s + flow.packets_s2c,
-        bytes=flow.bytes_c2s + flow.bytes_s2c,
-        packets_c2s=flow.packets_c2s,
-        packets_s2c=flow.packets_s2c,
-        bytes_c2s=flow.bytes_c2s,
-        bytes_s2c=flow.bytes_s2c,
-        end=None if flow.end_reason is None else flow.end_reason.value,
-        imap=s.is_imap,
-        greeting=s.greeting,
-        server_software=s.server_software,
-        username=s.username,
-        authzid=s.authzid,
-        auth_command=s.auth_command,
-        auth_mechanism=s.auth_mechanism,
-        login_ok=s.login_ok,
-        login_failures=s.login_failures,
-        preauth=s.preauth,
-        capabilities=tuple(s.capabilities),
-        starttls=s.starttls.value,
-        encrypted=s.encrypted,
-        encrypted_from_start=s.encrypted_from_start,
-        compressed=s.compressed,
-        cleartext_credentials=s.cleartext_credentials,
-        findings=tuple(s.findings),
-        client_id=None if s.client_id is None else dict(s.client_id),
-        server_id=None if s.server_id is None else dict(s.server_id),
-        mailboxes=tuple(s.mailboxes),
-        mailboxes_dropped=s.mailboxes_dropped,
-        idles=s.idles,
-        commands=dict(s.commands),
-        statuses=dict(s.statuses),
-        anomalies=dict(s.anomalies),
-        gaps=c2s.holes + s2c.holes,
-        gap_bytes=c2s.hole_bytes + s2c.hole_bytes,
-        resyncs=client.resyncs + server.resyncs,
-        bytes_not_captured=client.bytes_missed + server.bytes_missed,
-        bytes_inflated=client.bytes_inflated + server.bytes_inflated,
-        retransmissions=c2s.retransmissions + s2c.retransmissions,
-        out_of_order=c2s.out_of_order + s2c.out_of_order,
-    )
+    # tuple.__new__ in field order (each value names its field): the NamedTuple's keyword
+    # __new__ took three times as long, a percent of a flows-only replay.
+    return _new(FlowFacts, (
+        flow.id,  # flow
+        endpoint(flow.client),  # client
+        endpoint(flow.server),  # server
+        flow.ip_version,  # ip_version
+        flow.first_ts,  # first_ts
+        flow.last_ts,  # last_ts
+        flow.packets_c2s + flow.packets_s2c,  # packets
+        flow.bytes_c2s + flow.bytes_s2c,  # bytes
+        flow.packets_c2s,  # packets_c2s
+        flow.packets_s2c,  # packets_s2c
+        flow.bytes_c2s,  # bytes_c2s
+        flow.bytes_s2c,  # bytes_s2c
+        None if flow.end_reason is None else flow.end_reason.value,  # end
+        s.is_imap,  # imap
+        s.greeting,  # greeting
+        s.server_software,  # server_software
+        s.username,  # username
+        s.authzid,  # authzid
+        s.auth_command,  # auth_command
+        s.auth_mechanism,  # auth_mechanism
+        s.login_ok,  # login_ok
+        s.login_failures,  # login_failures
+        s.preauth,  # preauth
+        tuple(s.capabilities),  # capabilities
+        s.starttls.value,  # starttls
+        s.encrypted,  # encrypted
+        s.encrypted_from_start,  # encrypted_from_start
+        s.compressed,  # compressed
+        s.cleartext_credentials,  # cleartext_credentials
+        tuple(s.findings),  # findings
+        None if s.client_id is None else dict(s.client_id),  # client_id
+        None if s.server_id is None else dict(s.server_id),  # server_id
+        tuple(s.mailboxes),  # mailboxes
+        s.mailboxes_dropped,  # mailboxes_dropped
+        s.idles,  # idles
+        dict(s.commands),  # commands
+        dict(s.statuses),  # statuses
+        dict(s.anomalies),  # anomalies
+        c2s.holes + s2c.holes,  # gaps
+        c2s.hole_bytes + s2c.hole_bytes,  # gap_bytes
+        client.resyncs + server.resyncs,  # resyncs
+        client.bytes_missed + server.bytes_missed,  # bytes_not_captured
+        client.bytes_inflated + server.bytes_inflated,  # bytes_inflated
+        c2s.retransmissions + s2c.retransmissions,  # retransmissions
+        c2s.out_of_order + s2c.out_of_order,  # out_of_order
+    ))

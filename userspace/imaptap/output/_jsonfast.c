@@ -178,17 +178,19 @@ static PyObject *ts_repr(PyObject *self, PyObject *value)
     return PyFloat_CheckExact(value) ? float_repr(value) : PyObject_Repr(value);
 }
 
-/* Appends s, a str of ASCII characters (a key text). */
-static int put_key(Writer *w, PyObject *s)
-{
-    return put_slice(w, s, 0, PyUnicode_GET_LENGTH(s));
-}
+/* The key texts of the fields F_TAG..N_FIELDS-1, as the Formatter was given them: ASCII, so
+ * their UTF-8 is their text, kept alive by the Formatter's reference to the Python tuple. */
+typedef struct {
+    const char *text[N_FIELDS - F_TAG];
+    Py_ssize_t len[N_FIELDS - F_TAG];
+} Keys;
 
-#define KEY(f) PyTuple_GET_ITEM(keys, (f) - F_TAG)
+#define KEY_LEN(f) (keys->len[(f) - F_TAG])
+#define PUT_KEY(w, f) put_ascii((w), keys->text[(f) - F_TAG], keys->len[(f) - F_TAG])
 
 /* args[0..2] + the record of msg; args are str, msg a tuple of N_FIELDS or more, keys the
  * key texts of fields F_TAG..N_FIELDS-1 (with their leading commas), from Python. */
-static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys)
+static PyObject *build_line(PyObject *const *args, PyObject *msg, const Keys *keys)
 {
     PyObject *extra[3] = {NULL, NULL, NULL}; /* latency, literals, number as text */
     PyObject *result = NULL;
@@ -204,7 +206,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys
     int plain[F_TEXT + 1] = {0}; /* a field with nothing to escape: copied, not scanned again */
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
-        total += PyUnicode_GET_LENGTH(KEY(f));
+        total += KEY_LEN(f);
         if (v == Py_None) {
             total += 4;
         } else if (PyUnicode_Check(v)) {
@@ -220,7 +222,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys
         }
     }
     PyObject *lat = PyTuple_GET_ITEM(msg, F_LATENCY);
-    total += PyUnicode_GET_LENGTH(KEY(F_LATENCY));
+    total += KEY_LEN(F_LATENCY);
     if (lat == Py_None) {
         total += 4;
     } else {
@@ -251,20 +253,20 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys
         Py_XDECREF(strs);
         if (extra[1] == NULL)
             goto done;
-        total += PyUnicode_GET_LENGTH(KEY(F_LITERALS)) + 2 + PyUnicode_GET_LENGTH(extra[1]);
+        total += KEY_LEN(F_LITERALS) + 2 + PyUnicode_GET_LENGTH(extra[1]);
     }
     PyObject *number = PyTuple_GET_ITEM(msg, F_NUMBER);
     if (number != Py_None) {
         extra[2] = PyObject_Str(number);
         if (extra[2] == NULL)
             goto done;
-        total += PyUnicode_GET_LENGTH(KEY(F_NUMBER)) + PyUnicode_GET_LENGTH(extra[2]);
+        total += KEY_LEN(F_NUMBER) + PyUnicode_GET_LENGTH(extra[2]);
     }
     int truncated = PyObject_IsTrue(PyTuple_GET_ITEM(msg, F_TRUNCATED));
     if (truncated < 0)
         goto done;
     if (truncated)
-        total += PyUnicode_GET_LENGTH(KEY(F_TRUNCATED)) + 4;
+        total += KEY_LEN(F_TRUNCATED) + 4;
     total += 2; /* }\n */
     for (int i = 0; i < 3; i++) { /* number texts can be any str for a subclass */
         if (extra[i] != NULL && PyUnicode_MAX_CHAR_VALUE(extra[i]) > maxchar)
@@ -280,8 +282,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys
             goto fail;
     for (int f = F_TAG; f <= F_TEXT; f++) {
         PyObject *v = PyTuple_GET_ITEM(msg, f);
-        if (put_key(&w, KEY(f)) < 0)
-            goto fail;
+        PUT_KEY(&w, f);
         if (v == Py_None) {
             put_ascii(&w, "null", 4);
         } else if (plain[f]) {
@@ -293,29 +294,25 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, PyObject *keys
             goto fail;
         }
     }
-    if (put_key(&w, KEY(F_LATENCY)) < 0)
-        goto fail;
+    PUT_KEY(&w, F_LATENCY);
     if (extra[0] == NULL)
         put_ascii(&w, "null", 4);
     else if (put_slice(&w, extra[0], 0, PyUnicode_GET_LENGTH(extra[0])) < 0)
         goto fail;
     if (extra[1] != NULL) {
-        if (put_key(&w, KEY(F_LITERALS)) < 0)
-            goto fail;
+        PUT_KEY(&w, F_LITERALS);
         put_ascii(&w, "[", 1);
         if (put_slice(&w, extra[1], 0, PyUnicode_GET_LENGTH(extra[1])) < 0)
             goto fail;
         put_ascii(&w, "]", 1);
     }
     if (extra[2] != NULL) {
-        if (put_key(&w, KEY(F_NUMBER)) < 0)
-            goto fail;
+        PUT_KEY(&w, F_NUMBER);
         if (put_slice(&w, extra[2], 0, PyUnicode_GET_LENGTH(extra[2])) < 0)
             goto fail;
     }
     if (truncated) {
-        if (put_key(&w, KEY(F_TRUNCATED)) < 0)
-            goto fail;
+        PUT_KEY(&w, F_TRUNCATED);
         put_ascii(&w, "true", 4);
     }
     put_ascii(&w, "}\n", 2);
@@ -342,6 +339,7 @@ typedef struct {
     PyObject *client;  /* Side.CLIENT */
     PyObject *kinds;   /* tuple of (Kind member, from-client text, from-server text) */
     PyObject *keys;    /* the key texts of the fields after kind, from Python (jsonl._C_KEYS) */
+    Keys key_texts;    /* the same, as C strings */
     double ts;         /* the time of head, when head is set */
     PyObject *head;    /* '{"type":"message","ts":<ts>,' */
 } Formatter;
@@ -381,6 +379,12 @@ static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
     Py_XSETREF(self->client, client);
     Py_INCREF(kinds);
     Py_XSETREF(self->kinds, kinds);
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(keys); i++) {
+        const char *text = PyUnicode_AsUTF8AndSize(PyTuple_GET_ITEM(keys, i), &self->key_texts.len[i]);
+        if (text == NULL)
+            return -1;
+        self->key_texts.text[i] = text;
+    }
     Py_INCREF(keys);
     Py_XSETREF(self->keys, keys);
     self->batch = batch;
@@ -458,7 +462,7 @@ static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ss
         return NULL;
     }
     PyObject *parts[3] = {self->head, args[0], from_kind};
-    PyObject *line = build_line(parts, msg, self->keys);
+    PyObject *line = build_line(parts, msg, &self->key_texts);
     if (line == NULL)
         return NULL;
     int r = PyList_Append(self->lines, line);

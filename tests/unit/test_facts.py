@@ -1,0 +1,31 @@
+"""FlowFacts is built positionally (for speed): each value's comment names its field, and the
+names must be the fields, in order; and the facts share nothing with the live flow."""
+
+import inspect
+import re
+
+from imaptap import facts
+from imaptap.facts import FlowFacts, flow_facts
+from imaptap.flows import FlowTable
+from imaptap.testing import conversation
+
+
+def test_flow_facts_names_every_field_in_order():
+    source = inspect.getsource(facts.flow_facts)
+    named = re.findall(r",\s+# (\w+)$", source, re.M)
+    assert named == list(FlowFacts._fields)
+
+
+def test_facts_are_a_copy_the_session_cannot_change():
+    segs = conversation([("s", b"* OK [CAPABILITY IMAP4rev1] hi\r\n"), ("c", b"a1 SELECT INBOX\r\n"),
+                         ("s", b"a1 OK done\r\n")], close=False)
+    t = FlowTable({143})
+    for s in segs:
+        t.add(s)
+    (flow,) = t.flows.values()
+    f = flow_facts(flow)
+    flow.session.mailboxes.append("Sent")
+    flow.session.commands["FETCH"] += 1
+    flow.session.capabilities.append("X")
+    assert f.mailboxes == ("INBOX",) and "FETCH" not in f.commands and f.capabilities == ("IMAP4REV1",)
+    assert f.record()["mailboxes"] == ["INBOX"]
