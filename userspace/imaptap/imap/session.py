@@ -160,6 +160,9 @@ class _Pending:
     command: str
     ts: float
     mechanism: str | None = None
+    waited_on_client: bool = False
+    """The server asked the client for more (IDLE, a SASL step) after this command was sent, so
+    its completion times the client's waits too, not the server alone."""
 
 
 @dataclass(slots=True)
@@ -314,6 +317,10 @@ class ImapSession:
         self.last_command: str | None = None
         self.last_status: str | None = None
         self.last_latency_ms: float | None = None
+        self.latency_timed_server = False
+        """The completion just handled was matched to its command and times the server alone:
+        not IDLE, a SASL exchange or a refused literal, whose latency holds the client's waits.
+        Set before its Message goes out, for the metrics' latency histogram."""
 
         self._pending: dict[str, _Pending] = {}
         self._sasl: _Sasl | None = None
@@ -540,6 +547,10 @@ class ImapSession:
             self._untagged(line, head, first)
             return
         if head[:1] == b"+":
+            if self.client.pending_head is None and self._pending:
+                # Not a synchronising literal's go-ahead (that line is not complete, so its
+                # command is not pending yet): the newest command now waits on the client.
+                next(reversed(self._pending.values())).waited_on_client = True
             if self.on_message is not None:
                 self.on_message(Message.server_continuation(self.now, _shown(head[1:].lstrip(b" ")),
                                                             line.truncated))
@@ -564,12 +575,15 @@ class ImapSession:
                 # A refused synchronising literal: its bytes will never come.
                 self.client.cancel_literal()
                 pending = self._pending.pop(tag, None)
+                if pending is not None:
+                    pending.waited_on_client = True  # completed the moment its line was
         command = pending.command if pending else None
         latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
         self.statuses[status] += 1
         self.last_status = status
         if latency is not None:
             self.last_latency_ms = latency
+        self.latency_timed_server = pending is not None and not pending.waited_on_client
         if self._sasl is not None and self._sasl.tag == tag:
             self._sasl = None
         if self._login_tag is not None and self._login_tag != tag and pending is not None:
