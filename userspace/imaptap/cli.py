@@ -25,6 +25,7 @@ from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.output.metrics import MetricsSink
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -40,6 +41,7 @@ examples:
   imaptap -r capture.pcap --json out.jsonl
   imaptap -r capture.pcapng --port 143 --port 10143 --json -
   imaptap -r capture.pcap --json - --flows-only | jq 'select(.cleartext_credentials)'
+  imaptap -i eth0 --json - --metrics 9464   also serve Prometheus metrics on 127.0.0.1:9464
   imaptap -D                          list interfaces
 
 exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
@@ -103,6 +105,16 @@ def _positive(value: str) -> float:
     return x
 
 
+def _listen_address(value: str) -> tuple[str, int]:
+    # parse_address lives with the metrics sink, which imports prometheus_client only when made
+    from imaptap.output.metrics import parse_address
+
+    try:
+        return parse_address(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="imaptap",
@@ -128,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--json", metavar="PATH", help="write JSON Lines to PATH ('-' for stdout); no TUI")
     out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
     out.add_argument("-w", "--write", metavar="FILE", help="live: also write the captured segments to a pcap")
+    out.add_argument("--metrics", type=_listen_address, metavar="[ADDR:]PORT",
+                     help="serve Prometheus metrics on http://ADDR:PORT/metrics (default address 127.0.0.1;"
+                          " port 0: any free one)")
+    out.add_argument("--metrics-label", action="append", choices=("server",), default=[],
+                     help="add a label to the metrics: server (the server's address, a few at most)")
     tune = p.add_argument_group("limits")
     tune.add_argument("--max-flows", type=int, default=MAX_FLOWS, metavar="N",
                       help=f"flows tracked at once; the oldest idle one is evicted (default {MAX_FLOWS})")
@@ -216,6 +233,34 @@ def _main(args: argparse.Namespace) -> int:
         except PrivilegeError as exc:
             raise UsageError(f"-Z: {exc}") from None
 
+    if args.metrics_label and args.metrics is None:
+        raise UsageError("--metrics-label needs --metrics")
+    metrics = _start_metrics(args)
+    try:
+        return _run(args, ports, metrics)
+    finally:
+        if metrics is not None:
+            metrics.close()
+
+
+def _start_metrics(args: argparse.Namespace) -> MetricsSink | None:
+    """The metrics sink, already serving, for ``--metrics``; UsageError (one line) where it cannot."""
+    if args.metrics is None:
+        return None
+    from imaptap.output.metrics import MetricsError, MetricsSink
+
+    try:
+        sink = MetricsSink(server_label="server" in args.metrics_label)
+        host, port = sink.serve(*args.metrics)
+    except MetricsError as exc:
+        raise UsageError(str(exc)) from None
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    print(f"imaptap: serving metrics on http://{shown}/metrics", file=sys.stderr)
+    return sink
+
+
+def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink | None) -> int:
+    extra_sinks = [] if metrics is None else [metrics]
     json_path = args.json
     if json_path is None and not sys.stdout.isatty():
         json_path = "-"
@@ -223,7 +268,7 @@ def _main(args: argparse.Namespace) -> int:
         from imaptap import tui  # imports Textual only inside tui.run
 
         if tui.available():
-            return tui.run(args, ports)
+            return tui.run(args, ports, extra_sinks)
         print("imaptap: the TUI needs Textual (pip install 'imaptap[tui]'); writing JSON Lines (use --json PATH)",
               file=sys.stderr)
         json_path = "-"
@@ -242,7 +287,8 @@ def _main(args: argparse.Namespace) -> int:
         source, pcap_writer, early_error = None, None, str(exc)
     pipeline = None
     if source is not None:
-        pipeline = Pipeline(source, [JsonlSink(writer, messages=not args.flows_only)], pcap_writer=pcap_writer,
+        pipeline = Pipeline(source, [JsonlSink(writer, messages=not args.flows_only), *extra_sinks],
+                            pcap_writer=pcap_writer,
                             max_flows=args.max_flows, idle_timeout=args.idle_timeout)
         if args.read:
             # Everything made so far (modules, classes, functions) lives until exit: kept out of

@@ -8,6 +8,11 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from imaptap.pipeline import Sink
 
 
 def available() -> bool:
@@ -15,8 +20,9 @@ def available() -> bool:
     return importlib.util.find_spec("textual") is not None
 
 
-def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
-    """Run the TUI on the capture the arguments name; the exit status as the JSON output's."""
+def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] = ()) -> int:
+    """Run the TUI on the capture the arguments name (``sinks`` take its events too, as metrics
+    do); the exit status as the JSON output's."""
     from imaptap.pipeline import SourceError, build_source
 
     try:
@@ -32,7 +38,8 @@ def run(args: argparse.Namespace, ports: frozenset[int]) -> int:
     from imaptap.tui.app import ImaptapApp
     from imaptap.tui.feed import Feed
 
-    feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout)
+    feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
+                sinks=sinks)
     app = ImaptapApp(feed, handle_signals=True)
     try:
         status = app.run()

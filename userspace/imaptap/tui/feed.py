@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -153,6 +153,7 @@ class Feed(Sink):
         clock: Callable[[], float] = time.monotonic,
         wallclock: Callable[[], float] = time.time,
         flush_interval: float = FLUSH_INTERVAL,
+        sinks: Iterable[Sink] = (),
     ) -> None:
         self.source = source
         self.emit = emit
@@ -161,7 +162,7 @@ class Feed(Sink):
         self.wallclock = wallclock
         """The capture clock of a live capture (ages, idle expiry)."""
         self.flush_interval = flush_interval
-        self.pipeline = Pipeline(source, [self], pcap_writer=pcap_writer, max_flows=max_flows,
+        self.pipeline = Pipeline(source, [self, *sinks], pcap_writer=pcap_writer, max_flows=max_flows,
                                  idle_timeout=idle_timeout, wallclock=wallclock, clock=clock)
         self.table = self.pipeline.table
         self.ready = threading.Event()
