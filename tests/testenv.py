@@ -4,6 +4,7 @@ have its own conftest.py, so `from conftest import ...` would be ambiguous)."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -118,3 +119,21 @@ def run_imaptap(*args: str, timeout: float = 120) -> CliRun:
                           timeout=timeout, env=env, stdin=subprocess.DEVNULL)
     records = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     return CliRun(proc.returncode, proc.stdout, proc.stderr, records)
+
+
+def dashboard_metric_names(dashboard: dict) -> set:
+    """Every metric name a Grafana dashboard's queries (panels and variables) use: the PromQL
+    identifiers left once label values, matchers, grouping labels and ranges are taken out."""
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    exprs += [v["query"] for v in dashboard.get("templating", {}).get("list", []) if v.get("type") == "query"]
+    names = set()
+    for expr in exprs:
+        bare = re.sub(r'"[^"]*"', '""', expr)
+        bare = re.sub(r"\{[^}]*\}", "", bare)
+        bare = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", bare)
+        bare = re.sub(r"\[[^\]]*\]", "", bare)
+        for word in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare):
+            if word.startswith(("imaptap_", "process_")) or word == "up":
+                names.add(word)
+    assert exprs and names, "no queries found in the dashboard"
+    return names

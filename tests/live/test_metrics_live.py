@@ -29,6 +29,7 @@ from imaptap_lab import prometheus
 from imaptap_lab.lab import Lab
 from imaptap_lab.prometheus import Prometheus
 from livelab import IN_CI, ROOT, live_unavailable
+from testenv import dashboard_metric_names
 
 ATTACH_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 60.0
@@ -215,23 +216,6 @@ def test_promtool_accepts_the_scrape(scraped):
     assert (r.stdout + r.stderr).strip() == b"", (r.stdout + r.stderr).decode()
 
 
-def dashboard_metric_names(dashboard: dict) -> set[str]:
-    """Every metric name the dashboard's queries use (PromQL identifiers that are not functions,
-    keywords, label names or label values)."""
-    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
-    names = set()
-    for expr in exprs:
-        bare = re.sub(r'"[^"]*"', '""', expr)                 # label values
-        bare = re.sub(r"\{[^}]*\}", "", bare)                  # matchers
-        bare = re.sub(r"\b(by|without|on|ignoring)\s*\([^)]*\)", "", bare)  # grouping labels
-        bare = re.sub(r"\[[^\]]*\]", "", bare)                 # ranges
-        for word in re.findall(r"[a-zA-Z_:][a-zA-Z0-9_:]*", bare):
-            if word.startswith(("imaptap_", "process_", "up")):
-                names.add(word)
-    assert exprs and names, "no queries found in the dashboard"
-    return names
-
-
 def test_every_metric_the_dashboard_queries_is_in_a_real_scrape(scraped):
     _, _, scrape, _ = scraped
     served = set()
@@ -239,6 +223,5 @@ def test_every_metric_the_dashboard_queries_is_in_a_real_scrape(scraped):
         if line and not line.startswith("#"):
             served.add(re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", line).group(0))
     served.add("up")  # Prometheus' own, for every target
-    dashboard = json.loads(DASHBOARD.read_text())
-    missing = dashboard_metric_names(dashboard) - served
+    missing = dashboard_metric_names(json.loads(DASHBOARD.read_text())) - served
     assert not missing, f"the dashboard queries metrics no scrape has: {sorted(missing)}"

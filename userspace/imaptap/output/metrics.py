@@ -180,9 +180,10 @@ SOURCE_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 
 #: Series made at zero as soon as their server label exists, so that ``increase()`` in an alert
-#: sees the first failed login, cleartext login or refused STARTTLS, not only the second.
+#: sees the first failed login, cleartext login, refused STARTTLS or anomaly, not only the second.
 _ZERO_SERIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("imaptap_cleartext_credentials_total", ()),
+    *(("imaptap_anomalies_total", (name,)) for name in ANOMALY_NAMES),
     *(("imaptap_starttls_total", (o.value,)) for o in StartTlsOutcome),
     *(("imaptap_logins_total", (m, o.value)) for m in ("LOGIN", "PLAIN") for o in LoginOutcome),
 )
