@@ -10,138 +10,31 @@ must accept a scrape, and every metric the shipped Grafana dashboard queries mus
 
 from __future__ import annotations
 
-import collections
-import imaplib
 import json
-import os
 import re
-import signal
-import ssl
-import subprocess
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from imaptap_lab import prometheus
 from imaptap_lab.lab import Lab
 from imaptap_lab.prometheus import Prometheus
-from livelab import IN_CI, ROOT, live_unavailable
+from livelab import (
+    IN_CI,
+    ROOT,
+    attached,
+    lab_sessions,
+    live_unavailable,
+    metrics_port,
+    start_imaptap,
+    stop,
+    wait_capturing,
+)
 from testenv import dashboard_metric_names
 
-ATTACH_TIMEOUT = 120.0
 SETTLE_TIMEOUT = 60.0
 DASHBOARD = ROOT / "deploy" / "grafana" / "imaptap.json"
-
-
-class CountingIMAP4(imaplib.IMAP4):
-    """imaplib that counts the commands it sends in clear text, as imaptap names them."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        self.sent: collections.Counter[str] = collections.Counter()
-        self.encrypted = False
-        super().__init__(*args, **kwargs)
-
-    def _command(self, name, *args):
-        if not self.encrypted:
-            self.sent["UID " + args[0].upper() if name == "UID" else name] += 1
-        if name == "STARTTLS":
-            self.encrypted = True  # its completion is the last thing seen in clear
-        return super()._command(name, *args)
-
-
-def lab_sessions(lab: Lab, host: str) -> dict:
-    """Real client sessions against one lab; what they did, counted by the client side."""
-    users = lab.users
-    sent: collections.Counter[str] = collections.Counter()
-    done = {"sessions": 0, "ok": collections.Counter(), "failed": 0, "cleartext": 0, "starttls": 0}
-
-    def finish(imap: CountingIMAP4) -> None:
-        imap.logout()
-        sent.update(imap.sent)
-        done["sessions"] += 1
-
-    # LOGIN in clear, SELECT, FETCH, NOOP
-    imap = CountingIMAP4(host, 143, timeout=30)
-    imap.login("alice", users["alice"])
-    imap.select("INBOX")
-    imap.noop()
-    done["ok"]["LOGIN"] += 1
-    done["cleartext"] += 1
-    finish(imap)
-    # two failed LOGINs, then the right password
-    imap = CountingIMAP4(host, 143, timeout=30)
-    for wrong in ("Wrong-Pw-1", "Wrong-Pw-2"):
-        with pytest.raises(imaplib.IMAP4.error):
-            imap.login("bob", wrong)
-        done["failed"] += 1
-    imap.login("bob", users["bob"])
-    done["ok"]["LOGIN"] += 1
-    imap.list()
-    done["cleartext"] += 1
-    finish(imap)
-    # AUTHENTICATE PLAIN after a continuation, then STATUS
-    imap = CountingIMAP4(host, 143, timeout=30)
-    imap.authenticate("PLAIN", lambda _: f"\0carol\0{users['carol']}".encode())
-    done["ok"]["PLAIN"] += 1
-    imap.status("INBOX", "(MESSAGES)")
-    done["cleartext"] += 1
-    finish(imap)
-    # STARTTLS first: the login is encrypted, nobody on the wire can count it
-    imap = CountingIMAP4(host, 143, timeout=30)
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    imap.starttls(ctx)
-    done["starttls"] += 1
-    imap.login("dave", users["dave"])
-    finish(imap)
-    done["commands"] = sent
-    return done
-
-
-def attached(ifname: str) -> bool:
-    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "egress"], capture_output=True, text=True).stdout
-    return "imaptap" in out
-
-
-def metrics_port(err_path: Path, proc: subprocess.Popen) -> int:
-    """The port imaptap says it serves metrics on (``--metrics ADDR:0``)."""
-    deadline = time.monotonic() + 30
-    while True:
-        m = re.search(r"serving metrics on http://[^ ]+:(\d+)/metrics", err_path.read_text())
-        if m:
-            return int(m.group(1))
-        assert proc.poll() is None, err_path.read_text()
-        assert time.monotonic() < deadline, "no metrics line on stderr"
-        time.sleep(0.1)
-
-
-def start_imaptap(iface: str, listen: str, tmp: Path, *extra: str, netns: str | None = None):
-    """``imaptap -i iface --metrics listen`` (in ``netns`` if given), running until SIGINT."""
-    cmd = [sys.executable, "-m", "imaptap", "-i", iface, "--json", str(tmp / "out.jsonl"), "--metrics", listen,
-           *extra]
-    if netns is not None:
-        cmd = ["ip", "netns", "exec", netns, *cmd]
-    err = tmp / "stderr"
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(err, "w"),
-                            env=dict(os.environ, PYTHONPATH=str(ROOT / "userspace")))
-    return proc, err
-
-
-def wait_capturing(prom: Prometheus, instance: str) -> None:
-    """Until the imaptap at ``instance`` serves its capture's counters: the sink reads them from the
-    first tick on, which comes once the source is open, its programs attached (XDP and TC)."""
-    prom.wait_for(f'imaptap_capture_packets_seen_total{{instance="{instance}"}} >= 0', lambda v: v is not None,
-                  timeout=ATTACH_TIMEOUT)
-
-
-def stop(proc: subprocess.Popen, err: Path) -> None:
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, err.read_text()
-    assert "Traceback" not in err.read_text()
 
 
 @pytest.fixture(scope="module")
