@@ -413,3 +413,28 @@ def test_untagged_lines_are_split_as_the_grammar_says(head):
             assert msg.args == (session_module._shown(after) if after else None)
     else:
         assert s.anomalies["unknown_untagged"] == 1
+
+
+def test_which_completions_time_the_server_alone():
+    from imaptap.flows import FlowTable
+    from imaptap.segment import PayloadPolicy
+
+    timed = {}
+
+    def record(flow, msg):
+        if msg.kind.value == "response":
+            timed[msg.tag] = (flow.session.latency_timed_server, msg.latency_ms is not None)
+
+    table = FlowTable({143}, PayloadPolicy(1 << 20, 0), on_message=record)
+    for seg in conversation([
+        ("s", GREETING),
+        ("c", b"a1 LOGIN {5}\r\n"), ("s", b"+ OK\r\n"), ("c", b"alice pw\r\n"), ("s", b"a1 OK\r\n"),
+        ("c", b"a2 IDLE\r\n"), ("s", b"+ idling\r\n"), ("c", b"DONE\r\n"), ("s", b"a2 OK\r\n"),
+        ("c", b"a3 AUTHENTICATE PLAIN\r\n"), ("s", b"+ \r\n"), ("c", b"AGEAYg==\r\n"), ("s", b"a3 NO\r\n"),
+        ("c", b"a4 APPEND INBOX {3}\r\n"), ("s", b"a4 NO [TOOBIG] no\r\n"),
+        ("c", b"a5 NOOP\r\n"), ("c", b"a6 NOOP\r\n"), ("s", b"a5 OK\r\na6 OK\r\n"),
+        ("s", b"zz OK never asked\r\n"),
+    ]):
+        table.add(seg)
+    assert timed == {"a1": (True, True), "a2": (False, True), "a3": (False, True), "a4": (False, True),
+                     "a5": (True, True), "a6": (True, True), "zz": (False, False)}
