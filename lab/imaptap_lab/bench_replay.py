@@ -12,6 +12,8 @@ APPEND, STARTTLS and IPv6 sessions.  Then it times, interleaved, round after rou
 
 Wall-clock and CPU time of whole commands, start-up included, in an order rotated each round.
 Prints medians and their ratios, and the spread of the ratios taken within each round.
+``--metrics`` adds both imaptap commands again with ``--metrics 0`` (Prometheus metrics served
+on a free loopback port), and prints what the metrics cost against the same command without.
 Run as root (the lab needs network namespaces):  scripts/bench-replay [--sessions N]
 """
 
@@ -126,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--wire-frames", action="store_true",
                     help="record MTU-sized frames as on the wire (segmentation offload off on the lab's veth) "
                          "instead of the host's offloaded super-packets")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also time both imaptap commands with --metrics, against themselves without")
     return ap
 
 
@@ -146,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         "imaptap --json --flows-only": [IMAPTAP, "-r", path, "--json", "/dev/null", "--flows-only"],
         "tshark -Y imap -T fields": [a.format(file=path) for a in TSHARK],
     }
+    #: with --metrics: arm -> the arm it is compared with
+    with_metrics = {}
+    if args.metrics:
+        for k in ("imaptap --json", "imaptap --json --flows-only"):
+            commands[k + " --metrics"] = [*commands[k], "--metrics", "0"]
+            with_metrics[k + " --metrics"] = k
     walls: dict[str, list[float]] = {k: [] for k in commands}
     cpus: dict[str, list[float]] = {k: [] for k in commands}
     for cmd in commands.values():  # warm the page cache and check each command runs
@@ -175,6 +185,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         ratios = per_round_ratios(cpus[base], cpus[k])
         print(f"  {k:30} {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
+    if with_metrics:
+        print(f"the metrics' cost: time with --metrics / without, median [lowest, highest] of {args.rounds} rounds:")
+        for k, plain in with_metrics.items():
+            wall_ratios = per_round_ratios(walls[k], walls[plain])
+            cpu_ratios = per_round_ratios(cpus[k], cpus[plain])
+            print(f"  {k:40} wall {statistics.median(wall_ratios):5.3f} [{wall_ratios[0]:.3f}, "
+                  f"{wall_ratios[-1]:.3f}]  cpu {statistics.median(cpu_ratios):5.3f} [{cpu_ratios[0]:.3f}, "
+                  f"{cpu_ratios[-1]:.3f}]  medians {cpu_med[k] / cpu_med[plain]:.3f}")
     return 0
 
 

@@ -33,7 +33,7 @@ ENTRY_POINTS = {
     "imaplab.py": (lab, ["start", "stop", "status"]),
     "make-captures": (make_captures, ["--only", "--output-dir"]),
     "make-flood": (make_flood, ["-o FILE", "--flows", "--size", "giant-line"]),
-    "bench-replay": (bench_replay, ["--sessions", "--rounds", "--file", "--regen", "--wire-frames"]),
+    "bench-replay": (bench_replay, ["--sessions", "--rounds", "--file", "--regen", "--wire-frames", "--metrics"]),
     "bench-live": (bench_live, ["--rounds", "--stats-rounds", "--iperf-seconds", "--pairs", "--arms", "--only",
                                 "--json"]),
     "bench-flood": (bench_flood, ["--only", "--flows", "--max-flows"]),

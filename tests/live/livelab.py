@@ -333,6 +333,15 @@ def check_session(segs, client: Client, snaplen: int, ifindex: int, t0: float, t
     check_stream(mine, client.server_port, bytes(client.received), snaplen)
 
 
+def dropped_uid() -> int:
+    """The user imaptap runs as once attached: nobody, unless nobody cannot read this checkout's
+    Python (a clone under /root, say), when it stays root with the capabilities dropped."""
+    from imaptap import privileges
+
+    nobody = privileges.lookup("nobody")
+    return nobody.pw_uid if privileges.python_readable_by(nobody.pw_uid, nobody.pw_gid) else 0
+
+
 # --- imaptap --metrics in the lab (test_metrics_live.py, test_fleet.py) --------------------------
 
 #: Seconds for bcc to compile and attach (a loaded 2-core machine takes tens of them).

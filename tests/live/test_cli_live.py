@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from livelab import ROOT
+from livelab import ROOT, dropped_uid
 
 FACTS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
          "encrypted", "compressed", "mailboxes", "commands", "cleartext_credentials", "server_software")
@@ -80,15 +80,6 @@ def wait_attached(proc: subprocess.Popen, ifname: str) -> None:
         assert time.monotonic() < deadline, "imaptap did not attach in time"
         time.sleep(0.2)
     time.sleep(0.5)  # the XDP program goes on after the TC filter
-
-
-def dropped_uid() -> int:
-    """The user imaptap runs as once attached: nobody, unless nobody cannot read this checkout's
-    Python (a clone under /root, say), when it stays root with the capabilities dropped."""
-    from imaptap import privileges
-
-    nobody = privileges.lookup("nobody")
-    return nobody.pw_uid if privileges.python_readable_by(nobody.pw_uid, nobody.pw_gid) else 0
 
 
 def assert_dropped(pid: int) -> None:

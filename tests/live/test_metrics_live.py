@@ -14,6 +14,7 @@ import json
 import re
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from livelab import (
     IN_CI,
     ROOT,
     attached,
+    dropped_uid,
     lab_sessions,
     live_unavailable,
     metrics_port,
@@ -75,6 +77,7 @@ def scraped(tmp_path_factory):
                 }
                 with urllib.request.urlopen(f"http://{target}/metrics", timeout=10) as r:
                     scrape = r.read()
+                answers["threads"] = thread_credentials(proc.pid)
         finally:
             if proc.poll() is None:
                 stop(proc, err)
@@ -100,6 +103,29 @@ def test_prometheus_gives_the_numbers_the_sessions_made(scraped):
     timed = dict(did["commands"])
     timed.pop("AUTHENTICATE")
     assert got["latency_count"] == {c: float(n) for c, n in timed.items()}
+
+
+def thread_credentials(pid: int) -> list[tuple[int, int]]:
+    """(uid, effective capabilities) of each thread of ``pid``."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+        out.append((int(status["Uid"].split()[0]), int(status["CapEff"], 16)))
+    return out
+
+
+def test_the_metrics_server_threads_keep_no_privilege(scraped):
+    _, got, _, _ = scraped
+    threads = got["threads"]
+    assert len(threads) >= 2, "the HTTP server runs on a thread of its own"
+    kept = 1 << 12 | 1 << 39  # CAP_NET_ADMIN, CAP_BPF: the detaching thread's
+    if dropped_uid() != 0:
+        # Started before the drop, the server's threads lost root with the user switch.
+        assert sorted(threads) == sorted([(dropped_uid(), kept)] + [(dropped_uid(), 0)] * (len(threads) - 1))
+    else:
+        # nobody cannot read this checkout's Python: imaptap stays root (README), and only the
+        # capturing thread's capabilities are cut down
+        assert (0, kept) in threads
 
 
 def test_promtool_accepts_the_scrape(scraped):
