@@ -268,3 +268,14 @@ def test_the_tuis_live_path_and_the_json_path_report_the_same_segments():
     assert json_run.table.stats.segments == feed.table.stats.segments == len(segs)
     assert [f["username"] for f in json_flows if f["type"] == "flow"] == ["alice", "bob"]
     assert [tui_flows[k] for k in sorted(tui_flows)] == [f for f in json_flows if f["type"] == "flow"]
+
+
+def test_sinks_given_to_the_feed_see_what_the_ui_sees():
+    # the TUI with --metrics: the metrics sink rides on the feed's pipeline
+    metrics = pytest.importorskip("imaptap.output.metrics")
+    pytest.importorskip("prometheus_client")
+    sink = metrics.MetricsSink()
+    segments = mixed_flows()
+    _, updates = run_feed(segments, sinks=[sink])
+    ended = sum(sink.snapshot.values["imaptap_flows_ended_total"].values())
+    assert ended == updates[-1].status.totals["flows"] == len(latest(updates))
