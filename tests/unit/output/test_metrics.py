@@ -258,3 +258,18 @@ def test_listen_addresses(text, want):
 def test_bad_listen_addresses(text):
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_unanswered_logins_beyond_what_a_session_keeps_are_unknown_at_once():
+    from imaptap.imap.session import MAX_PENDING
+
+    n = MAX_PENDING + 5
+    flood = b"".join(f"t{i} LOGIN u{i} p\r\n".encode() for i in range(n))
+    sink = MetricsSink()
+    pipeline = Pipeline(MemorySource(session([("c", flood)], close=False), open_at_end=True, snaplen=1 << 20), [sink])
+    pipeline.run()
+    sink.refresh(pipeline)
+    assert value(sink, "imaptap_logins_total", mechanism="LOGIN", outcome="unknown") == 5
+    pipeline.table.close_all()
+    sink.refresh(pipeline)
+    assert value(sink, "imaptap_logins_total", mechanism="LOGIN", outcome="unknown") == n

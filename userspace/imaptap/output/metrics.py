@@ -349,9 +349,8 @@ class MetricsSink(Sink):
                 unanswered[label] = unanswered.get(label, 0) + 1
                 if command in _LOGIN_COMMANDS:
                     pending = state.logins
-                    if len(pending) >= MAX_PENDING:
-                        del pending[next(iter(pending))]
-                        logins[server, OTHER, LoginOutcome.UNKNOWN.value] += 1
+                    if len(pending) >= MAX_PENDING:  # as the session, which forgets the oldest
+                        logins[server, pending.pop(next(iter(pending))), LoginOutcome.UNKNOWN.value] += 1
                     pending[msg.tag] = mechanism_label(session.auth_mechanism)
             if not state.cleartext and session.cleartext_credentials:
                 state.cleartext = True
