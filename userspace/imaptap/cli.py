@@ -3,7 +3,8 @@
 Exit status: 0 on success and on a clean stop (SIGINT, SIGTERM, SIGHUP); 1 on an internal
 error; 2 on bad arguments, an unreadable or corrupt capture file, an output that cannot be
 written, or missing privileges or kernel support.  Errors are one line on stderr, never a
-traceback.  The TUI and bcc are imported only when used, so replay to JSON starts fast.
+traceback.  SIGUSR1 reopens the output files (logrotate).  The TUI and bcc are imported only
+when used, so replay to JSON starts fast.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ examples:
 
 exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
              2 bad arguments, bad capture file, unwritable output, or missing privileges
+SIGUSR1 reopens the --json and -w files (after logrotate moved them away)
 """
 
 
@@ -145,11 +147,16 @@ def build_parser() -> argparse.ArgumentParser:
                           " port 0: any free one)")
     out.add_argument("--metrics-label", action="append", choices=("server",), default=[],
                      help="add a label to the metrics: server (the server's address, a few at most)")
+    out.add_argument("--append", action="store_true",
+                     help="append to the --json and -w files instead of replacing them (a service that restarts)")
     tune = p.add_argument_group("limits")
     tune.add_argument("--max-flows", type=int, default=MAX_FLOWS, metavar="N",
                       help=f"flows tracked at once; the oldest idle one is evicted (default {MAX_FLOWS})")
     tune.add_argument("--idle-timeout", type=_positive, default=IDLE_TIMEOUT, metavar="SECONDS",
                       help=f"end a flow after this long without traffic (default {IDLE_TIMEOUT:.0f})")
+    out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
+                     help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
+                          " in a replay, the wall clock live)")
     live = p.add_argument_group("live capture")
     live.add_argument("--xdp-mode", choices=("native", "skb"),
                       help="XDP attach mode (default: native where the driver has it, else skb)")
@@ -166,19 +173,35 @@ def build_parser() -> argparse.ArgumentParser:
 #: them between segments: an exception raised wherever the signal lands could leave a flow
 #: counted but never reported (between its creation and its entry in the table).
 _stop: list[int] = []
+#: What asks for the output files to be opened anew: nginx's signal for it (SIGHUP stops).
+REOPEN_SIGNAL = signal.SIGUSR1
+#: The reopen requests received; `ReopenSink` acts on them between records, as on _stop.
+_reopen: list[int] = []
 
 
 def _on_signal(signum: int, frame: object) -> None:
     _stop.append(signum)
 
 
-def _open_output(path: str) -> tuple[IO[str], bool]:
+def _on_reopen(signum: int, frame: object) -> None:
+    _reopen.append(signum)
+
+
+def _open_output(path: str, append: bool = False) -> tuple[IO[str], bool]:
     if path == "-":
         return sys.stdout, False
     try:
+        if append:
+            from imaptap.output.rotation import open_for_append
+
+            return open_for_append(path), True
         return open(path, "w", encoding="utf-8", buffering=1 << 16), True
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def _warn(line: str) -> None:
+    print(f"imaptap: {line}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +231,7 @@ def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source
     try:
         return build_source(read=args.read, interfaces=args.interface, ports=ports, snaplen=args.snaplen,
                             taillen=args.tail, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp, user=args.user,
-                            write=args.write)
+                            write=args.write, append=args.append)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
 
@@ -275,8 +298,15 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
 
     from imaptap.output.jsonl import JsonlSink, JsonlWriter
 
-    out, close_out = _open_output(json_path)
-    writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path)
+    out, close_out = _open_output(json_path, args.append)
+    opener = None
+    if close_out:
+        from functools import partial
+
+        from imaptap.output.rotation import open_for_append
+
+        opener = partial(open_for_append, json_path)
+    writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path, opener)
     source: Source | None
     pcap_writer: MaskingWriter | None
     early_error: str | None = None
@@ -287,9 +317,13 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         source, pcap_writer, early_error = None, None, str(exc)
     pipeline = None
     if source is not None:
-        pipeline = Pipeline(source, [JsonlSink(writer, messages=not args.flows_only), *extra_sinks],
-                            pcap_writer=pcap_writer,
-                            max_flows=args.max_flows, idle_timeout=args.idle_timeout)
+        from imaptap.output.rotation import ReopenSink
+
+        _reopen.clear()
+        sinks = [JsonlSink(writer, messages=not args.flows_only), *extra_sinks,
+                 ReopenSink(_reopen.__len__, [writer], _warn)]
+        pipeline = Pipeline(source, sinks, pcap_writer=pcap_writer, max_flows=args.max_flows,
+                            idle_timeout=args.idle_timeout, flow_interval=args.flow_interval)
         if args.read:
             # Everything made so far (modules, classes, functions) lives until exit: kept out of
             # the collector's generations, it is not traversed again at each collection of the
@@ -298,6 +332,7 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
     _stop.clear()
     stop_signals = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     old = {s: signal.signal(s, _on_signal) for s in stop_signals}
+    old[REOPEN_SIGNAL] = signal.signal(REOPEN_SIGNAL, _on_reopen)
     started = time.monotonic()
     try:
         if pipeline is not None:
@@ -323,7 +358,7 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
                 signal.signal(s, h)
             if close_out:
                 try:
-                    out.close()
+                    writer.out.close()  # the file opened last, when SIGUSR1 reopened it
                 except OSError:
                     if writer.failed is None:
                         raise

@@ -16,6 +16,7 @@ final stats record.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from collections.abc import Callable, Generator, Iterable
@@ -233,12 +234,12 @@ class MemorySource(Source):
 
 def build_source(*, read: str | None, interfaces: list[str] | None, ports: frozenset[int],
                  snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, xdp_mode: str | None = None,
-                 use_xdp: bool = True, user: str | None = None,
-                 write: str | None = None) -> tuple[Source, MaskingWriter | None]:
+                 use_xdp: bool = True, user: str | None = None, write: str | None = None,
+                 append: bool = False) -> tuple[Source, MaskingWriter | None]:
     """The source the command line names (a file to replay, else a live capture on
     ``interfaces`` or the default route's), not yet open, and the ``-w`` writer of ``write``
-    (or None).  SourceError (one line) for a bad interface or option, an unwritable ``-w``
-    file, or live capture without bcc's side of the package."""
+    (or None), appending to the file if ``append``.  SourceError (one line) for a bad interface
+    or option, an unwritable ``-w`` file, or live capture without bcc's side of the package."""
     source: Source
     if read:
         source = ReplaySource(read, ports, snaplen, taillen)
@@ -256,11 +257,14 @@ def build_source(*, read: str | None, interfaces: list[str] | None, ports: froze
     writer = None
     if write:
         from imaptap.capture.pcapwrite import MaskingWriter
+        from imaptap.output.rotation import NotAppendable
 
         try:
-            writer = MaskingWriter(write, ports)
+            writer = MaskingWriter(write, ports, append)
         except OSError as exc:
             raise SourceError(f"cannot write {write}: {exc.strerror or exc}") from None
+        except NotAppendable as exc:
+            raise SourceError(str(exc)) from None
     return source, writer
 
 
@@ -269,16 +273,21 @@ class Sink:
 
     ``flow_started`` is asked once per new flow for the callable its messages go to; None (the
     default) means none are wanted, and where no sink wants them the analyzer does not even
-    make them.  ``flow_ended`` receives the flow and its final facts.  ``tick`` is called on
-    every tick of the source (a few times a second at most, live and replay alike), with the
-    pipeline, for work that follows the clock rather than the traffic; ``finished`` once the
-    run is over and every flow has ended.
+    make them.  ``flow_ended`` receives the flow and its final facts.  ``flow_update`` receives
+    every open flow and its facts so far every ``flow_interval`` seconds of the capture clock,
+    where the pipeline was given one.  ``tick`` is called on every tick of the source (a few
+    times a second at most, live and replay alike), with the pipeline, for work that follows
+    the clock rather than the traffic; ``finished`` once the run is over and every flow has
+    ended.
     """
 
     def flow_started(self, flow: Flow) -> Callable[[Message], None] | None:
         return None
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        pass
+
+    def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
         pass
 
     def tick(self, pipeline: Pipeline) -> None:
@@ -303,6 +312,7 @@ class Pipeline:
         pcap_writer: MaskingWriter | None = None,
         max_flows: int = MAX_FLOWS,
         idle_timeout: float = IDLE_TIMEOUT,
+        flow_interval: float | None = None,
         wallclock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -324,6 +334,12 @@ class Pipeline:
         """The run was stopped before its input ended."""
         self.opened = False
         self.started = clock()
+        self.flow_interval = flow_interval
+        """Seconds of the capture clock between two `Sink.flow_update` rounds (None: none)."""
+        self._next_update = -math.inf
+        self._add: Callable[[Segment], None] = self.table.add
+        """What takes a segment once a round of updates is done: the table, or -w then the table."""
+        """When the next round is due; before the first segment (a replay) or the open (live), any time."""
 
     # --- the table's callbacks ------------------------------------------------------------------
 
@@ -347,6 +363,41 @@ class Pipeline:
         for sink in self.sinks:
             sink.flow_ended(flow, facts)
 
+    # --- interim records of open flows --------------------------------------------------------
+
+    def now(self) -> float:
+        """The capture clock: the wall clock live, the time of the latest segment in a replay."""
+        return self.wallclock() if self.source.live else self.table.now
+
+    def _updates_due(self, now: float) -> None:
+        """Hand every open flow to the sinks' `Sink.flow_update` if a round is due at ``now``.
+
+        A replay's round is taken before the first segment at or after the time it was due, and
+        carries that time: the flows are then exactly as they were at it.  Rounds missed over a
+        quiet stretch are not made up: one round, then the next due after ``now``.
+        """
+        interval = self.flow_interval
+        assert interval is not None
+        due = self._next_update
+        if now < due:
+            return
+        if due == -math.inf:  # the clock's first reading: the first round is one interval on
+            self._next_update = now + interval
+            return
+        ts = now if self.source.live else due
+        table = self.table
+        table.expire(ts)  # a flow idle past the timeout by then is no longer open
+        for flow in list(table.flows.values()):
+            facts = flow_facts(flow)
+            for sink in self.sinks:
+                sink.flow_update(flow, facts, ts)
+        self._next_update = due + interval * (math.floor((now - due) / interval) + 1)
+
+    def _update_then_add(self, seg: Segment) -> None:
+        if seg.ts >= self._next_update:
+            self._updates_due(seg.ts)
+        self._add(seg)
+
     # --- the run --------------------------------------------------------------------------------
 
     def run(self, stop: Callable[[], object] = _never, on_tick: Callable[[], None] | None = None,
@@ -360,14 +411,21 @@ class Pipeline:
         source = self.source
         table = self.table
         writer = self.pcap_writer
-        add = table.add if writer is None else self._write_then_add
+        add = self._add = table.add if writer is None else self._write_then_add
         live = source.live
+        updates = self.flow_interval is not None
+        if updates and not live:
+            # A replay's rounds follow the capture's time segment by segment: its ticks come only
+            # every megabyte of records, which may span hours of a quiet capture.
+            add = self._update_then_add
         self.started = self.clock()
         segments: Generator[Segment | None, None, None] | None = None
         errors: tuple[type[Exception], ...] = (SourceError, *source.errors)
         try:
             source.open()
             self.opened = True
+            if updates and live:
+                self._updates_due(self.wallclock())  # the first round is due one interval on
             if on_open is not None:
                 on_open(source)
             segments = source.segments()
@@ -376,7 +434,10 @@ class Pipeline:
                     add(seg)
                     continue
                 if live:
-                    table.expire(self.wallclock())
+                    now = self.wallclock()
+                    table.expire(now)
+                    if updates:
+                        self._updates_due(now)
                 if stop():
                     self.stopped = True
                     break

@@ -6,16 +6,22 @@ an IPv4 or IPv6 header and a TCP header rebuilt from the Segment's fields, then 
 head of the payload.  The record's original length is the packet's length on the wire, so a
 reader knows how much was not copied, exactly as with ``tcpdump -s``.  A copied tail cannot be
 placed in a pcap record after a hole, so it is left out.
+
+The file can be appended to (``--append``, and after `SegmentWriter.reopen`, which logrotate's
+signal asks for): a pcap imaptap wrote gets more records, a record cut short by a killed run is
+cut off first, and an empty or new file gets the header.  Each file is a valid pcap on its own.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 from imaptap.capture.decode import IPPROTO_TCP, IPV4_MIN_LEN, IPV6_LEN, TCP_MIN_LEN
+from imaptap.output.rotation import NotAppendable
 from imaptap.segment import FlowKey, Segment, flow_key
 
 #: LINKTYPE_RAW: the record starts with the IP header.
@@ -61,13 +67,66 @@ def frame(seg: Segment) -> tuple[bytes, int]:
     return ip + tcp + seg.payload, wire
 
 
+#: The file header every file written here starts with.
+FILE_HEADER = _FILE_HEADER.pack(_PCAP_MAGIC, 2, 4, 0, 0, FILE_SNAPLEN, LINKTYPE_RAW)
+
+
+def complete_end(f: BinaryIO, size: int) -> int:
+    """The offset after the last whole record of the pcap ``f`` (``size`` bytes, header checked)."""
+    pos = _FILE_HEADER.size
+    while True:
+        f.seek(pos)
+        head = f.read(_RECORD_HEADER.size)
+        if len(head) < _RECORD_HEADER.size:
+            return pos
+        incl = _RECORD_HEADER.unpack(head)[2]
+        if pos + _RECORD_HEADER.size + incl > size:
+            return pos
+        pos += _RECORD_HEADER.size + incl
+
+
+def open_for_append(path: str) -> BinaryIO:
+    """``path`` open for appending records, created with a header where it is new or empty.
+
+    NotAppendable where it holds something else than a pcap as written here; a last record cut
+    short (the run that wrote it was killed) is cut off, so the records appended stay readable.
+    """
+    f = open(path, "a+b")
+    try:
+        size = f.seek(0, os.SEEK_END)
+        if size < _FILE_HEADER.size:
+            f.truncate(0)
+            f.write(FILE_HEADER)
+            return f
+        f.seek(0)
+        if f.read(_FILE_HEADER.size) != FILE_HEADER:
+            raise NotAppendable(f"cannot append to {path}: not a pcap file as imaptap writes them"
+                                " (classic pcap, raw IP)")
+        end = complete_end(f, size)
+        if end < size:
+            f.truncate(end)
+        f.seek(0, os.SEEK_END)
+    except BaseException:
+        f.close()
+        raise
+    return f
+
+
 class SegmentWriter:
     """Appends segments to a pcap file as they are captured."""
 
-    def __init__(self, path: str) -> None:
-        self._file = open(path, "wb")  # open for the writer's lifetime; close() closes it
-        self._file.write(_FILE_HEADER.pack(_PCAP_MAGIC, 2, 4, 0, 0, FILE_SNAPLEN, LINKTYPE_RAW))
+    def __init__(self, path: str, append: bool = False) -> None:
+        self.path = path
+        self._file = self._open(append)  # open for the writer's lifetime; close() closes it
         self.records = 0
+        """Records written, to every file this writer had open."""
+
+    def _open(self, append: bool) -> BinaryIO:
+        if append:
+            return open_for_append(self.path)
+        f = open(self.path, "wb")
+        f.write(FILE_HEADER)
+        return f
 
     def write(self, seg: Segment) -> None:
         data, wire = frame(seg)
@@ -77,6 +136,13 @@ class SegmentWriter:
             sec, usec = sec + 1, usec - 1_000_000
         self._file.write(_RECORD_HEADER.pack(sec, usec, len(data), wire) + data)
         self.records += 1
+
+    def reopen(self) -> None:
+        """Go on in a file opened anew at the same path (appending), the old one complete and
+        closed: after logrotate moved it away.  OSError or NotAppendable leave the old one open."""
+        new = self._open(append=True)
+        old, self._file = self._file, new
+        old.close()
 
     def close(self) -> None:
         self._file.close()
@@ -124,8 +190,9 @@ class MaskingWriter:
     readers accept that).
     """
 
-    def __init__(self, path: str, ports: Iterable[int]) -> None:
-        self._out = SegmentWriter(path)
+    def __init__(self, path: str, ports: Iterable[int], append: bool = False) -> None:
+        self._out = SegmentWriter(path, append)
+        self.name = path
         self.ports = frozenset(ports)
         self.flows: Mapping[FlowKey, Any] = {}
         """The flow table's flows (the pipeline binds them once the table exists)."""
@@ -166,6 +233,10 @@ class MaskingWriter:
         if key in self._held:
             self._flush(key)
         self._out.write(seg)
+
+    def reopen(self) -> None:
+        """`SegmentWriter.reopen`: held segments go to the new file once they may be written."""
+        self._out.reopen()
 
     def flow_ended(self, flow: Any) -> None:
         """The table ended ``flow``: its last client segment has been analysed too."""

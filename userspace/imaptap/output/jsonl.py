@@ -127,13 +127,32 @@ _FLOW_FIELDS = tuple((f'"{name}":', _ENCODER_OF_FIELD.get(name) or _ENCODERS[_de
                      for name, hint in FlowFacts.__annotations__.items())
 
 
-def flow_line(facts: FlowFacts) -> str:
+_FLOW_PREFIX = '{"type":"flow",'
+
+
+def flow_line(facts: FlowFacts, prefix: str = _FLOW_PREFIX) -> str:
     """The JSON line of a flow record: the same bytes as ``_dumps(facts.record())``, built
-    without the dict and json's encoder, which took 20 µs a flow, a twentieth of a replay."""
+    without the dict and json's encoder, which took 20 µs a flow, a twentieth of a replay.
+    ``prefix``: what comes before the flow's keys (another record type, `flow_update_line`)."""
     # The keys come from the annotations, the values from the tuple: if those ever disagree,
     # fail rather than write values under the wrong keys.
     pairs = zip(_FLOW_FIELDS, facts, strict=True)
-    return '{"type":"flow",' + ",".join([key + encode(value) for (key, encode), value in pairs]) + "}"
+    return prefix + ",".join([key + encode(value) for (key, encode), value in pairs]) + "}"
+
+
+#: The record type of an open flow's interim record (--flow-interval).
+FLOW_UPDATE = "flow_update"
+
+
+def flow_update_record(facts: FlowFacts, ts: float) -> dict[str, Any]:
+    """The JSON record of an open flow at ``ts`` as a dict: the flow record's keys after
+    ``"type": "flow_update"`` and ``ts``, ``end`` null."""
+    return {"type": FLOW_UPDATE, "ts": ts, **{k: v for k, v in facts.record().items() if k != "type"}}
+
+
+def flow_update_line(facts: FlowFacts, ts: float) -> str:
+    """The JSON line of `flow_update_record`, the same bytes as ``_dumps`` of it."""
+    return flow_line(facts, f'{{"type":"{FLOW_UPDATE}","ts":{_float(ts)},')
 
 
 #: Lines queued before one write to the output.
@@ -154,9 +173,11 @@ def _flow_prefix(flow: FlowRef) -> str:
 class JsonlWriter:
     """Writes records to a text stream, one JSON object per line."""
 
-    def __init__(self, out: IO[str], name: str = "the output") -> None:
+    def __init__(self, out: IO[str], name: str = "the output", opener: Callable[[], IO[str]] | None = None) -> None:
         self.out = out
         self.name = name
+        self.opener = opener
+        """Opens the output anew at its path (`reopen`); None for a stream such as stdout."""
         self.failed: OSError | None = None
         """The error that stopped the output: later records are dropped, not retried."""
         self._lines: list[str] = []
@@ -212,6 +233,23 @@ class JsonlWriter:
     def flow_end(self, facts: FlowFacts) -> None:
         self.write(flow_line(facts) + "\n")
 
+    def flow_update(self, facts: FlowFacts, ts: float) -> None:
+        self.write(flow_update_line(facts, ts) + "\n")
+
+    def reopen(self) -> None:
+        """Go on in the output opened anew (logrotate moved it away): every line queued so far
+        goes to the old file, which is flushed and closed; OSError leaves the old one in use."""
+        if self.opener is None or self.failed is not None:
+            return
+        new = self.opener()
+        try:
+            self.flush()
+        except BaseException:
+            new.close()
+            raise
+        old, self.out = self.out, new
+        self._output(old.close)
+
     def stats(self, record: dict[str, Any]) -> None:
         self.write(_dumps({"type": "stats", **record}) + "\n")
 
@@ -233,3 +271,10 @@ class JsonlSink(Sink):
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
         self.writer.flow_end(facts)
+
+    def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
+        self.writer.flow_update(facts, ts)
+
+    def stats(self, record: dict[str, Any]) -> None:
+        """The final stats record."""
+        self.writer.stats(record)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -28,7 +29,8 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     try:
         source, pcap_writer = build_source(read=args.read, interfaces=args.interface, ports=ports,
                                            snaplen=args.snaplen, taillen=args.tail, xdp_mode=args.xdp_mode,
-                                           use_xdp=not args.no_xdp, user=args.user, write=args.write)
+                                           use_xdp=not args.no_xdp, user=args.user, write=args.write,
+                                           append=args.append)
         if args.read:
             source.open()  # a bad file fails before the UI starts; a live capture attaches in the worker
     except SourceError as exc:
@@ -38,8 +40,17 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     from imaptap.tui.app import ImaptapApp
     from imaptap.tui.feed import Feed
 
+    # SIGUSR1 reopens the -w file here too (logrotate), in the worker between records.  The
+    # handler stays until exit: SIGUSR1's default action, even while the worker still detaches
+    # after the app ended, would kill the process and leave the programs attached.
+    from imaptap.cli import REOPEN_SIGNAL
+    from imaptap.output.rotation import ReopenSink
+
+    requests: list[int] = []
+    warnings: list[str] = []
     feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
-                sinks=sinks)
+                sinks=[*sinks, ReopenSink(requests.__len__, [], warnings.append)])
+    signal.signal(REOPEN_SIGNAL, lambda signum, frame: requests.append(signum))
     app = ImaptapApp(feed, handle_signals=True)
     try:
         status = app.run()
@@ -47,6 +58,8 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
         # However the app ended, the worker must end too: Python waits for it at exit, and a
         # live capture's programs are detached only when the pipeline closes its source.
         feed.stop()
+    for line in warnings:
+        print(f"imaptap: {line}", file=sys.stderr)
     if app.capture_error:
         print(f"imaptap: {app.capture_error}", file=sys.stderr)
     return status if status is not None else app.exit_status
