@@ -344,6 +344,10 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         # must not cut that short, so they wait until it is written.
         for s in stop_signals:
             signal.signal(s, signal.SIG_IGN)
+        if source is not None and source.live:
+            from imaptap.sdnotify import notify
+
+            notify("STOPPING=1")
         try:
             if pipeline is not None:
                 record = pipeline.stats()
@@ -370,5 +374,13 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
 
 
 def _say_notes(source: Source) -> None:
+    """The source is open: what the user should know, then the readiness line (live), which
+    the service manager hears too."""
     for note in source.notes():
         print(f"imaptap: {note}", file=sys.stderr)
+    listening = source.listening()
+    if listening is not None:
+        print(f"imaptap: {listening}", file=sys.stderr, flush=True)
+        from imaptap.sdnotify import notify
+
+        notify(f"READY=1\nSTATUS={listening}")

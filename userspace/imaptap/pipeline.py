@@ -95,6 +95,10 @@ class Source:
         """What the user should know about how the capture runs (fallbacks taken)."""
         return ()
 
+    def listening(self) -> str | None:
+        """Once open: what is captured where, for the readiness line (live), else None."""
+        return None
+
 
 class ReplaySource(Source):
     """A pcap or pcapng file, read as fast as it goes."""
@@ -207,6 +211,16 @@ class LiveSource(Source):
 
     def notes(self) -> tuple[str, ...]:
         return tuple(self.capture.notes)
+
+    def listening(self) -> str | None:
+        capture = self.capture
+        hooks = []
+        for name in capture.interfaces:
+            mode = capture.xdp_modes.get(name)
+            hooks.append(f"{name} (ingress {'TC' if mode is None else 'XDP ' + mode}, egress TC)")
+        ports = sorted(self.ports)
+        return (f"listening on {', '.join(hooks)}, TCP port{'s' if len(ports) > 1 else ''}"
+                f" {', '.join(map(str, ports))}, copying {capture.snaplen} + {capture.taillen} bytes of each segment")
 
 
 class MemorySource(Source):
