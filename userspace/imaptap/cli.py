@@ -26,6 +26,7 @@ from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.output.ecs import EcsSink
     from imaptap.output.metrics import MetricsSink
 
 EXIT_OK = 0
@@ -34,6 +35,8 @@ EXIT_USAGE = 2
 
 #: The largest snap length accepted: a whole IP packet.
 MAX_SNAPLEN = 65535
+#: --json-format: imaptap's own records (README, "JSON Lines"), or the same as ECS documents.
+JSON_FORMATS = ("imaptap", "ecs")
 
 EXAMPLES = """\
 examples:
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write JSON Lines to PATH ('-' for stdout); no TUI")
     out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
+    out.add_argument("--json-format", choices=JSON_FORMATS, default=JSON_FORMATS[0],
+                     help="JSON: imaptap's own keys (default), or Elastic Common Schema documents (docs/ECS.md)")
     out.add_argument("-w", "--write", metavar="FILE", help="live: also write the captured segments to a pcap")
     out.add_argument("--metrics", type=_listen_address, metavar="[ADDR:]PORT",
                      help="serve Prometheus metrics on http://ADDR:PORT/metrics (default address 127.0.0.1;"
@@ -307,6 +312,13 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
 
         opener = partial(open_for_append, json_path)
     writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path, opener)
+    output: JsonlSink | EcsSink
+    if args.json_format == "ecs":
+        from imaptap.output.ecs import EcsSink
+
+        output = EcsSink(writer, messages=not args.flows_only)
+    else:
+        output = JsonlSink(writer, messages=not args.flows_only)
     source: Source | None
     pcap_writer: MaskingWriter | None
     early_error: str | None = None
@@ -320,8 +332,7 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         from imaptap.output.rotation import ReopenSink
 
         _reopen.clear()
-        sinks = [JsonlSink(writer, messages=not args.flows_only), *extra_sinks,
-                 ReopenSink(_reopen.__len__, [writer], _warn)]
+        sinks = [output, *extra_sinks, ReopenSink(_reopen.__len__, [writer], _warn)]
         pipeline = Pipeline(source, sinks, pcap_writer=pcap_writer, max_flows=args.max_flows,
                             idle_timeout=args.idle_timeout, flow_interval=args.flow_interval)
         if args.read:
@@ -355,7 +366,7 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
                 record = {"source": args.read or ",".join(args.interface or []) or "live",
                           **dataclasses.asdict(FlowStats()), "seconds": round(time.monotonic() - started, 3),
                           "error": early_error}
-            writer.stats(record)
+            output.stats(record)
             writer.flush()
         finally:
             for s, h in old.items():
