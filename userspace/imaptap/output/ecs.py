@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from imaptap.facts import FlowFacts
 from imaptap.imap.session import Kind, Message, Side
-from imaptap.output.jsonl import FLOW_UPDATE, FlowRef, JsonlWriter, _dumps, message_record
-from imaptap.pipeline import Pipeline, Sink
+from imaptap.output.jsonl import FLOW_UPDATE, FlowRef, JsonlSink, JsonlWriter, _dumps, message_record
+from imaptap.pipeline import Pipeline
 
 if TYPE_CHECKING:
     from imaptap.flows import Flow
@@ -233,12 +233,11 @@ def stats_document(record: dict[str, Any], ts: float) -> dict[str, Any]:
     return doc
 
 
-class EcsSink(Sink):
+class EcsSink(JsonlSink):
     """The pipeline's ECS output: `JsonlSink`'s records as ECS documents, one per line."""
 
     def __init__(self, writer: JsonlWriter, messages: bool = True) -> None:
-        self.writer = writer
-        self.messages = messages
+        super().__init__(writer, messages)
         self._ids: dict[int, str] = {}
         """Community IDs of the open flows (bounded by the flow table)."""
         self._end_ts: float | None = None

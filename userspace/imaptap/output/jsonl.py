@@ -21,6 +21,7 @@ from imaptap.pipeline import Sink
 
 if TYPE_CHECKING:
     from imaptap.flows import Flow
+    from imaptap.pipeline import Pipeline
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), check_circular=False).encode
 # The C string encoder json itself uses for ensure_ascii=False (quotes, escapes, no ASCII-fication).
@@ -258,6 +259,12 @@ class JsonlWriter:
         self._output(self.out.flush)
 
 
+#: Seconds a live capture's records may wait in the writer's batch and the file's buffer: a log
+#: shipper (or ``| jq``) sees each record within this, on a quiet host too.  A replay flushes
+#: only as buffers fill, which is what makes it fast.
+LIVE_FLUSH_INTERVAL = 1.0
+
+
 class JsonlSink(Sink):
     """The pipeline's JSON Lines output: message records as they come (unless ``messages`` is
     false, as with --flows-only) and a flow record as each flow ends."""
@@ -265,6 +272,15 @@ class JsonlSink(Sink):
     def __init__(self, writer: JsonlWriter, messages: bool = True) -> None:
         self.writer = writer
         self.messages = messages
+        self._next_flush = 0.0
+
+    def tick(self, pipeline: Pipeline) -> None:
+        if not pipeline.source.live:
+            return
+        now = pipeline.clock()
+        if now >= self._next_flush:
+            self._next_flush = now + LIVE_FLUSH_INTERVAL
+            self.writer.flush()
 
     def flow_started(self, flow: Flow) -> Callable[[Message], None] | None:
         return self.writer.sink(flow) if self.messages else None
