@@ -94,14 +94,15 @@ def open_for_append(path: str) -> BinaryIO:
     f = open(path, "a+b")
     try:
         size = f.seek(0, os.SEEK_END)
-        if size < _FILE_HEADER.size:
+        f.seek(0)
+        head = f.read(_FILE_HEADER.size)
+        if not FILE_HEADER.startswith(head) if size < _FILE_HEADER.size else head != FILE_HEADER:
+            raise NotAppendable(f"cannot append to {path}: not a pcap file as imaptap writes them"
+                                " (classic pcap, raw IP)")
+        if size < _FILE_HEADER.size:  # new, empty, or a header cut short
             f.truncate(0)
             f.write(FILE_HEADER)
             return f
-        f.seek(0)
-        if f.read(_FILE_HEADER.size) != FILE_HEADER:
-            raise NotAppendable(f"cannot append to {path}: not a pcap file as imaptap writes them"
-                                " (classic pcap, raw IP)")
         end = complete_end(f, size)
         if end < size:
             f.truncate(end)
