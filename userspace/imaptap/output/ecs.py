@@ -41,8 +41,9 @@ IPPROTO_TCP = 6
 #: The Community ID's default seed (its spec): IDs agree with other tools that kept it.
 COMMUNITY_ID_SEED = 0
 #: The latest time ``@timestamp`` can say (the end of year 9999, datetime's last): a hostile
-#: capture file can carry any timestamp, and the document must still be written.
-MAX_TIMESTAMP = 253402300799.999999
+#: capture file can carry any timestamp, and the document must still be written (whole seconds:
+#: a double holds no microseconds that far out).
+MAX_TIMESTAMP = 253402300799.0
 
 #: Flow record keys that become ECS fields (docs/ECS.md); every other one is ``imaptap.flow.<key>``.
 FLOW_MAPPED = {
