@@ -85,6 +85,22 @@ def test_a_user_who_cannot_read_the_modules_leaves_root_with_no_capabilities_to_
     assert status["NoNewPrivs"] == "1"
 
 
+@needs_root
+def test_a_service_given_the_capabilities_as_another_user_keeps_only_the_two(readable_copy):
+    # As a systemd unit with User= (or DynamicUser=) and AmbientCapabilities= starts it.
+    caps = "+bpf,+net_admin,+perfmon"
+    r = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", f"--inh-caps=-all,{caps}",
+                        f"--ambient-caps=-all,{caps}", "--", SYSTEM_PYTHON, "-c", CHILD, "nobody"],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=readable_copy), cwd="/")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    status = got["status"]
+    assert got["dropped"] == {"user": "nobody", "capabilities": ["CAP_NET_ADMIN", "CAP_BPF"], "note": None}
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == KEPT
+    assert int(status["CapAmb"], 16) == int(status["CapInh"], 16) == 0
+    assert status["NoNewPrivs"] == "1" and status["Uid"].split() == ["65534"] * 4
+
+
 def test_unknown_user():
     with pytest.raises(privileges.PrivilegeError, match="no such user: nosuchuser-imaptap"):
         privileges.lookup("nosuchuser-imaptap")

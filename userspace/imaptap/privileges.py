@@ -16,6 +16,10 @@ Python imports modules lazily, so the new user must be able to read the interpre
 directories: if it cannot (a virtualenv under /root, say), the user stays root but the
 capabilities are dropped all the same, and the note returned says so.  ``-Z root`` keeps
 everything, as with tcpdump.
+
+A process that is not root but was given the capabilities (a systemd unit's
+AmbientCapabilities, file capabilities) cannot change its user; it still gives up every
+capability but the kept ones, clears its ambient set and sets no_new_privs.
 """
 
 from __future__ import annotations
@@ -142,14 +146,15 @@ def drop(user: str = DEFAULT_USER) -> Dropped:
     the other threads of the process lose all of theirs when the user changes.
     """
     entry = lookup(user)
-    if os.geteuid() != 0 or entry.pw_uid == 0:
-        # Not root (capabilities were granted on purpose), or -Z root: left as they are.
+    if entry.pw_uid == 0:  # -Z root: left as they are
         return Dropped(_user_name(os.geteuid()), None, None)
     libc = _libc()
     keep = kept_capabilities()
     mask = 0
     for cap in keep:
         mask |= 1 << cap
+    if os.geteuid() != 0:
+        return _narrow(libc, keep, mask)
     # The bounding set first: dropping from it needs CAP_SETPCAP, which goes next.
     for cap in range(_last_cap() + 1):
         if cap not in keep:
@@ -165,6 +170,17 @@ def drop(user: str = DEFAULT_USER) -> Dropped:
         os.setresgid(entry.pw_gid, entry.pw_gid, entry.pw_gid)
         os.setresuid(entry.pw_uid, entry.pw_uid, entry.pw_uid)
         _prctl(libc, _PR_SET_KEEPCAPS, 0)
+    _capset(libc, mask)
+    _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
+    kept = [CAP_NAMES[c] for c in keep]
+    if switch:
+        return Dropped(entry.pw_name, kept, None)
+    return Dropped("root", kept, f"staying root (with only {' and '.join(kept)}): {entry.pw_name} cannot read"
+                   " this Python's directories, so it could not import the modules still to come")
+
+
+def _capset(libc: ctypes.CDLL, mask: int) -> None:
+    """Effective and permitted set to ``mask``, inheritable emptied (this thread)."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)
     data = (_CapData * 2)()
     for i in range(2):
@@ -173,9 +189,26 @@ def drop(user: str = DEFAULT_USER) -> Dropped:
         data[i].inheritable = 0
     if libc.capset(ctypes.byref(header), data) != 0:
         raise PrivilegeError(f"capset failed: {os.strerror(ctypes.get_errno())}")
+
+
+def _permitted() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapPrm:"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+def _narrow(libc: ctypes.CDLL, keep: list[int], mask: int) -> Dropped:
+    """Not root: no user to change to, but capabilities beyond ``keep`` go (those it has)."""
+    name = _user_name(os.geteuid())
+    held = _permitted()
+    if not held:  # an ordinary user: nothing to give up
+        return Dropped(name, None, None)
+    try:
+        _prctl(libc, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL)
+    except PrivilegeError:
+        pass  # kernels before 4.3 have no ambient set
+    _capset(libc, mask & held)
     _prctl(libc, _PR_SET_NO_NEW_PRIVS, 1)
-    kept = [CAP_NAMES[c] for c in keep]
-    if switch:
-        return Dropped(entry.pw_name, kept, None)
-    return Dropped("root", kept, f"staying root (with only {' and '.join(kept)}): {entry.pw_name} cannot read"
-                   " this Python's directories, so it could not import the modules still to come")
+    return Dropped(name, [CAP_NAMES[c] for c in keep if held >> c & 1], None)
