@@ -6,21 +6,24 @@ import fcntl
 import os
 import pty
 import select
+import signal
 import struct
 import subprocess
 import sys
 import termios
 import time
+from typing import Any
 
 from harness import ROOT, pcap
 
 PYTHON = sys.executable
 
 
-def run_on_terminal(*args: str, steps: tuple[tuple[bytes, bytes], ...] = ((b"finished", b"q"),),
+def run_on_terminal(*args: str, steps: tuple[tuple[bytes, Any], ...] = ((b"finished", b"q"),),
                     timeout: float = 20.0) -> tuple[int, bytes]:
     """Run ``imaptap ARGS`` on a 160x40 pty; for each (text, keys) step, once the text is on
-    screen (since the previous step) type the keys; (exit status, all output)."""
+    screen (since the previous step) type the keys, or call them with the pid; (exit status,
+    all output)."""
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
@@ -34,7 +37,11 @@ def run_on_terminal(*args: str, steps: tuple[tuple[bytes, bytes], ...] = ((b"fin
         while time.monotonic() < deadline:
             if todo and todo[0][0] in out[since:]:
                 since = len(out)
-                os.write(fd, todo.pop(0)[1])
+                action = todo.pop(0)[1]
+                if callable(action):  # a signal, say
+                    action(pid)
+                else:
+                    os.write(fd, action)
             done, status = os.waitpid(pid, os.WNOHANG)
             if done:
                 return os.waitstatus_to_exitcode(status), out
@@ -66,6 +73,15 @@ def test_hostile_strings_never_reach_the_terminal():
     assert b"\x1b[31mevil" not in out and b"\x1b]0;pwned" not in out and b"\x07ctl" not in out
     assert b"[bold red]root[/]" in out  # shown as the characters it is
     assert b"\\x1b" in out  # the escape character, spelled out
+
+
+def test_sigusr1_leaves_the_tui_running_and_a_hang_up_still_stops_it(tmp_path):
+    # SIGUSR1 asks for the output files to be reopened (logrotate); SIGHUP stays "stop".
+    status, out = run_on_terminal("-r", pcap("login-atom.pcap"), "-w", str(tmp_path / "w.pcap"),
+                                  steps=((b"finished", lambda pid: os.kill(pid, signal.SIGUSR1)), (b"", b"?"),
+                                         (b"imaptap keys", lambda pid: os.kill(pid, signal.SIGHUP))))
+    assert status == 0
+    assert b"\x1b[?1049l" in out  # the terminal is back
 
 
 def test_a_bad_capture_file_fails_before_the_tui_starts(tmp_path):
