@@ -56,6 +56,9 @@ def test_missing_file(imaptap, tmp_path):
     (["-i", "lo"], ["not both"]),
     (["--bogus"], ["unrecognized arguments"]),
     (["--max-flows", "0"], ["max-flows"]),
+    (["--flow-interval", "0"], ["must be positive"]),
+    (["--flow-interval", "soon"], ["not a number"]),
+    (["--json-format", "xml"], ["invalid choice", "ecs"]),
 ])
 def test_bad_arguments(imaptap, args, words):
     one_line_error(imaptap("-r", CAPTURE, "--json", "-", *args), *words)
@@ -113,3 +116,12 @@ def test_w_with_r_writes_a_sanitised_copy_that_replays_to_the_same_facts(imaptap
 
 def test_an_unwritable_w_file_is_one_line(imaptap, tmp_path):
     one_line_error(imaptap("-r", CAPTURE, "-w", str(tmp_path / "no" / "dir.pcap"), "--json", "-"), "cannot write")
+
+
+def test_flow_interval_from_the_command_line(imaptap):
+    r = imaptap("-r", os.path.join(OWN_PCAPS, "idle.pcap"), "--json", "-", "--flows-only", "--flow-interval", "0.01")
+    assert r.returncode == 0, r.stderr
+    types = [rec["type"] for rec in r.records]
+    assert types[-2:] == ["flow", "stats"] and set(types[:-2]) == {"flow_update"}
+    update, flow = r.of_type("flow_update")[-1], r.flows[0]
+    assert update["flow"] == flow["flow"] and update["end"] is None and update["ts"] <= flow["last_ts"]
