@@ -10,6 +10,7 @@ APPEND, STARTTLS and IPv6 sessions.  Then it times, interleaved, round after rou
   tshark -r FILE -Y imap -T fields -e imap.request_tag -e imap.request.command \
          -e imap.request.username -e imap.response.status
 
+With --ecs, also the same two imaptap commands with --json-format ecs (docs/ECS.md).
 Wall-clock and CPU time of whole commands, start-up included, in an order rotated each round.
 Prints medians and their ratios, and the spread of the ratios taken within each round.
 ``--metrics`` adds both imaptap commands again with ``--metrics 0`` (Prometheus metrics served
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "instead of the host's offloaded super-packets")
     ap.add_argument("--metrics", action="store_true",
                     help="also time both imaptap commands with --metrics, against themselves without")
+    ap.add_argument("--ecs", action="store_true", help="also time --json-format ecs, against the default format")
     return ap
 
 
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("imaptap --json", "imaptap --json --flows-only"):
             commands[k + " --metrics"] = [*commands[k], "--metrics", "0"]
             with_metrics[k + " --metrics"] = k
+    if args.ecs:
+        commands["imaptap --json ECS"] = [*commands["imaptap --json"], "--json-format", "ecs"]
+        commands["imaptap --json --flows-only ECS"] = [*commands["imaptap --json --flows-only"], "--json-format", "ecs"]
     walls: dict[str, list[float]] = {k: [] for k in commands}
     cpus: dict[str, list[float]] = {k: [] for k in commands}
     for cmd in commands.values():  # warm the page cache and check each command runs
@@ -193,6 +198,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {k:40} wall {statistics.median(wall_ratios):5.3f} [{wall_ratios[0]:.3f}, "
                   f"{wall_ratios[-1]:.3f}]  cpu {statistics.median(cpu_ratios):5.3f} [{cpu_ratios[0]:.3f}, "
                   f"{cpu_ratios[-1]:.3f}]  medians {cpu_med[k] / cpu_med[plain]:.3f}")
+    if args.ecs:
+        print(f"per-round CPU-time cost of ECS documents (ECS / default), median [lowest, highest] of {args.rounds}"
+              " rounds:")
+        for k in ("imaptap --json", "imaptap --json --flows-only"):
+            ratios = per_round_ratios(cpus[f"{k} ECS"], cpus[k])
+            print(f"  {k:30} {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
     return 0
 
 

@@ -28,3 +28,9 @@ def test_every_message_record_key_is_in_the_readme():
 def test_every_end_reason_and_anomaly_name_is_in_the_readme():
     assert not [r.value for r in EndReason if r.value not in NAMED]
     assert not [a for a in ALL_KEYS if a not in NAMED]
+
+
+def test_the_flow_update_record_is_in_the_readme():
+    from imaptap.output.jsonl import FLOW_UPDATE
+
+    assert f'{{"type": "{FLOW_UPDATE}", ...}}' in JSON_SECTION and "ts" in NAMED
