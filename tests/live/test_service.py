@@ -45,21 +45,40 @@ def env() -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=str(ROOT / "userspace"))
 
 
-def read_line(proc: subprocess.Popen, timeout: float) -> str:
-    """The next line of ``proc``'s stderr, within ``timeout`` seconds."""
-    import select
+class Lines:
+    """``proc``'s stderr line by line, read by a thread (a select() on the pipe misses lines
+    already in the reader's buffer); `rest`, once it ended, is what came after the lines taken."""
 
-    deadline = time.monotonic() + timeout
-    line = ""
-    while not line.endswith("\n"):
-        assert proc.poll() is None or line, f"imaptap ended: {proc.stderr.read()}"
-        ready, _, _ = select.select([proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, "no line from imaptap in time"
-        chunk = proc.stderr.readline()
-        if not chunk:
-            break
-        line += chunk
-    return line
+    def __init__(self, proc: subprocess.Popen) -> None:
+        import queue
+        import threading
+
+        self.queue: queue.Queue[str] = queue.Queue()
+        self.thread = threading.Thread(target=self._read, args=(proc.stderr,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream) -> None:
+        for line in stream:
+            self.queue.put(line)
+
+    def next(self, timeout: float) -> str:
+        import queue
+
+        try:
+            return self.queue.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError("no line from imaptap in time") from None
+
+    def until(self, prefix: str, timeout: float) -> str:
+        """The first line starting with ``prefix`` (notes come before the readiness line)."""
+        deadline = time.monotonic() + timeout
+        while not (line := self.next(max(0.0, deadline - time.monotonic()))).startswith(prefix):
+            pass
+        return line
+
+    def rest(self) -> str:
+        self.thread.join(timeout=10)
+        return "".join(self.queue.queue)
 
 
 @pytest.mark.parametrize(("extra", "hooks"), [((), "ingress XDP native, egress TC"),
@@ -68,10 +87,9 @@ def test_the_readiness_line_comes_once_capture_has_begun(netlab, extra, hooks):
     proc = subprocess.Popen(imaptap_cmd("-i", netlab.host_if, "--port", str(SERVER_PORT), "--json", "-", *extra),
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env())
+    lines = Lines(proc)
     try:
-        lines = []
-        while not (line := read_line(proc, ATTACH_TIMEOUT)).startswith("imaptap: listening on"):
-            lines.append(line)  # notes come first (a veth with XDP)
+        line = lines.until("imaptap: listening on", ATTACH_TIMEOUT)
         assert line == (f"imaptap: listening on {netlab.host_if} ({hooks}), TCP port {SERVER_PORT},"
                         " copying 256 + 128 bytes of each segment\n")
         # ready means reading: a session at once after the line is captured
@@ -81,10 +99,44 @@ def test_the_readiness_line_comes_once_capture_has_begun(netlab, extra, hooks):
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 0, err
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, lines.rest()
     flows = [json.loads(x) for x in out.splitlines() if '"type":"flow"' in x]
     assert [f["username"] for f in flows] == ["readiness"]
+
+
+def test_a_connection_still_open_is_in_flow_updates_by_the_wall_clock(netlab, tmp_path):
+    out = tmp_path / "live.jsonl"
+    proc = subprocess.Popen(imaptap_cmd("-i", netlab.host_if, "--port", str(SERVER_PORT), "--json", str(out),
+                                        "--flow-interval", "1"),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env())
+    lines = Lines(proc)
+    try:
+        lines.until("imaptap: listening on", ATTACH_TIMEOUT)
+        imap = imaplib.IMAP4(netlab.server4, SERVER_PORT, timeout=10)
+        imap.login("idler", "x")
+        opened = time.time()
+        deadline = time.monotonic() + RECORDS_TIMEOUT
+        updates: list[dict] = []
+        while len(updates) < 2:  # read while the client is still connected
+            assert time.monotonic() < deadline, "no flow_update of the open connection reached the file"
+            time.sleep(0.2)
+            updates = [r for r in map(json.loads, out.read_text().splitlines()) if r["type"] == "flow_update"]
+        still_open = time.time()
+        imap.logout()
+        time.sleep(0.5)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, lines.rest()
+    assert {u["username"] for u in updates} == {"idler"} and all(u["end"] is None for u in updates)
+    # the wall clock: each round's time is when it was taken, a second apart, while open
+    assert all(opened - 1 < u["ts"] < still_open for u in updates)
+    assert 0.9 < updates[1]["ts"] - updates[0]["ts"] < 2.5
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    (flow,) = [r for r in records if r["type"] == "flow"]
+    assert flow["username"] == "idler" and flow["end"] == "fin"
 
 
 # --- the unit's sandbox -------------------------------------------------------------------------
