@@ -1,4 +1,5 @@
-"""deploy/systemd and deploy/logrotate: the units pass systemd-analyze, share one hardening, and logrotate reads its config.
+"""deploy/systemd and deploy/logrotate: the units pass systemd-analyze and share one hardening;
+logrotate reads its config.
 
 systemd is not PID 1 where the tests run; ``systemd-analyze verify`` and ``security
 --offline`` read unit files all the same.  tests/live/test_service.py runs the unit's sandbox.

@@ -37,14 +37,14 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
         print(f"imaptap: {exc}", file=sys.stderr)
         return 2
 
+    from imaptap.cli import REOPEN_SIGNAL
+    from imaptap.output.rotation import ReopenSink
     from imaptap.tui.app import ImaptapApp
     from imaptap.tui.feed import Feed
 
     # SIGUSR1 reopens the -w file here too (logrotate), in the worker between records.  The
     # handler stays until exit: SIGUSR1's default action, even while the worker still detaches
     # after the app ended, would kill the process and leave the programs attached.
-    from imaptap.cli import REOPEN_SIGNAL
-    from imaptap.output.rotation import ReopenSink
 
     requests: list[int] = []
     warnings: list[str] = []
