@@ -79,8 +79,6 @@ class ReopenSink(Sink):
         self.files = list(files)
         self.warn = warn
         self.handled = requested()
-        self.reopened = 0
-        """Times the files were reopened."""
 
     def tick(self, pipeline: Pipeline) -> None:
         asked = self.requested()
@@ -97,4 +95,3 @@ class ReopenSink(Sink):
                 self.warn(f"cannot reopen {f.name}: {exc.strerror or exc}; still writing to the file it had open")
             except NotAppendable as exc:  # its message names the file
                 self.warn(f"{exc}; still writing to the file it had open")
-        self.reopened += 1
