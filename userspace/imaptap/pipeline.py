@@ -291,7 +291,8 @@ class Sink:
     every open flow and its facts so far every ``flow_interval`` seconds of the capture clock,
     where the pipeline was given one.  ``tick`` is called on every tick of the source (a few
     times a second at most, live and replay alike), with the pipeline, for work that follows
-    the clock rather than the traffic; ``finished`` once the run is over and every flow has
+    the clock rather than the traffic; ``opened`` once the source is open (a live capture
+    attached, its privileges dropped); ``finished`` once the run is over and every flow has
     ended.
     """
 
@@ -305,6 +306,9 @@ class Sink:
         pass
 
     def tick(self, pipeline: Pipeline) -> None:
+        pass
+
+    def opened(self, pipeline: Pipeline) -> None:
         pass
 
     def finished(self, pipeline: Pipeline) -> None:
@@ -438,6 +442,8 @@ class Pipeline:
         try:
             source.open()
             self.opened = True
+            for sink in self.sinks:
+                sink.opened(self)
             if updates and live:
                 self._updates_due(self.wallclock())  # the first round is due one interval on
             if on_open is not None:

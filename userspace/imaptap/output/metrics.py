@@ -293,6 +293,8 @@ class MetricsSink(Sink):
             self._zero_series(None)
         self.snapshot = self._take_snapshot()
         self.httpd: Any = None
+        self._serving: Any = None
+        """The thread answering scrapes, once the source is open."""
         self.registry = self._registry()
 
     # --- the pipeline's events --------------------------------------------------------------------
@@ -473,22 +475,43 @@ class MetricsSink(Sink):
         return registry
 
     def serve(self, address: str, port: int) -> tuple[str, int]:
-        """Serve /metrics on a thread of prometheus_client's; returns the address bound."""
-        from prometheus_client import start_http_server
+        """Bind /metrics on ``address``:``port`` now (so a busy port or a bad address is said
+        before the capture starts) and answer scrapes from the moment the pipeline opens its
+        source (`opened`): a live capture has dropped its privileges by then, and the serving
+        thread, made afterwards, has only what the capturing thread kept.  Returns the address
+        bound."""
+        import socket
+        from http.server import ThreadingHTTPServer
+
+        from prometheus_client.exposition import MetricsHandler
+
+        class _Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            daemon_threads = True
 
         try:
-            self.httpd, _ = start_http_server(port, addr=address, registry=self.registry)
+            self.httpd = _Server((address, port), MetricsHandler.factory(self.registry))
         except OSError as exc:
             shown = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
             raise MetricsError(f"cannot serve metrics on {shown}: {exc.strerror or exc}") from None
         bound = self.httpd.server_address
         return bound[0], bound[1]
 
+    def opened(self, pipeline: Pipeline) -> None:
+        """The source is open: start answering scrapes (see `serve`)."""
+        if self.httpd is not None and self._serving is None:
+            import threading
+
+            self._serving = threading.Thread(target=self.httpd.serve_forever, name="imaptap-metrics", daemon=True)
+            self._serving.start()
+
     def close(self) -> None:
         """Stop serving (the run is over); idempotent."""
         if self.httpd is not None:
             httpd, self.httpd = self.httpd, None
-            httpd.shutdown()
+            if self._serving is not None:
+                httpd.shutdown()
+                self._serving = None
             httpd.server_close()
 
 
