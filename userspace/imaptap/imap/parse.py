@@ -390,8 +390,9 @@ def sasl_blanked_wire(mechanism: str, step: int, word: bytes, decoded: bytes | N
 
 #: Field/value pairs kept from one ID list (RFC 2971 allows 30).
 MAX_ID_FIELDS = 30
-#: Characters kept of one ID value (RFC 2971 allows 1024 octets; real ones are short).
-MAX_ID_VALUE = 256
+#: Characters kept of one ID value: RFC 2971's bound of 1024 octets.  Cyrus' "environment" is
+#: near 300; the whole list is at most a line (`stream.LINE_CAP`) anyway.
+MAX_ID_VALUE = 1024
 #: Capability names kept from one list, and characters kept of each.
 MAX_CAPABILITIES = 128
 MAX_CAPABILITY = 64
