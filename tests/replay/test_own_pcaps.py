@@ -56,8 +56,14 @@ def test_the_tail_holds_the_login_completion(imaptap):
     assert f["login_ok"] is True and "login_completion_lost" not in f["anomalies"]
     ok = [m for m in with_tail.messages if m["command"] == "LOGIN" and m["kind"] == "response"]
     assert ok and ok[0]["text"] == "Logged in" and ok[0]["latency_ms"] is not None
-    # without the tail the completions of LOGIN, SELECT and FETCH are all lost
-    g = replay(imaptap, "login-atom.pcap", "--tail", "0")
+    # without the tail (and without the handshake's longer heads) the completions of LOGIN,
+    # SELECT and FETCH are all lost
+    g = replay(imaptap, "login-atom.pcap", "--tail", "0", "--handshake-snaplen", "0")
     (f,) = g.flows
     assert f["login_ok"] is None and f["username"] == "alice"
     assert [m["command"] for m in g.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGOUT"]
+    # the handshake's copy rule keeps the login's whole answer; SELECT's and FETCH's, after it, are cut
+    h = replay(imaptap, "login-atom.pcap", "--tail", "0")
+    (f,) = h.flows
+    assert f["login_ok"] is True and f["capabilities"] == (with_tail.flows[0]["capabilities"])
+    assert [m["command"] for m in h.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGIN", "LOGOUT"]

@@ -1,8 +1,8 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from imaptap.flows import MAX_OUT_OF_ORDER, FlowTable
-from imaptap.segment import PayloadPolicy, Segment, TcpFlag
+from imaptap.flows import HANDSHAKE_BYTES, HANDSHAKE_SEGMENTS, MAX_OUT_OF_ORDER, FlowTable
+from imaptap.segment import PayloadMode, PayloadPolicy, Segment, TcpFlag
 from imaptap.testing import analyze, conversation
 
 GREETING = b"* OK Dovecot ready.\r\n"
@@ -130,3 +130,93 @@ def test_flow_key_is_the_same_both_ways_and_orders_endpoints_as_tuples_do(a, b):
     key = flow_key(*a, *b)
     assert key == flow_key(*b, *a)
     assert key == (*min(a, b), *max(a, b))
+
+
+# -- the handshake's copy rule (PayloadMode.HANDSHAKE) ----------------------------------------
+
+CAPS = b" ".join(b"X-CAPABILITY-%03d" % i for i in range(60))  # ~1 KB, as Cyrus sends after login
+SERVER_ID = b'* ID ("name" "Cyrus IMAPD" "environment" "' + b"Built w/this and that; " * 20 + b'end")\r\n'
+LONG_SESSION = [
+    ("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK [CAPABILITY IMAP4rev1 " + CAPS + b"] in\r\n"),
+    ("c", b"a2 ID NIL\r\n"), ("s", SERVER_ID + b"a2 OK done\r\n"),
+    ("c", b"a3 SELECT INBOX\r\n"), ("s", b"* OK [UIDVALIDITY 7] Ok\r\n" * 30 + b"a3 OK selected\r\n"),
+    ("c", b"a4 FETCH 1 (FLAGS)\r\n"), ("s", b"* CAPABILITY IMAP4rev1 " + CAPS + b"\r\na4 OK done\r\n"),
+]
+KEY = ("192.0.2.10", 40000, "192.0.2.20", 143)
+
+
+def test_the_handshake_is_copied_whole_and_the_cut_applies_after_it():
+    r = analyze(conversation(LONG_SESSION[:-1]))
+    f = r.flow
+    assert len(f["capabilities"]) == 61 and f["capabilities"][-1] == "X-CAPABILITY-059"
+    assert f["server_id"]["environment"].endswith("; end") and f["resyncs"] == 0
+    # the same without the handshake rule: the login's answer, ID and SELECT's data are cut
+    cut = analyze(conversation(LONG_SESSION[:-1]), handshake_snaplen=0).flow
+    assert cut["resyncs"] >= 2 and len(cut["capabilities"]) < 61
+    assert not cut["server_id"]["environment"].endswith("; end")  # cut mid-value, as the issue saw
+    # after the first command on messages (FETCH) the snap length's cut is back
+    after = analyze(conversation(LONG_SESSION)).flow
+    assert after["resyncs"] == 1 and after["bytes_not_captured"] > 0
+
+
+def test_the_kernel_is_told_when_the_handshake_is_over_and_forgets_it_at_the_end():
+    policy = PayloadPolicy()
+    table = FlowTable({143}, policy)
+    segs = conversation(LONG_SESSION, close=False)
+    fetch = next(i for i, s in enumerate(segs) if s.payload.startswith(b"a4 FETCH"))
+    for s in segs[:fetch]:
+        table.add(s)
+    assert policy.modes == {}, "every flow starts in the default mode: no entry"
+    assert policy.mode(KEY) is PayloadMode.HANDSHAKE
+    table.add(segs[fetch])
+    assert policy.modes == {KEY: PayloadMode.PREFIX}
+    table.close_all()
+    assert policy.modes == {}
+
+
+def test_a_flow_that_never_logs_in_falls_back_after_the_bound():
+    junk = [("c", b"a%d NOOP\r\n" % i) for i in range(HANDSHAKE_SEGMENTS + 5)]
+    policy = PayloadPolicy()
+    table = FlowTable({143}, policy)
+    segs = conversation([("s", GREETING), *junk], close=False)
+    data = [s for s in segs if s.wire_len]
+    for s in segs:
+        table.add(s)
+        if s is data[HANDSHAKE_SEGMENTS - 2]:
+            assert policy.modes == {}
+    assert policy.modes == {KEY: PayloadMode.PREFIX}
+    # and one big segment reaches the byte bound at once
+    big = PayloadPolicy()
+    table = FlowTable({143}, big)
+    for s in conversation([("s", GREETING), ("c", b"x" * HANDSHAKE_BYTES)], close=False):
+        table.add(s)
+    assert big.modes == {KEY: PayloadMode.PREFIX}
+
+
+def test_a_flow_seen_from_its_middle_is_cut_from_its_first_segment_on():
+    policy = PayloadPolicy()
+    table = FlowTable({143}, policy)
+    first, *rest = conversation(LONG_SESSION, handshake=False, close=False)
+    table.add(first)
+    assert policy.modes == {KEY: PayloadMode.PREFIX}
+
+
+def test_starttls_and_compress_keep_their_modes_past_the_handshake():
+    for command, mode in ((b"STARTTLS", PayloadMode.NONE), (b"COMPRESS DEFLATE", PayloadMode.WHOLE)):
+        policy = PayloadPolicy()
+        table = FlowTable({143}, policy)
+        parts = [("s", GREETING), ("c", b"a1 " + command + b"\r\n"), ("s", b"a1 OK go\r\n")]
+        parts += [("c", b"\x16\x03\x01 junk %d\r\n" % i) for i in range(HANDSHAKE_SEGMENTS + 2)]
+        for s in conversation(parts, close=False):
+            table.add(s)
+        assert policy.modes == {KEY: mode}
+
+
+def test_without_a_handshake_snap_length_no_flow_gets_an_entry():
+    policy = PayloadPolicy(handshake_snaplen=0)
+    assert policy.default is PayloadMode.PREFIX and policy.handshake_snaplen == 0
+    table = FlowTable({143}, policy)
+    for s in conversation(LONG_SESSION, close=False):
+        table.add(s)
+    assert policy.modes == {}
+    assert PayloadPolicy(snaplen=4096).default is PayloadMode.PREFIX  # -s above it: no handshake rule

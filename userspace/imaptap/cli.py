@@ -22,7 +22,7 @@ from imaptap import __version__
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowStats
 from imaptap.output import OutputError
 from imaptap.pipeline import Pipeline, Source, SourceError, build_source
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
@@ -98,6 +98,7 @@ def _int_in(what: str, low: int, high: int):
 _port = _int_in("port", 1, 65535)
 _snaplen = _int_in("snap length", 1, MAX_SNAPLEN)
 _taillen = _int_in("tail length", 0, MAX_SNAPLEN)
+_handshake_snaplen = _int_in("handshake snap length", 0, MAX_SNAPLEN)
 
 
 def _positive(value: str) -> float:
@@ -141,6 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tail", type=_taillen, default=DEFAULT_TAILLEN, metavar="BYTES",
                    help=f"payload bytes also copied from the end of a longer segment, where the tagged "
                    f"completion is (default {DEFAULT_TAILLEN}; 0: none)")
+    p.add_argument("--handshake-snaplen", type=_handshake_snaplen, default=DEFAULT_HANDSHAKE_SNAPLEN,
+                   metavar="BYTES",
+                   help=f"payload bytes copied from the start of each segment instead of -s while a flow's login"
+                   f" and capabilities are still to come (default {DEFAULT_HANDSHAKE_SNAPLEN}; 0: -s from the"
+                   f" start)")
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write JSON Lines to PATH ('-' for stdout); no TUI")
     out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
@@ -236,7 +242,7 @@ def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source
     try:
         return build_source(read=args.read, interfaces=args.interface, ports=ports, snaplen=args.snaplen,
                             taillen=args.tail, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp, user=args.user,
-                            write=args.write, append=args.append)
+                            write=args.write, append=args.append, handshake_snaplen=args.handshake_snaplen)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from imaptap.imap.session import ImapSession, Message
-from imaptap.segment import FlowKey, PayloadPolicy, Segment, TcpFlag, flow_key
+from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag, flow_key
 
 #: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
 #: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
@@ -31,6 +31,14 @@ EXPIRY_SWEEP = 1.0
 #: Out-of-order segments held per direction waiting for the hole before them to fill; beyond
 #: this the hole is declared a gap and parsing goes on.
 MAX_OUT_OF_ORDER = 64
+
+#: Segments with payload (both directions) a flow is copied under the handshake rule at most
+#: (`PayloadMode.HANDSHAKE`), and their wire bytes: a login with a few retries and the long
+#: answers of Cyrus (capabilities, ID, SELECT) take a dozen segments and 4 KB; a flow that never
+#: logs in, or never gets to a command on messages, falls back to the snap length's cut after
+#: these, so no flow costs more than 16 KB of whole copies.
+HANDSHAKE_SEGMENTS = 32
+HANDSHAKE_BYTES = 16384
 
 _SEQ_MOD = 1 << 32
 _SEQ_HALF = 1 << 31
@@ -169,6 +177,10 @@ class Flow:
     fin_server: bool = False
     reset: bool = False
     end_reason: EndReason | None = None
+    handshake_segments: int = 0
+    """Segments with payload still copied under the handshake rule; 0 once it no longer applies."""
+    handshake_bytes: int = 0
+    """Wire bytes still copied under the handshake rule."""
     c2s: _Direction = field(init=False, repr=False)
     s2c: _Direction = field(init=False, repr=False)
 
@@ -286,6 +298,8 @@ class FlowTable:
                 direction.segment(head, wire_len, tail)
             else:
                 direction.data(seq, head, wire_len, tail)
+            if flow.handshake_segments:
+                self._handshake(flow, wire_len)
         if flags & _RST:
             flow.reset = True
             self._end(self.flows.pop(key), EndReason.RST)
@@ -314,12 +328,31 @@ class FlowTable:
         on_mode = None if self.policy is None else partial(self.policy.set, key)
         session = ImapSession(None, on_mode)
         flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
+        policy = self.policy
+        if policy is not None and policy.default is PayloadMode.HANDSHAKE:
+            if seg.flags & _SYN:
+                flow.handshake_segments = HANDSHAKE_SEGMENTS
+                flow.handshake_bytes = HANDSHAKE_BYTES
+            else:
+                policy.end_handshake(key)  # seen from its middle: the handshake is past
         if self.message_sink is not None:
             session.on_message = self.message_sink(flow)
         elif self.on_message is not None:
             session.on_message = partial(self.on_message, flow)
         self.stats.flows += 1
         return flow
+
+    def _handshake(self, flow: Flow, wire_len: int) -> None:
+        """Count one segment of a flow's handshake; end the handshake rule once the session says
+        the handshake is over, another mode took over, or the bound is reached."""
+        flow.handshake_segments -= 1
+        flow.handshake_bytes -= wire_len
+        policy = self.policy
+        assert policy is not None, "only flows of a table with a policy have a handshake"
+        if (flow.session.handshake_done or flow.handshake_segments <= 0 or flow.handshake_bytes <= 0
+                or flow.key in policy.modes):
+            flow.handshake_segments = 0
+            policy.end_handshake(flow.key)
 
     # --- life cycle --------------------------------------------------------------------------
 

@@ -25,7 +25,14 @@ from typing import TYPE_CHECKING, Any
 from imaptap.facts import FlowFacts, flow_facts
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, EndReason, Flow, FlowTable
 from imaptap.imap.session import Message
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, PayloadPolicy, Segment, flow_key
+from imaptap.segment import (
+    DEFAULT_HANDSHAKE_SNAPLEN,
+    DEFAULT_SNAPLEN,
+    DEFAULT_TAILLEN,
+    PayloadPolicy,
+    Segment,
+    flow_key,
+)
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
@@ -104,14 +111,15 @@ class ReplaySource(Source):
     """A pcap or pcapng file, read as fast as it goes."""
 
     def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
-                 taillen: int = DEFAULT_TAILLEN, label: str | None = None) -> None:
+                 taillen: int = DEFAULT_TAILLEN, label: str | None = None,
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> None:
         from imaptap.capture.replay import CaptureFileError, ReplayStats
 
         self.errors = (CaptureFileError,)
         self.path = path
         self.label = path if label is None else label
         self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen, taillen)
+        self.policy = PayloadPolicy(snaplen, taillen, handshake_snaplen)
         self.stats = ReplayStats()
         try:
             self.size: int | None = os.path.getsize(path)
@@ -228,11 +236,12 @@ class MemorySource(Source):
     only when it is reached, so the analyzer's payload modes apply as they do live."""
 
     def __init__(self, segments: Iterable[Segment], ports: Iterable[int] = (143,), label: str = "segments",
-                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, open_at_end: bool = False) -> None:
+                 snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, open_at_end: bool = False,
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> None:
         self.given = segments
         self.label = label
         self.ports = frozenset(ports)
-        self.policy = PayloadPolicy(snaplen, taillen)
+        self.policy = PayloadPolicy(snaplen, taillen, handshake_snaplen)
         self.flows_end_with_input = not open_at_end
 
     def segments(self) -> Generator[Segment | None, None, None]:
@@ -249,14 +258,15 @@ class MemorySource(Source):
 def build_source(*, read: str | None, interfaces: list[str] | None, ports: frozenset[int],
                  snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, xdp_mode: str | None = None,
                  use_xdp: bool = True, user: str | None = None, write: str | None = None,
-                 append: bool = False) -> tuple[Source, MaskingWriter | None]:
+                 append: bool = False,
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> tuple[Source, MaskingWriter | None]:
     """The source the command line names (a file to replay, else a live capture on
     ``interfaces`` or the default route's), not yet open, and the ``-w`` writer of ``write``
     (or None), appending to the file if ``append``.  SourceError (one line) for a bad interface
     or option, an unwritable ``-w`` file, or live capture without bcc's side of the package."""
     source: Source
     if read:
-        source = ReplaySource(read, ports, snaplen, taillen)
+        source = ReplaySource(read, ports, snaplen, taillen, handshake_snaplen=handshake_snaplen)
     else:
         try:
             from imaptap.capture import live
@@ -264,7 +274,8 @@ def build_source(*, read: str | None, interfaces: list[str] | None, ports: froze
             raise SourceError(f"live capture unavailable: {exc}") from None
         try:
             capture = live.LiveCapture(interfaces or [live.default_interface()], set(ports), snaplen,
-                                       xdp_mode=xdp_mode, use_xdp=use_xdp, taillen=taillen, user=user)
+                                       xdp_mode=xdp_mode, use_xdp=use_xdp, taillen=taillen,
+                                       handshake_snaplen=handshake_snaplen, user=user)
         except live.LiveError as exc:
             raise SourceError(str(exc)) from None
         source = LiveSource(capture)

@@ -20,6 +20,16 @@ DEFAULT_SNAPLEN = 256
 #: is longer: after LOGIN, SELECT and FETCH on Dovecot that is the rule, not the exception.
 DEFAULT_TAILLEN = 128
 
+#: Default number of payload bytes copied from the start of each segment while a flow's
+#: handshake lasts (`PayloadMode.HANDSHAKE`): from its SYN until, logged in, the client sends its
+#: first command on messages (`session.HANDSHAKE_COMMANDS` are the others), or for at most
+#: `flows.HANDSHAKE_SEGMENTS` segments.  The facts that matter most come in those first
+#: kilobytes, in lines longer than the snap length: Cyrus answers LOGIN with one ~1 KB
+#: ``OK [CAPABILITY ...]``, ID with ~500 bytes, SELECT with ~450.  A segment is an MTU or less
+#: as a rule, so 2 KB takes it whole.  0 (or a value not above the snap length) keeps the snap
+#: length's cut from the first segment on.
+DEFAULT_HANDSHAKE_SNAPLEN = 2048
+
 #: Upper bound on what one segment may carry once a flow is compressed and whole payloads are
 #: copied.  Larger than any TCP segment on a 64 KiB-GSO path, small enough to bound memory.
 WHOLE_PAYLOAD_CAP = 65535
@@ -83,6 +93,8 @@ class PayloadMode(enum.IntEnum):
     """Copy nothing: the flow is encrypted (after STARTTLS), only lengths and flags matter."""
     WHOLE = 2
     """Copy whole payloads (up to `WHOLE_PAYLOAD_CAP`): the flow is compressed and must be inflated."""
+    HANDSHAKE = 3
+    """As PREFIX with the handshake snap length: the flow's login and capabilities are still to come."""
 
 
 FlowKey = tuple[str, int, str, int]
@@ -101,19 +113,36 @@ def flow_key(src: str, sport: int, dst: str, dport: int) -> FlowKey:
 class PayloadPolicy:
     """Per-flow copy rules shared by the analyzer (which sets them) and a capture (which applies them).
 
-    Replay applies them in Python; the live capture mirrors every change into the kernel map.
+    Every flow starts in the `default` mode: HANDSHAKE when the handshake snap length is above
+    the snap length, else PREFIX.  `modes` holds only the flows whose mode differs from it, as
+    the kernel's map does, so a flow the capture has never heard of gets the default there too.
+    Replay applies the rules in Python; the live capture mirrors every change into the kernel map.
     """
 
-    def __init__(self, snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN) -> None:
+    def __init__(self, snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN,
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> None:
         self.snaplen = snaplen
         self.taillen = taillen
+        self.handshake_snaplen = handshake_snaplen if handshake_snaplen > snaplen else 0
+        """Bytes copied from the start of a segment in HANDSHAKE mode; 0 when there is none."""
+        self.default = PayloadMode.HANDSHAKE if self.handshake_snaplen else PayloadMode.PREFIX
         self.modes: dict[FlowKey, PayloadMode] = {}
 
+    def mode(self, key: FlowKey) -> PayloadMode:
+        """The mode the capture copies this flow's next segment under."""
+        return self.modes.get(key, self.default)
+
     def set(self, key: FlowKey, mode: PayloadMode) -> None:
-        if mode is PayloadMode.PREFIX:
+        if mode is self.default:
             self.modes.pop(key, None)
         else:
             self.modes[key] = mode
+
+    def end_handshake(self, key: FlowKey) -> None:
+        """The flow's handshake is over, or will never be seen: the snap length's cut from now
+        on, unless the analyzer already chose another mode (NONE after STARTTLS, WHOLE)."""
+        if self.default is PayloadMode.HANDSHAKE and key not in self.modes:
+            self.set(key, PayloadMode.PREFIX)
 
     def forget(self, key: FlowKey) -> None:
         self.modes.pop(key, None)
@@ -124,14 +153,18 @@ class PayloadPolicy:
         ``payload`` may itself be shorter than ``wire_len`` (a file captured with a small snap
         length); then its end is not the segment's end and there is no tail to take.
         """
-        mode = self.modes.get(key)
-        if mode is None:
-            if len(payload) < wire_len:
-                return payload[: self.snaplen], b""
-            return split_payload(payload, self.snaplen, self.taillen)
-        if mode is PayloadMode.NONE:
+        mode = self.modes.get(key, self.default)
+        if mode is PayloadMode.PREFIX:
+            snaplen = self.snaplen
+        elif mode is PayloadMode.HANDSHAKE:
+            snaplen = self.handshake_snaplen
+        elif mode is PayloadMode.NONE:
             return b"", b""
-        return payload[:WHOLE_PAYLOAD_CAP], b""
+        else:
+            return payload[:WHOLE_PAYLOAD_CAP], b""
+        if len(payload) < wire_len:
+            return payload[:snaplen], b""
+        return split_payload(payload, snaplen, self.taillen)
 
 
 def split_payload(payload: bytes, snaplen: int, taillen: int) -> tuple[bytes, bytes]:

@@ -15,7 +15,7 @@ from imaptap.flows import MAX_FLOWS, Flow, FlowTable
 from imaptap.imap.session import Message
 from imaptap.output.jsonl import message_record
 from imaptap.pipeline import MemorySource, Pipeline, Sink
-from imaptap.segment import DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, Segment, TcpFlag
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT, Segment, TcpFlag
 
 CLIENT = ("192.0.2.10", 40000)
 SERVER = ("192.0.2.20", IMAP_PORT)
@@ -98,10 +98,12 @@ def analyze(
     snaplen: int | None = DEFAULT_SNAPLEN,
     max_flows: int | None = None,
     taillen: int = DEFAULT_TAILLEN,
+    handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
 ) -> Analysis:
     """Run segments through the pipeline, cut as a capture cuts them (whole when snaplen is None)."""
     result = Analysis()
-    source = MemorySource(segments, ports, snaplen=snaplen if snaplen is not None else 1 << 30, taillen=taillen)
+    source = MemorySource(segments, ports, snaplen=snaplen if snaplen is not None else 1 << 30, taillen=taillen,
+                          handshake_snaplen=handshake_snaplen)
     pipeline = Pipeline(source, [result], max_flows=MAX_FLOWS if max_flows is None else max_flows)
     result.table = pipeline.table
     pipeline.run()

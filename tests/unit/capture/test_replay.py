@@ -26,6 +26,7 @@ import imaptap.capture.replay as replay_module
 from imaptap.capture.decode import Skip
 from imaptap.capture.replay import CaptureFileError, ReplayStats, open_capture
 from imaptap.segment import (
+    DEFAULT_HANDSHAKE_SNAPLEN,
     DEFAULT_SNAPLEN,
     DEFAULT_TAILLEN,
     WHOLE_PAYLOAD_CAP,
@@ -151,11 +152,22 @@ def test_policy_cuts_each_flow_as_the_kernel_would(tmp_path):
     key = flow_key(C4, 50123, S4, 143)
 
     (seg,), _ = replay(path)
-    assert seg.wire_len == 1024
-    assert (seg.payload, seg.tail) == (big[:DEFAULT_SNAPLEN], big[-DEFAULT_TAILLEN:])  # the defaults
+    assert seg.wire_len == 1024 < DEFAULT_HANDSHAKE_SNAPLEN
+    assert (seg.payload, seg.tail) == (big, b"")  # a flow starts in its handshake: whole up to 2 KB
 
-    (seg,), _ = replay(path, policy=PayloadPolicy(snaplen=10, taillen=0))
-    assert (seg.payload, seg.tail) == (big[:10], b"")
+    policy = PayloadPolicy()
+    policy.end_handshake(key)
+    (seg,), _ = replay(path, policy=policy)
+    assert (seg.payload, seg.tail) == (big[:DEFAULT_SNAPLEN], big[-DEFAULT_TAILLEN:])  # then the defaults
+    (seg,), _ = replay(path, policy=PayloadPolicy(handshake_snaplen=0))
+    assert (seg.payload, seg.tail) == (big[:DEFAULT_SNAPLEN], big[-DEFAULT_TAILLEN:])  # or from the start
+
+    (seg,), _ = replay(path, policy=PayloadPolicy(snaplen=10, taillen=0, handshake_snaplen=100))
+    assert (seg.payload, seg.tail) == (big[:100], b"")
+    (seg,), _ = replay(path, policy=PayloadPolicy(snaplen=10, taillen=4, handshake_snaplen=100))
+    assert (seg.payload, seg.tail) == (big[:100], big[-4:])
+    (seg,), _ = replay(path, policy=PayloadPolicy(snaplen=10, taillen=0, handshake_snaplen=10))
+    assert (seg.payload, seg.tail) == (big[:10], b"")  # not above the snap length: no handshake rule
 
     policy = PayloadPolicy()
     policy.set(key, PayloadMode.NONE)
@@ -535,7 +547,9 @@ def _loop(accelerated):
 @pytest.mark.parametrize("accelerated", LOOPS)
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_frame_fields, min_size=1, max_size=8), st.sampled_from([{143}, None]),
-       st.sampled_from([(256, 128), (64, 0), (8, 600), (65535, 128)]), st.sampled_from([None, "none", "whole"]))
+       st.sampled_from([(256, 128, 0), (64, 0, 0), (8, 600, 0), (65535, 128, 2048), (256, 128, 2048),
+                        (64, 0, 300), (8, 16, 100)]),
+       st.sampled_from([None, *PayloadMode]))
 def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, accelerated, fields, ports, cut, mode):
     """The classic pcap reader decodes the usual Ethernet frame in place; whatever the frame,
     its segments and counters must be those of decode_packet and PayloadPolicy.cut."""
@@ -544,7 +558,7 @@ def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, accelerat
     if mode is not None:
         # a payload mode for the flow of the usual client port, as the session would set it
         for c, s in ((C4, S4), (C6, S6)):
-            policy.set(flow_key(c, 50123, s, 143), PayloadMode.NONE if mode == "none" else PayloadMode.WHOLE)
+            policy.set(flow_key(c, 50123, s, 143), mode)
     path = write_pcap(tmp_path_factory.mktemp("fast") / "c.pcap", frames)
     with _loop(accelerated):
         segs, stats = replay(path, ports, policy)
@@ -558,16 +572,17 @@ def test_pcap_fast_path_gives_what_the_decoder_gives(tmp_path_factory, accelerat
 
 
 @pytest.mark.parametrize("accelerated", LOOPS)
-@pytest.mark.parametrize("snap", [8, 64, 300])
-def test_pcap_fast_path_segment_cut_by_the_file(tmp_path, accelerated, snap):
-    """A record shorter than its frame: the head up to the snap length, and no tail, since the
-    record's end is not the segment's end."""
+@pytest.mark.parametrize("snap, handshake", [(8, 0), (64, 0), (300, 0), (8, 64), (64, 2048)])
+def test_pcap_fast_path_segment_cut_by_the_file(tmp_path, accelerated, snap, handshake):
+    """A record shorter than its frame: the head up to the snap length (the handshake's, while
+    it lasts), and no tail, since the record's end is not the segment's end."""
     frame = ethernet(ipv4(tcp(bytes(range(200)) * 3)))[:400]
-    policy = PayloadPolicy(snap, 128)
+    policy = PayloadPolicy(snap, 128, handshake)
     with _loop(accelerated):
         segs, _ = replay(write_pcap(tmp_path / "cut.pcap", [frame]), {143}, policy)
     assert segs == _reference([frame], {143}, policy)[0]
-    assert (segs[0].wire_len, len(segs[0].payload), segs[0].tail) == (600, min(snap, 400 - 54), b"")
+    head = max(snap, handshake)
+    assert (segs[0].wire_len, len(segs[0].payload), segs[0].tail) == (600, min(head, 400 - 54), b"")
 
 
 def test_accelerator_is_built_in_ci():

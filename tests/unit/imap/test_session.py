@@ -10,14 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN
 from imaptap.testing import analyze, conversation
 
 GREETING = (b"* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS"
             b" AUTH=PLAIN AUTH=LOGIN] Dovecot (Debian) ready.\r\n")
 
 
-def run(parts, snaplen=256, taillen=128, **kw):
-    return analyze(conversation(parts, **kw), snaplen=snaplen, taillen=taillen)
+def run(parts, snaplen=256, taillen=128, handshake_snaplen=DEFAULT_HANDSHAKE_SNAPLEN, **kw):
+    return analyze(conversation(parts, **kw), snaplen=snaplen, taillen=taillen, handshake_snaplen=handshake_snaplen)
 
 
 def everything(result) -> str:
@@ -321,7 +322,7 @@ def test_capture_started_mid_connection():
 def test_server_side_only_capture_invents_no_requests(snaplen, taillen, lines):
     r = run([("s", GREETING), ("s", b"* CAPABILITY IMAP4rev1 IDLE\r\na1 OK done\r\n"),
              ("s", b"* 21 FETCH (UID 5 BODY[] {300}\r\n" + b"a1 LOGIN mallory x\r\n" * 15 + b")\r\na2 OK done\r\n")],
-            snaplen=snaplen, taillen=taillen)
+            snaplen=snaplen, taillen=taillen, handshake_snaplen=0)
     f = r.flow
     assert f["commands"] == {} and f["username"] is None
     assert [m["from"] for m in r.messages] == ["server"] * lines
@@ -369,11 +370,11 @@ def test_hostile_strings_are_plain_data():
 def test_lost_login_completions_are_inferred_from_what_follows():
     lost = b"a1 OK " + b"x" * 4000 + b"\r\n"  # a completion the capture cuts off
     login = [("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"* CAPABILITY " + b"Y" * 400 + b"\r\n" + lost)]
-    ok = run([*login, ("c", b"a2 SELECT INBOX\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    ok = run([*login, ("c", b"a2 SELECT INBOX\r\n"), ("s", b"a2 OK done\r\n")], taillen=0, handshake_snaplen=0)
     assert ok.flow["login_ok"] is True and ok.flow["anomalies"]["login_completion_lost"] == 1
-    failed = run([*login, ("c", b"a2 LOGIN alice pw2\r\n"), ("s", b"a2 OK in\r\n")], taillen=0)
+    failed = run([*login, ("c", b"a2 LOGIN alice pw2\r\n"), ("s", b"a2 OK in\r\n")], taillen=0, handshake_snaplen=0)
     assert failed.flow["login_failures"] == 1 and failed.flow["login_ok"] is True
-    unknown = run([*login, ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0)
+    unknown = run([*login, ("c", b"a2 CAPABILITY\r\n"), ("s", b"a2 OK done\r\n")], taillen=0, handshake_snaplen=0)
     assert unknown.flow["login_ok"] is None
 
 

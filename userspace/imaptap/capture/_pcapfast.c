@@ -6,8 +6,8 @@
  * decode.decode_ipv6 and decode._tcp_packet for it), so that a pure ACK or a packet on another
  * port costs no Python bytecode at all and a segment costs one call.  It never decides
  * anything the Python code would decide otherwise: a frame it is not sure about, or a segment
- * of a flow with a payload mode, is handed back to the Python loop, which treats it exactly as
- * without this module.  Without a C compiler the package works unchanged (the build is
+ * of a flow in a payload mode it does not know, is handed back to the Python loop, which treats
+ * it exactly as without this module.  Without a C compiler the package works unchanged (the build is
  * optional); tests/unit/capture/test_replay.py runs the same checks on both paths.
  *
  * scan(buf, off, config) -> (code, off, segment or None), codes below.  config is a tuple made
@@ -145,8 +145,8 @@ static PyObject *result(int code, Py_ssize_t off, PyObject *value)
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 13) {
-        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 13)");
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 17) {
+        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 17)");
         return NULL;
     }
     PyObject *bufobj = args[0], *config = args[2];
@@ -157,7 +157,9 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     /* config: record_len, big_endian, divisor, ports bitmap (bytes of 8192) or None, modes,
        snaplen, taillen, Segment type, largest record, counts (bytearray of COUNTS int64),
-       then segment.PayloadMode.NONE and .WHOLE and segment.WHOLE_PAYLOAD_CAP */
+       then segment.PayloadMode.NONE and .WHOLE and segment.WHOLE_PAYLOAD_CAP, PayloadMode.PREFIX and
+       .HANDSHAKE, the policy's handshake snap length and its default mode (that of a flow not in
+       modes) */
     Py_ssize_t record_len = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 0));
     int big = PyObject_IsTrue(PyTuple_GET_ITEM(config, 1));
     double divisor = PyFloat_AsDouble(PyTuple_GET_ITEM(config, 2));
@@ -171,10 +173,15 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long mode_none = PyLong_AsLong(PyTuple_GET_ITEM(config, 10));
     long mode_whole = PyLong_AsLong(PyTuple_GET_ITEM(config, 11));
     Py_ssize_t whole_cap = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 12));
+    long mode_prefix = PyLong_AsLong(PyTuple_GET_ITEM(config, 13));
+    long mode_handshake = PyLong_AsLong(PyTuple_GET_ITEM(config, 14));
+    Py_ssize_t handshake_snaplen = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 15));
+    long default_mode = PyLong_AsLong(PyTuple_GET_ITEM(config, 16));
     if (PyErr_Occurred())
         return NULL;
     if (!PyType_Check(segtype) || !PyDict_Check(modes) || (ports != Py_None && (!PyBytes_Check(ports)
             || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0 || whole_cap < 0
+            || handshake_snaplen < 0
             || !PyByteArray_Check(countobj) || PyByteArray_GET_SIZE(countobj) != COUNTS * (Py_ssize_t)sizeof(int64_t)) {
         PyErr_SetString(PyExc_TypeError, "scan: bad config");
         return NULL;
@@ -263,7 +270,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             Py_XDECREF(dst);
             goto done;
         }
-        long mode = -1; /* the flow's payload mode where it has one (PayloadPolicy.modes) */
+        long mode = default_mode; /* PayloadPolicy.mode(): the flow's entry in modes, else the default */
         if (PyDict_GET_SIZE(modes)) {
             /* segment.flow_key(), then the flow's mode */
             int c = PyUnicode_Compare(src, dst);
@@ -284,7 +291,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             if (value != NULL) {
                 mode = PyLong_AsLong(value);
-                if ((mode != mode_none && mode != mode_whole) || PyErr_Occurred()) {
+                if ((mode != mode_none && mode != mode_whole && mode != mode_prefix && mode != mode_handshake)
+                        || PyErr_Occurred()) {
                     /* a mode this loop does not know: PayloadPolicy.cut decides, in Python */
                     PyErr_Clear();
                     Py_DECREF(src);
@@ -295,7 +303,8 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
         }
         /* PayloadPolicy.cut, the reference: nothing for NONE, the captured payload up to the
-           cap for WHOLE, else the snap length's head and the tail */
+           cap for WHOLE, else the head of the mode's snap length and the tail */
+        Py_ssize_t snap = mode == mode_handshake ? handshake_snaplen : snaplen;
         Py_ssize_t head_end, tail_start = 0;
         int has_tail = 0;
         if (mode == mode_none) {
@@ -303,15 +312,15 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         } else if (mode == mode_whole) {
             head_end = captured > whole_cap ? payload + whole_cap : captured_end;
         } else if (captured < wire_len) {
-            head_end = captured > snaplen ? payload + snaplen : captured_end;
-        } else if (captured <= snaplen) {
+            head_end = captured > snap ? payload + snap : captured_end;
+        } else if (captured <= snap) {
             head_end = captured_end;
         } else {
-            head_end = payload + snaplen;
+            head_end = payload + snap;
             if (taillen > 0) {
                 tail_start = captured_end - taillen;
-                if (tail_start < payload + snaplen)
-                    tail_start = payload + snaplen;
+                if (tail_start < payload + snap)
+                    tail_start = payload + snap;
                 has_tail = 1;
             }
         }

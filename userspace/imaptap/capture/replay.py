@@ -303,7 +303,8 @@ class _PcapReader(CaptureReader):
             counts = bytearray(_COUNTS.size)  # what scan() consumed, for _take_counts
             config = (self._record_len, self._big_endian, self._divisor, _port_bitmap(ports), modes, snaplen,
                       taillen, Segment, MAX_RECORD_LEN, counts, int(PayloadMode.NONE), int(PayloadMode.WHOLE),
-                      WHOLE_PAYLOAD_CAP)
+                      WHOLE_PAYLOAD_CAP, int(PayloadMode.PREFIX), int(PayloadMode.HANDSHAKE),
+                      policy.handshake_snaplen, int(policy.default))
         unpack = self._record.unpack_from
         record_len = self._record_len
         divisor = self._divisor

@@ -178,6 +178,13 @@ _AUTHENTICATED_COMMANDS = frozenset(
     """SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND NAMESPACE
     ENABLE IDLE CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY MOVE UNSELECT GETQUOTA GETQUOTAROOT""".split()
 ) | {"UID " + c for c in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE")}
+#: Commands a client sends around its login to learn about the server and open a mailbox: any
+#: other command after the login (FETCH, SEARCH, IDLE, APPEND ...) works on messages and ends
+#: the handshake, the stretch the capture copies with the handshake snap length
+#: (`PayloadMode.HANDSHAKE`).  Their answers are the long lines: capabilities, ID, SELECT's data.
+HANDSHAKE_COMMANDS = frozenset(
+    {"CAPABILITY", "ID", "ENABLE", "NAMESPACE", "LIST", "LSUB", "XLIST", "STATUS", "SELECT", "EXAMINE"}
+) | _CRED_COMMANDS
 #: Commands whose tagged completion changes the session's state.
 _STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
@@ -321,6 +328,8 @@ class ImapSession:
         """The completion just handled was matched to its command and times the server alone:
         not IDLE, a SASL exchange or a refused literal, whose latency holds the client's waits.
         Set before its Message goes out, for the metrics' latency histogram."""
+        self.handshake_done = False
+        """Logged in (or PREAUTH), and the client sent a command outside `HANDSHAKE_COMMANDS`."""
 
         self._pending: dict[str, _Pending] = {}
         self._sasl: _Sasl | None = None
@@ -410,6 +419,8 @@ class ImapSession:
         else:
             self.commands["OTHER"] += 1
         self.last_command = cmd
+        if not self.handshake_done and cmd not in HANDSHAKE_COMMANDS and (self.login_ok or self.preauth):
+            self.handshake_done = True
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
             self._anomaly(Anomaly.TOO_MANY_PENDING)

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
         source, pcap_writer = build_source(read=args.read, interfaces=args.interface, ports=ports,
                                            snaplen=args.snaplen, taillen=args.tail, xdp_mode=args.xdp_mode,
                                            use_xdp=not args.no_xdp, user=args.user, write=args.write,
-                                           append=args.append)
+                                           append=args.append, handshake_snaplen=args.handshake_snaplen)
         if args.read:
             source.open()  # a bad file fails before the UI starts; a live capture attaches in the worker
     except SourceError as exc:
