@@ -22,14 +22,20 @@
  *
  * What is copied of a payload of n bytes (n: the TCP payload length, or less if the frame is
  * cut short), by the flow's mode in the flow_modes map:
- *   PREFIX (default)  the first IMAPTAP_SNAPLEN bytes and, if n is larger, the last bytes after
+ *   PREFIX            the first IMAPTAP_SNAPLEN bytes and, if n is larger, the last bytes after
  *                     them, at most IMAPTAP_TAILLEN: the tagged completion that ends a long
  *                     server response is in the tail (segment.split_payload cuts the same);
+ *   HANDSHAKE         the same with IMAPTAP_HANDSHAKE_SNAPLEN instead of IMAPTAP_SNAPLEN: the
+ *                     flow's login and the long lines around it (capabilities, ID) are whole;
  *   NONE              nothing (encrypted after STARTTLS); the segment is still reported;
  *   WHOLE             everything up to IMAPTAP_WHOLE_CAP (COMPRESS: userspace inflates).
+ * A flow without an entry is in the default mode: HANDSHAKE when IMAPTAP_HANDSHAKE_SNAPLEN is
+ * set, else PREFIX.  So a new flow is copied whole-ish from its SYN on, before userspace has
+ * heard of it, and userspace writes PREFIX once its handshake is over (segment.PayloadPolicy).
  *
  * Compile-time options (cflags from live.py):
  *   -DIMAPTAP_SNAPLEN=N, -DIMAPTAP_TAILLEN=N  as above.
+ *   -DIMAPTAP_HANDSHAKE_SNAPLEN=N  as above; 0 (the default) leaves HANDSHAKE out.
  *   -DIMAPTAP_RINGBUF=1     BPF ring buffer (kernel 5.8+); otherwise a perf buffer.
  *   -DIMAPTAP_RING_PAGES=N  ring buffer size in pages (a power of two).
  *   -DIMAPTAP_XDP=1         build the XDP program (needs bpf_xdp_load_bytes, kernel 5.18+).
@@ -52,6 +58,14 @@
 #endif
 #ifndef IMAPTAP_TAILLEN
 #define IMAPTAP_TAILLEN 128
+#endif
+#ifndef IMAPTAP_HANDSHAKE_SNAPLEN
+#define IMAPTAP_HANDSHAKE_SNAPLEN 0
+#endif
+#if IMAPTAP_HANDSHAKE_SNAPLEN > 0
+#define IMAPTAP_DEFAULT_MODE IMAPTAP_MODE_HANDSHAKE
+#else
+#define IMAPTAP_DEFAULT_MODE IMAPTAP_MODE_PREFIX
 #endif
 
 /* TC: when the headers are not in the linear part of the skb (drivers that build skbs from
@@ -178,21 +192,22 @@ static __always_inline void emit_class(void *ctx, const int hook, struct imaptap
 }
 
 #if IMAPTAP_TAILLEN > 0
-/* A PREFIX segment longer than the snap length: head and tail have constant room. */
+/* A PREFIX or HANDSHAKE segment longer than `head` (its mode's snap length, a constant once
+ * inlined): head and tail have constant room. */
 static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
-                                      __u32 off, __u32 tail_off, __u32 tail,
+                                      __u32 off, __u32 tail_off, __u32 tail, const __u32 head,
                                       struct imaptap_counters *cnt)
 {
     struct imaptap_event *e =
-        events.ringbuf_reserve(sizeof(struct imaptap_event) + IMAPTAP_SNAPLEN + IMAPTAP_TAILLEN);
+        events.ringbuf_reserve(sizeof(struct imaptap_event) + head + IMAPTAP_TAILLEN);
     if (!e) {
         cnt->lost++;
         return;
     }
     __builtin_memcpy(e, ev, sizeof(*ev));
     __u8 *room = (__u8 *)(e + 1);
-    if ((IMAPTAP_SNAPLEN > 0 && load_payload(ctx, hook, off, room, IMAPTAP_SNAPLEN) != 0) ||
-        load_payload(ctx, hook, tail_off, room + IMAPTAP_SNAPLEN, bounded_len(tail, IMAPTAP_TAILLEN)) != 0) {
+    if ((head > 0 && load_payload(ctx, hook, off, room, head) != 0) ||
+        load_payload(ctx, hook, tail_off, room + head, bounded_len(tail, IMAPTAP_TAILLEN)) != 0) {
         e->cap_len = 0;
         e->tail_len = 0;
         cnt->copy_failed++;
@@ -256,7 +271,7 @@ static __always_inline void emit(void *ctx, const int hook, struct imaptap_event
 
 #if IMAPTAP_TAILLEN > 0
 static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
-                                      __u32 off, __u32 tail_off, __u32 tail,
+                                      __u32 off, __u32 tail_off, __u32 tail, const __u32 head,
                                       struct imaptap_counters *cnt)
 {
     __u32 zero = 0;
@@ -264,16 +279,18 @@ static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_
     if (!r)
         return;
     __builtin_memcpy(&r->ev, ev, sizeof(*ev));
-    tail = bounded_len(tail, IMAPTAP_TAILLEN);
-    if ((IMAPTAP_SNAPLEN > 0 && load_payload(ctx, hook, off, r->payload, IMAPTAP_SNAPLEN) != 0) ||
-        load_payload(ctx, hook, tail_off, r->payload + IMAPTAP_SNAPLEN, tail) != 0) {
+    /* The tail's length is bounded right where it is used: bounded once before the head's
+     * copy, it lived across that helper call in a form the verifiers of 5.10 and 6.1 no longer
+     * knew to be bounded (with two inlined copies of this function), and they refused it. */
+    if ((head > 0 && load_payload(ctx, hook, off, r->payload, head) != 0) ||
+        load_payload(ctx, hook, tail_off, r->payload + head, bounded_len(tail, IMAPTAP_TAILLEN)) != 0) {
         r->ev.cap_len = 0;
         r->ev.tail_len = 0;
         tail = 0;
         cnt->copy_failed++;
     }
     __u64 size = sizeof(struct imaptap_event) + r->ev.cap_len + tail;
-    if (size > sizeof(struct imaptap_event) + IMAPTAP_SNAPLEN + IMAPTAP_TAILLEN)
+    if (size > sizeof(struct imaptap_event) + head + IMAPTAP_TAILLEN)
         size = sizeof(struct imaptap_event);   /* never: for the verifier */
     if (events.perf_submit(ctx, r, size) != 0)
         cnt->lost++;
@@ -443,7 +460,7 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         key.port_a = dport;
         key.port_b = sport;
     }
-    __u8 mode = IMAPTAP_MODE_PREFIX;
+    __u8 mode = IMAPTAP_DEFAULT_MODE;
     __u8 *m = flow_modes.lookup(&key);
     if (m)
         mode = *m;
@@ -456,18 +473,31 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
     if (mode == IMAPTAP_MODE_WHOLE) {
         cap = n < IMAPTAP_WHOLE_CAP ? n : IMAPTAP_WHOLE_CAP;
     } else if (mode != IMAPTAP_MODE_NONE) {
+        /* PREFIX, HANDSHAKE, or a value this build does not know (taken as PREFIX) */
+        __u32 head = IMAPTAP_SNAPLEN;
+#if IMAPTAP_HANDSHAKE_SNAPLEN > 0
+        if (mode == IMAPTAP_MODE_HANDSHAKE)
+            head = IMAPTAP_HANDSHAKE_SNAPLEN;
+#endif
 #if IMAPTAP_TAILLEN > 0
-        if (n > IMAPTAP_SNAPLEN) {
-            __u32 tail = n - IMAPTAP_SNAPLEN;
+        if (n > head) {
+            __u32 tail = n - head;
             if (tail > IMAPTAP_TAILLEN)
                 tail = IMAPTAP_TAILLEN;
-            ev.cap_len = IMAPTAP_SNAPLEN;
+            ev.cap_len = head;
             ev.tail_len = tail;
-            emit_long(ctx, hook, &ev, payload_off, payload_off + n - tail, tail, cnt);
+            __u32 tail_off = payload_off + n - tail;
+#if IMAPTAP_HANDSHAKE_SNAPLEN > 0
+            if (mode == IMAPTAP_MODE_HANDSHAKE) {
+                emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_HANDSHAKE_SNAPLEN, cnt);
+                return PARSE_DONE;
+            }
+#endif
+            emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_SNAPLEN, cnt);
             return PARSE_DONE;
         }
 #endif
-        cap = n < IMAPTAP_SNAPLEN ? n : IMAPTAP_SNAPLEN;
+        cap = n < head ? n : head;
     }
     ev.cap_len = cap;
     emit(ctx, hook, &ev, payload_off, cap, cnt);

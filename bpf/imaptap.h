@@ -17,17 +17,23 @@
 #define IMAPTAP_HOOK_TC_INGRESS 1
 #define IMAPTAP_HOOK_TC_EGRESS 2
 
-/* Per-flow payload modes; the same values as segment.PayloadMode. */
+/* Per-flow payload modes; the same values as segment.PayloadMode.  HANDSHAKE is PREFIX with
+ * the handshake snap length (imaptap.bpf.c). */
 #define IMAPTAP_MODE_PREFIX 0
 #define IMAPTAP_MODE_NONE 1
 #define IMAPTAP_MODE_WHOLE 2
+#define IMAPTAP_MODE_HANDSHAKE 3
 
 /* segment.WHOLE_PAYLOAD_CAP: the most one segment carries in WHOLE mode.  Covers a whole
  * 64 KiB GSO segment on TC egress; the ring buffer's largest size class holds it. */
 #define IMAPTAP_WHOLE_CAP 65535
 
-/* Entries in the per-flow mode map: flows whose mode is not PREFIX (STARTTLS'd, compressed).
- * An LRU hash, so a flood of such flows evicts the oldest instead of failing. */
+/* Entries in the per-flow mode map: flows whose mode is not the default one (the mode of a flow
+ * the map does not name: HANDSHAKE when the program is built with a handshake snap length, else
+ * PREFIX), i.e. flows past their handshake, STARTTLS'd or compressed.  Userspace deletes a flow's
+ * entry when the flow ends.  An LRU hash, so a flood of such flows evicts the oldest instead of
+ * failing; a flow whose entry was evicted is copied under the default mode again, which never
+ * copies less than PREFIX. */
 #define IMAPTAP_FLOW_MODES_MAX 65536
 
 /* IPv6 extension headers walked before giving up on a packet (counted as unparsed). */

@@ -197,14 +197,16 @@ def compile_variant(ringbuf: bool, xdp: bool) -> tuple[list[tuple], list[tuple]]
     import bcc
     from bcc import lib
     from imaptap.capture import live
+    from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN
 
     for fn, restype in (("bpf_table_name", ct.c_char_p), ("bpf_table_fd_id", ct.c_int),
                         ("bpf_table_key_size_id", ct.c_size_t), ("bpf_table_leaf_size_id", ct.c_size_t)):
         getattr(lib, fn).restype = restype
         getattr(lib, fn).argtypes = [ct.c_void_p, ct.c_ulonglong]
     src = live.bpf_source_dir()
-    cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(ringbuf)}", f"-DIMAPTAP_XDP={int(xdp)}",
-              f"-DIMAPTAP_RING_PAGES={live.RING_PAGES}", "-DIMAPTAP_SNAPLEN=256", "-DIMAPTAP_TAILLEN=128"]
+    # the default build: the snap, tail and handshake lengths imaptap uses unless told otherwise
+    cflags = live.program_cflags(src, ringbuf=ringbuf, xdp=xdp, ring_pages=live.RING_PAGES, snaplen=DEFAULT_SNAPLEN,
+                                 taillen=DEFAULT_TAILLEN, handshake_snaplen=DEFAULT_HANDSHAKE_SNAPLEN)
     b = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
     try:
         maps, index_of = [], {}

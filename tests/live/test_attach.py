@@ -28,7 +28,7 @@ pytestmark = pytest.mark.live
 
 def test_detach_leaves_nothing_behind(netlab):
     assert not netlab.has_clsact()
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, handshake_snaplen=0) as cap:
         assert netlab.xdp_attached()
         assert "imaptap_tc_eg" in netlab.tc_filters("egress")
         assert cap.xdp_modes == {netlab.host_if: "native"}
@@ -51,7 +51,7 @@ def test_detach_on_exception_and_no_xdp(netlab):
 
 
 def test_segments_still_buffered_at_close_come_with_the_last_poll(netlab):
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, handshake_snaplen=0) as cap:
         c = Client(netlab.server4)
         c.command("a1", "FETCH 3000")
         c.logout()
@@ -64,7 +64,7 @@ def test_segments_still_buffered_at_close_come_with_the_last_poll(netlab):
 
 
 def test_an_interface_removed_while_capturing_is_no_error(netlab):
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, handshake_snaplen=0) as cap:
         subprocess.run(["ip", "link", "del", netlab.host_if], check=True)
         assert cap.poll(50) == []
     assert netlab.host_if not in {name for _, name in socket.if_nameindex()}
@@ -114,7 +114,7 @@ def test_after_sigkill_the_next_capture_replaces_the_stale_programs(netlab, use_
     # SIGKILL leaves the program attached, running for nobody.
     assert netlab.xdp_attached() == use_xdp
     assert "imaptap_tc_eg" in netlab.tc_filters("egress")
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp, handshake_snaplen=0) as cap:
         assert any("stale" in note for note in cap.notes)
         filters = [line for line in netlab.tc_filters("egress").splitlines() if "handle" in line]
         assert len(filters) == 1 and f"imaptap_tc_eg pid {os.getpid()}" in filters[0]
@@ -228,7 +228,7 @@ def map_max_entries(fd: int) -> int:
 
 
 def test_a_bigger_ring_buffer(netlab):
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, buffer_bytes=3 << 20) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, buffer_bytes=3 << 20, handshake_snaplen=0) as cap:
         assert cap.ring_pages * os.sysconf("SC_PAGE_SIZE") == 4 << 20
         assert map_max_entries(cap._bpf[b"events"].map_fd) == 4 << 20   # a ring's size in bytes
         c = Client(netlab.server4)

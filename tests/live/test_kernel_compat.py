@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from imaptap.capture import live
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN
 
 #: First kernel release of each helper or map type the program may use.
 HELPER_SINCE = {
@@ -53,8 +54,9 @@ def build(ringbuf: bool, xdp: bool):
     import bcc
 
     src = live.bpf_source_dir()
-    cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(ringbuf)}", f"-DIMAPTAP_XDP={int(xdp)}",
-              f"-DIMAPTAP_RING_PAGES={live.RING_PAGES}", "-DIMAPTAP_SNAPLEN=256", "-DIMAPTAP_TAILLEN=128"]
+    # the default build: the snap, tail and handshake lengths imaptap uses unless told otherwise
+    cflags = live.program_cflags(src, ringbuf=ringbuf, xdp=xdp, ring_pages=live.RING_PAGES, snaplen=DEFAULT_SNAPLEN,
+                                 taillen=DEFAULT_TAILLEN, handshake_snaplen=DEFAULT_HANDSHAKE_SNAPLEN)
     return bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
 
 

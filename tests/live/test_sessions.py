@@ -3,7 +3,9 @@
 The client (livelab.Client) speaks IMAP to the lab's Dovecot (scripts/imaplab.py) over a
 socket and keeps every byte it sent and received; each `Segment` must carry exactly those
 bytes at its sequence offset, cut into head and tail as `split_payload` cuts them, in both
-directions, over IPv4 and IPv6, and under the per-flow modes NONE and WHOLE.
+directions, over IPv4 and IPv6, and under the per-flow modes NONE, WHOLE and HANDSHAKE.
+Without an analyzer steering it, a flow stays in the kernel's default mode: HANDSHAKE, whose
+head is the handshake snap length, unless the capture is made without one.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import pytest
 
 from imaptap.capture import live
 from imaptap.capture.live import LiveCapture
-from imaptap.segment import DEFAULT_TAILLEN, PayloadMode, TcpFlag, flow_key
+from imaptap.flows import FlowTable
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_TAILLEN, PayloadMode, TcpFlag, flow_key, split_payload
 from livelab import Client, both_fins, check_session, check_stream, collect, of_client
 
 pytestmark = pytest.mark.live
@@ -47,7 +50,7 @@ def text(addr: str) -> str:
 
 def test_ipv4_session_both_directions_cut_at_snaplen(lab):
     lab.deliver("alice", MESSAGE)
-    with LiveCapture([lab.host_if], {IMAP}, 64) as cap:
+    with LiveCapture([lab.host_if], {IMAP}, 64, handshake_snaplen=0) as cap:
         t0 = time.time()
         c = session(lab, lab.server4)
         segs = collect(cap, both_fins(c))
@@ -66,16 +69,19 @@ def test_ipv4_session_both_directions_cut_at_snaplen(lab):
     assert counters["submitted"] == counters["received"] >= len(mine)
 
 
-def test_ipv6_session(lab):
+def test_ipv6_session_in_the_default_handshake_mode(lab):
     lab.deliver("alice", MESSAGE)
     with LiveCapture([lab.host_if], {IMAP}, 256) as cap:
         t0 = time.time()
         c = session(lab, lab.server6)
         segs = collect(cap, both_fins(c))
         t1 = time.time()
-    check_session(segs, c, 256, ifindex(lab), t0, t1)
+        assert len(cap._bpf[b"flow_modes"]) == 0, "nothing steers the flow: it has no entry"
+    check_session(segs, c, DEFAULT_HANDSHAKE_SNAPLEN, ifindex(lab), t0, t1)
     mine = of_client(segs, c)
     assert all(s.ip_version == 6 for s in mine)
+    # MTU-sized segments are copied whole: their length is below the handshake snap length
+    assert any(256 + DEFAULT_TAILLEN < s.wire_len == len(s.payload) for s in mine if s.sport == IMAP)
     # Text form as socket.inet_ntop gives it (compressed), as replay gives it.
     assert {s.src for s in mine} == {text(lab.client6), text(lab.server6)}
 
@@ -109,7 +115,7 @@ def offsets(segs, sport: int) -> list:
 
 def test_none_mode_stops_payload_copies_but_fin_is_reported(lab):
     lab.deliver("alice", MESSAGE)
-    with LiveCapture([lab.host_if], {IMAP}, 256) as cap:
+    with LiveCapture([lab.host_if], {IMAP}, 256, handshake_snaplen=0) as cap:
         c = Client(lab.server4)
         c.command("a1", f"LOGIN alice {lab.users['alice']}")
         key = flow_key(lab.client4, c.port, lab.server4, IMAP)
@@ -168,15 +174,18 @@ def test_whole_mode_copies_whole_payloads(lab):
     assert max(s.wire_len for _, s in data) > 1400
 
 
+@pytest.mark.parametrize("handshake", [0, 300], ids=["prefix", "handshake"])
 @pytest.mark.parametrize("options", [
     {"use_xdp": False},
     {"xdp_mode": "skb"},
     {"output": "perf"},
     {"use_xdp": False, "output": "perf"},
 ], ids=["tc-only", "xdp-skb", "perf-buffer", "tc-perf"])
-def test_variants_capture_the_same_sessions(lab, options):
+def test_variants_capture_the_same_sessions(lab, options, handshake):
+    """Each variant of the program, with the snap length's cut and with the handshake's (the
+    default mode of a flow nothing steers)."""
     lab.deliver("alice", MESSAGE)
-    with LiveCapture([lab.host_if], {IMAP, ALT}, 100, **options) as cap:
+    with LiveCapture([lab.host_if], {IMAP, ALT}, 100, handshake_snaplen=handshake, **options) as cap:
         if options.get("xdp_mode") == "skb":
             assert cap.xdp_modes == {lab.host_if: "skb"}
         t0 = time.time()
@@ -184,5 +193,52 @@ def test_variants_capture_the_same_sessions(lab, options):
         c6 = session(lab, lab.server6, ALT, append=300)
         segs = collect(cap, lambda s: both_fins(c)(s) and both_fins(c6)(s))
         t1 = time.time()
-    check_session(segs, c, 100, ifindex(lab), t0, t1)
-    check_session(segs, c6, 100, ifindex(lab), t0, t1)
+    head = max(100, handshake)
+    check_session(segs, c, head, ifindex(lab), t0, t1)
+    check_session(segs, c6, head, ifindex(lab), t0, t1)
+
+
+def test_the_analyzer_ends_the_handshake_and_the_kernel_cuts_from_then_on(lab):
+    """With the analyzer in the loop: the greeting, CAPABILITY, the login's and SELECT's answers
+    whole (up to 2 KB a segment); the client's first command on messages (NOOP) ends the
+    handshake, the analyzer writes PREFIX into the map, and the FETCH after it is cut to the
+    snap length and tail."""
+    lab.deliver("alice", MESSAGE)
+    segs = []
+    with LiveCapture([lab.host_if], {IMAP}, 64, taillen=16) as cap:
+        table = FlowTable({IMAP}, cap.policy)
+
+        def feed(until, timeout=5.0):
+            deadline = time.monotonic() + timeout
+            while not until() and time.monotonic() < deadline:
+                for seg in cap.poll(50):
+                    segs.append(seg)
+                    table.add(seg)
+            assert until(), "the analyzer did not get there"
+
+        c = Client(lab.server4)
+        key = flow_key(lab.client4, c.port, lab.server4, IMAP)
+        c.command("a1", "CAPABILITY")
+        c.command("a2", f"LOGIN alice {lab.users['alice']}")
+        c.command("a3", "SELECT INBOX")
+        feed(lambda: key in table.flows and "SELECT" in table.flows[key].session.commands)
+        assert key not in cap.policy.modes and len(cap._bpf[b"flow_modes"]) == 0
+        handshake_end = len(c.received)
+        c.command("a4", "NOOP")
+        feed(lambda: cap.policy.mode(key) is PayloadMode.PREFIX)
+        assert [v.value for v in cap._bpf[b"flow_modes"].values()] == [int(PayloadMode.PREFIX)]
+        fetch_start = len(c.received)
+        c.command("a5", "FETCH 1 (BODY.PEEK[])")
+        c.logout()
+        feed(lambda: key not in table.flows)
+        assert len(cap._bpf[b"flow_modes"]) == 0, "the entry goes when the flow ends"
+    received = bytes(c.received)
+    server = offsets(of_client(segs, c), IMAP)
+    login_answer = [s for off, s in server if off < handshake_end]
+    assert sum(s.wire_len for s in login_answer) > 64 * len(login_answer), "long lines in the handshake"
+    assert all(s.payload == received[off:off + s.wire_len] and s.tail == b""
+               for off, s in server if off < handshake_end)
+    fetched = [(off, s) for off, s in server if off >= fetch_start]
+    assert sum(s.wire_len for _, s in fetched) > len(MESSAGE)
+    assert all((s.payload, s.tail) == split_payload(received[off:off + s.wire_len], 64, 16) for off, s in fetched)
+    assert any(len(s.payload) == 64 for _, s in fetched)

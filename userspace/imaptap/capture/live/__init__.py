@@ -45,6 +45,7 @@ from imaptap.capture.live.abi import (
     KernelFlowKey,
     bpf_source_dir,
     kernel_config,
+    program_cflags,
 )
 from imaptap.capture.live.attach import (
     TC_HANDLE,
@@ -88,7 +89,7 @@ from imaptap.capture.live.ring import (
     RecordReader,
     kernel_counters,
 )
-from imaptap.segment import DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, Segment
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_TAILLEN, WHOLE_PAYLOAD_CAP, Segment
 
 if TYPE_CHECKING:  # both are imported only when a capture starts
     from bcc import BPF
@@ -103,7 +104,7 @@ __all__ = [
     "KernelPayloadPolicy", "LiveCapture", "LiveError", "bpf_source_dir", "bpf_syscall", "default_interface",
     "has_ringbuf", "has_xdp_load_bytes", "imaptap_pids", "kernel_flow_key", "kernel_headers_present",
     "kernel_version", "list_interfaces", "missing_capabilities", "prog_fd_by_id", "prog_holders", "prog_info",
-    "prog_name_by_id", "prog_owner",
+    "prog_name_by_id", "prog_owner", "program_cflags",
 ]
 
 # The old single module's private names that scripts/bench-live and tests/live call.
@@ -120,12 +121,14 @@ class LiveCapture:
 
     def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
-                 taillen: int = DEFAULT_TAILLEN, buffer_bytes: int | None = None,
-                 output: str | None = None, user: str | None = None) -> None:
+                 taillen: int = DEFAULT_TAILLEN, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
+                 buffer_bytes: int | None = None, output: str | None = None, user: str | None = None) -> None:
         """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
-        (see `segment.split_payload`).  ``buffer_bytes``: ring buffer size (rounded up to a
-        power-of-two number of pages; default RING_PAGES pages), like tcpdump's -B: room for
-        bursts while the analyzer is busy.  ``output``: "ringbuf" or "perf" to force one
+        (see `segment.split_payload`).  ``handshake_snaplen``: bytes copied from the start of
+        a segment instead while the flow's handshake lasts (`PayloadMode.HANDSHAKE`; 0:
+        never).  ``buffer_bytes``: ring buffer size (rounded up to a power-of-two number of
+        pages; default RING_PAGES pages), like tcpdump's -B: room for bursts while the
+        analyzer is busy.  ``output``: "ringbuf" or "perf" to force one
         (tests); default: the ring buffer where the kernel has it."""
         if not interfaces:
             raise LiveError("no interface to capture on")
@@ -145,6 +148,8 @@ class LiveCapture:
             raise LiveError(f"bad snap length {snaplen}: 0-{WHOLE_PAYLOAD_CAP}")
         if not 0 <= taillen <= WHOLE_PAYLOAD_CAP:
             raise LiveError(f"bad tail length {taillen}: 0-{WHOLE_PAYLOAD_CAP}")
+        if not 0 <= handshake_snaplen <= WHOLE_PAYLOAD_CAP:
+            raise LiveError(f"bad handshake snap length {handshake_snaplen}: 0-{WHOLE_PAYLOAD_CAP}")
         self.snaplen = snaplen
         self.taillen = taillen
         page = os.sysconf("SC_PAGE_SIZE")
@@ -154,7 +159,7 @@ class LiveCapture:
             raise LiveError(f"bad buffer size {buffer_bytes}: {page}-{MAX_RING_BYTES} bytes")
         else:
             self.ring_pages = 1 << (-(-buffer_bytes // page) - 1).bit_length()
-        self.policy = KernelPayloadPolicy(snaplen, taillen)
+        self.policy = KernelPayloadPolicy(snaplen, taillen, handshake_snaplen)
         self.user = user
         self.privileges: privileges.Dropped | None = None
         """`privileges.Dropped` once ``user`` was applied."""
@@ -206,8 +211,10 @@ class LiveCapture:
                               "capturing ingress with TC instead of XDP")
         self.use_xdp = use_xdp
         self.ringbuf = has_ringbuf() if self._output is None else self._output == "ringbuf"
-        if self.snaplen + self.taillen > self.max_copy():
-            raise LiveError(f"snap length {self.snaplen} plus tail length {self.taillen} exceed what the"
+        longest_head = max(self.snaplen, self.policy.handshake_snaplen)
+        if longest_head + self.taillen > self.max_copy():
+            what = "snap length" if longest_head == self.snaplen else "handshake snap length"
+            raise LiveError(f"{what} {longest_head} plus tail length {self.taillen} exceed what the"
                             f" kernel program copies with a perf buffer ({self.max_copy()})")
 
         self._ipr = IPRoute()
@@ -255,9 +262,9 @@ class LiveCapture:
         import bcc
 
         src = bpf_source_dir()
-        cflags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(self.ringbuf)}", f"-DIMAPTAP_XDP={int(self.use_xdp)}",
-                  f"-DIMAPTAP_RING_PAGES={self.ring_pages}", f"-DIMAPTAP_SNAPLEN={self.snaplen}",
-                  f"-DIMAPTAP_TAILLEN={self.taillen}"]
+        cflags = program_cflags(src, ringbuf=self.ringbuf, xdp=self.use_xdp, ring_pages=self.ring_pages,
+                                snaplen=self.snaplen, taillen=self.taillen,
+                                handshake_snaplen=self.policy.handshake_snaplen)
         try:
             bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
         except Exception as exc:

@@ -131,6 +131,14 @@ def kernel_config(ports: set[int]) -> KernelConfig:
     return cfg
 
 
+def program_cflags(src: Path, *, ringbuf: bool, xdp: bool, ring_pages: int, snaplen: int, taillen: int,
+                   handshake_snaplen: int) -> list[str]:
+    """The compile options of imaptap.bpf.c (its header comment lists them), from ``src`` its directory."""
+    return [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(ringbuf)}", f"-DIMAPTAP_XDP={int(xdp)}",
+            f"-DIMAPTAP_RING_PAGES={ring_pages}", f"-DIMAPTAP_SNAPLEN={snaplen}", f"-DIMAPTAP_TAILLEN={taillen}",
+            f"-DIMAPTAP_HANDSHAKE_SNAPLEN={handshake_snaplen}"]
+
+
 def bpf_source_dir() -> Path:
     """The directory holding imaptap.bpf.c: inside the package if installed so, else the repo's bpf/."""
     here = Path(__file__).resolve()

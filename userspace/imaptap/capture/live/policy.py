@@ -6,7 +6,7 @@ import ctypes
 import socket
 
 from imaptap.capture.live.abi import ADDR_BYTES, KernelFlowKey
-from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy
+from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, FlowKey, PayloadMode, PayloadPolicy
 
 
 def kernel_flow_key(key: FlowKey) -> KernelFlowKey:
@@ -35,8 +35,8 @@ class KernelPayloadPolicy(PayloadPolicy):
     side changes (flows are forgotten after detach when the CLI closes them).
     """
 
-    def __init__(self, snaplen: int, taillen: int) -> None:
-        super().__init__(snaplen, taillen)
+    def __init__(self, snaplen: int, taillen: int, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> None:
+        super().__init__(snaplen, taillen, handshake_snaplen)
         self._table = None
         self.kernel_errors = 0
         """Map updates the kernel refused (never expected; counted rather than raised)."""
@@ -56,7 +56,7 @@ class KernelPayloadPolicy(PayloadPolicy):
             return
         try:
             k = kernel_flow_key(key)
-            if mode is PayloadMode.PREFIX:
+            if mode is self.default:  # the kernel applies it to every flow its map does not name
                 try:
                     del self._table[k]
                 except KeyError:
@@ -72,4 +72,4 @@ class KernelPayloadPolicy(PayloadPolicy):
 
     def forget(self, key: FlowKey) -> None:
         super().forget(key)
-        self._write(key, PayloadMode.PREFIX)
+        self._write(key, self.default)
