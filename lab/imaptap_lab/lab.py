@@ -2,7 +2,9 @@
 """imaplab: a real Dovecot in a throw-away network namespace, for imaptap's tests and captures.
 
 The lab is what imaptap watches when it is tested for real: a Dovecot IMAP server running
-inside its own network namespace, reachable from the root namespace over a veth pair.
+inside its own network namespace, reachable from the root namespace over a veth pair.  With
+``Lab(server="cyrus")`` (``imaplab.py start --server cyrus``) the server is Cyrus IMAP instead,
+unpacked from Debian's .debs (imaptap_lab.cyrus); everything else is the same.
 Clients (imaplib, curl, mbsync, raw sockets) run in the root namespace and talk to the
 namespace side; imaptap (or tcpdump) watches the root-namespace end of the veth, exactly as
 it would watch a real interface. Nothing leaves the machine: the only addresses used are
@@ -45,6 +47,7 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
+import enum
 import fcntl
 import grp
 import json
@@ -64,6 +67,8 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from imaptap_lab import cyrus
 
 # --- Names -------------------------------------------------------------------------------
 NETNS_PREFIX = "imaptap-lab-"
@@ -108,6 +113,15 @@ LOGIN_USER, INTERNAL_USER = "dovenull", "dovecot"
 """Dovecot refuses to run its login and internal processes as root; Debian creates both."""
 DOVECOT = "dovecot"
 DOVEADM = "doveadm"
+
+
+class Server(enum.StrEnum):
+    """The IMAP server a lab runs."""
+
+    DOVECOT = "dovecot"
+    CYRUS = "cyrus"
+
+
 GREETING_PREFIX = b"* OK"
 
 # --- Time bounds -------------------------------------------------------------------------
@@ -250,6 +264,9 @@ class LabState:
     owner_pid: int
     owner_start: int | None
     tmpdir: str = ""
+    # The server's master process (Cyrus' too): the names are those every checkout's labs read,
+    # since a lab tears down the leftovers of any other, and a state file it cannot read costs
+    # the other lab its veth.
     dovecot_pid: int = 0
     dovecot_start: int | None = None
     users: dict | None = None
@@ -270,8 +287,11 @@ class LabState:
     @classmethod
     def load(cls, path: Path) -> LabState | None:
         try:
-            return cls(**json.loads(path.read_text()))
-        except (OSError, ValueError, TypeError):
+            fields = json.loads(path.read_text())
+            # keys a newer checkout may add are ignored: its labs must still be told apart
+            known = {k: v for k, v in fields.items() if k in cls.__dataclass_fields__}
+            return cls(**known)
+        except (OSError, ValueError, TypeError, AttributeError):
             return None
 
     def owner_alive(self) -> bool:
@@ -460,31 +480,40 @@ def _write_dovecot_files(tmp: Path, users: dict[str, str]) -> Path:
 # The lab
 # ------------------------------------------------------------------------------------------
 class Lab:
-    """A Dovecot in a fresh network namespace, reachable over a veth pair; see the module doc.
+    """A Dovecot (or Cyrus) in a fresh network namespace, reachable over a veth pair; see the
+    module doc.
 
     Attributes (valid after start()):
       netns     name of the network namespace
       host_if   root-namespace end of the veth (capture / attach imaptap here)
       ns_if     namespace end of the veth
-      server4, server6   Dovecot's addresses (inside the namespace)
+      server4, server6   the server's addresses (inside the namespace)
       client4, client6   the root namespace's addresses on host_if
-      ports     (143, 10143): Dovecot listens on both, on both address families
+      ports     (143, 10143): the server listens on both, on both address families
       users     user -> password
-      tmpdir    the lab's directory (config, log, Maildirs)
-      conf      path of the Dovecot configuration
+      server    `Server.DOVECOT` or `Server.CYRUS`
+      tmpdir    the lab's directory (config, log, mail)
+      conf      path of the server's configuration
     """
 
     def __init__(self, name: str | None = None, *, users: dict[str, str] | None = None,
-                 offloads: bool = True) -> None:
+                 offloads: bool = True, server: Server | str = Server.DOVECOT) -> None:
         """name: namespace name (default: imaptap-lab-<pid>-<random>); users: replaces
         DEFAULT_USERS; offloads=False turns off TX checksum offload on both veth ends, so
-        captures hold MTU-sized segments with valid checksums (True keeps kernel defaults)."""
+        captures hold MTU-sized segments with valid checksums (True keeps kernel defaults);
+        server: which IMAP server runs in the namespace."""
         self.netns = name or f"{NETNS_PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         self.users = dict(DEFAULT_USERS if users is None else users)
         self.offloads = offloads
+        try:
+            self.server = Server(server)
+        except ValueError:
+            raise LabError(f"unknown server {server!r}: {', '.join(Server)}") from None
         self.ports = LAB_PORTS
         self._state: LabState | None = None
-        self._dovecot: subprocess.Popen | None = None
+        self._server_proc: subprocess.Popen | None = None
+        self._command: list[str] = []
+        """The server's command line, written by _build with its configuration."""
         self._owner = True
 
     # -- derived attributes --
@@ -522,14 +551,15 @@ class Lab:
 
     @property
     def conf(self) -> Path:
-        return self.tmpdir / "dovecot.conf"
+        return self.tmpdir / ("imapd.conf" if self.server is Server.CYRUS else "dovecot.conf")
 
     @property
     def log_path(self) -> Path:
-        return self.tmpdir / "dovecot.log"
+        return self.tmpdir / ("cyrus.log" if self.server is Server.CYRUS else "dovecot.log")
 
     @property
-    def dovecot_pid(self) -> int:
+    def server_pid(self) -> int:
+        """The server's master process (Dovecot's or Cyrus')."""
         return self._require_state().dovecot_pid
 
     def _require_state(self) -> LabState:
@@ -546,15 +576,16 @@ class Lab:
         self.stop()
 
     def start(self) -> Lab:
-        """Build namespace, veth, addresses and Dovecot; return once Dovecot greets."""
+        """Build namespace, veth, addresses and the server; return once it greets."""
         if os.geteuid() != 0:
-            raise LabError("the lab needs root (network namespaces, Dovecot)")
-        for tool in ("ip", DOVECOT, DOVEADM, "openssl"):
+            raise LabError(f"the lab needs root (network namespaces, {self.server})")
+        tools = ("ip", DOVECOT, DOVEADM, "openssl") if self.server is Server.DOVECOT else ("ip", "openssl", "dpkg-deb")
+        for tool in tools:
             if not shutil.which(tool):
                 raise LabError(f"{tool} not found; run scripts/setup")
         try:
             self._build()
-            self._start_dovecot()
+            self._start_server()
             self._wait_ready()
         except BaseException:
             self.stop()
@@ -599,28 +630,36 @@ class Lab:
         state.tmpdir = tempfile.mkdtemp(prefix=TMPDIR_PREFIX)
         state.save()
         os.chmod(state.tmpdir, 0o755)  # login, auth and mail processes run unprivileged
-        _write_dovecot_files(self.tmpdir, self.users)
+        if self.server is Server.DOVECOT:
+            _write_dovecot_files(self.tmpdir, self.users)
+            # -F keeps the master in the foreground, so it is our child and its pid is known.
+            self._command = [DOVECOT, "-F", "-c", str(self.conf)]
+        else:
+            try:
+                self._command = cyrus.write_files(self.tmpdir, self.users, IMAP_PORT, ALT_IMAP_PORT)
+            except (cyrus.CyrusError, OSError, subprocess.SubprocessError) as err:
+                raise LabError(f"Cyrus: {err}") from None
 
-    def _start_dovecot(self) -> None:
+    def _start_server(self) -> None:
         state = self._require_state()
-        stderr = open(self.tmpdir / "dovecot.stderr", "wb")
-        # -F keeps the master in the foreground, so it is our child and its pid is known;
-        # a new session keeps a Ctrl-C meant for the caller from reaching it first.
-        self._dovecot = subprocess.Popen(
-            ["ip", "netns", "exec", self.netns, DOVECOT, "-F", "-c", str(self.conf)],
-            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True)
+        stderr = open(self.tmpdir / f"{self.server}.stderr", "wb")
+        env = cyrus.environment(cyrus.tree()) if self.server is Server.CYRUS else None
+        # A new session keeps a Ctrl-C meant for the caller from reaching the server first.
+        self._server_proc = subprocess.Popen(
+            ["ip", "netns", "exec", self.netns, *self._command],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr, start_new_session=True, env=env)
         stderr.close()
-        state.dovecot_pid = self._dovecot.pid
-        state.dovecot_start = _proc_start_time(self._dovecot.pid)
+        state.dovecot_pid = self._server_proc.pid
+        state.dovecot_start = _proc_start_time(self._server_proc.pid)
         state.save()
 
     def _wait_ready(self) -> None:
-        """Wait until every address and port answers with Dovecot's `* OK` greeting."""
+        """Wait until every address and port answers with the server's `* OK` greeting."""
         deadline = time.monotonic() + READY_TIMEOUT
         pending = [(addr, port) for addr in (self.server4, self.server6) for port in self.ports]
         while pending:
-            if self._dovecot is not None and self._dovecot.poll() is not None:
-                raise LabError(f"dovecot exited with {self._dovecot.returncode}\n"
+            if self._server_proc is not None and self._server_proc.poll() is not None:
+                raise LabError(f"{self.server} exited with {self._server_proc.returncode}\n"
                                + self.log_tail())
             addr, port = pending[0]
             try:
@@ -631,7 +670,7 @@ class Lab:
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise LabError(f"dovecot did not greet on [{addr}]:{port} within "
+                raise LabError(f"{self.server} did not greet on [{addr}]:{port} within "
                                f"{READY_TIMEOUT} s\n" + self.log_tail())
             time.sleep(READY_POLL)
 
@@ -642,17 +681,17 @@ class Lab:
         state = self._state
         with _locked():
             _teardown(state)
-        if self._dovecot is not None:
+        if self._server_proc is not None:
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self._dovecot.wait(timeout=STOP_TIMEOUT)
+                self._server_proc.wait(timeout=STOP_TIMEOUT)
         self._state = None
-        self._dovecot = None
+        self._server_proc = None
 
     close = stop
 
     def detach(self) -> None:
-        """Hand the lab over to its Dovecot master: it outlives this process (CLI start) and
-        counts as a leftover once Dovecot dies. Stop it with `imaplab.py stop NAME`."""
+        """Hand the lab over to its server's master: it outlives this process (CLI start) and
+        counts as a leftover once the server dies. Stop it with `imaplab.py stop NAME`."""
         state = self._require_state()
         state.owner_pid, state.owner_start = state.dovecot_pid, state.dovecot_start
         state.detached = True
@@ -665,7 +704,8 @@ class Lab:
         state = LabState.load(STATE_DIR / f"{name}.json")
         if state is None:
             raise LabError(f"no lab named {name} (see `imaplab.py status`)")
-        lab = cls(name, users=state.users, offloads=state.offloads)
+        server = Server.CYRUS if (Path(state.tmpdir) / "imapd.conf").exists() else Server.DOVECOT
+        lab = cls(name, users=state.users, offloads=state.offloads, server=server)
         lab._state = state
         lab._owner = True
         return lab
@@ -689,10 +729,18 @@ class Lab:
             raise LabError(f"{err}\n{self.log_tail()}") from None
 
     def deliver(self, user: str, message: bytes, mailbox: str = "INBOX") -> None:
-        """Put a mail into user's mailbox from outside IMAP (an IDLE client sees EXISTS)."""
+        """Put a mail into user's mailbox out of sight of the veth (an IDLE client sees EXISTS):
+        doveadm for Dovecot; for Cyrus an APPEND over the namespace's loopback."""
         if user not in self.users:
             raise LabError(f"unknown lab user {user!r}")
-        self.doveadm("save", "-u", user, "-m", mailbox, input=message)
+        if self.server is Server.DOVECOT:
+            self.doveadm("save", "-u", user, "-m", mailbox, input=message)
+            return
+        proc = subprocess.run(cyrus.append_command(self.netns), capture_output=True, timeout=COMMAND_TIMEOUT,
+                              input=cyrus.append_input(user, self.users[user], message, mailbox, IMAP_PORT))
+        if proc.returncode != 0:
+            raise LabError(f"delivery to {user} failed: {proc.stderr.decode(errors='replace').strip()}\n"
+                           + self.log_tail())
 
     def syn_flood(self, count: int, port: int, pace: int = 2000) -> None:
         """``count`` SYNs from ``count`` distinct addresses and ports of 198.18.0.0/15 (the
@@ -721,9 +769,10 @@ class Lab:
             s.close()
 
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
-        """The end of Dovecot's log and stderr, for error messages."""
+        """The end of the server's log and stderr, for error messages."""
         out = []
-        for name in ("dovecot.stderr", "dovecot.log"):
+        names = cyrus.log_names() if self.server is Server.CYRUS else ("dovecot.stderr", "dovecot.log")
+        for name in names:
             with contextlib.suppress(OSError, LabError):
                 text = (self.tmpdir / name).read_text(errors="replace").splitlines()
                 if text:
@@ -777,7 +826,7 @@ class Lab:
                 "server4": self.server4, "server6": self.server6, "client4": self.client4,
                 "client6": self.client6, "ports": list(self.ports), "users": self.users,
                 "conf": str(self.conf), "log": str(self.log_path),
-                "dovecot_pid": self.dovecot_pid}
+                "server": str(self.server), "server_pid": self.server_pid}
 
 
 # ------------------------------------------------------------------------------------------
@@ -797,7 +846,7 @@ and VMs), a stopped one can linger as a zombie for a while.
 
 
 def _cmd_start(args: argparse.Namespace) -> int:
-    lab = Lab(args.name, offloads=not args.no_offloads).start()
+    lab = Lab(args.name, offloads=not args.no_offloads, server=args.server).start()
     lab.detach()
     info = lab.describe()
     if args.json:
@@ -850,7 +899,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of scripts/imaplab.py."""
     parser = argparse.ArgumentParser(
-        prog="imaplab.py", description="Run a Dovecot IMAP lab in a network namespace.",
+        prog="imaplab.py", description="Run a Dovecot (or Cyrus) IMAP lab in a network namespace.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     start = sub.add_parser("start", help="start a lab and leave it running")
@@ -858,6 +907,8 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--no-offloads", action="store_true",
                        help="turn off TX checksum offload on the veth (MTU-sized segments)")
     start.add_argument("--json", action="store_true", help="print the details as JSON")
+    start.add_argument("--server", choices=list(Server), default=Server.DOVECOT,
+                       help="the IMAP server (default dovecot; cyrus is unpacked from the .debs scripts/setup fetched)")
     stop = sub.add_parser("stop", help="stop labs started by `start`, and leftovers")
     stop.add_argument("names", nargs="*", help="stop these labs (any owner)")
     stop.add_argument("--all", action="store_true",

@@ -4,13 +4,15 @@ The lab itself (namespaces, Dovecot) runs in tests/live."""
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from imaptap_lab import lab
+from imaptap_lab import cyrus, lab
 
 
 def test_names_fit_the_kernel_and_are_found_again():
@@ -81,3 +83,53 @@ def test_lab_passwords_are_recognisable_and_need_quoting_once():
     assert len(set(lab.DEFAULT_USERS.values())) == len(lab.DEFAULT_USERS)
     assert any(" " in pw and '"' in pw for pw in lab.DEFAULT_USERS.values())
     assert not any(c in pw for pw in lab.DEFAULT_USERS.values() for c in ":\r\n\0"), "a passwd-file takes none"
+
+
+def test_a_state_file_with_keys_of_a_newer_checkout_still_loads(tmp_path, monkeypatch):
+    """Labs of every checkout on a machine reap each other's leftovers: one that cannot read a
+    state file takes the lab for a leftover and deletes its veth."""
+    monkeypatch.setattr(lab, "STATE_DIR", tmp_path)
+    me = lab.LabState(name="imaptap-lab-1-abc", slot=9, owner_pid=os.getpid(),
+                      owner_start=lab._proc_start_time(os.getpid()), users={})
+    me.save()
+    fields = json.loads(me.path.read_text())
+    assert set(fields) == {"name", "slot", "owner_pid", "owner_start", "tmpdir", "dovecot_pid", "dovecot_start",
+                           "users", "offloads", "detached"}, "the keys every checkout reads"
+    me.path.write_text(json.dumps({**fields, "added_later": 1}))
+    assert lab.LabState.load(me.path) == me
+
+
+def test_the_server_is_dovecot_or_cyrus():
+    assert lab.Lab().server is lab.Server.DOVECOT
+    assert lab.Lab(server="cyrus").server is lab.Server.CYRUS
+    with pytest.raises(lab.LabError, match="unknown server 'uw'"):
+        lab.Lab(server="uw")
+
+
+def test_the_cyrus_configuration_reads_nothing_of_the_system():
+    conf = cyrus.IMAPD_CONF_TEMPLATE.format(tmp="/tmp/imaptap-lab-x", servername=cyrus.SERVER_NAME,
+                                            user=cyrus.MAIL_USER, group=cyrus.MAIL_GROUP, idle_poll=1)
+    settings = dict(line.split(": ", 1) for line in conf.splitlines() if line and not line.startswith("#"))
+    assert settings["allowplaintext"] == "yes" and settings["failedloginpause"] == "0"
+    paths = [v for k, v in settings.items() if v.startswith("/")]
+    assert paths and all(p.startswith("/tmp/imaptap-lab-x/") for p in paths)
+    services = cyrus.CYRUS_CONF_TEMPLATE.format(bin="/tree/usr/lib/cyrus/bin", conf="/tmp/imaptap-lab-x/imapd.conf",
+                                                port=143, alt_port=10143)
+    commands = re.findall(r'cmd="([^"]+)"', services)
+    assert len(commands) == 3 and all(c.startswith("/tree/") and "-C /tmp/imaptap-lab-x/imapd.conf" in c
+                                      for c in commands), "the master passes no -C of its own"
+    assert 'listen="143"' in services and 'listen="10143"' in services
+
+
+def test_missing_cyrus_debs_name_scripts_setup(tmp_path, monkeypatch):
+    monkeypatch.setattr(cyrus, "DEB_DIR", tmp_path)
+    (tmp_path / "cyrus-common_3.6.1-4+deb12u5_amd64.deb").write_bytes(b"")
+    with pytest.raises(cyrus.CyrusError, match=r"\(cyrus-imapd, sasl2-bin\) are not in .*; run scripts/setup"):
+        cyrus.tree()
+
+
+def test_the_delivery_client_gets_the_job_and_the_message_apart():
+    data = cyrus.append_input("bob", 'Bob Pw "quoted" 42', b"Subject: x\r\n\r\n{5}\r\nbody\r\n", "INBOX", 143)
+    job, message = data.split(b"\n", 1)
+    assert json.loads(job)["password"] == 'Bob Pw "quoted" 42' and message.startswith(b"Subject: x\r\n")
+    assert cyrus.append_command("ns")[:4] == ["ip", "netns", "exec", "ns"]
