@@ -229,7 +229,7 @@ def _sizes(line: RawLine) -> tuple[int, ...]:
 # as a rule, and compiling all fifteen at import was a tenth of the start-up of a replay.
 _PRODUCTS = [
     (r"\bDovecot\b", lambda m, t: "Dovecot"),
-    (r"\bCyrus IMAP[^\s]*(?:\s+(v?\d[\w.\-]*))?",
+    (r"\bCyrus IMAP[^\s]*(?:\s+(v?\d[\w.\-+~]*))?",
      lambda m, t: "Cyrus IMAP" + (" " + m.group(1) if m.group(1) else "")),
     (r"\bMicrosoft Exchange\b.*?\bversion\s+(\d[\d.]*)",
      lambda m, t: "Microsoft Exchange " + m.group(1)),
