@@ -136,6 +136,8 @@ class Observer:
         self.idle = False
         self.greeting: bytes | None = None
         self.capabilities: set[bytes] = set()
+        self.last_capabilities: list[str] = []
+        """The last capability list the server sent, upper case (greeting, * CAPABILITY, a code)."""
         self.facts = flow("?", None, commands=[], auth_command=None, auth_mechanism=None,
                           login_ok=None, starttls="none", cleartext_credentials=False,
                           port=conn.server[1], family=conn.family)
@@ -219,8 +221,11 @@ class Observer:
             self.greeting = line
             if b"Dovecot" in line:
                 self.facts["server_software"] = "Dovecot"
+            elif m := re.search(rb" Cyrus IMAP (\S+) server ready", line):
+                self.facts["server_software"] = "Cyrus IMAP " + m.group(1).decode()
         if m := re.search(rb"CAPABILITY ([^\]]*)", line):
             self.capabilities.update(m.group(1).split())
+            self.last_capabilities = m.group(1).decode().upper().split()
         if line.startswith(b"* ID ("):
             toks = tokens(pieces)
             items = [a.decode() for a in toks[toks.index("(") + 1:-1]]
@@ -280,7 +285,8 @@ def check_capture(path: Path, outcome: Outcome, ports: set[int]) -> None:
                            f"{len(outcome.flows)}")
     for index, (conn, facts) in enumerate(zip(conns, outcome.flows, strict=True)):
         seen = Observer(conn)
-        for key in COMPARED:
+        seen.facts["capabilities"] = seen.last_capabilities
+        for key in COMPARED + ["capabilities"] * ("capabilities" in facts):
             if seen.facts[key] != facts[key]:
                 raise RuntimeError(f"{path.name} flow {index}: {key} is {seen.facts[key]!r} "
                                    f"in the capture but {facts[key]!r} in the facts")

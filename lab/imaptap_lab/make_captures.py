@@ -1,21 +1,23 @@
-"""Regenerate pcaps/: real IMAP clients against a real Dovecot in a lab namespace.
+"""Regenerate pcaps/: real IMAP clients against a real Dovecot (or Cyrus) in a lab namespace.
 
 Usage (as root):  scripts/make-captures [--only NAME ...] [--output-dir DIR]
 
-Every capture is one scenario: a client (Python's imaplib, curl, mbsync, or a small raw
-socket client where no real client produces the wire form wanted) runs against the Dovecot
-of the lab (imaptap_lab.lab) while tcpdump records the lab's veth. Next to each scenario's code
+Every capture is one scenario: a client (Python's imaplib, curl, mbsync, fetchmail,
+offlineimap, or a small raw socket client where no real client produces the wire form wanted)
+runs against the Dovecot of the lab (imaptap_lab.lab), or for the ``cyrus-*`` captures against
+Cyrus IMAP (``Lab(server="cyrus")``), while tcpdump records the lab's veth. Next to each scenario's code
 sit the facts it produces (user, mechanism, commands, mailboxes ...), written from how the
 session was driven. The script then checks those facts against the capture with its own
 small reassembler (literals, AUTHENTICATE, IDLE, STARTTLS and COMPRESS aware), runs tshark
 on every capture to record what tshark reports differently, and writes pcaps/facts.json
-and pcaps/MANIFEST.md (or all of it into --output-dir, to compare with pcaps/). Any
+and pcaps/MANIFEST.md (or all of it into --output-dir, to compare with pcaps/; with --only,
+the entries of the other captures are kept as the files have them). Any
 disagreement between the stated facts and the capture stops the script with a non-zero exit:
 a capture whose facts are wrong is worse than none.
 
 The lab's veth runs with TX checksum offload off, so the captures hold MTU-sized segments
 with valid TCP checksums, like a physical wire (see Lab(offloads=False)).
-Standard library and this package only; tshark, curl and mbsync must be installed (scripts/setup).
+Standard library and this package only; tshark and the clients must be installed (scripts/setup).
 """
 
 from __future__ import annotations
@@ -36,9 +38,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from imaptap_lab.capture_check import check_capture, tshark_findings, tshark_version
-from imaptap_lab.capture_facts import Outcome, Scenario, b64, flow, mutf7, plain_secret, quote, write_outputs
+from imaptap_lab.capture_facts import (
+    Outcome,
+    Scenario,
+    b64,
+    flow,
+    merge_outputs,
+    mutf7,
+    plain_secret,
+    quote,
+    write_outputs,
+)
 from imaptap_lab.checkout import PCAP_DIR
-from imaptap_lab.lab import ALT_IMAP_PORT, IMAP_PORT, Lab, LabError
+from imaptap_lab.lab import ALT_IMAP_PORT, IMAP_PORT, Lab, LabError, Server
 from imaptap_lab.mail import dated_mail
 
 CLIENT_TIMEOUT = 15.0
@@ -57,10 +69,11 @@ MAX_CAPTURE_BYTES = 64 * 1024
 SCENARIOS: list[Scenario] = []
 
 
-def scenario(name: str, client: str, description: str):
-    """Register the decorated function as the scenario of capture NAME.pcap."""
+def scenario(name: str, client: str, description: str, server: str = "dovecot"):
+    """Register the decorated function as the scenario of capture NAME.pcap (run against the
+    lab's ``server``)."""
     def register(func: Callable[[Lab], Outcome]) -> Callable[[Lab], Outcome]:
-        SCENARIOS.append(Scenario(name, client, description, func))
+        SCENARIOS.append(Scenario(name, client, description, func, server))
         return func
     return register
 
@@ -146,10 +159,13 @@ def ok(result: tuple) -> list:
     return data
 
 
+SEED_COUNTS = {"alice": 3, "bob": 1, "carol": 2, "dave": 5}
+"""Mails each user has before the first scenario."""
+
+
 def seed_mailboxes(lab: Lab) -> None:
     """A few mails per user, so SELECT, FETCH and mbsync have something to show."""
-    counts = {"alice": 3, "bob": 1, "carol": 2, "dave": 5}
-    for user, count in counts.items():
+    for user, count in SEED_COUNTS.items():
         for n in range(1, count + 1):
             lab.deliver(user, dated_mail(f"Lab mail {n} for {user}",
                                          f"Hello {user},\n\nthis is lab mail number {n}.\n",
@@ -642,11 +658,193 @@ def starttls_refused(lab: Lab) -> Outcome:
 
 
 
+# ------------------------------------------------------------------------------------------
+# Cyrus IMAP (Lab(server="cyrus")): the lines longer than the default snap length
+# ------------------------------------------------------------------------------------------
+CYRUS_GREETING_RE = re.compile(r" (Cyrus IMAP \S+) server ready")
+ID_PAIR_RE = re.compile(rb'"((?:[^"\\]|\\.)*)" (?:"((?:[^"\\]|\\.)*)"|NIL)')
+
+
+def cyrus_software(greeting: bytes) -> str:
+    """``Cyrus IMAP <version>`` as the greeting the client received names it."""
+    m = CYRUS_GREETING_RE.search(greeting.decode("latin-1"))
+    if m is None:
+        raise RuntimeError(f"not a Cyrus greeting: {greeting!r}")
+    return m.group(1)
+
+
+def id_list(data: bytes) -> dict:
+    """The field/value pairs of an ID list as the client received it (quoted strings here)."""
+    return {k.decode(): None if v is None else v.decode() for k, v in ID_PAIR_RE.findall(data)}
+
+
+def login_capabilities(data: list) -> list[str]:
+    """The capability list in the code of a LOGIN/AUTHENTICATE completion imaplib returned."""
+    m = re.match(rb"\[CAPABILITY ([^\]]*)\]", data[-1])
+    if m is None:
+        raise RuntimeError(f"no capabilities in the login's completion: {data!r}")
+    return m.group(1).decode().upper().split()
+
+
+@scenario("cyrus-imaplib", "imaplib",
+          "Cyrus: LOGIN alice, answered with a ~1 KB OK [CAPABILITY ...]; ID after the login, answered "
+          "with a ~500-byte list; SELECT INBOX (~450 bytes of data), FETCH, LOGOUT", server="cyrus")
+def cyrus_imaplib(lab: Lab) -> Outcome:
+    pw = lab.users["alice"]
+    imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
+    imap = imap4(lab)
+    software = cyrus_software(imap.welcome)
+    capabilities = login_capabilities(ok(imap.login("alice", pw)))
+    ok(imap._simple_command("ID", '("name" "imaptap-lab" "version" "1.2")'))
+    server_id = id_list(imap.untagged_responses.pop("ID")[0])
+    ok(imap.select("INBOX"))
+    ok(imap.fetch("1", "(FLAGS BODY.PEEK[])"))
+    imap.logout()
+    return Outcome([flow("imaplib", "alice", mailboxes=["INBOX"], server_software=software,
+                         client_id={"name": "imaptap-lab", "version": "1.2"}, server_id=server_id,
+                         capabilities=capabilities,
+                         commands=["CAPABILITY", "LOGIN", "ID", "SELECT", "FETCH", "LOGOUT"])], [pw])
+
+
+@scenario("cyrus-curl", "curl",
+          "Cyrus: curl --login-options AUTH=PLAIN lists the mailboxes and fetches a message on one "
+          "connection; AUTHENTICATE PLAIN after the server's '+', its OK [CAPABILITY ...] ~1 KB",
+          server="cyrus")
+def cyrus_curl(lab: Lab) -> Outcome:
+    pw = lab.users["carol"]
+    run_curl(["--login-options", "AUTH=PLAIN", "-u", f"carol:{pw}", f"imap://{lab.server4}/",
+              f"imap://{lab.server4}/INBOX;UID=1"])
+    return Outcome([flow("curl", "carol", auth_command="AUTHENTICATE", auth_mechanism="PLAIN",
+                         mailboxes=["INBOX"], server_software=lab_software(lab),
+                         commands=["CAPABILITY", "AUTHENTICATE", "LIST", "SELECT", "UID FETCH", "LOGOUT"])],
+                   plain_secret("carol", pw))
+
+
+FETCHMAIL_RC = """\
+poll {host} protocol IMAP port {port} auth password
+  user "{user}" password "{password}" is {user} here
+  keep fetchall
+  # no STARTTLS (fetchmail 6.4 tries it whenever it is offered)
+  sslproto ''
+  mda "/bin/cat > /dev/null"
+"""
+
+
+@scenario("cyrus-fetchmail", "fetchmail",
+          "Cyrus: fetchmail 6.4 (keep, fetchall, no STARTTLS) downloads carol's 2 mails: LOGIN, SELECT, "
+          "FETCH sizes, then a header FETCH, a body FETCH and a STORE \\Seen per mail", server="cyrus")
+def cyrus_fetchmail(lab: Lab) -> Outcome:
+    pw = lab.users["carol"]
+    with tempfile.TemporaryDirectory(prefix="imaptap-fetchmail-") as tmp:
+        rc = Path(tmp) / "fetchmailrc"
+        rc.write_text(FETCHMAIL_RC.format(host=lab.server4, port=IMAP_PORT, user="carol", password=pw))
+        rc.chmod(0o600)  # fetchmail refuses a readable rc file
+        proc = subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "--idfile", f"{tmp}/ids",
+                               "--pidfile", f"{tmp}/pid"], capture_output=True, timeout=CLIENT_TIMEOUT * 2,
+                              env={**os.environ, "HOME": tmp})
+        if proc.returncode != 0:
+            raise RuntimeError("fetchmail failed: " + (proc.stderr + proc.stdout).decode(errors="replace"))
+    mails = SEED_COUNTS["carol"]
+    return Outcome([flow("fetchmail", "carol", mailboxes=["INBOX"], server_software=lab_software(lab),
+                         commands=["LOGIN", "SELECT", "FETCH", *["FETCH", "FETCH", "STORE"] * mails,
+                                   "LOGOUT"])], [pw])
+
+
+OFFLINEIMAP_RC = """\
+[general]
+accounts = lab
+metadata = {tmp}/metadata
+ui = quiet
+
+[Account lab]
+localrepository = near
+remoterepository = far
+
+[Repository near]
+type = Maildir
+localfolders = {tmp}/mail
+
+[Repository far]
+type = IMAP
+remotehost = {host}
+remoteport = {port}
+remoteuser = {user}
+remotepass = {password}
+ssl = no
+starttls = no
+auth_mechanisms = PLAIN
+folderfilter = lambda name: name == "INBOX"
+"""
+
+
+def offlineimap_version() -> str:
+    """offlineimap's version, as it sends it in ID."""
+    out = subprocess.run(["offlineimap", "--version"], capture_output=True, text=True, timeout=CLIENT_TIMEOUT)
+    return out.stdout.strip().split()[-1]
+
+
+@scenario("cyrus-offlineimap", "offlineimap",
+          "Cyrus: offlineimap3 pulls dave's INBOX (5 mails) into a Maildir; ID before the login (the "
+          "~500-byte answer), AUTHENTICATE PLAIN, CAPABILITY, LIST, SELECT, EXAMINE, FETCH",
+          server="cyrus")
+def cyrus_offlineimap(lab: Lab) -> Outcome:
+    pw = lab.users["dave"]
+    version = offlineimap_version()
+    with tempfile.TemporaryDirectory(prefix="imaptap-offlineimap-") as tmp:
+        rc = Path(tmp) / "offlineimaprc"
+        rc.write_text(OFFLINEIMAP_RC.format(tmp=tmp, host=lab.server4, port=IMAP_PORT, user="dave", password=pw))
+        proc = subprocess.run(["offlineimap", "-c", str(rc), "-o"], capture_output=True,
+                              timeout=CLIENT_TIMEOUT * 4, env={**os.environ, "HOME": tmp})
+        if proc.returncode != 0:
+            raise RuntimeError("offlineimap failed: " + (proc.stderr + proc.stdout).decode(errors="replace"))
+        got = list((Path(tmp) / "mail" / "INBOX").glob("*/*"))
+        if len(got) != SEED_COUNTS["dave"]:
+            raise RuntimeError(f"offlineimap fetched {len(got)} mails, expected {SEED_COUNTS['dave']}")
+    return Outcome([flow("offlineimap", "dave", auth_command="AUTHENTICATE", auth_mechanism="PLAIN",
+                         mailboxes=["INBOX", "INBOX"], server_software=lab_software(lab),
+                         client_id={"name": "OfflineIMAP", "version": version}, server_id=lab_server_id(lab),
+                         commands=OFFLINEIMAP_COMMANDS)], plain_secret("dave", pw),
+                   notes="offlineimap SELECTs the mailbox, then EXAMINEs it; both are in mailboxes.")
+
+
+OFFLINEIMAP_COMMANDS = ["CAPABILITY", "ID", "AUTHENTICATE", "CAPABILITY", "LIST", "LIST", "SELECT", "EXAMINE",
+                        "FETCH", *["UID FETCH"] * SEED_COUNTS["dave"], "LOGOUT"]
+"""What offlineimap3 (imaplib2) sends for a first pull of dave's mailbox: the capability list
+again after the login, the hierarchy delimiter (LIST "" ""), the mailboxes, then flags and UIDs
+of every mail, and one UID FETCH per mail for its body."""
+
+
+SERVER_FACTS: dict[str, tuple[str, dict]] = {}
+"""Per lab (namespace): the software its greeting names and its answer to ID, learnt by
+`learn_server` before any capture, for scenarios whose client does not show them."""
+
+
+def learn_server(lab: Lab) -> None:
+    """Ask the lab's server for its greeting and ID once, outside any capture."""
+    raw = RawClient(lab.server4)
+    raw.send(b"z1 ID NIL\r\n")
+    answer = raw.until(b"z1 ")
+    raw.expect_ok("z2", "LOGOUT")
+    raw.close()
+    server_id = id_list(next(line for line in answer if line.startswith(b"* ID ")))
+    SERVER_FACTS[lab.netns] = (cyrus_software(raw.greeting), server_id)
+
+
+def lab_software(lab: Lab) -> str:
+    """The server software the lab's greeting names (see `learn_server`)."""
+    return SERVER_FACTS[lab.netns][0]
+
+
+def lab_server_id(lab: Lab) -> dict:
+    """The lab's answer to ID (see `learn_server`)."""
+    return SERVER_FACTS[lab.netns][1]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of scripts/make-captures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="make only these captures (facts/MANIFEST are then not written)")
+                        help="make only these captures; facts.json and MANIFEST.md keep the others' entries")
     parser.add_argument("--output-dir", type=Path, default=PCAP_DIR, metavar="DIR",
                         help="write the captures, facts.json and MANIFEST.md here (default: pcaps/)")
     return parser
@@ -659,39 +857,62 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("make-captures: needs root (network namespace, tcpdump)", file=sys.stderr)
         return 2
-    for tool in ("tcpdump", "tshark", "curl", "mbsync"):
+    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
+    unknown = sorted(set(args.only or ()) - {s.name for s in SCENARIOS})
+    if unknown:
+        print(f"make-captures: no scenario named {', '.join(unknown)}", file=sys.stderr)
+        return 2
+    tools = {"tcpdump", "tshark"} | {CLIENT_TOOLS[s.client] for s in chosen if s.client in CLIENT_TOOLS}
+    for tool in sorted(tools):
         if not shutil.which(tool):
             print(f"make-captures: {tool} not found; run scripts/setup", file=sys.stderr)
             return 2
-    chosen = [s for s in SCENARIOS if not args.only or s.name in args.only]
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     try:
-        with Lab(offloads=False) as lab:
-            seed_mailboxes(lab)
-            for sc in chosen:
-                path = out_dir / f"{sc.name}.pcap"
-                with lab.capture(path):
-                    outcome = sc.run(lab)
-                check_capture(path, outcome, set(lab.ports))
-                size = path.stat().st_size
-                if size > MAX_CAPTURE_BYTES:
-                    raise RuntimeError(f"{path.name} is {size} bytes; keep captures small")
-                findings = tshark_findings(path, outcome)
-                results.append((sc, outcome, findings))
-                print(f"{path.name:28} {size:6} bytes  {len(outcome.flows)} flow(s)", flush=True)
+        for server in Server:
+            mine = [sc for sc in chosen if sc.server == server]
+            if not mine:
+                continue
+            with Lab(offloads=False, server=server) as lab:
+                seed_mailboxes(lab)
+                if server is Server.CYRUS:
+                    learn_server(lab)
+                for sc in mine:
+                    results.append(record(lab, sc, out_dir))
     except (LabError, RuntimeError, OSError, subprocess.SubprocessError,
             imaplib.IMAP4.error) as err:
         print(f"make-captures: {err}", file=sys.stderr)
         return 1
+    order = [s.name for s in SCENARIOS]
+    results.sort(key=lambda r: order.index(r[0].name))
     if not args.only:
         stale = {p.name for p in out_dir.glob("*.pcap")} - {f"{s.name}.pcap" for s in SCENARIOS}
         for name in sorted(stale):
             (out_dir / name).unlink()
         write_outputs(results, out_dir, tshark_version())
-        print(f"wrote {out_dir / 'facts.json'} and {out_dir / 'MANIFEST.md'}")
+    else:
+        merge_outputs(results, out_dir, tshark_version(), order)
+    print(f"wrote {out_dir / 'facts.json'} and {out_dir / 'MANIFEST.md'}")
     return 0
 
+
+#: The program each client kind needs (the others are Python's imaplib and raw sockets).
+CLIENT_TOOLS = {"curl": "curl", "mbsync": "mbsync", "fetchmail": "fetchmail", "offlineimap": "offlineimap"}
+
+
+def record(lab: Lab, sc: Scenario, out_dir: Path) -> tuple[Scenario, Outcome, list[str]]:
+    """Run one scenario under tcpdump, check the capture against its facts, ask tshark."""
+    path = out_dir / f"{sc.name}.pcap"
+    with lab.capture(path):
+        outcome = sc.run(lab)
+    check_capture(path, outcome, set(lab.ports))
+    size = path.stat().st_size
+    if size > MAX_CAPTURE_BYTES:
+        raise RuntimeError(f"{path.name} is {size} bytes; keep captures small")
+    findings = tshark_findings(path, outcome)
+    print(f"{path.name:28} {size:6} bytes  {len(outcome.flows)} flow(s)", flush=True)
+    return sc, outcome, findings
 
 if __name__ == "__main__":
     sys.exit(main())

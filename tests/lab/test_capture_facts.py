@@ -43,7 +43,7 @@ def test_the_committed_manifest_begins_and_ends_as_the_writer_writes_it():
 
 def test_the_manifest_key_table_lists_every_key_of_a_flow():
     keys = {k.strip("`") for row, _ in cf.FACT_KEYS for k in row.split(", ")}
-    assert keys == set(cf.flow("raw", "alice", commands=[]))
+    assert keys == set(cf.flow("raw", "alice", commands=[], capabilities=[]))
     assert "| `commands` | every command name the client sent," in cf.MANIFEST_HEAD
 
 

@@ -1,4 +1,4 @@
-"""Captures of a real Dovecot and real clients (scripts/make-captures), checked against pcaps/facts.json.
+"""Captures of a real Dovecot (and Cyrus) and real clients (scripts/make-captures), checked against pcaps/facts.json.
 
 facts.json was written by the script that drove each session, from what it did, not from
 imaptap's output.  Each capture is replayed twice: with the default 256-byte prefixes, as the
@@ -15,7 +15,8 @@ from testenv import OWN_PCAPS
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 SCALARS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
-           "compressed", "mailboxes", "client_id", "server_id", "server_software", "cleartext_credentials")
+           "compressed", "mailboxes", "client_id", "server_id", "server_software", "cleartext_credentials",
+           "capabilities")
 
 
 def replay(imaptap, name, *extra):
@@ -62,8 +63,30 @@ def test_the_tail_holds_the_login_completion(imaptap):
     (f,) = g.flows
     assert f["login_ok"] is None and f["username"] == "alice"
     assert [m["command"] for m in g.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGOUT"]
-    # the handshake's copy rule keeps the login's whole answer; SELECT's and FETCH's, after it, are cut
+    # the handshake's copy rule keeps the answers of LOGIN and SELECT whole; FETCH's, after them, is cut
     h = replay(imaptap, "login-atom.pcap", "--tail", "0")
     (f,) = h.flows
     assert f["login_ok"] is True and f["capabilities"] == (with_tail.flows[0]["capabilities"])
-    assert [m["command"] for m in h.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGIN", "LOGOUT"]
+    assert [m["command"] for m in h.messages if m["kind"] == "response"] == ["CAPABILITY", "LOGIN", "SELECT", "LOGOUT"]
+
+
+CYRUS = sorted(name for name in FACTS if name.startswith("cyrus-"))
+
+
+@pytest.mark.parametrize("name", CYRUS)
+def test_cyrus_handshakes_are_whole_with_the_default_cut(imaptap, name):
+    """Cyrus' post-login capabilities (~1 KB in one line), its ID answer and SELECT's data are
+    longer than head and tail: the handshake's copy rule keeps them whole."""
+    (want,) = FACTS[name]["flows"]
+    (f,) = replay(imaptap, name).flows
+    assert f["resyncs"] == 0 and f["bytes_not_captured"] == 0
+    assert f["capabilities"] == want.get("capabilities", f["capabilities"]) and len(f["capabilities"]) > 50
+    if want["server_id"]:
+        assert f["server_id"] == want["server_id"] and f["server_id"]["environment"].endswith("idled")
+    # the snap length's cut from the first segment on: what imaptap gave before the rule
+    (cut,) = replay(imaptap, name, "--handshake-snaplen", "0").flows
+    assert cut["resyncs"] >= 2 and len(cut["capabilities"]) < len(f["capabilities"])
+
+
+def test_there_are_captures_of_cyrus():
+    assert {FACTS[n]["flows"][0]["client_kind"] for n in CYRUS} >= {"imaplib", "curl", "fetchmail", "offlineimap"}
