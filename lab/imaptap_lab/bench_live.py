@@ -39,6 +39,12 @@ Four measurements, each reported as medians of interleaved rounds:
 4. IMAP load: many concurrent real imaplib sessions (FETCH and NOOP in a loop) against
    Dovecot; segments per second handed over, segments lost, and imaptap's CPU per 1000
    segments per second.
+5. The handshake's copy rule (``--only handshake``): real sessions (imaplib: LOGIN, ID, SELECT,
+   FETCH of a 4 KB mail and of five mails' headers, LOGOUT) against Dovecot and against Cyrus,
+   captured with the analyzer in the loop, once with the default handshake snap length and once
+   with 0 (the snap length's cut from the start), in interleaved rounds: payload bytes the
+   kernel copied per session against the session's wire bytes, records per session, resyncs.
+   The cost section times the program on a 1326-byte segment in both modes.
 
 Nothing is timed in the test suite; this is for the README.  Run as root:
     scripts/bench-live [--rounds 15] [--iperf-seconds 2] [--seconds 5] [--sessions 40]
@@ -84,7 +90,7 @@ IFREQ_SIZE = 40
 # Legacy ethtool get/set commands, as `ethtool -K IF tso|gso off` uses them.
 ETHTOOL_GET = {"tso": 0x1E, "gso": 0x23}
 ETHTOOL_SET = {"tso": 0x1F, "gso": 0x24}
-SECTIONS = ("cost", "throughput", "stats", "swap", "load")
+SECTIONS = ("cost", "throughput", "stats", "swap", "load", "handshake")
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 
 EPILOG = """examples:
@@ -94,6 +100,7 @@ EPILOG = """examples:
   scripts/bench-live --only swap --pairs 40   # imaptap vs do-nothing programs, paired runs
   scripts/bench-live --only throughput --arms "nothing,null XDP skb,imaptap --xdp-mode skb"
   scripts/bench-live --json bench.json    # also write the figures as JSON
+  scripts/bench-live --only cost,handshake --rounds 7   # what the handshake's copy rule costs
 """
 
 # --- processes ---------------------------------------------------------------------------------
@@ -758,8 +765,15 @@ def packets() -> dict[str, tuple[bytes, int]]:
         "non-IMAP TCP, IPv4": (frame(0x0800, v4(tcp(5201, b"x" * 1400))), 1_000_000),
         "non-IMAP TCP, IPv6": (frame(0x86DD, v6(tcp(5201, b"x" * 1400))), 1_000_000),
         "IMAP pure ACK": (frame(0x0800, v4(tcp(143, b"", 0x10))), 1_000_000),
-        "IMAP 1326-byte segment (head + tail copied)": (frame(0x0800, v4(tcp(143, data))), 5_000),
+        COST_PREFIX: (frame(0x0800, v4(tcp(143, data))), 5_000),
+        COST_HANDSHAKE: (frame(0x0800, v4(tcp(143, data))), 5_000),
     }
+
+
+COST_PREFIX = "IMAP 1326-byte segment, PREFIX (head + tail copied)"
+COST_HANDSHAKE = "IMAP 1326-byte segment, HANDSHAKE (copied whole)"
+#: The flow of the crafted IMAP segments: PREFIX is set for it in the map, HANDSHAKE is no entry.
+COST_FLOW = ("10.0.0.1", 40000, "10.0.0.2", 143)
 
 
 def program_cost(rounds: int) -> dict:
@@ -779,6 +793,12 @@ def program_cost(rounds: int) -> dict:
     out = {}
     for hook, (fd, null_fd) in progs.items():
         for name, (pkt, repeat) in packets().items():
+            from imaptap.segment import PayloadMode
+
+            if name == COST_PREFIX:
+                cap.policy.set(COST_FLOW, PayloadMode.PREFIX)
+            else:
+                cap.policy.forget(COST_FLOW)   # the default mode: HANDSHAKE
             own, base = [], []
             for _ in range(rounds):
                 base.append(test_run(null_fd, pkt, repeat))
@@ -873,6 +893,95 @@ def imap_load(lab: Lab, sessions: int, seconds: float, tmp: Path, nice: int) -> 
     return out
 
 
+# --- 5: the handshake's copy rule ----------------------------------------------------------------
+
+HANDSHAKE_CLIENT = r'''
+import imaplib, sys
+host, user, pw, sessions = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+imaplib.Commands.setdefault("ID", ("NONAUTH", "AUTH", "SELECTED"))
+for _ in range(sessions):
+    m = imaplib.IMAP4(host, 143, timeout=60)
+    m.login(user, pw)
+    m._simple_command("ID", '("name" "bench-live")')
+    m.select("INBOX")
+    m.fetch("1", "(BODY.PEEK[])")
+    m.fetch("1:*", "(FLAGS BODY.PEEK[HEADER])")
+    m.logout()
+print("done")
+'''
+HANDSHAKE_MAIL = filler_mail("handshake")
+HANDSHAKE_MAILS = 5
+HANDSHAKE_DRAIN_S = 2.0
+"""Seconds the capture is read on after the client exits, for the last FINs."""
+#: Handshake snap lengths compared: the snap length's cut from the start, and the default (None).
+HANDSHAKE_ARMS = (0, None)
+
+
+def handshake_round(lab: Lab, handshake: int, sessions: int) -> dict:
+    """``sessions`` sessions captured live with the analyzer in the loop; totals per session."""
+    from imaptap.capture.live import LiveCapture
+    from imaptap.flows import FlowTable
+
+    ended = []
+    with LiveCapture([lab.host_if], {143}, 256, handshake_snaplen=handshake) as cap:
+        table = FlowTable({143}, cap.policy, on_flow_end=ended.append)
+        copied = wire = records = 0
+        client = subprocess.Popen([sys.executable, "-c", HANDSHAKE_CLIENT, lab.server4, "alice", lab.users["alice"],
+                                   str(sessions)], stdout=subprocess.PIPE, text=True)
+        drained = None
+        while True:
+            done = client.poll() is not None
+            for seg in cap.poll(20):
+                records += 1
+                copied += len(seg.payload) + len(seg.tail)
+                wire += seg.wire_len
+                table.add(seg)
+            if done:
+                drained = drained or time.monotonic() + HANDSHAKE_DRAIN_S
+                if len(ended) >= sessions or time.monotonic() > drained:
+                    break
+        if client.wait() != 0 or "done" not in (client.stdout.read() if client.stdout else ""):
+            raise RuntimeError("the handshake benchmark's client failed")
+        lost = cap.counters()["lost"]
+    resyncs = sum(f.session.client.resyncs + f.session.server.resyncs for f in ended)
+    return {"bytes copied per session": copied / sessions, "wire bytes per session": wire / sessions,
+            "records per session": records / sessions, "resyncs per session": resyncs / sessions, "lost": lost}
+
+
+def handshake_cost(rounds: int, sessions: int) -> dict:
+    """Per server: each arm's medians over interleaved rounds, and the copied bytes' ratio."""
+    from imaptap_lab import cyrus
+    from imaptap_lab.lab import Server
+
+    out: dict = {}
+    servers = [Server.DOVECOT]
+    try:
+        cyrus.debs()
+        servers.append(Server.CYRUS)
+    except cyrus.CyrusError as err:
+        out["cyrus"] = f"not measured: {err}"
+    from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN
+
+    for server in servers:
+        with Lab(server=server) as lab:
+            for _ in range(HANDSHAKE_MAILS):
+                lab.deliver("alice", HANDSHAKE_MAIL)
+            runs: dict = {arm: [] for arm in HANDSHAKE_ARMS}
+            for r in range(rounds):
+                for arm in rotated(list(HANDSHAKE_ARMS), r):
+                    runs[arm].append(handshake_round(lab, DEFAULT_HANDSHAKE_SNAPLEN if arm is None else arm, sessions))
+            summary = {}
+            for arm, results in runs.items():
+                label = f"--handshake-snaplen {DEFAULT_HANDSHAKE_SNAPLEN if arm is None else arm}"
+                summary[label] = {k: statistics.median(r[k] for r in results) for k in results[0]}
+            off, on = (summary[f"--handshake-snaplen {a}"] for a in (0, DEFAULT_HANDSHAKE_SNAPLEN))
+            summary["copied with the rule / without it"] = round(
+                on["bytes copied per session"] / off["bytes copied per session"], 3)
+            summary["bytes added per session"] = round(on["bytes copied per session"] - off["bytes copied per session"])
+            out[str(server)] = summary
+    return out
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -909,6 +1018,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=5, help="seconds of IMAP load (default 5)")
     p.add_argument("--sessions", type=int, default=40, help="concurrent IMAP sessions for the load (default 40)")
     p.add_argument("--client-nice", type=int, default=10, help="niceness of the IMAP load clients (default 10)")
+    p.add_argument("--handshake-sessions", type=int, default=10,
+                   help="sessions per round of the handshake section (default 10)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     return p
 
@@ -947,6 +1058,14 @@ def main(argv: list[str] | None = None) -> int:
             report["program_cost_ns"] = {k: {"run": v[0], "null": v[1], "own": v[0] - v[1]} for k, v in cost.items()}
             for name, (own, base) in cost.items():
                 print(f"  {name:55s} {own:5.0f} ns  (null program {base:3.0f} ns, own ~{own - base:.0f} ns)")
+        if "handshake" in sections:
+            print(f"\n## the handshake's copy rule: imaplib sessions (LOGIN, ID, SELECT, FETCH),"
+                  f" {args.handshake_sessions} per round, {args.rounds} interleaved rounds, medians per session")
+            report["handshake"] = handshake_cost(args.rounds, args.handshake_sessions)
+            for server, summary in report["handshake"].items():
+                print(f"  {server}:")
+                for what, figures in (summary.items() if isinstance(summary, dict) else [("", summary)]):
+                    print(f"    {what}: {figures}")
         if not {"throughput", "stats", "swap", "load"} & set(sections):
             return 0
         with tempfile.TemporaryDirectory(prefix="bench-live-") as tmpdir, Lab() as lab:
