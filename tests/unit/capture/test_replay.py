@@ -613,9 +613,11 @@ def _cli_records(path, args):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap")))
                                         + public_pcap_paths("**/*.pcap"),
                          ids=os.path.basename)
-@pytest.mark.parametrize("args", [[], ["-s", "65535"], ["--port", "10143", "--port", "143", "-s", "40", "--tail", "0"]])
+@pytest.mark.parametrize("args", [[], ["-s", "65535"], ["--port", "10143", "--port", "143", "-s", "40", "--tail", "0"],
+                                  ["-s", "64", "--handshake-snaplen", "300"], ["--handshake-snaplen", "0"]])
 def test_accelerator_and_python_loop_give_the_same_records(path, args):
-    """The whole analysis, payload modes of STARTTLS and COMPRESS included, on every capture."""
+    """The whole analysis, payload modes of STARTTLS, COMPRESS and the handshake included, on
+    every capture."""
     with _loop(True):
         accelerated = _cli_records(path, args)
     with _loop(False):
