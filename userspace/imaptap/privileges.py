@@ -179,6 +179,12 @@ def drop(user: str = DEFAULT_USER) -> Dropped:
                    " this Python's directories, so it could not import the modules still to come")
 
 
+def drop_thread_capabilities() -> None:
+    """Give up every capability of the calling thread (a thread that only serves, such as the
+    metrics server's): it inherited those of the thread that made it."""
+    _capset(_libc(), 0)
+
+
 def _capset(libc: ctypes.CDLL, mask: int) -> None:
     """Effective and permitted set to ``mask``, inheritable emptied (this thread)."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)

@@ -478,8 +478,8 @@ class MetricsSink(Sink):
         """Bind /metrics on ``address``:``port`` now (so a busy port or a bad address is said
         before the capture starts) and answer scrapes from the moment the pipeline opens its
         source (`opened`): a live capture has dropped its privileges by then, and the serving
-        thread, made afterwards, has only what the capturing thread kept.  Returns the address
-        bound."""
+        thread, made afterwards, gives up even what the capturing thread kept.  Returns the
+        address bound."""
         import socket
         from http.server import ThreadingHTTPServer
 
@@ -502,8 +502,21 @@ class MetricsSink(Sink):
         if self.httpd is not None and self._serving is None:
             import threading
 
-            self._serving = threading.Thread(target=self.httpd.serve_forever, name="imaptap-metrics", daemon=True)
+            self._serving = threading.Thread(target=self._serve, args=(self.httpd,), name="imaptap-metrics",
+                                             daemon=True)
             self._serving.start()
+
+    @staticmethod
+    def _serve(httpd: Any) -> None:
+        """The serving thread: it answers scrapes with no capability at all (it was made by the
+        capturing thread, which keeps two to detach; the threads per request are made by this one)."""
+        from imaptap.privileges import PrivilegeError, drop_thread_capabilities
+
+        try:
+            drop_thread_capabilities()
+        except PrivilegeError:
+            return  # serve nothing rather than serve with privileges
+        httpd.serve_forever()
 
     def close(self) -> None:
         """Stop serving (the run is over); idempotent."""
