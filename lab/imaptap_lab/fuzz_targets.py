@@ -18,6 +18,7 @@ from imaptap.imap.session import (
     DISPLAY_CAP,
     MAILBOX_BUDGET,
     MAX_COMMAND_NAMES,
+    MAX_HELD_MESSAGES,
     MAX_MAILBOX_NAME,
     MAX_PENDING,
     MAX_TAG,
@@ -67,6 +68,7 @@ def _check_session(session) -> None:
     _check_stream(session.client)
     _check_stream(session.server)
     assert len(session._pending) <= MAX_PENDING
+    assert len(session._held) <= MAX_HELD_MESSAGES
     assert sum(len(m) for m in session.mailboxes) <= MAILBOX_BUDGET
     assert all(len(m) <= MAX_MAILBOX_NAME + 1 for m in session.mailboxes)
     assert all(len(t) <= MAX_TAG for t in session._pending)

@@ -2,7 +2,8 @@
 
 `FlowFacts` is the JSON flow record (README, "JSON Lines"): its fields are the record's keys
 after ``"type": "flow"``, in the order they are written, and `flow_facts` is the one place
-that reads them off a live `Flow` and its session.  The JSON writer serialises it, the TUI
+that reads them off a live `Flow` and its session.  A flow not (yet) confirmed as IMAP gets
+only its transport facts; every IMAP fact is empty, whatever its session made of the bytes.  The JSON writer serialises it, the TUI
 shows it (from another thread: nothing in it is shared with the flow, which goes on changing),
 and the tests compare it.
 """
@@ -10,6 +11,8 @@ and the tests compare it.
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
+
+from imaptap.imap.session import StartTls
 
 if TYPE_CHECKING:
     from imaptap.flows import Flow
@@ -45,7 +48,8 @@ class FlowFacts(NamedTuple):
     end: str | None
     """How the flow ended (an `imaptap.flows.EndReason` value), None while it is open."""
     imap: bool
-    """Confirmed as IMAP by a greeting, a known command or a tagged completion."""
+    """Confirmed as IMAP by the server (or, in a one-sided capture without a server byte, by
+    the client's commands); when false, every IMAP fact below is empty."""
     greeting: str | None
     server_software: str | None
     username: str | None
@@ -105,6 +109,8 @@ def flow_facts(flow: Flow) -> FlowFacts:
     s = flow.session
     c2s, s2c = flow.c2s, flow.s2c
     client, server = s.client, s.server
+    if not s.is_imap:
+        return _transport_facts(flow)
     # tuple.__new__ in field order (each value names its field): the NamedTuple's keyword
     # __new__ took three times as long, a percent of a flows-only replay.
     return _new(FlowFacts, (
@@ -154,3 +160,58 @@ def flow_facts(flow: Flow) -> FlowFacts:
         c2s.retransmissions + s2c.retransmissions,  # retransmissions
         c2s.out_of_order + s2c.out_of_order,  # out_of_order
     ))
+
+
+def _transport_facts(flow: Flow) -> FlowFacts:
+    """The facts of a flow not confirmed as IMAP: what TCP and TLS say, no IMAP fact at all (a
+    web server's answer is not a user, a login or a capability list)."""
+    s = flow.session
+    c2s, s2c = flow.c2s, flow.s2c
+    client, server = s.client, s.server
+    return FlowFacts(
+        flow=flow.id,
+        client=endpoint(flow.client),
+        server=endpoint(flow.server),
+        ip_version=flow.ip_version,
+        first_ts=flow.first_ts,
+        last_ts=flow.last_ts,
+        packets=flow.packets_c2s + flow.packets_s2c,
+        bytes=flow.bytes_c2s + flow.bytes_s2c,
+        packets_c2s=flow.packets_c2s,
+        packets_s2c=flow.packets_s2c,
+        bytes_c2s=flow.bytes_c2s,
+        bytes_s2c=flow.bytes_s2c,
+        end=None if flow.end_reason is None else flow.end_reason.value,
+        imap=False,
+        greeting=None,
+        server_software=None,
+        username=None,
+        authzid=None,
+        auth_command=None,
+        auth_mechanism=None,
+        login_ok=None,
+        login_failures=0,
+        preauth=False,
+        capabilities=(),
+        starttls=StartTls.NONE.value,
+        encrypted=s.encrypted,
+        encrypted_from_start=s.encrypted_from_start,
+        compressed=False,
+        cleartext_credentials=False,
+        findings=(),
+        client_id=None,
+        server_id=None,
+        mailboxes=(),
+        mailboxes_dropped=0,
+        idles=0,
+        commands={},
+        statuses={},
+        anomalies={},
+        gaps=c2s.holes + s2c.holes,
+        gap_bytes=c2s.hole_bytes + s2c.hole_bytes,
+        resyncs=0,
+        bytes_not_captured=client.bytes_missed + server.bytes_missed,
+        bytes_inflated=0,
+        retransmissions=c2s.retransmissions + s2c.retransmissions,
+        out_of_order=c2s.out_of_order + s2c.out_of_order,
+    )

@@ -207,6 +207,10 @@ class FlowStats:
     """Segments of no known flow that cannot start one (a FIN or RST after the end)."""
     flows: int = 0
     imap_flows: int = 0
+    """Flows that ended confirmed as IMAP."""
+    non_imap_flows: int = 0
+    """Flows that ended without that: another protocol on a watched port, TLS from the first
+    byte, a bare SYN.  Their records carry no IMAP fact and they wrote no message."""
     ended_fin: int = 0
     ended_rst: int = 0
     expired: int = 0
@@ -218,6 +222,9 @@ class FlowStats:
     resyncs: int = 0
     """Times the IMAP parser lost a line to uncaptured bytes and found the next one."""
     anomalies: int = 0
+    held_messages_dropped: int = 0
+    """Messages of flows confirmed as IMAP only after more than session.MAX_HELD_MESSAGES of
+    them: the ones past the bound were never written."""
 
 
 class FlowTable:
@@ -288,6 +295,8 @@ class FlowTable:
         if flags & _SYN:
             flow.syn_seen = True
             direction.syn(seq)
+            if not from_client:
+                flow.session.server_from_start = True
             if wire_len:
                 direction.data((seq + 1) % _SEQ_MOD, head, wire_len, tail)
         elif wire_len:
@@ -336,9 +345,9 @@ class FlowTable:
             else:
                 policy.end_handshake(key)  # seen from its middle: the handshake is past
         if self.message_sink is not None:
-            session.on_message = self.message_sink(flow)
+            session.set_message_sink(self.message_sink(flow))
         elif self.on_message is not None:
-            session.on_message = partial(self.on_message, flow)
+            session.set_message_sink(partial(self.on_message, flow))
         self.stats.flows += 1
         return flow
 
@@ -389,13 +398,17 @@ class FlowTable:
         elif reason is EndReason.EVICTED:
             stats.evicted += 1
         session = flow.session
-        if session.is_imap:
-            stats.imap_flows += 1
         stats.retransmissions += flow.c2s.retransmissions + flow.s2c.retransmissions
         stats.out_of_order += flow.c2s.out_of_order + flow.s2c.out_of_order
         stats.gaps += flow.c2s.holes + flow.s2c.holes
-        stats.resyncs += session.client.resyncs + session.server.resyncs
-        stats.anomalies += sum(session.anomalies.values())
+        if session.is_imap:
+            stats.imap_flows += 1
+            # what the IMAP parser made of the bytes: nothing of it for a flow that is not IMAP
+            stats.resyncs += session.client.resyncs + session.server.resyncs
+            stats.anomalies += sum(session.anomalies.values())
+            stats.held_messages_dropped += session.held_dropped
+        else:
+            stats.non_imap_flows += 1
         if self.policy is not None:
             self.policy.forget(flow.key)
         if self.on_flow_end is not None:

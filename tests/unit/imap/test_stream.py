@@ -218,8 +218,9 @@ def test_an_inflate_error_gives_the_same_stream_however_the_segments_were_cut():
     # not.  The bytes before the bad one are now inflated again from a copy.
     from imaptap.testing import analyze, conversation
 
-    parts = [("c", b"\x00" * 5), ("c", b"\na4 COMPRESS\n"), ("s", b"a4 OK\n"), ("c", b"\n\x00\x05\x00")]
+    parts = [("s", b"* OK\n"), ("c", b"\x00" * 5), ("c", b"\na4 COMPRESS\n"), ("s", b"a4 OK\n"),
+             ("c", b"\n\x00\x05\x00")]
     whole = analyze(conversation(parts), snaplen=None).flow
-    cut = analyze(conversation(parts, cuts=[[], [], [], [2]]), snaplen=None).flow
+    cut = analyze(conversation(parts, cuts=[[], [], [], [], [2]]), snaplen=None).flow
     assert whole["bytes_inflated"] == cut["bytes_inflated"] == 1
     assert whole["anomalies"] == cut["anomalies"] and "client_inflate_error" in whole["anomalies"]

@@ -43,6 +43,13 @@ MAX_USERNAME = 256
 MAX_SOFTWARE = 80
 
 MASK = "***"
+#: Messages of a flow not yet confirmed as IMAP that are held back until it is (then released in
+#: order) or until it ends unconfirmed (then dropped): a server confirms within its first line as
+#: a rule, so this only fills on one-sided captures and on other protocols on a watched port.
+#: Past it, a flow whose server has sent nothing is judged by its client's lines (a one-sided
+#: capture), and otherwise further messages are dropped and counted (``held_dropped``).
+MAX_HELD_MESSAGES = 256
+
 #: Credentials kept per flow, as they crossed the wire, so that ``-w`` can blank them in the
 #: pcap it writes (`capture.pcapwrite.MaskingWriter`); the newest, each at most MAX_SECRET bytes.
 MAX_SECRETS = 8
@@ -163,6 +170,8 @@ class _Pending:
     waited_on_client: bool = False
     """The server asked the client for more (IDLE, a SASL step) after this command was sent, so
     its completion times the client's waits too, not the server alone."""
+    known: bool = False
+    """An IMAP command (RFC 3501/9051, an extension, UID ..., X...): its completion confirms IMAP."""
 
 
 @dataclass(slots=True)
@@ -189,6 +198,16 @@ HANDSHAKE_COMMANDS = frozenset(
 _STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 _STATUSES = parse.STATUSES
+#: The response names a greeting may have (RFC 3501 section 7.1, greeting).
+_GREETING_NAMES = frozenset({b"OK", b"PREAUTH", b"BYE"})
+
+
+def _greets(head: bytes) -> bool:
+    """A server line that can be a greeting: ``* OK``, ``* PREAUTH`` or ``* BYE``."""
+    if head[:2] != b"* ":
+        return False
+    sp = head.find(b" ", 2)
+    return (head[2:] if sp < 0 else head[2:sp]).upper() in _GREETING_NAMES
 #: An untagged response: "* ", a message number, the response name, " " and the rest, as a
 #: pattern (with re.S): the grammar _untagged follows by hand (tests/unit/imap/test_session.py
 #: matches with it and compares).
@@ -284,14 +303,32 @@ class ImapSession:
         on_message: Callable[[Message], None] | None = None,
         on_payload_mode: Callable[[PayloadMode], None] | None = None,
     ) -> None:
-        self.on_message = on_message
         self.on_payload_mode = on_payload_mode
         self.now = 0.0
         self.client = ImapStream(self._client_line, self._client_anomaly, self._tls_from_start, server=False)
         self.server = ImapStream(self._server_line, self._server_anomaly, self._tls_from_start)
 
         self.is_imap = False
-        """Confirmed by a greeting, a known command from the client, or a tagged completion."""
+        """Confirmed by the server (a greeting, a tagged completion of a command the client sent,
+        a continuation the client waited for, or an untagged response IMAP defines), or, where
+        no server byte was captured, by the client's commands alone (`finish`)."""
+        self._sink = on_message
+        self.on_message: Callable[[Message], None] | None = None
+        """Where this line's message goes: the sink once confirmed, `_hold` until then."""
+        self._held: list[Message] = []
+        self.held_dropped = 0
+        """Messages not held for want of room (MAX_HELD_MESSAGES) before the flow was confirmed."""
+        self.server_from_start = False
+        """The capture saw the server's SYN: its first line is the first it sent (the flow table
+        says so)."""
+        self._refuted = False
+        """Seen from its start, the server's first line was not a greeting: not IMAP, whatever
+        follows (an IMAP server greets first, RFC 3501 section 7.1)."""
+        self._client_commands = 0
+        """Client lines that were IMAP commands (a known name after a valid tag)."""
+        self._client_junk = 0
+        """Client lines that were not: no command, or a name IMAP does not define."""
+        self.set_message_sink(on_message)
         self.greeting: str | None = None
         self.server_software: str | None = None
         self.preauth = False
@@ -355,6 +392,59 @@ class ImapSession:
             out.append("failed_logins")
         return out
 
+    # --- classification -----------------------------------------------------------------------
+
+    def set_message_sink(self, sink: Callable[[Message], None] | None) -> None:
+        """Where messages go (None: nobody wants them, so none are made); held until confirmed."""
+        self._sink = sink
+        if sink is None:
+            self.on_message = None
+        elif self.is_imap:
+            self.on_message = sink
+        else:
+            self.on_message = self._hold
+
+    def _hold(self, msg: Message) -> None:
+        if len(self._held) < MAX_HELD_MESSAGES:
+            self._held.append(msg)
+            return
+        if self._server_silent() and self._client_speaks_imap():
+            # a one-sided capture: that many commands and not one byte from the server
+            self._confirm()
+        if self.is_imap and self._sink is not None:
+            self._sink(msg)
+        else:
+            self.held_dropped += 1
+
+    def _confirm(self) -> None:
+        """The flow is IMAP (unless refuted): messages go to the sink from now on, the held ones
+        first, in order."""
+        if self._refuted:
+            return
+        self.is_imap = True
+        sink = self._sink
+        self.on_message = sink
+        held, self._held = self._held, []
+        if sink is not None:
+            for msg in held:
+                sink(msg)
+
+    def _server_silent(self) -> bool:
+        server = self.server
+        return server.bytes_seen == 0 and server.bytes_missed == 0
+
+    def _client_silent(self) -> bool:
+        client = self.client
+        return client.bytes_seen == 0 and client.bytes_missed == 0
+
+    def _awaits_continuation(self) -> bool:
+        """The client waits for a ``+``: a synchronising literal, a SASL exchange or IDLE."""
+        return self._sasl is not None or self._idle_tag is not None or self.client.waiting_for_literal
+
+    def _client_speaks_imap(self) -> bool:
+        """The client's lines read as IMAP: some commands, and more of them than other lines."""
+        return self._client_commands > self._client_junk
+
     # --- helpers ------------------------------------------------------------------------------
 
     def _emit(self, msg: Message) -> None:
@@ -402,18 +492,20 @@ class ImapSession:
             self._emit(Message.client_continuation(self.now, command="DONE"))
             return
         tag_b, cmd, argpos = parse.command_words(head)
-        if cmd is None or not parse.is_tag(tag_b):
+        if cmd is None or not parse.is_tag(tag_b) or len(cmd) > MAX_COMMAND_NAME:
             # Not a command: maybe a SASL response or password of a session seen from the
-            # middle, or mail text after a capture gap.  Counted, never shown.
+            # middle, mail text after a capture gap, or another protocol.  Counted, never shown.
             self._anomaly(Anomaly.BAD_REQUEST)
-            return
-        if len(cmd) > MAX_COMMAND_NAME:
-            self._anomaly(Anomaly.BAD_REQUEST)
+            self._client_junk += 1
             return
         tag = _tag(tag_b)
-        known = cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID ") or cmd.startswith("X")
-        if cmd in parse.KNOWN_COMMANDS:
-            self.is_imap = True
+        if cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID "):
+            known = True
+            self._client_commands += 1
+        else:
+            known = cmd.startswith("X")
+            if not known:
+                self._client_junk += 1
         if cmd in self.commands or len(self.commands) < MAX_COMMAND_NAMES:
             self.commands[cmd] += 1
         else:
@@ -424,7 +516,7 @@ class ImapSession:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
             self._anomaly(Anomaly.TOO_MANY_PENDING)
-        pending = _Pending(cmd, self.now)
+        pending = _Pending(cmd, self.now, known=known)
         self._pending[tag] = pending
 
         args: str | None
@@ -554,6 +646,8 @@ class ImapSession:
         first = self._server_lines == 0
         self._server_lines += 1
         head = line.chunks[0]
+        if first and self.server_from_start and not self.is_imap and not self.server.resyncs and not _greets(head):
+            self._refuted = True
         if head[:2] == b"* ":
             self._untagged(line, head, first)
             return
@@ -562,6 +656,8 @@ class ImapSession:
                 # Not a synchronising literal's go-ahead (that line is not complete, so its
                 # command is not pending yet): the newest command now waits on the client.
                 next(reversed(self._pending.values())).waited_on_client = True
+            if not self.is_imap and head[1:2] in (b" ", b"") and self._awaits_continuation():
+                self._confirm()
             if self.on_message is not None:
                 self.on_message(Message.server_continuation(self.now, _shown(head[1:].lstrip(b" ")),
                                                             line.truncated))
@@ -574,11 +670,8 @@ class ImapSession:
             # resynchronises inside the literal.  Counted, never shown as a response.
             self._anomaly(Anomaly.BAD_RESPONSE)
             return
-        self.is_imap = True
         tag = _tag(tag_b)
         code, rest_text = parse.split_resp_text(after)
-        if code is not None:
-            self._response_code(code, line.truncated and not rest_text)
         pending = self._pending.pop(tag, None)
         if pending is None:
             client_head = self.client.pending_head
@@ -588,6 +681,10 @@ class ImapSession:
                 pending = self._pending.pop(tag, None)
                 if pending is not None:
                     pending.waited_on_client = True  # completed the moment its line was
+        if not self.is_imap and (pending.known if pending is not None else self._client_silent()):
+            self._confirm()
+        if code is not None:
+            self._response_code(code, line.truncated and not rest_text)
         command = pending.command if pending else None
         latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
         self.statuses[status] += 1
@@ -683,8 +780,9 @@ class ImapSession:
             if code is not None:
                 self._response_code(code, line.truncated and not rest_text)
             txt = text(rest_text)
+            if not self.is_imap:
+                self._confirm()
             if first and self._client_lines == 0 and upper in ("OK", "PREAUTH", "BYE"):
-                self.is_imap = True
                 self.greeting = txt[:DISPLAY_CAP]
                 if upper != "BYE":
                     self.server_software = server_software(txt)
@@ -702,6 +800,8 @@ class ImapSession:
                 self._anomaly(Anomaly.UNKNOWN_UNTAGGED)
                 return
             number = int(number_b)
+            if not self.is_imap:
+                self._confirm()
         else:
             # Mail text after a capture gap often starts with "* " (a bullet list): only
             # response names IMAP defines are taken as responses.
@@ -709,6 +809,8 @@ class ImapSession:
                 self._anomaly(Anomaly.UNKNOWN_UNTAGGED)
                 return
             number = None
+            if not self.is_imap and upper in _UNTAGGED_DATA:
+                self._confirm()
             if upper == "CAPABILITY":
                 self.capabilities = parse.capability_list(after, drop_last=line.truncated)
                 self._offered()
@@ -738,9 +840,13 @@ class ImapSession:
     # --- end ----------------------------------------------------------------------------------
 
     def finish(self) -> None:
-        """The connection is over: deliver any line still being collected."""
+        """The connection is over: deliver any line still being collected, and where no server
+        byte was captured (a one-sided capture) let the client's commands decide."""
         self.client.finish()
         self.server.finish()
+        if not self.is_imap and self._server_silent() and self._client_speaks_imap():
+            self._confirm()
+        self._held = []
 
 
 def _quote(s: str | None) -> str:

@@ -348,7 +348,10 @@ class ImaptapApp(App[int]):
             out.append(f"in {t['seconds']:.2f} s: ")
             if "packets" in t:
                 out.append(f"{t['packets']:,} packets, ")
-            out.append(f"{t['segments']:,} segments, {_n(t['flows'], 'flow')} ({t['imap_flows']:,} IMAP)")
+            out.append(f"{t['segments']:,} segments, {_n(t['flows'], 'flow')} ({t['imap_flows']:,} IMAP")
+            if t.get("non_imap_flows"):
+                out.append(f", {t['non_imap_flows']:,} not IMAP")
+            out.append(")")
         else:
             out.append(f" · {display.count(st.segments_per_s)} seg/s · {st.segments:,} segments")
             out.append(f" · {_n(st.flows_total, 'flow')}, {st.flows_open:,} open")

@@ -193,6 +193,9 @@ def state_parts(snap: FlowSnapshot) -> tuple[str, str | None, str, str]:
         return ("IMAP OK", None, "", "") if software is None else ("IMAP OK (", software, ")", "")
     if r.imap:
         return ("IMAP", None, "", "")
+    if r.end is not None and r.bytes:
+        # it carried bytes and ended without the server ever answering as IMAP does
+        return ("NOT IMAP", None, "", STYLE_NONE)
     return ("TCP", None, "", STYLE_NONE)
 
 

@@ -132,8 +132,11 @@ class FeedUpdate:
 def snapshot(flow: Flow, facts: FlowFacts | None = None) -> FlowSnapshot:
     """The flow as it is now (with ``facts`` already taken of it, if given)."""
     s = flow.session
-    return FlowSnapshot(flow_facts(flow) if facts is None else facts, s.last_command, s.last_status,
-                        s.last_latency_ms, FlowRef(flow.id, flow.client, flow.server))
+    ref = FlowRef(flow.id, flow.client, flow.server)
+    facts = flow_facts(flow) if facts is None else facts
+    if not s.is_imap:  # what another protocol sent is no command, as in the flow record
+        return FlowSnapshot(facts, None, None, None, ref)
+    return FlowSnapshot(facts, s.last_command, s.last_status, s.last_latency_ms, ref)
 
 
 # --- the worker ----------------------------------------------------------------------------------
