@@ -2,10 +2,10 @@
 
 `FlowFacts` is the JSON flow record (README, "JSON Lines"): its fields are the record's keys
 after ``"type": "flow"``, in the order they are written, and `flow_facts` is the one place
-that reads them off a live `Flow` and its session.  A flow not (yet) confirmed as IMAP gets
-only its transport facts; every IMAP fact is empty, whatever its session made of the bytes.  The JSON writer serialises it, the TUI
+that reads them off a live `Flow` and its session.  The JSON writer serialises it, the TUI
 shows it (from another thread: nothing in it is shared with the flow, which goes on changing),
-and the tests compare it.
+and the tests compare it.  A flow not (yet) confirmed as IMAP gets only its transport facts:
+every IMAP fact is empty, whatever its session made of the bytes.
 """
 
 from __future__ import annotations
