@@ -27,6 +27,7 @@ def test_ndpi_imap_login_in_clear(imaptap):
     assert f["capabilities"] == ["IMAP4REV1", "IDLE", "AUTH=LOGIN", "AUTH=PLAIN", "AUTH=CRAM-MD5"]
     assert f["mailboxes"] == ["INBOX"]
     assert f["server_software"] == "IMAP4Rev1 Server Version 4.9.04.012"
+    assert f["server_product"] is None and f["server_version"] is None  # a version, but whose?
     assert f["commands"]["UID FETCH"] == 1 and f["commands"]["LSUB"] == 1
     assert "pfres" not in r.stdout + r.stderr
     # the {666} header literal is data: no line of the header is a message
@@ -68,6 +69,7 @@ def test_exchange_1999_session(imaptap, name):
     assert f["username"] == "neulingern" and f["login_ok"] is True
     assert set(f["mailboxes"]) == {"INBOX"}
     assert f["server_software"] == "Microsoft Exchange 5.5.2650.23"
+    assert (f["server_product"], f["server_version"]) == ("Microsoft Exchange", "5.5.2650.23")
     assert f["capabilities"] == ["IMAP4", "IMAP4REV1", "IDLE", "LITERAL+", "LOGIN-REFERRALS", "MAILBOX-REFERRALS",
                                  "NAMESPACE", "AUTH=NTLM"]
     assert "XXXXXX" not in r.stdout
@@ -89,6 +91,7 @@ def test_arkime_greeting_alone_is_an_imap_flow(imaptap):
     r = imaptap("-r", pcap("arkime/imap-tag.pcap"), "--json", "-")
     (f,) = r.flows
     assert f["imap"] is True and f["greeting"] == "IMAP4 ready" and f["commands"] == {}
+    assert f["server_software"] is None  # protocol words name no product
 
 
 def test_arkime_pop3_is_no_imap_flow(imaptap):
@@ -106,6 +109,7 @@ def test_suricata_server_only_capture(imaptap):
     assert f["server"].endswith(":143")
     assert f["commands"] == {} and f["username"] is None
     assert f["server_software"] == "Coremail"
+    assert (f["server_product"], f["server_version"]) == ("Coremail", None)  # its ID names no version
     assert f["server_id"] == {"name": "Coremail Imap", "vendor": "Mailtech", "transid": "30hHvAA3YDdrIA5c"}
     assert "STARTTLS" in f["capabilities"] and f["starttls"] == "offered"
     assert not [m for m in r.messages if m["from"] == "client"]

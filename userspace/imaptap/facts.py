@@ -52,6 +52,11 @@ class FlowFacts(NamedTuple):
     the client's commands); when false, every IMAP fact below is empty."""
     greeting: str | None
     server_software: str | None
+    """The product and version the greeting names (as written), else the ID answer's name."""
+    server_product: str | None
+    """The product alone (``Dovecot``, ``Cyrus IMAP``, ...): from the greeting, else from ID."""
+    server_version: str | None
+    """Its version, from the greeting, else from ID (``+``, ``~`` and the like kept)."""
     username: str | None
     """The user of the successful login, else the last one tried."""
     authzid: str | None
@@ -130,6 +135,8 @@ def flow_facts(flow: Flow) -> FlowFacts:
         s.is_imap,  # imap
         s.greeting,  # greeting
         s.server_software,  # server_software
+        s.server_product,  # server_product
+        s.server_version,  # server_version
         s.username,  # username
         s.authzid,  # authzid
         s.auth_command,  # auth_command
@@ -185,6 +192,8 @@ def _transport_facts(flow: Flow) -> FlowFacts:
         imap=False,
         greeting=None,
         server_software=None,
+        server_product=None,
+        server_version=None,
         username=None,
         authzid=None,
         auth_command=None,

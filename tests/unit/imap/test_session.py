@@ -339,26 +339,83 @@ def test_pop3_on_the_imap_port_is_not_confirmed_imap():
     assert r.flow["imap"] is False and r.flow["username"] is None
 
 
-def test_preauth_and_unknown_greeting_software():
+def test_preauth_text_that_names_no_software():
     r = run([("s", b"* PREAUTH [CAPABILITY IMAP4rev1] IMAP4rev1 server logged in as alice\r\n")])
-    assert r.flow["preauth"] is True and r.flow["server_software"] == "IMAP4rev1 server logged in as alice"
+    f = r.flow
+    assert f["preauth"] is True
+    assert (f["server_software"], f["server_product"], f["server_version"]) == (None, None, None)
 
 
 @pytest.mark.parametrize(
-    "greeting, software",
+    "greeting, software, product, version",
     [
-        ("[CAPABILITY IMAP4rev1 LITERAL+] Dovecot ready.", "Dovecot"),
-        ("Microsoft Exchange IMAP4rev1 server version 5.5.2650.23 (umr) ready", "Microsoft Exchange 5.5.2650.23"),
-        ("The Microsoft Exchange IMAP4 service is ready.", "Microsoft Exchange"),
-        ("Cyrus IMAP v2.4.17-Debian-2.4.17 server ready", "Cyrus IMAP v2.4.17-Debian-2.4.17"),
-        ("IMAP4Rev1 Server Version 4.9.04.012", "IMAP4Rev1 Server Version 4.9.04.012"),
-        ("Coremail System IMap Server Ready(Coremail)", "Coremail"),
-        ("Courier-IMAP ready. Copyright 1998-2011 Double Precision, Inc.", "Courier-IMAP"),
+        ("[CAPABILITY IMAP4rev1 LITERAL+] Dovecot ready.", "Dovecot", "Dovecot", None),
+        ("Dovecot (Debian) ready.", "Dovecot", "Dovecot", None),
+        ("Microsoft Exchange IMAP4rev1 server version 5.5.2650.23 (umr) ready", "Microsoft Exchange 5.5.2650.23",
+         "Microsoft Exchange", "5.5.2650.23"),
+        ("Microsoft Exchange Server 2003 IMAP4rev1 server version 6.5.7638.1 (mx.example.org) ready.",
+         "Microsoft Exchange 6.5.7638.1", "Microsoft Exchange", "6.5.7638.1"),
+        ("The Microsoft Exchange IMAP4 service is ready.", "Microsoft Exchange", "Microsoft Exchange", None),
+        ("Microsoft Exchange Server 2007 IMAP4 service ready", "Microsoft Exchange 2007", "Microsoft Exchange",
+         "2007"),
+        ("Cyrus IMAP v2.4.17-Debian-2.4.17 server ready", "Cyrus IMAP v2.4.17-Debian-2.4.17", "Cyrus IMAP",
+         "2.4.17-Debian-2.4.17"),
+        ("mail.example.org Cyrus IMAP 3.6.1-Debian-3.6.1-4+deb12u5 server ready",
+         "Cyrus IMAP 3.6.1-Debian-3.6.1-4+deb12u5", "Cyrus IMAP", "3.6.1-Debian-3.6.1-4+deb12u5"),
+        ("Cyrus IMAP4 v2.3.16-Fedora-RPM-2.3.16-13 server ready", "Cyrus IMAP v2.3.16-Fedora-RPM-2.3.16-13",
+         "Cyrus IMAP", "2.3.16-Fedora-RPM-2.3.16-13"),
+        ("IMAP4Rev1 Server Version 4.9.04.012", "IMAP4Rev1 Server Version 4.9.04.012", None, None),
+        ("Coremail System IMap Server Ready(Coremail)", "Coremail", "Coremail", None),
+        ("Courier-IMAP ready. Copyright 1998-2018 Double Precision, Inc.  See COPYING for distribution information.",
+         "Courier-IMAP", "Courier-IMAP", None),
+        ("mail.example.org Zimbra IMAP4rev1 server ready", "Zimbra", "Zimbra", None),
+        ("localhost IMAP4rev1 2007f.404 at Thu, 11 Feb 2010 16:23:54 -0500 (EST)", "UW IMAP 2007f.404", "UW IMAP",
+         "2007f.404"),
+        ("mail.example.org IMAP4rev1 v12.264 server ready", "UW IMAP v12.264", "UW IMAP", "12.264"),
+        ("Gimap ready for requests from 192.0.2.7 h4mb12345678qkb", "Gimap", "Gimap", None),
+        ("Kerio Connect 9.2.7 IMAP4rev1 server ready", "Kerio Connect 9.2.7", "Kerio Connect", "9.2.7"),
+        ("mx.example.org IMAP4rev1 MDaemon 17.5.1 ready", "MDaemon 17.5.1", "MDaemon", "17.5.1"),
+        ("Domino IMAP4 Server Release 8.5.3FP6 ready Tue, 4 Jun 2013 10:00:00 +0200", "Lotus Domino 8.5.3FP6",
+         "Lotus Domino", "8.5.3FP6"),
+        ("CommuniGate Pro IMAP Server 6.1.10 at mail.example.org ready", "CommuniGate Pro 6.1.10",
+         "CommuniGate Pro", "6.1.10"),
+        ("mail.example.org IMAP4rev1 Mercury/32 v4.62 server ready.", "Mercury/32 v4.62", "Mercury/32", "4.62"),
+        ("Stalwart IMAP4rev2 at your service.", "Stalwart", "Stalwart", None),
+        # protocol words are not products
+        ("IMAP4rev1", None, None, None),
+        ("IMAP4 ready", None, None, None),
+        ("IMAPrev1", None, None, None),
+        ("[CAPABILITY IMAP4rev2] Server ready", None, None, None),
+        ("IMAP4 server ready for requests from 10.1.2.3", None, None, None),
     ],
 )
-def test_server_software_from_greeting(greeting, software):
+def test_server_software_from_greeting(greeting, software, product, version):
     r = run([("s", b"* OK " + greeting.encode() + b"\r\n")])
-    assert r.flow["server_software"] == software
+    f = r.flow
+    assert (f["server_software"], f["server_product"], f["server_version"]) == (software, product, version)
+
+
+@pytest.mark.parametrize(
+    "greeting, id_answer, software, product, version",
+    [
+        # a greeting of protocol words only: the ID answer names the software
+        (b"IMAP4rev1", b'("name" "Cyrus IMAPD" "version" "3.6.1-Debian-3.6.1-4+deb12u5" "vendor" "Project Cyrus")',
+         "Cyrus IMAPD", "Cyrus IMAP", "3.6.1-Debian-3.6.1-4+deb12u5"),
+        # the greeting names the product, ID adds its version
+        (b"Dovecot (Debian) ready.", b'("name" "Dovecot" "version" "2.3.19.1")', "Dovecot", "Dovecot", "2.3.19.1"),
+        (b"mail Zimbra IMAP4rev1 server ready", b'("NAME" "Zimbra" "VERSION" "8.8.15_GA_3869" "RELEASE" "2019")',
+         "Zimbra", "Zimbra", "8.8.15_GA_3869"),
+        # another product's version is not this one's
+        (b"Dovecot ready.", b'("name" "nginx" "version" "1.22.1")', "Dovecot", "Dovecot", None),
+        (b"IMAP4 ready", b'("name" "Acme Mail" "version" "2.0~rc1")', "Acme Mail", "Acme Mail", "2.0~rc1"),
+        (b"IMAP4 ready", b"NIL", None, None, None),
+    ],
+)
+def test_server_software_from_id_where_the_greeting_names_none(greeting, id_answer, software, product, version):
+    r = run([("s", b"* OK " + greeting + b"\r\n"), ("c", b"a1 ID NIL\r\n"),
+             ("s", b"* ID " + id_answer + b"\r\na1 OK ID completed.\r\n")], snaplen=None)
+    f = r.flow
+    assert (f["server_software"], f["server_product"], f["server_version"]) == (software, product, version)
 
 
 def test_hostile_strings_are_plain_data():

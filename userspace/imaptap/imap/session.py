@@ -9,13 +9,12 @@ the outcome, and never keeps a password or a SASL response in anything it output
 from __future__ import annotations
 
 import enum
-import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from imaptap.imap import parse
+from imaptap.imap import parse, software
 from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
 from imaptap.imap.parse import RawLine, text
 from imaptap.imap.stream import ImapStream
@@ -39,8 +38,6 @@ MAX_COMMAND_NAMES = 64
 MAX_COMMAND_NAME = 32
 #: Characters kept of a user name.
 MAX_USERNAME = 256
-#: Characters kept of the server software string.
-MAX_SOFTWARE = 80
 
 MASK = "***"
 #: Messages of a flow not yet confirmed as IMAP that are held back until it is (then released in
@@ -244,39 +241,6 @@ def _sizes(line: RawLine) -> tuple[int, ...]:
     return tuple([lit.size for lit in literals])
 
 
-# Pattern texts, compiled by ``re`` on first use and cached there: a greeting names one product
-# as a rule, and compiling all fifteen at import was a tenth of the start-up of a replay.
-_PRODUCTS = [
-    (r"\bDovecot\b", lambda m, t: "Dovecot"),
-    (r"\bCyrus IMAP[^\s]*(?:\s+(v?\d[\w.\-+~]*))?",
-     lambda m, t: "Cyrus IMAP" + (" " + m.group(1) if m.group(1) else "")),
-    (r"\bMicrosoft Exchange\b.*?\bversion\s+(\d[\d.]*)",
-     lambda m, t: "Microsoft Exchange " + m.group(1)),
-    (r"\bMicrosoft Exchange\b", lambda m, t: "Microsoft Exchange"),
-    (r"\bCourier-IMAP\b", lambda m, t: "Courier-IMAP"),
-    (r"\bCoremail\b", lambda m, t: "Coremail"),
-    (r"\bZimbra\b", lambda m, t: "Zimbra"),
-    (r"\bhMailServer\b", lambda m, t: "hMailServer"),
-    (r"\bGimap\b", lambda m, t: "Gimap"),
-    (r"\bUW IMAP\b|\bIMAP4rev1 (?:Service|server) (20\d\d\.\S+)", lambda m, t: "UW IMAP"),
-    (r"\bStalwart\b", lambda m, t: "Stalwart"),
-    (r"\bKerio Connect\b", lambda m, t: "Kerio Connect"),
-    (r"\bMDaemon\b", lambda m, t: "MDaemon"),
-    (r"\bDomino\b", lambda m, t: "Lotus Domino"),
-]
-_READY = r"[\s.,;:!-]*\b(?:is\s+)?ready\b.*$"
-
-
-def server_software(greeting: str) -> str | None:
-    """The server product named in a greeting's text, else the text without its "ready"."""
-    for pattern, name in _PRODUCTS:
-        m = re.search(pattern, greeting, re.I)
-        if m:
-            return name(m, greeting)
-    cleaned = re.sub(_READY, "", greeting, flags=re.I).strip(" .")
-    return cleaned[:MAX_SOFTWARE] or None
-
-
 def _shown(data: bytes) -> str:
     """Network bytes as shown in a message: decoded without loss, cut at `DISPLAY_CAP`."""
     s = data.decode("utf-8", "backslashreplace")
@@ -331,6 +295,8 @@ class ImapSession:
         self.set_message_sink(on_message)
         self.greeting: str | None = None
         self.server_software: str | None = None
+        self.server_product: str | None = None
+        self.server_version: str | None = None
         self.preauth = False
         self.username: str | None = None
         self.authzid: str | None = None
@@ -785,7 +751,7 @@ class ImapSession:
             if first and self._client_lines == 0 and upper in ("OK", "PREAUTH", "BYE"):
                 self.greeting = txt[:DISPLAY_CAP]
                 if upper != "BYE":
-                    self.server_software = server_software(txt)
+                    self.server_software, self.server_product, self.server_version = software.from_greeting(txt)
                 if upper == "PREAUTH":
                     self.preauth = True
             self.statuses[upper] += 1
@@ -816,16 +782,24 @@ class ImapSession:
                 self._offered()
             elif upper == "ID":
                 self.server_id = parse.id_params(parse.tokens(line, 0, sp + 1 if sp >= 0 else len(head)))
-                if self.server_software is None and self.server_id:
-                    name = self.server_id.get("name")
-                    if name:
-                        self.server_software = name[:MAX_SOFTWARE]
+                if self.server_id:
+                    self._software_from_id(software.from_id(self.server_id))
         if self.on_message is not None:
             chunks, literals, truncated = line
             if len(chunks) > 1:
                 after = after + b"".join(chunks[1:])
             self.on_message(Message.untagged_data(self.now, upper, _shown(after) if after else None,
                                                   _sizes(line) if literals else (), number, truncated))
+
+    def _software_from_id(self, named: software.Software) -> None:
+        """What the greeting did not name, from the ID answer: the product, and the version
+        where the ID names the same product (or the greeting named none)."""
+        if self.server_software is None:
+            self.server_software = named.shown
+        if self.server_product is None:
+            self.server_product = named.product
+        if self.server_version is None and named.product == self.server_product:
+            self.server_version = named.version
 
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")
