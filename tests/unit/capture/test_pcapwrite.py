@@ -1,5 +1,8 @@
 """-w: segments written as pcap come back from replay as the same segments (less the tail)."""
 
+import base64
+import struct
+
 import pytest
 
 from imaptap.capture.pcapwrite import HOLD_SEGMENTS, MaskingWriter, SegmentWriter, blank
@@ -36,6 +39,25 @@ def test_written_segments_replay_to_the_same_segments(tmp_path):
 # --- -w blanks credentials (MaskingWriter) ---------------------------------------------------
 
 OK = b"a1 OK Logged in\r\n"
+# RFC 5802 section 5's exchange, and an NTLM AUTHENTICATE_MESSAGE laid out as MS-NLMP 2.2.1.3 says
+SCRAM_FINAL = base64.b64encode(b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=")
+SCRAM_SIGNATURE = base64.b64encode(b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ=")
+SCRAM = [("c", b"a1 AUTHENTICATE SCRAM-SHA-1 " + base64.b64encode(b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL") + b"\r\n"),
+         ("s", b"+ " + base64.b64encode(b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096")
+          + b"\r\n"),
+         ("c", SCRAM_FINAL + b"\r\n"), ("s", b"+ " + SCRAM_SIGNATURE + b"\r\n"), ("c", b"\r\n"), ("s", OK)]
+NT_RESPONSE = b"\x22" * 16 + b"\x01\x01\x00\x00" + b"\x33" * 40
+_NTLM_PAYLOAD = [b"\x11" * 24, NT_RESPONSE, "LAB".encode("utf-16-le"), "carol".encode("utf-16-le"),
+                 "WS01".encode("utf-16-le"), b"\x44" * 16]
+_NTLM_OFFSETS = [88 + sum(map(len, _NTLM_PAYLOAD[:i])) for i in range(6)]
+NTLM_TYPE3 = (b"NTLMSSP\x00" + struct.pack("<I", 3)
+              + b"".join(struct.pack("<HHI", len(p), len(p), o)
+                         for p, o in zip(_NTLM_PAYLOAD, _NTLM_OFFSETS, strict=True))
+              + struct.pack("<I", 1) + b"\x0a\x00\x63\x45\x00\x00\x00\x0f" + b"\x55" * 16 + b"".join(_NTLM_PAYLOAD))
+NTLM = [("c", b"a1 AUTHENTICATE NTLM\r\n"), ("s", b"+ \r\n"),
+        ("c", base64.b64encode(b"NTLMSSP\x00\x01\x00\x00\x00\x07\x82\x08\xa2" + b"\x00" * 16) + b"\r\n"),
+        ("s", b"+ " + base64.b64encode(b"NTLMSSP\x00\x02\x00\x00\x00" + b"\x00" * 40) + b"\r\n"),
+        ("c", base64.b64encode(NTLM_TYPE3) + b"\r\n"), ("s", OK)]
 SESSIONS = {
     # name: (parts, cuts, secrets that must not be written)
     "atom": ([("c", b"a1 LOGIN alice Alice-Pw-7391\r\n"), ("s", OK)], None, [b"Alice-Pw-7391"]),
@@ -52,6 +74,9 @@ SESSIONS = {
                             ("s", b"+ UGFzc3dvcmQ6\r\n"), ("c", b"QWxpY2UtUHctNzM5MQ==\r\n"), ("s", OK)], None,
                            [b"QWxpY2UtUHctNzM5MQ=="]),
     "LOGIN and FIN in the last segment": ([("c", b"a1 LOGIN erin Erin-Pw-1\r\n")], None, [b"Erin-Pw-1"]),
+    # the proof, and the server's signature: it is held like a client segment until analysed
+    "AUTHENTICATE SCRAM-SHA-1": (SCRAM, [[], [], [20]], [SCRAM_FINAL, SCRAM_SIGNATURE, SCRAM_SIGNATURE[:20]]),
+    "AUTHENTICATE NTLM": (NTLM, None, [base64.b64encode(NTLM_TYPE3), base64.b64encode(NT_RESPONSE)[:40]]),
 }
 
 

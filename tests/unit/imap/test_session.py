@@ -496,3 +496,91 @@ def test_which_completions_time_the_server_alone():
         table.add(seg)
     assert timed == {"a1": (True, True), "a2": (False, True), "a3": (False, True), "a4": (False, True),
                      "a5": (True, True), "a6": (True, True), "zz": (False, False)}
+
+
+# --- SASL mechanisms beyond PLAIN and LOGIN -------------------------------------------------
+
+# RFC 5802 section 5: user "user", the SCRAM-SHA-1 exchange of its example
+SCRAM_FIRST = b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL"
+SCRAM_SERVER_FIRST = b"r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096"
+SCRAM_FINAL = b"c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts="
+SCRAM_SERVER_FINAL = b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ="
+
+
+def scram_session(first=SCRAM_FIRST, initial_response=True, outcome=b"a1 OK Logged in\r\n"):
+    start = [("c", b"a1 AUTHENTICATE SCRAM-SHA-1 " + b64(first) + b"\r\n")] if initial_response else [
+        ("c", b"a1 AUTHENTICATE SCRAM-SHA-1\r\n"), ("s", b"+ \r\n"), ("c", b64(first) + b"\r\n")]
+    rest = [("s", b"+ " + b64(SCRAM_SERVER_FIRST) + b"\r\n"), ("c", b64(SCRAM_FINAL) + b"\r\n")]
+    if outcome.startswith(b"a1 OK"):
+        rest += [("s", b"+ " + b64(SCRAM_SERVER_FINAL) + b"\r\n"), ("c", b"\r\n")]
+    return [("s", GREETING), *start, *rest, ("s", outcome), ("c", b"a2 LOGOUT\r\n"), ("s", b"a2 OK bye\r\n")]
+
+
+@pytest.mark.parametrize("initial_response", [True, False])
+def test_scram_whole_exchange_user_outcome_and_no_secret(initial_response):
+    r = run(scram_session(initial_response=initial_response))
+    f = r.flow
+    assert (f["username"], f["authzid"], f["auth_mechanism"], f["auth_command"], f["login_ok"]) == \
+        ("user", None, "SCRAM-SHA-1", "AUTHENTICATE", True)
+    assert f["anomalies"] == {} and f["cleartext_credentials"] is False
+    assert f["findings"] == ["starttls_offered_not_used"]
+    assert f["commands"] == {"AUTHENTICATE": 1, "LOGOUT": 1}
+    out = everything(r)
+    for secret in (SCRAM_FINAL, SCRAM_SERVER_FINAL, b"v0X8v3Bz2T0CJGbJQyF0X", b"rmF9pqV8S7suAoZWja4dJRkFsKQ"):
+        assert b64(secret).decode() not in out and secret.decode() not in out
+    cont = [(m["from"], m["args"], m["text"]) for m in r.messages if m["kind"] == "continuation"]
+    assert cont[-3:] == [("client", "***", None), ("server", None, "***"), ("client", None, None)]
+    assert ("server", None, b64(SCRAM_SERVER_FIRST).decode()) in cont  # salt and nonce are no secret
+
+
+def test_scram_authzid_and_a_wrong_password():
+    r = run(scram_session(first=b"n,a=admin,n=alice,r=rOprNGfwEbeRWgbNEkqO",
+                          outcome=b"a1 NO [AUTHENTICATIONFAILED] Authentication failed.\r\n"))
+    f = r.flow
+    assert (f["username"], f["authzid"], f["login_ok"], f["login_failures"]) == ("alice", "admin", False, 1)
+    assert f["anomalies"] == {}
+
+
+def test_ntlm_user_and_domain_from_the_authenticate_message():
+    from test_sasl import ntlm_authenticate
+
+    msg, secrets = ntlm_authenticate("carol", "LAB")
+    negotiate = b"NTLMSSP\x00\x01\x00\x00\x00\x07\x82\x08\xa2" + b"\x00" * 16
+    challenge = b"NTLMSSP\x00\x02\x00\x00\x00" + b"\x00" * 40
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE NTLM\r\n"), ("s", b"+\r\n"), ("c", b64(negotiate) + b"\r\n"),
+             ("s", b"+ " + b64(challenge) + b"\r\n"), ("c", b64(msg) + b"\r\n"), ("s", b"a1 OK Logged in\r\n")],
+            snaplen=None)
+    f = r.flow
+    assert (f["username"], f["auth_mechanism"], f["login_ok"], f["cleartext_credentials"]) == \
+        ("LAB\\carol", "NTLM", True, False)
+    assert b64(msg).decode() not in everything(r)
+
+
+def test_gssapi_and_external_record_the_mechanism_and_no_user():
+    from test_sasl import wrap_token
+
+    ap_req = b"\x60\x82\x02\x10\x06\x09\x2a\x86\x48\x86\xf7\x12\x01\x02\x02\x01\x00" + b"\x6e" * 40
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE GSSAPI " + b64(ap_req) + b"\r\n"),
+             ("s", b"+ " + b64(b"\x6f" * 30) + b"\r\n"), ("c", b"\r\n"),
+             ("s", b"+ " + b64(wrap_token(b"\x07\x00\x10\x00")) + b"\r\n"),
+             ("c", b64(wrap_token(b"\x01\x00\x10\x00")) + b"\r\n"), ("s", b"a1 OK Logged in\r\n")], snaplen=None)
+    f = r.flow
+    assert (f["username"], f["authzid"], f["auth_mechanism"], f["login_ok"]) == (None, None, "GSSAPI", True)
+    assert f["anomalies"] == {} and b64(ap_req).decode() not in everything(r)
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE GSSAPI " + b64(ap_req) + b"\r\n"),
+             ("s", b"+ " + b64(b"\x6f" * 30) + b"\r\n"), ("c", b"\r\n"),
+             ("s", b"+ " + b64(wrap_token(b"\x07\x00\x10\x00")) + b"\r\n"),
+             ("c", b64(wrap_token(b"\x01\x00\x10\x00alice")) + b"\r\n"), ("s", b"a1 OK Logged in\r\n")], snaplen=None)
+    assert (r.flow["username"], r.flow["authzid"]) == (None, "alice")
+    # EXTERNAL: the identity came with the TLS client certificate; the message is the authzid
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE EXTERNAL =\r\n"), ("s", b"a1 OK Logged in\r\n")])
+    assert (r.flow["username"], r.flow["authzid"], r.flow["auth_mechanism"], r.flow["login_ok"]) == \
+        (None, None, "EXTERNAL", True)
+    r = run([("s", GREETING), ("c", b"a1 AUTHENTICATE EXTERNAL\r\n"), ("s", b"+\r\n"),
+             ("c", b64(b"alice@example.org") + b"\r\n"), ("s", b"a1 OK Logged in\r\n")])
+    assert (r.flow["username"], r.flow["authzid"]) == (None, "alice@example.org")
+
+
+def test_an_empty_line_outside_authenticate_is_still_no_command():
+    r = run([("s", GREETING), ("c", b"\r\n"), ("c", b"a1 NOOP\r\n"), ("s", b"a1 OK\r\n")])
+    assert r.flow["anomalies"] == {"bad_request": 1}

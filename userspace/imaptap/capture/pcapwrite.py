@@ -184,7 +184,9 @@ class MaskingWriter:
     span segments, so a client segment is not written at once: it is held until the server
     next speaks in that flow (a server answers a command only once it has all of it, by then
     analysed), or the flow ends, and the held segments are then written with every credential
-    the flow's session knows (`ImapSession.secrets`) overwritten by ``*``.  ``write`` must see
+    the flow's session knows (`ImapSession.secrets`) overwritten by ``*``.  The same holds for
+    server segments while the session says the server may send a secret (SCRAM's signature):
+    they wait for the client's next segment.  ``write`` must see
     each segment before the flow table does, and ``flow_ended`` must be called from the table's
     end-of-flow callback (`imaptap.pipeline.Pipeline` does both).  Records of one flow keep
     their order; across flows a held segment can follow a later one of another flow (pcap
@@ -198,6 +200,8 @@ class MaskingWriter:
         self.flows: Mapping[FlowKey, Any] = {}
         """The flow table's flows (the pipeline binds them once the table exists)."""
         self._held: dict[FlowKey, list[Segment]] = {}
+        self._held_from_client: dict[FlowKey, bool] = {}
+        """Which side a flow's held segments come from: one side at a time, in order."""
         self._held_bytes = 0
 
     @property
@@ -216,8 +220,11 @@ class MaskingWriter:
             from_client = seg.src == flow.client[0] and seg.sport == flow.client[1]
         else:  # not seen yet: the table will make the side not on an IMAP port the client
             from_client = seg.dport in self.ports
-        if from_client:
+        if key in self._held and self._held_from_client[key] != from_client:
+            self._flush(key)  # the other side speaks: what it answers has been analysed
+        if from_client or flow is not None and flow.session.server_secrets_pending:
             held = self._held.setdefault(key, [])
+            self._held_from_client[key] = from_client
             held.append(seg)
             self._held_bytes += len(seg.payload)
             if len(held) > HOLD_SEGMENTS:
@@ -231,8 +238,6 @@ class MaskingWriter:
                 else:
                     break
             return
-        if key in self._held:
-            self._flush(key)
         self._out.write(seg)
 
     def reopen(self) -> None:
@@ -246,6 +251,7 @@ class MaskingWriter:
 
     def _flush(self, key: FlowKey, flow: Any = None, keep_last: bool = False) -> None:
         held = self._held.pop(key)
+        from_client = self._held_from_client.pop(key)
         # A bound forces this flush while the newest segment is not analysed yet: it stays.
         last = held.pop() if keep_last and held else None
         self._held_bytes -= sum(len(s.payload) for s in held)
@@ -255,6 +261,7 @@ class MaskingWriter:
             self._out.write(seg if payload is seg.payload else seg._replace(payload=payload))
         if last is not None:
             self._held[key] = [last]
+            self._held_from_client[key] = from_client
 
     def close(self) -> None:
         for key in list(self._held):

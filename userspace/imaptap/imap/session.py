@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from imaptap.imap import parse, software
+from imaptap.imap import parse, sasl, software
 from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
 from imaptap.imap.parse import RawLine, text
 from imaptap.imap.stream import ImapStream
@@ -450,7 +450,7 @@ class ImapSession:
         head = line.chunks[0]
         if self._sasl is not None:
             word = head.strip()
-            if word and b" " not in word:
+            if b" " not in word:
                 self._sasl_response(line, word)
                 return
             self._sasl = None  # the server's answer was never seen; this is a new command
@@ -580,31 +580,59 @@ class ImapSession:
         return mech
 
     def _sasl_data(self, word: bytes) -> None:
-        sasl = self._sasl
-        assert sasl is not None
-        decoded = parse.b64(word)
-        blanked = parse.sasl_blanked_wire(sasl.mechanism, sasl.step, word, decoded)
+        exchange = self._sasl
+        assert exchange is not None
+        mech = exchange.mechanism
+        decoded = sasl.b64(word)
+        blanked = sasl.blanked_wire(mech, exchange.step, word, decoded)
         if blanked is not None:
             self._keep_secret(word, blanked)
         if decoded is not None and decoded:
-            user = parse.sasl_user(sasl.mechanism, sasl.step, decoded)
-            if user:
-                self._try_user(user)
-                if sasl.mechanism == "PLAIN":
-                    got = parse.sasl_plain_user(decoded)
-                    self.authzid = got[1] if got else None
-            if sasl.mechanism in parse.CLEARTEXT_MECHANISMS and (sasl.mechanism != "LOGIN" or sasl.step >= 1):
+            who = sasl.identity(mech, exchange.step, decoded)
+            if who.user:
+                self._try_user(who.user)
+            if who.user or who.authzid:
+                self.authzid = who.authzid
+            if mech in sasl.CLEARTEXT_MECHANISMS and (mech != "LOGIN" or exchange.step >= 1):
                 self.cleartext_credentials = True
         elif decoded is None:
             self._anomaly(Anomaly.BAD_SASL_RESPONSE)
-        sasl.step += 1
+        exchange.step += 1
 
     def _sasl_response(self, line: RawLine, word: bytes) -> None:
         if word == b"*":
             self._emit(Message.client_continuation(self.now, text="*"))
             return
+        if not word:
+            # an empty response: what SCRAM's client sends after the server-final message,
+            # and what any mechanism sends for an empty challenge answer
+            self._sasl_empty()
+            return
         self._sasl_data(word)
         self._emit(Message.client_continuation(self.now, args=MASK, truncated=line.truncated))
+
+    def _sasl_empty(self) -> None:
+        exchange = self._sasl
+        assert exchange is not None
+        exchange.step += 1
+        self._emit(Message.client_continuation(self.now))
+
+    def _sasl_challenge(self, data: bytes) -> str:
+        """A server continuation inside AUTHENTICATE as shown: a challenge that is a secret
+        (SCRAM's server signature) is kept to be blanked and shown as ``***``."""
+        exchange = self._sasl
+        assert exchange is not None
+        decoded = sasl.b64(data) if data else None
+        if decoded and sasl.server_secret(exchange.mechanism, decoded):
+            self._keep_secret(data.strip(), b"*" * len(data.strip()))
+            return MASK
+        return _shown(data)
+
+    @property
+    def server_secrets_pending(self) -> bool:
+        """The server may send a secret next (a SCRAM exchange is under way): a capture written
+        to disk holds its segments until they are analysed (`capture.pcapwrite.MaskingWriter`)."""
+        return self._sasl is not None and sasl.is_scram(self._sasl.mechanism)
 
     # --- server -------------------------------------------------------------------------------
 
@@ -624,9 +652,10 @@ class ImapSession:
                 next(reversed(self._pending.values())).waited_on_client = True
             if not self.is_imap and head[1:2] in (b" ", b"") and self._awaits_continuation():
                 self._confirm()
+            data = head[1:].lstrip(b" ")
+            shown = self._sasl_challenge(data) if self._sasl is not None else _shown(data)
             if self.on_message is not None:
-                self.on_message(Message.server_continuation(self.now, _shown(head[1:].lstrip(b" ")),
-                                                            line.truncated))
+                self.on_message(Message.server_continuation(self.now, shown, line.truncated))
             return
         tag_b, _, rest = head.partition(b" ")
         word, _, after = rest.partition(b" ")
