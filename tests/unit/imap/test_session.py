@@ -135,7 +135,8 @@ def test_username_is_the_successful_one():
     r = run([("s", GREETING), ("c", b"a1 LOGIN root x\r\n"), ("s", b"a1 NO failed\r\n"),
              ("c", b"a2 LOGIN alice y\r\n"), ("s", b"a2 OK in\r\n"), ("c", b"a3 LOGIN mallory z\r\n"),
              ("s", b"a3 BAD already\r\n")])
-    assert r.flow["username"] == "alice" and r.flow["login_failures"] == 2
+    # the LOGIN sent when logged in already is answered BAD for the state: no failed login
+    assert r.flow["username"] == "alice" and r.flow["login_failures"] == 1
 
 
 FAKE_BODY = (
@@ -584,3 +585,151 @@ def test_gssapi_and_external_record_the_mechanism_and_no_user():
 def test_an_empty_line_outside_authenticate_is_still_no_command():
     r = run([("s", GREETING), ("c", b"\r\n"), ("c", b"a1 NOOP\r\n"), ("s", b"a1 OK\r\n")])
     assert r.flow["anomalies"] == {"bad_request": 1}
+
+
+# --- more of the grammar: several literals, LITERAL-, IMAP4rev2, UTF-8 names, bare LF, states ----
+
+def logged_in(*parts):
+    return [("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("s", b"a1 OK in\r\n"), *parts]
+
+
+MAIL_1 = b"From: a@example.org\r\nSubject: one\r\n\r\nb1 LOGIN mallory x\r\n"
+MAIL_2 = b"From: b@example.org\r\nSubject: two\r\n\r\n* BYE fake\r\n"
+
+
+@pytest.mark.parametrize("sync", [True, False])
+def test_multiappend_several_literals_in_one_command(sync):
+    # RFC 3502: one APPEND, two messages, each its own literal
+    mark = (lambda n: b"{%d}" % n) if sync else (lambda n: b"{%d+}" % n)
+    go = [("s", b"+ OK\r\n")] if sync else []
+    r = run(logged_in(("c", b"a2 APPEND Drafts (\\Seen) " + mark(len(MAIL_1)) + b"\r\n"), *go,
+                      ("c", MAIL_1 + b" (\\Seen) " + mark(len(MAIL_2)) + b"\r\n"), *go,
+                      ("c", MAIL_2 + b"\r\n"),
+                      ("s", b"a2 OK [APPENDUID 38505 3955:3956] APPEND completed\r\n"),
+                      ("c", b"a3 LOGOUT\r\n"), ("s", b"a3 OK bye\r\n")), snaplen=None)
+    f = r.flow
+    assert f["commands"] == {"LOGIN": 1, "APPEND": 1, "LOGOUT": 1} and f["anomalies"] == {}
+    assert f["username"] == "alice" and "mallory" not in everything(r)
+    (append,) = [m for m in r.messages if m["command"] == "APPEND" and m["kind"] == "request"]
+    assert append["literals"] == [len(MAIL_1), len(MAIL_2)]
+    done = [m for m in r.messages if m["tag"] == "a2" and m["kind"] == "response"][0]
+    assert done["command"] == "APPEND" and done["code"] == "APPENDUID 38505 3955:3956"
+
+
+def test_catenate_text_literals_between_urls():
+    # RFC 4469 section 5's example, shortened: URL parts and TEXT literals in one APPEND
+    text1 = b"Content-Type: multipart/mixed; boundary=\"x\"\r\n\r\n--x\r\n"
+    text2 = b"\r\n--x--\r\n"
+    r = run(logged_in(("c", b'a2 APPEND Drafts CATENATE (URL "/Drafts;UIDVALIDITY=385759045/;UID=20/;section=HEADER"'
+                            b" TEXT {%d}\r\n" % len(text1)), ("s", b"+ Ready for literal data\r\n"),
+                      ("c", text1 + b' URL "/Drafts;UIDVALIDITY=385759045/;UID=20/;section=1.MIME" TEXT {%d}\r\n'
+                       % len(text2)), ("s", b"+ Ready for literal data\r\n"),
+                      ("c", text2 + b")\r\n"), ("s", b"a2 OK [APPENDUID 385759045 45] CATENATE Completed\r\n"),
+                      ("c", b"a3 NOOP\r\n"), ("s", b"a3 OK done\r\n")), snaplen=None)
+    f = r.flow
+    assert f["commands"] == {"LOGIN": 1, "APPEND": 1, "NOOP": 1} and f["anomalies"] == {}
+    (append,) = [m for m in r.messages if m["command"] == "APPEND" and m["kind"] == "request"]
+    assert append["literals"] == [len(text1), len(text2)]
+    assert [m["command"] for m in r.messages if m["kind"] == "response"] == ["LOGIN", "APPEND", "NOOP"]
+
+
+def test_literal_minus_refused_before_its_bytes_came():
+    # RFC 7888: with LITERAL-, a {n+} over 4096 bytes is answered BAD [TOOBIG] at once, and the
+    # client's bytes still come: they are the literal, not commands
+    body = b"a9 LOGIN mallory evil\r\n" * 300
+    r = run(logged_in(("c", b"a2 APPEND INBOX {%d+}\r\n" % len(body) + body[:1000]),
+                      ("s", b"a2 BAD [TOOBIG] Literal too big\r\n"), ("c", body[1000:] + b"\r\n"),
+                      ("c", b"a3 NOOP\r\n"), ("s", b"a3 OK done\r\n")), snaplen=None)
+    f = r.flow
+    assert f["commands"] == {"LOGIN": 1, "APPEND": 1, "NOOP": 1} and f["anomalies"] == {}
+    assert f["username"] == "alice" and f["login_failures"] == 0 and "mallory" not in everything(r)
+    bad = [m for m in r.messages if m["tag"] == "a2" and m["kind"] == "response"][0]
+    assert (bad["command"], bad["status"], bad["code"], bad["latency_ms"]) == ("APPEND", "BAD", "TOOBIG", None)
+    assert [m["tag"] for m in r.messages if m["kind"] == "request"] == ["a1", "a2", "a3"]
+
+
+def test_imap4rev2_after_enable():
+    # RFC 9051: ENABLE IMAP4rev2, then its responses (ESEARCH, LIST with CHILDINFO, no RECENT,
+    # BINARY with a literal8) and mailbox names in UTF-8
+    r = run([("s", b"* OK [CAPABILITY IMAP4rev1 IMAP4rev2 AUTH=PLAIN] Server ready\r\n"),
+             ("c", b"a1 AUTHENTICATE PLAIN " + b64(b"\x00alice\x00pw") + b"\r\n"),
+             ("s", b"a1 OK [CAPABILITY IMAP4rev2 IMAP4rev1 ENABLE] done\r\n"),
+             ("c", b"a2 ENABLE IMAP4rev2\r\n"), ("s", b"* ENABLED IMAP4rev2\r\na2 OK Enabled\r\n"),
+             ("c", b"a3 LIST \"\" \"*\" RETURN (CHILDREN)\r\n"),
+             ("s", "* LIST (\\HasNoChildren) \"/\" \"Entwürfe\"\r\n* LIST (\\NonExistent) \"/\" \"Tom&-Jerry\" "
+                   "(\"CHILDINFO\" (\"SUBSCRIBED\"))\r\na3 OK LIST done\r\n".encode()),
+             ("c", "a4 SELECT \"Entwürfe\"\r\n".encode()),
+             ("s", b"* 3 EXISTS\r\n* OK [UIDVALIDITY 3857529045] UIDs valid\r\n* LIST () \"/\" Drafts\r\n"
+                   b"a4 OK [READ-WRITE] SELECT completed\r\n"),
+             ("c", b"a5 UID SEARCH RETURN (ALL) UNSEEN\r\n"),
+             ("s", b'* ESEARCH (TAG "a5") UID ALL 4:5\r\na5 OK done\r\n'),
+             ("c", b"a6 UID FETCH 4 (BINARY.PEEK[1])\r\n"),
+             ("s", b"* 2 FETCH (UID 4 BINARY[1] ~{6}\r\n\x00\x01\r\n\xff\xfe)\r\na6 OK done\r\n"),
+             ("c", b'a7 SELECT "Tom&-Jerry"\r\n'), ("s", b"a7 NO [NONEXISTENT] no such mailbox\r\n")], snaplen=None)
+    f = r.flow
+    assert f["username"] == "alice" and f["login_ok"] is True and f["anomalies"] == {}
+    assert "IMAP4REV2" in f["capabilities"]
+    assert f["mailboxes"] == ["Entwürfe", "Tom&-Jerry"]  # as sent (modified UTF-7 would make "&-" an "&")
+    assert f["commands"] == {"AUTHENTICATE": 1, "ENABLE": 1, "LIST": 1, "SELECT": 2, "UID SEARCH": 1,
+                             "UID FETCH": 1}
+    fetch = [m for m in r.messages if m["command"] == "FETCH"][0]
+    assert fetch["literals"] == [6] and fetch["number"] == 2
+
+
+@pytest.mark.parametrize("enabled, decoded", [(b"UTF8=ACCEPT", "Entw&APw-rfe"), (b"CONDSTORE", "Entwürfe")])
+def test_utf8_accept_mailbox_names_are_taken_as_sent(enabled, decoded):
+    # RFC 6855: after ENABLE UTF8=ACCEPT names go raw; before it (or without it) modified UTF-7
+    r = run(logged_in(("c", b"a2 ENABLE " + enabled + b"\r\n"), ("s", b"* ENABLED " + enabled + b"\r\na2 OK\r\n"),
+                      ("c", "a3 SELECT \"Größe\"\r\n".encode()), ("s", b"a3 OK\r\n"),
+                      ("c", b'a4 SELECT "Entw&APw-rfe"\r\n'), ("s", b"a4 OK\r\n")))
+    assert r.flow["mailboxes"] == ["Größe", decoded]
+
+
+def test_completions_ending_in_a_bare_lf():
+    r = run([("s", b"* OK [CAPABILITY IMAP4rev1] ready\n"), ("c", b"a1 LOGIN alice pw\r\n"),
+             ("s", b"* CAPABILITY IMAP4rev1 IDLE\na1 OK Logged in\n"), ("c", b"a2 SELECT INBOX\n"),
+             ("s", b"* 1 EXISTS\na2 OK [READ-WRITE] done\n"), ("c", b"a3 LOGOUT\r\n"), ("s", b"* BYE\na3 OK\n")])
+    f = r.flow
+    assert f["login_ok"] is True and f["mailboxes"] == ["INBOX"] and f["anomalies"] == {}
+    assert f["capabilities"] == ["IMAP4REV1", "IDLE"] and f["statuses"] == {"OK": 4, "BYE": 1}
+    done = [m for m in r.messages if m["kind"] == "response"]
+    assert [(m["command"], m["text"]) for m in done] == [("LOGIN", "Logged in"), ("SELECT", "done"),
+                                                         ("LOGOUT", "")]
+
+
+def test_bad_answers_to_commands_sent_in_the_wrong_state():
+    r = run([("s", GREETING),
+             # not authenticated yet: these are refused, and say nothing about a login
+             ("c", b"a1 SELECT INBOX\r\n"), ("s", b"a1 BAD Error in IMAP command SELECT: Unknown command.\r\n"),
+             ("c", b"a2 FETCH 1 FLAGS\r\n"), ("s", b"a2 BAD Error in IMAP command FETCH: Unknown command.\r\n"),
+             ("c", b"a3 COMPRESS DEFLATE\r\n"), ("s", b"a3 BAD Not logged in.\r\n"),
+             ("c", b"a4 AUTHENTICATE PLAIN " + b64(b"\x00alice\x00Alice-Pw-1") + b"\r\n"), ("s", b"a4 OK in\r\n"),
+             # authenticated: a second login is refused for the state, and is no failed login
+             ("c", b"a5 LOGIN mallory Mallory-Pw-2\r\n"), ("s", b"a5 BAD Error in IMAP command LOGIN.\r\n"),
+             ("c", b"a6 AUTHENTICATE CRAM-MD5\r\n"), ("s", b"a6 BAD Error in IMAP command AUTHENTICATE.\r\n"),
+             ("c", b"a7 STARTTLS\r\n"), ("s", b"a7 BAD TLS is already active or not allowed now.\r\n"),
+             ("c", b"a8 FETCH 1 FLAGS\r\n"), ("s", b"a8 BAD No mailbox selected.\r\n"),
+             ("c", b"a9 NOOP\r\n"), ("s", b"a9 OK NOOP completed.\r\n")])
+    f = r.flow
+    assert (f["username"], f["auth_command"], f["auth_mechanism"], f["login_ok"], f["login_failures"]) == \
+        ("alice", "AUTHENTICATE", "PLAIN", True, 0)
+    assert f["compressed"] is False and f["starttls"] == "refused" and f["anomalies"] == {}
+    assert f["statuses"] == {"OK": 3, "BAD": 7} and "failed_logins" not in f["findings"]
+    assert f["cleartext_credentials"] is True  # mallory's password crossed in clear all the same
+    assert "Mallory-Pw-2" not in everything(r) and "Alice-Pw-1" not in everything(r)
+    lost = run([("s", GREETING), ("c", b"a1 LOGIN alice pw\r\n"), ("c", b"a2 SELECT INBOX\r\n"),
+                ("s", b"a2 BAD Not logged in.\r\n")])
+    assert lost.flow["login_ok"] is None  # a refused SELECT tells nothing of the lost completion
+
+
+def test_unauthenticate_makes_a_later_login_count_again():
+    r = run(logged_in(("c", b"a2 UNAUTHENTICATE\r\n"), ("s", b"a2 OK done\r\n"),
+                      ("c", b"a3 LOGIN bob wrong\r\n"), ("s", b"a3 NO [AUTHENTICATIONFAILED] failed\r\n"),
+                      ("c", b"a4 LOGIN bob right\r\n"), ("s", b"a4 OK in\r\n")))
+    assert (r.flow["username"], r.flow["login_failures"], r.flow["login_ok"]) == ("bob", 1, True)
+
+
+def test_preauth_is_authenticated():
+    r = run([("s", b"* PREAUTH [CAPABILITY IMAP4rev1] logged in as alice\r\n"), ("c", b"a1 LOGIN eve x\r\n"),
+             ("s", b"a1 BAD already authenticated\r\n")])
+    assert (r.flow["username"], r.flow["login_failures"], r.flow["auth_command"]) == (None, 0, None)

@@ -169,6 +169,9 @@ class _Pending:
     its completion times the client's waits too, not the server alone."""
     known: bool = False
     """An IMAP command (RFC 3501/9051, an extension, UID ..., X...): its completion confirms IMAP."""
+    out_of_state: bool = False
+    """LOGIN or AUTHENTICATE sent when already authenticated: no login attempt, whatever the
+    server answers (a BAD, RFC 3501 section 6.2)."""
 
 
 @dataclass(slots=True)
@@ -176,6 +179,9 @@ class _Sasl:
     tag: str
     mechanism: str
     step: int = 0
+    counts: bool = True
+    """A login attempt (not an AUTHENTICATE sent in the authenticated state): its identity is
+    the flow's user."""
 
 
 _CRED_COMMANDS = frozenset({"LOGIN", "AUTHENTICATE"})
@@ -192,7 +198,7 @@ HANDSHAKE_COMMANDS = frozenset(
     {"CAPABILITY", "ID", "ENABLE", "NAMESPACE", "LIST", "LSUB", "XLIST", "STATUS", "SELECT", "EXAMINE"}
 ) | _CRED_COMMANDS
 #: Commands whose tagged completion changes the session's state.
-_STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE"}
+_STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE", "UNAUTHENTICATE"}
 _TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
 _STATUSES = parse.STATUSES
 #: The response names a greeting may have (RFC 3501 section 7.1, greeting).
@@ -339,6 +345,15 @@ class ImapSession:
         self._attempt_user: str | None = None
         self._idle_tag: str | None = None
         self._login_tag: str | None = None
+        self._authenticated = False
+        """In the authenticated (or selected) state: after a login's OK or a PREAUTH greeting,
+        until UNAUTHENTICATE (RFC 8437)."""
+        self._early: tuple[bytes, str] | None = None
+        """(tag, status) of a completion that came while its command was still arriving: a
+        non-synchronising literal the server refused (RFC 7888 LITERAL-, BAD [TOOBIG])."""
+        self._utf8_names = False
+        """UTF8=ACCEPT (RFC 6855) or IMAP4rev2 (RFC 9051) enabled: mailbox names are UTF-8 as
+        they stand, not modified UTF-7."""
         self._client_lines = 0
         self._server_lines = 0
 
@@ -482,18 +497,19 @@ class ImapSession:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
             self._anomaly(Anomaly.TOO_MANY_PENDING)
-        pending = _Pending(cmd, self.now, known=known)
+        out_of_state = cmd in _CRED_COMMANDS and self._authenticated
+        pending = _Pending(cmd, self.now, known=known, out_of_state=out_of_state)
         self._pending[tag] = pending
 
         args: str | None
-        if cmd in _CRED_COMMANDS:
+        if cmd in _CRED_COMMANDS and not out_of_state:
             if self._login_tag is not None and self._login_tag in self._pending:
                 self._lost_login_completion(cmd, "")
             self._login_tag = tag
         if cmd == "LOGIN":
-            args = self._login(line, argpos)
+            args = self._login(line, argpos, not out_of_state)
         elif cmd == "AUTHENTICATE":
-            args = self._authenticate(line, argpos, tag, pending)
+            args = self._authenticate(line, argpos, tag, pending, not out_of_state)
         else:
             args = self._display_args(line, argpos) if known and self.on_message is not None else None
             if cmd == "STARTTLS":
@@ -507,12 +523,19 @@ class ImapSession:
                 toks = parse.tokens(line, 0, argpos)
                 raw = parse.astring(toks[0]) if toks else None
                 if raw is not None:
-                    self._mailbox(parse.decode_mailbox(raw))
+                    self._mailbox(text(raw) if self._utf8_names else parse.decode_mailbox(raw))
             elif cmd == "ID":
                 self.client_id = parse.id_params(parse.tokens(line, 0, argpos))
             elif cmd == "IDLE":
                 self._idle_tag = tag
                 self.idles += 1
+        early = self._early
+        if early is not None and early[0] == tag_b:
+            # answered before all of it arrived: the completion is already in
+            self._early = None
+            del self._pending[tag]
+            if cmd in _STATE_COMMANDS and not out_of_state:
+                self._completed(cmd, early[1])
         if self.on_message is not None:
             self.on_message(Message.request(self.now, tag, cmd, args, _sizes(line), line.truncated))
 
@@ -531,16 +554,21 @@ class ImapSession:
             raw = raw + b"".join(line.chunks[1:])
         return _shown(raw) if raw else None
 
-    def _login(self, line: RawLine, argpos: int) -> str:
+    def _login(self, line: RawLine, argpos: int, counts: bool) -> str:
+        """A LOGIN's facts (only when ``counts``: an attempt, not one sent when authenticated)
+        and its arguments as shown."""
         toks = parse.tokens(line, 0, argpos)
-        self.auth_command = "LOGIN"
-        self.auth_mechanism = "LOGIN"
+        if counts:
+            self.auth_command = "LOGIN"
+            self.auth_mechanism = "LOGIN"
         user_raw = parse.astring(toks[0]) if toks else None
         # A cut line may have lost the end of the user name: only a token followed by another
         # one (the password) is known to be whole.
+        shown: str | None
         if user_raw is not None and (len(toks) > 1 or not line.truncated):
-            self._try_user(text(user_raw))
-            shown = self._attempt_user
+            shown = text(user_raw)[:MAX_USERNAME]
+            if counts:
+                self._try_user(shown)
         else:
             shown = "?"
         if len(toks) > 1:
@@ -566,14 +594,16 @@ class ImapSession:
             self.secrets.append((wire, blanked))
             del self.secrets[:-MAX_SECRETS]
 
-    def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending) -> str:
+    def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending, counts: bool) -> str:
         head = line.chunks[0]
         words = head[argpos:].split()
         mech = words[0].decode("latin-1").upper()[:64] if words else "?"
-        self.auth_command = "AUTHENTICATE"
-        self.auth_mechanism = mech
+        if counts:
+            self.auth_command = "AUTHENTICATE"
+            self.auth_mechanism = mech
         pending.mechanism = mech
-        self._sasl = _Sasl(tag, mech)
+        # followed even when it does not count: its responses still hold secrets to mask
+        self._sasl = _Sasl(tag, mech, counts=counts)
         if len(words) > 1:
             self._sasl_data(words[1])
             return f"{mech} {MASK}"
@@ -587,15 +617,15 @@ class ImapSession:
         blanked = sasl.blanked_wire(mech, exchange.step, word, decoded)
         if blanked is not None:
             self._keep_secret(word, blanked)
-        if decoded is not None and decoded:
+        if decoded is not None and decoded and exchange.counts:
             who = sasl.identity(mech, exchange.step, decoded)
             if who.user:
                 self._try_user(who.user)
             if who.user or who.authzid:
                 self.authzid = who.authzid
-            if mech in sasl.CLEARTEXT_MECHANISMS and (mech != "LOGIN" or exchange.step >= 1):
-                self.cleartext_credentials = True
-        elif decoded is None:
+        if decoded and mech in sasl.CLEARTEXT_MECHANISMS and (mech != "LOGIN" or exchange.step >= 1):
+            self.cleartext_credentials = True  # readable on the wire, whether it counted or not
+        if decoded is None:
             self._anomaly(Anomaly.BAD_SASL_RESPONSE)
         exchange.step += 1
 
@@ -668,6 +698,7 @@ class ImapSession:
         tag = _tag(tag_b)
         code, rest_text = parse.split_resp_text(after)
         pending = self._pending.pop(tag, None)
+        early = False
         if pending is None:
             client_head = self.client.pending_head
             if client_head is not None and client_head.split(b" ", 1)[0] == tag_b and status != "OK":
@@ -676,12 +707,19 @@ class ImapSession:
                 pending = self._pending.pop(tag, None)
                 if pending is not None:
                     pending.waited_on_client = True  # completed the moment its line was
+                else:
+                    # A refused non-synchronising one (LITERAL-): its bytes come all the same,
+                    # and the command is complete only after them.
+                    self._early = (tag_b, status)
+                    early = True
+                    pending = _Pending(parse.command_words(client_head)[1] or "?", self.now, waited_on_client=True)
+                    pending.known = pending.command in parse.KNOWN_COMMANDS
         if not self.is_imap and (pending.known if pending is not None else self._client_silent()):
             self._confirm()
         if code is not None:
             self._response_code(code, line.truncated and not rest_text)
         command = pending.command if pending else None
-        latency = round((self.now - pending.ts) * 1000.0, 3) if pending else None
+        latency = round((self.now - pending.ts) * 1000.0, 3) if pending and not early else None
         self.statuses[status] += 1
         self.last_status = status
         if latency is not None:
@@ -691,7 +729,7 @@ class ImapSession:
             self._sasl = None
         if self._login_tag is not None and self._login_tag != tag and pending is not None:
             self._lost_login_completion(command, status)
-        if command is not None and command in _STATE_COMMANDS:
+        if pending is not None and command in _STATE_COMMANDS and not pending.out_of_state and not early:
             self._completed(command, status)
         if self.on_message is not None:
             self.on_message(Message.response(self.now, tag, command, status, _clip(code), _shown(rest_text), latency,
@@ -722,6 +760,7 @@ class ImapSession:
         if command in _CRED_COMMANDS:
             self._login_tag = None
             if status == "OK":
+                self._authenticated = True
                 self.login_ok = True
                 if self._attempt_user is not None:
                     self.username = self._attempt_user
@@ -747,6 +786,8 @@ class ImapSession:
                 self._set_payload_mode(PayloadMode.PREFIX)
         elif command == "IDLE":
             self._idle_tag = None
+        elif command == "UNAUTHENTICATE" and status == "OK":
+            self._authenticated = False  # a new login may follow (RFC 8437)
 
     def _untagged(self, line: RawLine, head: bytes, first: bool) -> None:
         # UNTAGGED_GRAMMAR, by hand: matching the pattern was a tenth of this method
@@ -783,6 +824,7 @@ class ImapSession:
                     self.server_software, self.server_product, self.server_version = software.from_greeting(txt)
                 if upper == "PREAUTH":
                     self.preauth = True
+                    self._authenticated = True
             self.statuses[upper] += 1
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
@@ -809,6 +851,10 @@ class ImapSession:
             if upper == "CAPABILITY":
                 self.capabilities = parse.capability_list(after, drop_last=line.truncated)
                 self._offered()
+            elif upper == "ENABLED":
+                enabled = parse.capability_list(after)
+                if "UTF8=ACCEPT" in enabled or "IMAP4REV2" in enabled:
+                    self._utf8_names = True
             elif upper == "ID":
                 self.server_id = parse.id_params(parse.tokens(line, 0, sp + 1 if sp >= 0 else len(head)))
                 if self.server_id:
