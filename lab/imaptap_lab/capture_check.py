@@ -92,6 +92,11 @@ def read_connections(path: Path, ports: set[int]) -> list[Connection]:
     return list(conns.values())
 
 
+def _scram_name(raw: bytes) -> str:
+    """A SCRAM saslname with its =2C and =3D escapes undone (RFC 5802 5.1)."""
+    return raw.replace(b"=2C", b",").replace(b"=3D", b"=").decode()
+
+
 TOKEN_RE = re.compile(rb'\s*(?:(\()|(\))|"((?:[^"\\]|\\.)*)"|([^\s()"]+))')
 
 
@@ -134,13 +139,17 @@ class Observer:
         self.sasl_tag: bytes | None = None
         self.sasl_lines: list[bytes] = []
         self.idle = False
+        self.authenticated = False  # a login's OK seen: LOGIN/AUTHENTICATE are then out of state
+        self.sasl_counts = True
+        self.sasl_challenges: list[bytes] = []
+        self.server_lines = 0
         self.greeting: bytes | None = None
         self.capabilities: set[bytes] = set()
         self.last_capabilities: list[str] = []
         """The last capability list the server sent, upper case (greeting, * CAPABILITY, a code)."""
         self.facts = flow("?", None, commands=[], auth_command=None, auth_mechanism=None,
                           login_ok=None, starttls="none", cleartext_credentials=False,
-                          port=conn.server[1], family=conn.family)
+                          port=conn.server[1], family=conn.family, server_software=None)
         self.facts.pop("client_kind")
         self.sasl_secrets: list[str] = []
         self.cleartext = b""  # everything readable, for the secrets check
@@ -148,6 +157,11 @@ class Observer:
             self.feed(from_client, payload)
         if self.facts["starttls"] == "none" and b"STARTTLS" in self.capabilities:
             self.facts["starttls"] = "offered"
+        # IMAP when the server greets first; without a byte from the server (a one-sided
+        # capture), when the client sent commands
+        server_spoke = any(not c for c, _ in conn.chunks)
+        greets = self.greeting is not None and re.match(rb"\* (OK|PREAUTH|BYE)\b", self.greeting, re.I)
+        self.facts["imap"] = bool(greets) if server_spoke else bool(self.facts["commands"])
 
     def feed(self, side: bool, data: bytes) -> None:
         """Take payload bytes of one side (True: the client), inflated once COMPRESS is on."""
@@ -179,7 +193,7 @@ class Observer:
 
     def client_line(self, pieces: list[bytes]) -> None:
         """One client command (its line and literals): command names, user, mailboxes, ID, STARTTLS."""
-        if self.sasl_tag is not None:
+        if self.sasl_tag is not None and not re.match(rb"\S+ \S", pieces[0]):
             self.sasl_lines.append(pieces[0])
             return
         if self.idle:
@@ -194,7 +208,11 @@ class Observer:
             name = "UID " + args.pop(0).decode().upper()
         self.facts["commands"].append(name)
         self.tags[tag] = name
-        if name == "LOGIN" and len(args) >= 2:
+        if name in ("LOGIN", "AUTHENTICATE") and self.authenticated:
+            self.tags[tag] = "OUT-OF-STATE " + name  # answered BAD for the state: no attempt
+            if name == "LOGIN" and len(args) >= 2:
+                self.facts["cleartext_credentials"] = True
+        elif name == "LOGIN" and len(args) >= 2:
             self.facts["username"] = args[0].decode("utf-8", "replace")
             self.facts["auth_command"] = self.facts["auth_mechanism"] = "LOGIN"
             self.facts["cleartext_credentials"] = True
@@ -203,6 +221,7 @@ class Observer:
             self.facts["auth_mechanism"] = args[0].decode().upper()
             self.sasl_tag = tag
             self.sasl_lines = [args[1]] if len(args) > 1 else []
+            self.sasl_challenges = []
         elif name in ("SELECT", "EXAMINE"):
             self.facts["mailboxes_wire"].append(args[0].decode())
         elif name == "IDLE":
@@ -217,7 +236,10 @@ class Observer:
     def server_line(self, pieces: list[bytes]) -> None:
         """One server line: greeting, capabilities, ID, and the tagged completions."""
         line = pieces[0]
-        if self.greeting is None:
+        self.server_lines += 1
+        if self.sasl_tag is not None and line.startswith(b"+"):
+            self.sasl_challenges.append(line[1:].strip())
+        if self.greeting is None and self.server_lines == 1:
             self.greeting = line
             if b"Dovecot" in line:
                 self.facts["server_software"] = "Dovecot"
@@ -237,6 +259,7 @@ class Observer:
         name = self.tags.pop(tag)
         if name in ("LOGIN", "AUTHENTICATE"):
             if status == b"OK":
+                self.authenticated = True
                 self.facts["login_ok"] = True
             else:
                 self.facts["login_failures"] += 1
@@ -261,10 +284,21 @@ class Observer:
         decoded = [base64.b64decode(x) if x not in (b"=", b"*") else b"" for x in self.sasl_lines]
         if mech == "PLAIN" and decoded:
             self.facts["username"] = decoded[0].split(b"\0")[1].decode()
+            self.facts["authzid"] = decoded[0].split(b"\0")[0].decode() or None
             self.facts["cleartext_credentials"] = True
         elif mech == "LOGIN" and decoded:
             self.facts["username"] = decoded[0].decode()
             self.facts["cleartext_credentials"] = True
+        elif mech.startswith("SCRAM-") and decoded:
+            # client-first: gs2 header "n,[a=authzid]," then "n=user,r=nonce"
+            attrs = dict(p.split(b"=", 1) for p in decoded[0].split(b",")[2:] if b"=" in p)
+            self.facts["username"] = _scram_name(attrs[b"n"])
+            gs2_authzid = decoded[0].split(b",")[1]
+            self.facts["authzid"] = _scram_name(gs2_authzid[2:]) if gs2_authzid else None
+            # the client-final message (its proof) and the server-final one (its signature)
+            self.sasl_secrets += [x.decode() for x in self.sasl_lines[1:2] if x]
+            self.sasl_secrets += [c.decode() for c in self.sasl_challenges
+                                  if base64.b64decode(c).startswith(b"v=")]
         elif mech == "CRAM-MD5" and decoded:
             self.facts["username"] = decoded[0].rsplit(b" ", 1)[0].decode()
             self.sasl_secrets += [self.sasl_lines[0].decode(), decoded[0].rsplit(b" ", 1)[1]
@@ -272,9 +306,11 @@ class Observer:
         self.sasl_tag = None
 
 
-COMPARED = ["port", "family", "username", "auth_command", "auth_mechanism", "login_ok",
-            "login_failures", "starttls", "compressed", "mailboxes_wire", "client_id",
-            "server_id", "server_software", "commands", "cleartext_credentials"]
+COMPARED = ["port", "family", "imap", "username", "authzid", "auth_command", "auth_mechanism",
+            "login_ok", "login_failures", "starttls", "compressed", "mailboxes_wire", "client_id",
+            "server_id", "server_software", "commands", "cleartext_credentials", "capabilities"]
+"""Compared where the stated facts have them (entries older than a key lack it; only the Cyrus
+captures state ``capabilities``)."""
 
 
 def check_capture(path: Path, outcome: Outcome, ports: set[int]) -> None:
@@ -286,14 +322,14 @@ def check_capture(path: Path, outcome: Outcome, ports: set[int]) -> None:
     for index, (conn, facts) in enumerate(zip(conns, outcome.flows, strict=True)):
         seen = Observer(conn)
         seen.facts["capabilities"] = seen.last_capabilities
-        for key in COMPARED + ["capabilities"] * ("capabilities" in facts):
-            if seen.facts[key] != facts[key]:
+        for key in COMPARED:
+            if key in facts and seen.facts[key] != facts[key]:
                 raise RuntimeError(f"{path.name} flow {index}: {key} is {seen.facts[key]!r} "
                                    f"in the capture but {facts[key]!r} in the facts")
         for secret in seen.sasl_secrets:
             if secret not in outcome.secrets:
                 outcome.secrets.append(secret)
-        if facts["cleartext_credentials"]:
+        if facts.get("cleartext_credentials"):
             blob = seen.cleartext
             if not any(s.encode() in blob for s in outcome.secrets):
                 raise RuntimeError(f"{path.name} flow {index}: no listed secret in clear")
@@ -333,6 +369,11 @@ def tshark_findings(path: Path, outcome: Outcome) -> list[str]:
     for index, facts in enumerate(outcome.flows):
         got = streams.get(index, {"commands": [], "users": [], "pws": [], "lines": 0})
         prefix = f"flow {index}: " if len(outcome.flows) > 1 else ""
+        if not facts.get("imap", True):
+            if got["lines"] or got["commands"]:
+                findings.append(prefix + f"takes it for IMAP: {got['lines']} lines, commands "
+                                + ", ".join(sorted(set(got["commands"]))))
+            continue
         expected_user = facts["username"]
         wrong_users = sorted({u for u in got["users"] if u != expected_user})
         if wrong_users:

@@ -25,14 +25,18 @@ def flow(client_kind: str, username: str | None, *, commands: list[str],
          compressed: bool = False, mailboxes: list[str] | None = None,
          mailboxes_wire: list[str] | None = None, client_id: dict | None = None,
          server_id: dict | None = None, cleartext_credentials: bool = True,
-         port: int = IMAP_PORT, family: str = "ipv4", server_software: str = "Dovecot",
-         capabilities: list[str] | None = None) -> dict:
+         port: int = IMAP_PORT, family: str = "ipv4", authzid: str | None = None,
+         server_software: str | None = "Dovecot", capabilities: list[str] | None = None,
+         imap: bool = True) -> dict:
     """The facts a correct analyzer reports for one TCP connection (see MANIFEST.md);
     ``capabilities`` (the last list the server sent) only where a scenario states them."""
     mailboxes = mailboxes or []
+    if not imap:
+        return {"port": port, "family": family, "client_kind": client_kind, "imap": False}
     extra = {} if capabilities is None else {"capabilities": capabilities}
     return {
-        "port": port, "family": family, "client_kind": client_kind, "username": username,
+        "port": port, "family": family, "client_kind": client_kind, "imap": True, "username": username,
+        "authzid": authzid,
         "auth_command": auth_command, "auth_mechanism": auth_mechanism, "login_ok": login_ok,
         "login_failures": login_failures, "starttls": starttls, "compressed": compressed,
         "mailboxes": mailboxes,
@@ -99,6 +103,8 @@ class Scenario:
     run: Callable[[Lab], Outcome]
     server: str = "dovecot"
     """The lab's server: ``dovecot`` or ``cyrus`` (imaptap_lab.lab.Server)."""
+    port_filter: str | None = None
+    """What tcpdump records (default: the lab's IMAP ports, both directions)."""
 
 
 MANIFEST_INTRO = """\
@@ -118,11 +124,14 @@ capture by the script's own reassembler; a mismatch fails the script.
 Lab users: alice / `Alice-Pw-7391`, bob / `Bob Pw "quoted" 42`, carol / `Carol-Pw-5520`,
 dave / `Dave-Pw-8812`. Dovecot greets with
 `* OK [CAPABILITY IMAP4rev1 SASL-IR LOGIN-REFERRALS ID ENABLE IDLE LITERAL+ STARTTLS
-AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5] Dovecot (Debian) ready.` and offers COMPRESS=DEFLATE
-after login. Cyrus greets with `* OK [CAPABILITY IMAP4rev1 LITERAL+ ID ENABLE STARTTLS
-AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5 AUTH=SCRAM-SHA-1 AUTH=SCRAM-SHA-256 SASL-IR] imaptap-lab
-Cyrus IMAP <version> server ready`, answers a login with a ~1 KB `OK [CAPABILITY ...]` and ID
-with a ~500-byte list, the lines the default snap length used to cut.
+AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5] Dovecot (Debian) ready.` (since the SCRAM captures also
+`AUTH=SCRAM-SHA-1 AUTH=SCRAM-SHA-256`) and offers COMPRESS=DEFLATE after login. Cyrus greets
+with `* OK [CAPABILITY IMAP4rev1 LITERAL+ ID ENABLE STARTTLS AUTH=PLAIN AUTH=LOGIN AUTH=CRAM-MD5
+AUTH=SCRAM-SHA-1 AUTH=SCRAM-SHA-256 SASL-IR] imaptap-lab Cyrus IMAP <version> server ready`,
+answers a login with a ~1 KB `OK [CAPABILITY ...]` and ID with a ~500-byte list, the lines the
+default snap length used to cut.
+`scripts/make-captures --only NAME ...` re-records only those scenarios: the other captures
+are kept as they are, checked again, and keep their entries here.
 
 ## facts.json
 
@@ -134,22 +143,28 @@ with a ~500-byte list, the lines the default snap length used to cut.
 FACT_KEYS = (
     ("`port`, `family`", "server port; `ipv4` or `ipv6`"),
     ("`client_kind`", "`imaplib` (Python 3.11), `curl` (7.88), `mbsync` (isync 1.4.4), `fetchmail` (6.4), "
-                      "`offlineimap` (offlineimap3 8.0), `raw` (the script's own socket client)"),
+                      "`offlineimap` (offlineimap3 8.0), `raw` (the script's own socket client, SCRAM "
+                      "included)"),
+    ("`imap`", "`false` for a connection that is not IMAP (a web server on the port): its entry has "
+               "no other key; absent (true) in entries written before it existed"),
     ("`username`", "as the server received it (astring/literal decoded, SASL decoded); `null` if "
                    "not visible (inside TLS)"),
+    ("`authzid`", "the authorization identity a SASL response carried, or `null`"),
     ("`auth_command`", "`LOGIN` or `AUTHENTICATE`; `null` if not visible"),
     ("`auth_mechanism`", "`LOGIN` for the LOGIN command, else the SASL mechanism (`PLAIN`, `LOGIN`, "
-                         "`CRAM-MD5`)"),
+                         "`CRAM-MD5`, `SCRAM-SHA-1`, `SCRAM-SHA-256`)"),
     ("`login_ok`", "`true` if a LOGIN/AUTHENTICATE got OK, `false` if attempts all failed, `null` "
                    "if none visible"),
-    ("`login_failures`", "tagged NO/BAD answers to LOGIN/AUTHENTICATE"),
+    ("`login_failures`", "tagged NO/BAD answers to LOGIN/AUTHENTICATE, not counting those sent "
+                         "when already logged in (Dovecot answers them BAD for the state)"),
     ("`starttls`", "`offered` (in capabilities, not used), `requested`, `completed` (OK: the rest "
-                   "is TLS), `refused` (NO/BAD); `none` never happens with this Dovecot"),
+                   "is TLS), `refused` (NO/BAD); `none` only where no server byte was captured"),
     ("`compressed`", "COMPRESS DEFLATE completed"),
     ("`mailboxes`", "SELECT/EXAMINE targets in order, decoded (modified UTF-7 → Unicode)"),
     ("`mailboxes_wire`", "the same, as on the wire after astring decoding (`Entw&APw-rfe`)"),
     ("`client_id`, `server_id`", "ID parameters as a dict, or `null`"),
-    ("`server_software`", "from the greeting: `Dovecot`, `Cyrus IMAP <version>`"),
+    ("`server_software`", "from the greeting: `Dovecot`, `Cyrus IMAP <version>`; `null` where no server "
+                          "byte was captured"),
     ("`capabilities`", "stated by the Cyrus captures only: the last capability list the server sent, upper "
                        "case, as the client received it"),
     ("`commands`", "every command name the client sent, upper case, `UID FETCH` as one, including "
@@ -190,9 +205,15 @@ def summarize(flows: list[dict]) -> str:
     """The facts of a capture's flows in one table cell, flows numbered and joined by <br>."""
     parts = []
     for index, f in enumerate(flows):
+        if not f.get("imap", True):
+            parts.append((f"{index + 1}: " if len(flows) > 1 else "")
+                         + f"port {f['port']}/{f['family']}; not IMAP: no message, no IMAP fact")
+            continue
         who = repr(f["username"]).replace("\\\\", "\\") if f["username"] is not None else "—"
         auth = (auth_label(f) if f["auth_command"] else "auth not visible")
         bits = [f"port {f['port']}/{f['family']}", f"user {who}", auth]
+        if f.get("authzid"):
+            bits.append(f"authzid {f['authzid']!r}")
         if f["login_ok"] is not None:
             bits.append("ok" if f["login_ok"] else "failed")
         if f["login_failures"]:

@@ -38,7 +38,8 @@ Use it from Python (as root)::
 or from the shell: ``scripts/imaplab.py start|stop|status`` (its entry point).
 
 The server offers STARTTLS (self-signed certificate), LOGIN and AUTHENTICATE
-PLAIN/LOGIN/CRAM-MD5 in clear text, LITERAL+, SASL-IR, ID, IDLE and COMPRESS=DEFLATE.
+PLAIN/LOGIN/CRAM-MD5/SCRAM-SHA-1/SCRAM-SHA-256 in clear text, LITERAL+, SASL-IR, ID, IDLE
+and COMPRESS=DEFLATE.
 This module uses the standard library only.
 """
 
@@ -393,7 +394,8 @@ default_internal_user = {internal_user}
 
 # Plain-text authentication on port 143 is the point of the lab.
 disable_plaintext_auth = no
-auth_mechanisms = plain login cram-md5
+# SCRAM works from the passwd-file's plain passwords (Debian builds Dovecot without NTLM).
+auth_mechanisms = plain login cram-md5 scram-sha-1 scram-sha-256
 # The default 2 s delay after a failed login only slows failed-login tests down (a failure is
 # still answered up to 0.5 s late: the auth process flushes failures on that interval).
 auth_failure_delay = 0

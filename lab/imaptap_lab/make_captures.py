@@ -23,10 +23,15 @@ Standard library and this package only; tshark and the clients must be installed
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import hashlib
+import hmac
 import imaplib
+import json
 import os
 import re
+import secrets
 import shutil
 import socket
 import ssl
@@ -35,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from imaptap_lab.capture_check import check_capture, tshark_findings, tshark_version
@@ -50,7 +56,7 @@ from imaptap_lab.capture_facts import (
     write_outputs,
 )
 from imaptap_lab.checkout import PCAP_DIR
-from imaptap_lab.lab import ALT_IMAP_PORT, IMAP_PORT, Lab, LabError, Server
+from imaptap_lab.lab import ALT_IMAP_PORT, IMAP_PORT, LAB_PORTS, Lab, LabError, Server
 from imaptap_lab.mail import dated_mail
 
 CLIENT_TIMEOUT = 15.0
@@ -69,11 +75,12 @@ MAX_CAPTURE_BYTES = 64 * 1024
 SCENARIOS: list[Scenario] = []
 
 
-def scenario(name: str, client: str, description: str, server: str = "dovecot"):
+def scenario(name: str, client: str, description: str, server: str = "dovecot",
+             port_filter: str | None = None):
     """Register the decorated function as the scenario of capture NAME.pcap (run against the
-    lab's ``server``)."""
+    lab's ``server``, tcpdump recording ``port_filter``, by default the lab's IMAP ports)."""
     def register(func: Callable[[Lab], Outcome]) -> Callable[[Lab], Outcome]:
-        SCENARIOS.append(Scenario(name, client, description, func, server))
+        SCENARIOS.append(Scenario(name, client, description, func, server=server, port_filter=port_filter))
         return func
     return register
 
@@ -149,6 +156,67 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+SCRAM_NONCE_BYTES = 18
+"""Random bytes of the client nonce (RFC 5802 wants it unpredictable; 24 base64 characters)."""
+SCRAM_HASHES = {"SCRAM-SHA-1": "sha1", "SCRAM-SHA-256": "sha256"}
+
+
+def _saslname(name: str) -> str:
+    """A SCRAM user or authzid, with ``,`` and ``=`` escaped (RFC 5802 section 5.1)."""
+    return name.replace("=", "=3D").replace(",", "=2C")
+
+
+@dataclass
+class ScramResult:
+    """How a SCRAM exchange ended, and the secrets that crossed the wire (as base64)."""
+
+    status: bytes
+    """The tagged completion."""
+    secrets: list[str]
+    """The client-final message (it holds the proof) and the server-final one (the signature)."""
+
+
+def scram_authenticate(raw: RawClient, tag: str, mechanism: str, user: str, password: str, *,
+                       authzid: str | None = None, initial_response: bool = True) -> ScramResult:
+    """AUTHENTICATE with SCRAM-SHA-1 or SCRAM-SHA-256 (RFC 5802, RFC 7677), computed here with
+    hashlib and hmac: a real client of the lab's real Dovecot, which imaplib cannot be."""
+    algorithm = SCRAM_HASHES[mechanism]
+    nonce = base64.b64encode(secrets.token_bytes(SCRAM_NONCE_BYTES)).decode()
+    gs2 = "n," + (f"a={_saslname(authzid)}" if authzid else "") + ","
+    first_bare = f"n={_saslname(user)},r={nonce}"
+    first = b64(gs2 + first_bare).encode()
+    if initial_response:
+        raw.send(f"{tag} AUTHENTICATE {mechanism} ".encode() + first + b"\r\n")
+    else:
+        raw.send(f"{tag} AUTHENTICATE {mechanism}\r\n".encode())
+        raw.until(b"+")
+        raw.send(first + b"\r\n")
+    challenge = raw.until(b"+")[-1]
+    server_first = base64.b64decode(challenge[1:].strip()).decode()
+    attrs = dict(part.split("=", 1) for part in server_first.split(","))
+    if not attrs["r"].startswith(nonce):
+        raise RuntimeError(f"SCRAM: the server's nonce does not extend ours: {server_first!r}")
+    salted = hashlib.pbkdf2_hmac(algorithm, password.encode(), base64.b64decode(attrs["s"]), int(attrs["i"]))
+    client_key = hmac.new(salted, b"Client Key", algorithm).digest()
+    stored_key = hashlib.new(algorithm, client_key).digest()
+    final_bare = f"c={b64(gs2)},r={attrs['r']}"
+    auth_message = f"{first_bare},{server_first},{final_bare}".encode()
+    signature = hmac.new(stored_key, auth_message, algorithm).digest()
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    final = b64(f"{final_bare},p={base64.b64encode(proof).decode()}")
+    raw.send(final.encode() + b"\r\n")
+    answer = raw.until(b"")[-1]  # the server-final continuation, or the tagged NO
+    if not answer.startswith(b"+"):
+        return ScramResult(answer, [final])
+    server_final = answer[1:].strip().decode()
+    server_key = hmac.new(salted, b"Server Key", algorithm).digest()
+    expected = "v=" + base64.b64encode(hmac.new(server_key, auth_message, algorithm).digest()).decode()
+    if base64.b64decode(server_final).decode() != expected:
+        raise RuntimeError("SCRAM: the server's signature is wrong")
+    raw.send(b"\r\n")  # the client's empty final response
+    return ScramResult(raw.until(tag.encode() + b" ")[-1], [final, server_final])
 
 
 def ok(result: tuple) -> list:
@@ -657,6 +725,171 @@ def starttls_refused(lab: Lab) -> Outcome:
                          commands=["LOGIN", "STARTTLS", "NOOP", "LOGOUT"])], [pw])
 
 
+@scenario("auth-scram", "raw (SCRAM)",
+          "AUTHENTICATE SCRAM-SHA-256 with SASL-IR as carol, then SELECT; a second connection "
+          "AUTHENTICATE SCRAM-SHA-1 without initial response and with authzid alice, first with a "
+          "wrong password (NO), then the right one. The client is the script's own (hashlib, hmac): "
+          "client-first n,a=alice,n=alice,r=..., server-first, client-final with the proof, "
+          "server-final v=..., the client's empty response, the tagged completion")
+def auth_scram(lab: Lab) -> Outcome:
+    carol, alice = lab.users["carol"], lab.users["alice"]
+    found: list[str] = []
+    raw = RawClient(lab.server4)
+    result = scram_authenticate(raw, "c1", "SCRAM-SHA-256", "carol", carol)
+    if not result.status.startswith(b"c1 OK"):
+        raise RuntimeError(f"SCRAM-SHA-256 failed: {result.status!r}")
+    found += result.secrets
+    raw.expect_ok("c2", "SELECT INBOX")
+    raw.expect_ok("c3", "LOGOUT")
+    raw.close()
+    raw = RawClient(lab.server4)
+    wrong = scram_authenticate(raw, "s1", "SCRAM-SHA-1", "alice", WRONG_PASSWORDS[0], authzid="alice",
+                               initial_response=False)
+    if not wrong.status.startswith(b"s1 NO"):
+        raise RuntimeError(f"SCRAM-SHA-1 with a wrong password: {wrong.status!r}")
+    right = scram_authenticate(raw, "s2", "SCRAM-SHA-1", "alice", alice, authzid="alice", initial_response=False)
+    if not right.status.startswith(b"s2 OK"):
+        raise RuntimeError(f"SCRAM-SHA-1 failed: {right.status!r}")
+    found += wrong.secrets + right.secrets
+    raw.expect_ok("s3", "LOGOUT")
+    raw.close()
+    return Outcome([
+        flow("raw", "carol", auth_command="AUTHENTICATE", auth_mechanism="SCRAM-SHA-256", mailboxes=["INBOX"],
+             cleartext_credentials=False, commands=["AUTHENTICATE", "SELECT", "LOGOUT"]),
+        flow("raw", "alice", authzid="alice", auth_command="AUTHENTICATE", auth_mechanism="SCRAM-SHA-1",
+             login_failures=1, cleartext_credentials=False, commands=["AUTHENTICATE", "AUTHENTICATE", "LOGOUT"]),
+    ], [carol, alice, WRONG_PASSWORDS[0], *found],
+        notes="Secrets: the passwords, and each client-final message (its proof) and server-final one "
+              "(its signature) as base64, as they crossed the wire.")
+
+
+MULTIAPPEND_MAILS = [dated_mail(f"MULTIAPPEND part {n}", f"Mail {n} of one APPEND command.\n",
+                                msgid=f"multiappend-{n}", to="bob@imaptap.test") for n in (1, 2)]
+CATENATE_TEXT = b"\r\nThis line came in the APPEND itself, between two URL parts.\r\n"
+
+
+@scenario("multiappend-catenate", "raw",
+          "several literals in one command: APPEND of two mails at once (MULTIAPPEND, RFC 3502), "
+          "each a synchronising literal after its own '+ OK'; then APPEND CATENATE (RFC 4469) of a "
+          "message made of a URL to mail 1's header, a TEXT literal and a URL to its body")
+def multiappend_catenate(lab: Lab) -> Outcome:
+    pw = lab.users["bob"]
+    first, second = MULTIAPPEND_MAILS
+    raw = RawClient(lab.server4)
+    raw.expect_ok("m1", f"LOGIN bob {quote(pw)}")
+    raw.send(b"m2 APPEND INBOX (\\Seen) {%d}\r\n" % len(first))
+    raw.until(b"+")
+    raw.send(first + b" (\\Seen) {%d}\r\n" % len(second))
+    raw.until(b"+")
+    raw.send(second + b"\r\n")
+    status = raw.until(b"m2 ")[-1]
+    if not re.match(rb"m2 OK \[APPENDUID \d+ \d+:\d+\]", status):
+        raise RuntimeError(f"MULTIAPPEND: {status!r}")
+    raw.send(b"m3 SELECT INBOX\r\n")
+    selected = raw.until(b"m3 ")
+    validity = next(m.group(1) for line in selected if (m := re.search(rb"UIDVALIDITY (\d+)", line)))
+    url = b'URL "/INBOX;UIDVALIDITY=%s/;UID=1/;SECTION=%s"'
+    raw.send(b"m4 APPEND INBOX CATENATE (" + url % (validity, b"HEADER") + b" TEXT {%d}\r\n" % len(CATENATE_TEXT))
+    raw.until(b"+")
+    raw.send(CATENATE_TEXT + b" " + url % (validity, b"TEXT") + b")\r\n")
+    status = raw.until(b"m4 ")[-1]
+    if not status.startswith(b"m4 OK [APPENDUID"):
+        raise RuntimeError(f"CATENATE: {status!r}")
+    raw.expect_ok("m5", "LOGOUT")
+    raw.close()
+    return Outcome([flow("raw", "bob", mailboxes=["INBOX"], commands=["LOGIN", "APPEND", "SELECT", "APPEND",
+                                                                     "LOGOUT"])], [pw, quote(pw)[1:-1]])
+
+
+@scenario("wrong-state", "raw",
+          "commands sent in the wrong state, each answered BAD by Dovecot: SELECT before login; "
+          "after LOGIN carol, a second LOGIN, an AUTHENTICATE PLAIN with initial response and a "
+          "FETCH with no mailbox selected; then NOOP and LOGOUT. The login stays the first one, "
+          "with no failure")
+def wrong_state(lab: Lab) -> Outcome:
+    pw = lab.users["carol"]
+    raw = RawClient(lab.server4)
+    refused = [raw.command("w1", "SELECT INBOX")]
+    raw.expect_ok("w2", f"LOGIN carol {pw}")
+    refused.append(raw.command("w3", f"LOGIN carol {pw}"))
+    refused.append(raw.command("w4", "AUTHENTICATE PLAIN " + plain_secret("carol", pw)[1]))
+    refused.append(raw.command("w5", "FETCH 1 (FLAGS)"))
+    if not all(line.split(b" ", 2)[1] == b"BAD" for line in refused):
+        raise RuntimeError(f"expected BAD for each command in the wrong state: {refused!r}")
+    raw.expect_ok("w6", "NOOP")
+    raw.expect_ok("w7", "LOGOUT")
+    raw.close()
+    return Outcome([flow("raw", "carol", mailboxes=["INBOX"],
+                         commands=["SELECT", "LOGIN", "LOGIN", "AUTHENTICATE", "FETCH", "NOOP", "LOGOUT"])],
+                   plain_secret("carol", pw),
+                   notes="mailboxes lists the SELECT sent before login: the targets clients asked for, "
+                         "whatever the answer.")
+
+
+HTTP_PORT = 8143
+"""The web server's port, watched as if it were IMAP (README: --port 8143)."""
+HTTP_PASSWORD = "Http-Pw-4242"
+HTTP_READY_TIMEOUT = 10.0
+
+
+def _http_exchange(addr: str, request: bytes) -> bytes:
+    """Send ``request`` to the web server and read its whole answer (it closes)."""
+    with socket.create_connection((addr, HTTP_PORT), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+@scenario("http-on-imap-port", "curl + raw",
+          f"a web server (python3 -m http.server) on port {HTTP_PORT}, watched as IMAP: curl fetches "
+          f"its directory listing, then a client sends 'a1 LOGIN x {HTTP_PASSWORD}' to it, which "
+          "answers with an HTTP error page (400, the password quoted in it; as for HTTP/0.9, without "
+          "a status line). Neither is IMAP: no "
+          "message, no user, no credentials",
+          port_filter=f"tcp port {HTTP_PORT}")
+def http_on_imap_port(lab: Lab) -> Outcome:
+    with tempfile.TemporaryDirectory(prefix="imaptap-http-") as root:
+        (Path(root) / "index.txt").write_text("a1 OK not IMAP\r\n")
+        server = lab.popen_in_ns([sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", lab.server4,
+                                  "--directory", root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            # asked of the namespace's sockets, not by connecting: a probe would be a flow too
+            deadline = time.monotonic() + HTTP_READY_TIMEOUT
+            while not lab.run_in_ns(["ss", "-Htln", f"sport = :{HTTP_PORT}"], capture_output=True).stdout:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("the web server did not start")
+                time.sleep(0.1)
+            listing = run_curl([f"http://{lab.server4}:{HTTP_PORT}/"])
+            if b"index.txt" not in listing:
+                raise RuntimeError(f"curl got no directory listing: {listing[:200]!r}")
+            answer = _http_exchange(lab.server4, f"a1 LOGIN x {HTTP_PASSWORD}\r\n".encode())
+            # a line that is no HTTP request line is answered as HTTP/0.9 would be: the error
+            # page alone, no status line
+            if b"Error code: 400" not in answer:
+                raise RuntimeError(f"the web server answered {answer[:100]!r}")
+        finally:
+            server.terminate()
+            server.wait(timeout=CLIENT_TIMEOUT)
+    return Outcome([flow("curl", None, commands=[], port=HTTP_PORT, imap=False),
+                    flow("raw", None, commands=[], port=HTTP_PORT, imap=False)], [HTTP_PASSWORD])
+
+
+@scenario("client-only", "imaplib",
+          "a one-sided capture: only what the client sent (tcpdump 'tcp dst port 143'), LOGIN alice, "
+          "SELECT INBOX, LOGOUT. With no server byte, the client's commands decide that it is IMAP; "
+          "no greeting, so no server software, and no login outcome",
+          port_filter=f"tcp dst port {IMAP_PORT}")
+def client_only(lab: Lab) -> Outcome:
+    pw = lab.users["alice"]
+    imap = imap4(lab)
+    ok(imap.login("alice", pw))
+    ok(imap.select("INBOX"))
+    imap.logout()
+    return Outcome([flow("imaplib", "alice", login_ok=None, starttls="none", server_software=None,
+                         mailboxes=["INBOX"], commands=["CAPABILITY", "LOGIN", "SELECT", "LOGOUT"])], [pw])
+
 
 # ------------------------------------------------------------------------------------------
 # Cyrus IMAP (Lab(server="cyrus")): the lines longer than the default snap length
@@ -844,7 +1077,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of scripts/make-captures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs="+", metavar="NAME",
-                        help="make only these captures; facts.json and MANIFEST.md keep the others' entries")
+                        help="make only these captures; the others are kept, checked again, and keep "
+                             "their entries in facts.json and MANIFEST.md")
     parser.add_argument("--output-dir", type=Path, default=PCAP_DIR, metavar="DIR",
                         help="write the captures, facts.json and MANIFEST.md here (default: pcaps/)")
     return parser
@@ -886,13 +1120,18 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     order = [s.name for s in SCENARIOS]
     results.sort(key=lambda r: order.index(r[0].name))
-    if not args.only:
+    if args.only:
+        try:
+            recheck_kept(out_dir, {s.name for s in chosen}, set(LAB_PORTS))
+        except RuntimeError as err:
+            print(f"make-captures: {err}", file=sys.stderr)
+            return 1
+        merge_outputs(results, out_dir, tshark_version(), order)
+    else:
         stale = {p.name for p in out_dir.glob("*.pcap")} - {f"{s.name}.pcap" for s in SCENARIOS}
         for name in sorted(stale):
             (out_dir / name).unlink()
         write_outputs(results, out_dir, tshark_version())
-    else:
-        merge_outputs(results, out_dir, tshark_version(), order)
     print(f"wrote {out_dir / 'facts.json'} and {out_dir / 'MANIFEST.md'}")
     return 0
 
@@ -904,15 +1143,31 @@ CLIENT_TOOLS = {"curl": "curl", "mbsync": "mbsync", "fetchmail": "fetchmail", "o
 def record(lab: Lab, sc: Scenario, out_dir: Path) -> tuple[Scenario, Outcome, list[str]]:
     """Run one scenario under tcpdump, check the capture against its facts, ask tshark."""
     path = out_dir / f"{sc.name}.pcap"
-    with lab.capture(path):
+    with lab.capture(path, *([sc.port_filter] if sc.port_filter else [])):
         outcome = sc.run(lab)
-    check_capture(path, outcome, set(lab.ports))
+    check_capture(path, outcome, set(lab.ports) | {f["port"] for f in outcome.flows})
     size = path.stat().st_size
     if size > MAX_CAPTURE_BYTES:
         raise RuntimeError(f"{path.name} is {size} bytes; keep captures small")
     findings = tshark_findings(path, outcome)
     print(f"{path.name:28} {size:6} bytes  {len(outcome.flows)} flow(s)", flush=True)
     return sc, outcome, findings
+
+
+def recheck_kept(out_dir: Path, remade: set[str], ports: set[int]) -> None:
+    """Check every capture ``--only`` keeps against its facts again (the checker may have
+    learnt something since it was made); RuntimeError on a difference."""
+    facts_path = out_dir / "facts.json"
+    if not facts_path.exists():
+        return
+    for name, entry in json.loads(facts_path.read_text()).items():
+        path = out_dir / name
+        if name.removesuffix(".pcap") in remade or not path.exists():
+            continue
+        outcome = Outcome(entry["flows"], list(entry["secrets"]), entry.get("decoys", []))
+        check_capture(path, outcome, ports | set(entry["ports"]))
+        print(f"{name:28} kept, facts checked again", flush=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,7 +27,7 @@ with open(os.path.join(OWN_PCAPS, "facts.json")) as _f:
 def test_every_committed_capture_shows_its_committed_facts(name):
     entry = FACTS[name]
     outcome = Outcome(entry["flows"], list(entry["secrets"]), entry["decoys"])
-    cc.check_capture(Path(OWN_PCAPS, name), outcome, set(LAB_PORTS))
+    cc.check_capture(Path(OWN_PCAPS, name), outcome, set(LAB_PORTS) | set(entry["ports"]))
 
 
 def test_every_committed_capture_has_facts():
@@ -187,3 +187,37 @@ def test_the_observer_takes_id_parameters_from_both_sides():
 def test_tokens_unescape_quoted_strings_and_keep_literals_whole():
     assert cc.tokens([b'"Bob Pw \\"quoted\\" 42" (a b) {3}', b"x y", b""]) == [
         b'Bob Pw "quoted" 42', "(", b"a", b"b", ")", b"x y", ]
+
+
+def test_the_observer_follows_scram_and_keeps_its_secrets():
+    b64 = base64.b64encode
+    final, signature = b64(b"c=biws,r=abcdef,p=cHJvb2Y="), b64(b"v=c2lnbmF0dXJl")
+    seen = cc.Observer(connection(
+        GREETING, (True, b"s1 AUTHENTICATE SCRAM-SHA-1 " + b64(b"n,a=al=2Cice,n=al=3Dice,r=abc") + b"\r\n"),
+        (False, b"+ " + b64(b"r=abcdef,s=c2FsdA==,i=4096") + b"\r\n"), (True, final + b"\r\n"),
+        (False, b"+ " + signature + b"\r\n"), (True, b"\r\n"), (False, b"s1 OK Logged in\r\n")))
+    f = seen.facts
+    assert (f["username"], f["authzid"], f["auth_mechanism"], f["login_ok"]) == \
+        ("al=ice", "al,ice", "SCRAM-SHA-1", True)
+    assert f["cleartext_credentials"] is False and f["commands"] == ["AUTHENTICATE"]
+    assert seen.sasl_secrets == [final.decode(), signature.decode()]
+
+
+def test_the_observer_does_not_count_logins_sent_when_logged_in():
+    seen = cc.Observer(connection(
+        GREETING, (True, b"w1 LOGIN carol pw\r\n"), (False, b"w1 OK in\r\n"), (True, b"w2 LOGIN mallory x\r\n"),
+        (False, b"w2 BAD Error in IMAP command LOGIN: Unknown command\r\n"),
+        (True, b"w3 AUTHENTICATE PLAIN " + base64.b64encode(b"\0eve\0y") + b"\r\n"), (False, b"w3 BAD Unknown\r\n")))
+    f = seen.facts
+    assert (f["username"], f["auth_command"], f["login_ok"], f["login_failures"]) == ("carol", "LOGIN", True, 0)
+    assert f["commands"] == ["LOGIN", "LOGIN", "AUTHENTICATE"]
+
+
+def test_the_observer_decides_what_is_imap():
+    assert cc.Observer(connection(GREETING)).facts["imap"] is True
+    http = connection((True, b"GET / HTTP/1.1\r\n\r\n"), (False, b"HTTP/1.0 200 OK\r\n\r\n"))
+    assert cc.Observer(http).facts["imap"] is False
+    assert cc.Observer(connection((True, b"a1 LOGIN x y\r\n"))).facts["imap"] is True  # the client alone
+    assert cc.Observer(connection((True, b"hello\r\n"))).facts["imap"] is False
+    one_sided = cc.Observer(connection((True, b"a1 NOOP\r\n")))
+    assert (one_sided.facts["server_software"], one_sided.facts["starttls"]) == (None, "none")

@@ -120,3 +120,24 @@ def test_a_flow_without_wire_names_takes_the_decoded_ones():
     assert f["mailboxes_wire"] is not f["mailboxes"], "one list changing must not change the other"
     g = cf.flow("imaplib", "bob", commands=[], mailboxes=["Entwürfe"], mailboxes_wire=["Entw&APw-rfe"])
     assert (g["mailboxes"], g["mailboxes_wire"]) == (["Entwürfe"], ["Entw&APw-rfe"])
+
+
+def test_merge_keeps_the_other_captures_entries_and_rows(tmp_path):
+    old = [cf.Scenario(name, "raw", f"{name} as it was", run=lambda lab: None) for name in ("a", "b", "c")]
+    kept = [(sc, cf.Outcome([cf.flow("raw", "alice", commands=["LOGIN"])], ["pw"]), ["x"]) for sc in old]
+    cf.write_outputs(kept, tmp_path, "tshark 4.0.17")
+    remade = cf.Scenario("b", "curl", "b made again", run=lambda lab: None)
+    added = cf.Scenario("d", "raw", "d is new", run=lambda lab: None)
+    new = [(remade, cf.Outcome([cf.flow("curl", "bob", commands=["NOOP"])], ["pw2"]), []),
+           (added, cf.Outcome([cf.flow("raw", None, commands=[], port=8143, imap=False)], ["pw3"]), [])]
+    cf.merge_outputs(new, tmp_path, "tshark 4.0.18", ["a", "b", "d", "c"])
+    facts = json.loads((tmp_path / "facts.json").read_text())
+    assert list(facts) == ["a.pcap", "b.pcap", "d.pcap", "c.pcap"]
+    assert facts["a.pcap"]["description"] == "a as it was" and facts["b.pcap"]["description"] == "b made again"
+    assert facts["d.pcap"]["flows"] == [{"port": 8143, "family": "ipv4", "client_kind": "raw", "imap": False}]
+    text = (tmp_path / "MANIFEST.md").read_text()
+    rows = manifest_rows(text)
+    assert list(rows) == ["a.pcap", "b.pcap", "d.pcap", "c.pcap"]
+    assert rows["a.pcap"][-1] == "x" and rows["b.pcap"][-1] == "nothing"
+    assert "not IMAP: no message, no IMAP fact" in rows["d.pcap"][3]
+    assert text.startswith(cf.MANIFEST_HEAD) and "tshark 4.0.18 with default preferences" in text

@@ -14,7 +14,7 @@ import pytest
 from testenv import OWN_PCAPS
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
-SCALARS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
+SCALARS = ("username", "authzid", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
            "compressed", "mailboxes", "client_id", "server_id", "server_software", "cleartext_credentials",
            "capabilities")
 
@@ -35,9 +35,14 @@ def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
     flows = sorted(r.flows, key=lambda f: f["first_ts"])
     assert len(flows) == len(spec["flows"]), [f["client"] for f in flows]
     for got, want in zip(flows, spec["flows"], strict=True):
-        assert got["imap"] is True
         assert got["server"].endswith(f":{want['port']}")
         assert got["ip_version"] == (6 if want["family"] == "ipv6" else 4)
+        assert got["imap"] is want.get("imap", True)
+        if not got["imap"]:  # another protocol on the port: no message, no IMAP fact
+            assert not [m for m in r.messages if m["flow"] == got["flow"]]
+            assert (got["username"], got["commands"], got["cleartext_credentials"], got["anomalies"]) == \
+                (None, {}, False, {})
+            continue
         for key in SCALARS:
             if key in want:
                 assert got[key] == want[key], (key, got[key], want[key])
@@ -45,6 +50,8 @@ def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
             assert (got["server_product"], got["server_version"]) == ("Dovecot", None)
         if "commands" in want:
             assert got["commands"] == dict(collections.Counter(want["commands"]))
+    assert r.stats["imap_flows"] + r.stats["non_imap_flows"] == len(flows)
+    assert r.stats["non_imap_flows"] == sum(1 for f in spec["flows"] if not f.get("imap", True))
     everything = r.stdout + r.stderr
     for secret in spec["secrets"]:
         assert secret not in everything

@@ -41,6 +41,22 @@ def test_replay_shows_one_row_per_flow_with_its_facts():
     run(go())
 
 
+def test_another_protocol_on_the_port_is_shown_as_not_imap_with_nothing_it_sent():
+    async def go():
+        app = replay_app("http-on-imap-port.pcap")
+        async with app.run_test(size=SIZE) as pilot:
+            await settle(pilot)
+            assert app.flows_table.row_count == 2
+            entries = [app.store.flows[f] for f in app.flows_table.rows]
+            assert [e.cells()[5].plain for e in entries] == ["NOT IMAP", "NOT IMAP"]
+            assert all(not e.messages and e.snap.last_command is None for e in entries)
+            text = screen_text(app)
+            assert "GET" not in text and "LOGIN" not in text and "Http-Pw-4242" not in text
+            assert "(0 IMAP, 2 not IMAP)" in status_text(app)
+
+    run(go())
+
+
 def test_tls_and_deflate_flows_are_marked():
     async def go():
         app = segments_app(mixed_flows(), ports=(143, 10143), close=False)

@@ -1,8 +1,8 @@
-"""No password or SASL credential in any output: JSON, stderr, and everything the TUI draws.
+"""No password or SASL credential in any output: JSON, stderr, -w files, everything the TUI draws.
 
 Every capture of pcaps/ (each with the secrets its session used, from facts.json) and every
-public one with a login in it goes through the command line (JSON, flows only, stderr; with
-the kernel's cut and whole) and through the TUI: the flow table, the details and the timeline
+public one with a login in it goes through the command line (JSON, flows only, stderr, the
+file -w writes; with the kernel's cut and whole) and through the TUI: the flow table, the details and the timeline
 of every flow as drawn, the status line, and the cells of every message, scrolled into view
 or not.
 """
@@ -27,6 +27,8 @@ FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 PUBLIC = {"ndpi/imap.pcap": ["pfres"], "arkime/imap.pcap": ["XXXXXX"],
           "suricata-verify/imap-detection.pcap": ["XXXXXX"]}
 CAPTURES = [(os.path.join(OWN_PCAPS, name), spec["ports"], spec["secrets"]) for name, spec in sorted(FACTS.items())]
+#: Captures of another protocol on a watched port: their secrets were sent, but to no IMAP server.
+NO_IMAP = {name for name, spec in FACTS.items() if not any(f.get("imap", True) for f in spec["flows"])}
 IDS = [os.path.basename(os.path.dirname(c[0])) + "/" + os.path.basename(c[0]) for c in CAPTURES]
 if PUBLIC_PCAPS_PRESENT:
     CAPTURES += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets) for name, secrets in sorted(PUBLIC.items())]
@@ -43,7 +45,7 @@ def assert_clean(text: str, secrets: list[str], where: str) -> None:
 
 
 @pytest.mark.parametrize(("path", "ports", "secrets"), CAPTURES, ids=IDS)
-def test_command_line_outputs_hold_no_secret(imaptap, path, ports, secrets):
+def test_command_line_outputs_hold_no_secret(imaptap, path, ports, secrets, tmp_path):
     port_args = [a for p in ports for a in ("--port", str(p))]
     for snap in SNAPLENS:
         for extra in ((), ("--flows-only",)):
@@ -52,6 +54,14 @@ def test_command_line_outputs_hold_no_secret(imaptap, path, ports, secrets):
             assert r.flows, "the capture gave no flow: nothing was checked"
             assert_clean(r.stdout, secrets, f"JSON -s {snap} {' '.join(extra)}")
             assert_clean(r.stderr, secrets, "stderr")
+        # the sanitised copy -w writes: its bytes, and what it replays to
+        written = tmp_path / f"w-{snap}.pcap"
+        r = imaptap("-r", path, "--json", "-", "--flows-only", "-s", snap, "-w", str(written), *port_args)
+        assert r.returncode == 0, r.stderr
+        raw = written.read_bytes()
+        assert raw and r.stats["written"] > 0
+        for secret in secrets:
+            assert secret.encode() not in raw, f"{secret!r} in the -w file at -s {snap}"
 
 
 async def tui_text(path: str, ports: list[int], snaplen: int) -> str:
@@ -96,5 +106,8 @@ def _plain(renderable) -> str:
 @pytest.mark.parametrize(("path", "ports", "secrets"), CAPTURES, ids=IDS)
 def test_the_tui_shows_no_secret(path, ports, secrets, snaplen):
     text = asyncio.run(tui_text(path, ports, snaplen))
-    assert "LOGIN" in text or "AUTHENTICATE" in text or "STARTTLS" in text  # the logins were drawn
+    if os.path.basename(path) not in NO_IMAP:
+        assert "LOGIN" in text or "AUTHENTICATE" in text or "STARTTLS" in text  # the logins were drawn
+    else:
+        assert "NOT IMAP" in text  # drawn as what they are, with nothing of what was sent
     assert_clean(text, secrets, "the TUI")

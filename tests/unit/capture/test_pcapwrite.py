@@ -120,6 +120,16 @@ def test_written_pcap_holds_no_credential_and_replays_to_the_same_user(tmp_path,
     assert users[0] == users[1] and users[0]
 
 
+def test_a_server_that_quotes_the_password_back_has_it_blanked_too(tmp_path):
+    # a web server on the watched port answering "a1 LOGIN x Http-Pw-4242" with an error page
+    segs = conversation([("c", b"a1 LOGIN x Http-Pw-4242\r\n"),
+                         ("s", b"<p>Message: Bad request version ('Http-Pw-4242').</p>\n")])
+    path, w = write_live(tmp_path, segs)
+    raw = path.read_bytes()
+    assert b"Http-Pw-4242" not in raw and raw.count(b"*" * 12) == 2
+    assert w.records == len(segs)
+
+
 def test_blank_finds_a_secret_across_segments():
     pair = (b"secret", b"******")
     assert blank([b"a1 LOGIN x se", b"cr", b"et\r\n"], [pair]) == [b"a1 LOGIN x **", b"**", b"**\r\n"]

@@ -1,6 +1,7 @@
 import contextlib
 import glob
 import io
+import json
 import math
 import os
 
@@ -98,6 +99,12 @@ def _replay_text(path, args):
     return code, [line for line in out.getvalue().splitlines(keepends=True) if '"type":"stats"' not in line]
 
 
+with open(os.path.join(OWN_PCAPS, "facts.json")) as _facts:
+    #: Captures of another protocol on a watched port (and not on 143): no message to compare.
+    WITHOUT_IMAP = {name for name, spec in json.load(_facts).items()
+                    if not any(f.get("imap", True) for f in spec["flows"])}
+
+
 @pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(OWN_PCAPS, "*.pcap*")))
                                         + public_pcap_paths(),
@@ -109,7 +116,8 @@ def test_c_and_python_formatters_write_the_same_bytes(path):
     with _formatter(False):
         slow = _replay_text(path, ["-s", "65535", "--port", "143", "--port", "10143"])
     assert fast == slow
-    assert any('"type":"message"' in line for line in fast[1]) or path.startswith(PUBLIC_PCAPS)
+    assert any('"type":"message"' in line for line in fast[1]) or path.startswith(PUBLIC_PCAPS) \
+        or os.path.basename(path) in WITHOUT_IMAP
 
 
 def test_endpoint_forms():

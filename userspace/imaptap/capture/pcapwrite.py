@@ -186,7 +186,8 @@ class MaskingWriter:
     analysed), or the flow ends, and the held segments are then written with every credential
     the flow's session knows (`ImapSession.secrets`) overwritten by ``*``.  The same holds for
     server segments while the session says the server may send a secret (SCRAM's signature):
-    they wait for the client's next segment.  ``write`` must see
+    they wait for the client's next segment; the others are written with the secrets known so
+    far blanked (a server may quote what the client sent).  ``write`` must see
     each segment before the flow table does, and ``flow_ended`` must be called from the table's
     end-of-flow callback (`imaptap.pipeline.Pipeline` does both).  Records of one flow keep
     their order; across flows a held segment can follow a later one of another flow (pcap
@@ -238,6 +239,13 @@ class MaskingWriter:
                 else:
                     break
             return
+        secrets = self._secrets(key, flow)
+        if secrets and seg.payload:
+            # what the client sent is known by now: a server that quotes it back (a web server's
+            # error page does) must not carry it into the file either
+            (payload,) = blank([seg.payload], secrets)
+            if payload is not seg.payload:
+                seg = seg._replace(payload=payload)
         self._out.write(seg)
 
     def reopen(self) -> None:
