@@ -13,6 +13,7 @@ import imaplib
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -228,3 +229,62 @@ def test_sigterm_and_sighup_flush_open_flows_and_detach(lab, tmp_path, signum):
     assert flows["bob"]["end"] in ("fin", "rst") and flows["alice"]["end"] == "end"
     assert flows["alice"]["mailboxes"] == ["INBOX"] and flows["alice"]["login_ok"]
     assert records[-1]["type"] == "stats" and records[-1]["stopped_by_signal"] is True
+
+
+HTTP_PORT = 8143
+HTTP_PASSWORD = "Http-Live-Pw-77"
+
+
+def test_a_web_server_on_a_watched_port_gives_no_imap_flow_live(lab, tmp_path):
+    """A real web server (python -m http.server) in the lab's namespace on --port 8143: curl's
+    request and a LOGIN sent to it are no IMAP, while Dovecot's session beside them is."""
+    out = tmp_path / "live.jsonl"
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.txt").write_text("a1 OK not IMAP\r\n")
+    web = lab.popen_in_ns([sys.executable, "-m", "http.server", str(HTTP_PORT), "--bind", lab.server4,
+                           "--directory", str(root)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = None
+    try:
+        deadline = time.monotonic() + 30
+        while not lab.run_in_ns(["ss", "-Htln", f"sport = :{HTTP_PORT}"], capture_output=True).stdout:
+            assert web.poll() is None and time.monotonic() < deadline, "the web server did not start"
+            time.sleep(0.1)
+        proc = subprocess.Popen(imaptap_cmd("-i", lab.host_if, "--port", "143", "--port", str(HTTP_PORT),
+                                            "--json", str(out)),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env())
+        wait_attached(proc, lab.host_if)
+        listing = subprocess.run(["curl", "-sS", "--max-time", "30", f"http://{lab.server4}:{HTTP_PORT}/"],
+                                 check=True, capture_output=True).stdout
+        assert b"index.txt" in listing
+        with socket.create_connection((lab.server4, HTTP_PORT), timeout=30) as sock:
+            sock.sendall(f"a1 LOGIN x {HTTP_PASSWORD}\r\n".encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert b"Error code: 400" in answer and HTTP_PASSWORD.encode() in answer  # the server quotes it
+        imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+        imap.login("alice", lab.users["alice"])
+        imap.logout()
+        time.sleep(1.0)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=60)
+        web.terminate()
+        web.wait(timeout=30)
+    assert proc is not None
+    assert_stopped_cleanly(proc, err, lab.host_if)
+    text = out.read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    web_flows = [r for r in records if r["type"] == "flow" and r["server"].endswith(f":{HTTP_PORT}")]
+    assert len(web_flows) == 2 and all(f["bytes_c2s"] and f["bytes_s2c"] for f in web_flows)
+    assert all(not f["imap"] and f["username"] is None and not f["cleartext_credentials"] and f["commands"] == {}
+               for f in web_flows)
+    assert not [r for r in records if r["type"] == "message" and r["server"].endswith(f":{HTTP_PORT}")]
+    assert HTTP_PASSWORD not in text and "User-Agent" not in text and '"tag":"GET"' not in text
+    (imap_flow,) = [r for r in records if r["type"] == "flow" and r["imap"]]
+    assert imap_flow["username"] == "alice" and imap_flow["login_ok"]
+    stats = records[-1]
+    assert (stats["imap_flows"], stats["non_imap_flows"]) == (1, 2)
