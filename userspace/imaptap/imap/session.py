@@ -482,7 +482,8 @@ class ImapSession:
         tag = _tag(tag_b)
         if cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID "):
             known = True
-            self._client_commands += 1
+            if not self.is_imap:  # counted only while they may still decide (a one-sided capture)
+                self._client_commands += 1
         else:
             known = cmd.startswith("X")
             if not known:
@@ -497,15 +498,19 @@ class ImapSession:
         if len(self._pending) >= MAX_PENDING:
             self._pending.pop(next(iter(self._pending)))
             self._anomaly(Anomaly.TOO_MANY_PENDING)
-        out_of_state = cmd in _CRED_COMMANDS and self._authenticated
-        pending = _Pending(cmd, self.now, known=known, out_of_state=out_of_state)
+        out_of_state = False
+        if cmd in _CRED_COMMANDS:
+            out_of_state = self._authenticated
+            pending = _Pending(cmd, self.now, None, known, out_of_state)
+            if not out_of_state:
+                if self._login_tag is not None and self._login_tag in self._pending:
+                    self._lost_login_completion(cmd, "")
+                self._login_tag = tag
+        else:
+            pending = _Pending(cmd, self.now, None, known)
         self._pending[tag] = pending
 
         args: str | None
-        if cmd in _CRED_COMMANDS and not out_of_state:
-            if self._login_tag is not None and self._login_tag in self._pending:
-                self._lost_login_completion(cmd, "")
-            self._login_tag = tag
         if cmd == "LOGIN":
             args = self._login(line, argpos, not out_of_state)
         elif cmd == "AUTHENTICATE":
