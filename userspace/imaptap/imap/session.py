@@ -161,6 +161,8 @@ _CONTINUATION = Kind.CONTINUATION
 
 @dataclass(slots=True)
 class _Pending:
+    """A command waiting for its completion (made positionally, in this field order: one a command)."""
+
     command: str
     ts: float
     mechanism: str | None = None
@@ -337,6 +339,10 @@ class ImapSession:
         """The completion just handled was matched to its command and times the server alone:
         not IDLE, a SASL exchange or a refused literal, whose latency holds the client's waits.
         Set before its Message goes out, for the metrics' latency histogram."""
+        self.completion_out_of_state = False
+        """The completion just handled answers a LOGIN or AUTHENTICATE sent when already
+        authenticated: no login attempt, so no login outcome (set before its Message goes out,
+        for the metrics' login counts)."""
         self.handshake_done = False
         """Logged in (or PREAUTH), and the client sent a command outside `HANDSHAKE_COMMANDS`."""
 
@@ -501,13 +507,13 @@ class ImapSession:
         out_of_state = False
         if cmd in _CRED_COMMANDS:
             out_of_state = self._authenticated
-            pending = _Pending(cmd, self.now, None, known, out_of_state)
+            pending = _Pending(cmd, self.now, None, False, known, out_of_state)
             if not out_of_state:
                 if self._login_tag is not None and self._login_tag in self._pending:
                     self._lost_login_completion(cmd, "")
                 self._login_tag = tag
         else:
-            pending = _Pending(cmd, self.now, None, known)
+            pending = _Pending(cmd, self.now, None, False, known)
         self._pending[tag] = pending
 
         args: str | None
@@ -717,8 +723,8 @@ class ImapSession:
                     # and the command is complete only after them.
                     self._early = (tag_b, status)
                     early = True
-                    pending = _Pending(parse.command_words(client_head)[1] or "?", self.now, waited_on_client=True)
-                    pending.known = pending.command in parse.KNOWN_COMMANDS
+                    command_name = parse.command_words(client_head)[1] or "?"
+                    pending = _Pending(command_name, self.now, None, True, command_name in parse.KNOWN_COMMANDS)
         if not self.is_imap and (pending.known if pending is not None else self._client_silent()):
             self._confirm()
         if code is not None:
@@ -730,6 +736,7 @@ class ImapSession:
         if latency is not None:
             self.last_latency_ms = latency
         self.latency_timed_server = pending is not None and not pending.waited_on_client
+        self.completion_out_of_state = pending is not None and pending.out_of_state
         if self._sasl is not None and self._sasl.tag == tag:
             self._sasl = None
         if self._login_tag is not None and self._login_tag != tag and pending is not None:

@@ -335,7 +335,7 @@ class MetricsSink(Sink):
                     latency_sum[key] += seconds
                 if command in _LOGIN_COMMANDS:
                     mechanism = state.logins.pop(msg.tag, None)
-                    if mechanism is not None:
+                    if mechanism is not None and not session.completion_out_of_state:
                         outcome = LoginOutcome.SUCCESS if msg.status == "OK" else LoginOutcome.FAILURE
                         logins[server, mechanism, outcome.value] += 1
                 elif command == "STARTTLS":
@@ -421,7 +421,8 @@ class MetricsSink(Sink):
             counted[server, Direction.C2S.value] += flow.bytes_c2s - state.bytes_c2s
             counted[server, Direction.S2C.value] += flow.bytes_s2c - state.bytes_s2c
             state.bytes_c2s, state.bytes_s2c = flow.bytes_c2s, flow.bytes_s2c
-        anomalies = flow.session.anomalies
+        # what the IMAP parser made of another protocol's bytes is no anomaly of IMAP's
+        anomalies = flow.session.anomalies if flow.session.is_imap else None
         if anomalies:
             seen = state.anomalies
             if seen is None:
