@@ -41,6 +41,7 @@ def test_ndpi_starttls_completed_then_nothing_parsed(imaptap):
     assert r.returncode == 0, r.stderr
     (f,) = r.flows
     assert f["starttls"] == "completed" and f["encrypted"] is True
+    assert f["server_software"] is None  # "IMAP server ready H migmx013 ...": protocol words, a host id
     zeek_caps = open(pcap("zeek/baseline-capabilities/stdout")).read().splitlines()[-1]
     caps = [c.strip().upper() for c in zeek_caps.strip("[]").split(",")]
     assert len(caps) == 20 and f["capabilities"] == caps
