@@ -140,7 +140,6 @@ class Observer:
         self.sasl_lines: list[bytes] = []
         self.idle = False
         self.authenticated = False  # a login's OK seen: LOGIN/AUTHENTICATE are then out of state
-        self.sasl_counts = True
         self.sasl_challenges: list[bytes] = []
         self.server_lines = 0
         self.greeting: bytes | None = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import imaplib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -28,8 +29,9 @@ from livelab import IN_CI
 
 pytestmark = pytest.mark.live
 
-FACTS = ("username", "auth_command", "auth_mechanism", "login_ok", "mailboxes", "commands", "server_software",
-         "client_id", "server_id", "capabilities", "cleartext_credentials")
+FACTS = ("imap", "username", "authzid", "auth_command", "auth_mechanism", "login_ok", "mailboxes", "commands",
+         "server_software", "server_product", "server_version", "client_id", "server_id", "capabilities",
+         "cleartext_credentials")
 CLIENT_TIMEOUT = 60
 FETCHMAIL_RC = """\
 poll {host} protocol IMAP port 143 auth password
@@ -97,7 +99,7 @@ def sessions(lab: Lab, tmp: Path) -> dict:
     rc.write_text(OFFLINEIMAP_RC.format(tmp=tmp, host=lab.server4, password=lab.users["dave"]))
     subprocess.run(["offlineimap", "-c", str(rc), "-o"], check=True, capture_output=True, timeout=CLIENT_TIMEOUT,
                    env={"HOME": str(tmp), "PATH": "/usr/bin:/bin"})
-    return {"login": data[-1], "id": server_id}
+    return {"greeting": imap.welcome, "login": data[-1], "id": server_id}
 
 
 def test_live_capture_of_cyrus_keeps_the_handshake_whole(cyrus_lab, tmp_path):
@@ -126,6 +128,10 @@ def test_live_capture_of_cyrus_keeps_the_handshake_whole(cyrus_lab, tmp_path):
     assert all(f["login_ok"] and f["resyncs"] == 0 and f["server_software"].startswith("Cyrus IMAP 3.")
                for f in flows)
     alice, carol, dave = flows
+    # the version whole, as the greeting writes it (Debian's "+deb12uN" and all)
+    version = re.search(rb" Cyrus IMAP (\S+) server ready", received["greeting"]).group(1).decode()
+    assert all((f["imap"], f["server_product"], f["server_version"]) == (True, "Cyrus IMAP", version)
+               for f in flows)
     whole = received["login"].split(b"]", 1)[0].removeprefix(b"[CAPABILITY ").decode().upper().split()
     assert len(whole) > 50 and alice["capabilities"] == whole == carol["capabilities"]
     assert alice["server_id"]["environment"] in received["id"].decode() and dave["server_id"] == alice["server_id"]
