@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from imaptap.clients import ClientGuess, guess
+from imaptap.imap.audit import LoginAttempt
 from imaptap.imap.session import StartTls
 
 if TYPE_CHECKING:
@@ -95,12 +97,22 @@ class FlowFacts(NamedTuple):
     bytes_inflated: int
     retransmissions: int
     out_of_order: int
+    login_attempts: tuple[LoginAttempt, ...]
+    """Each LOGIN and AUTHENTICATE: its user, outcome and password fingerprint, never the password."""
+    login_attempts_dropped: int
+    """Attempts past what a flow keeps (`imaptap.imap.audit.MAX_ATTEMPTS`)."""
+    client_software: ClientGuess | None
+    """The client's software: from its ID, else a passive fingerprint (`imaptap.clients`)."""
 
     def record(self) -> dict[str, Any]:
         """The JSON flow record as a dict: JSON's types (lists, not tuples), copies throughout."""
         rec: dict[str, Any] = {"type": "flow"}
         for key, value in zip(self._fields, self, strict=True):
-            if isinstance(value, tuple):
+            if isinstance(value, ClientGuess):
+                rec[key] = value.record()
+            elif isinstance(value, tuple) and value and isinstance(value[0], LoginAttempt):
+                rec[key] = [attempt.record() for attempt in value]
+            elif isinstance(value, tuple):
                 rec[key] = list(value)
             elif isinstance(value, dict):
                 rec[key] = dict(value)
@@ -166,6 +178,9 @@ def flow_facts(flow: Flow) -> FlowFacts:
         client.bytes_inflated + server.bytes_inflated,  # bytes_inflated
         c2s.retransmissions + s2c.retransmissions,  # retransmissions
         c2s.out_of_order + s2c.out_of_order,  # out_of_order
+        tuple(s.audit.attempts),  # login_attempts
+        s.audit.attempts_dropped,  # login_attempts_dropped
+        guess(s.audit, s.client_id),  # client_software
     ))
 
 
@@ -223,4 +238,7 @@ def _transport_facts(flow: Flow) -> FlowFacts:
         bytes_inflated=0,
         retransmissions=c2s.retransmissions + s2c.retransmissions,
         out_of_order=c2s.out_of_order + s2c.out_of_order,
+        login_attempts=(),
+        login_attempts_dropped=0,
+        client_software=None,
     )

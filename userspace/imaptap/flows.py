@@ -239,8 +239,11 @@ class FlowTable:
         max_flows: int = MAX_FLOWS,
         idle_timeout: float = IDLE_TIMEOUT,
         message_sink: Callable[[Flow], Callable[[Message], None] | None] | None = None,
+        password_fingerprint: Callable[[bytes], str] | None = None,
     ) -> None:
         self.ports = frozenset(ports)
+        self.password_fingerprint = password_fingerprint
+        """Given to every session: the keyed fingerprint of each password tried (imap/audit.py)."""
         self.policy = policy
         self.on_message = on_message
         self.message_sink = message_sink
@@ -335,7 +338,7 @@ class FlowTable:
         self._next_id += 1
         # partial() binds in C: one call fewer per message than a closure
         on_mode = None if self.policy is None else partial(self.policy.set, key)
-        session = ImapSession(None, on_mode)
+        session = ImapSession(None, on_mode, self.password_fingerprint)
         flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
         policy = self.policy
         if policy is not None and policy.default is PayloadMode.HANDSHAKE:

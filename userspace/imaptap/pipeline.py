@@ -344,6 +344,7 @@ class Pipeline:
         flow_interval: float | None = None,
         wallclock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
+        password_fingerprint: Callable[[bytes], str] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -354,7 +355,8 @@ class Pipeline:
         self.clock = clock
         """Measures the run's duration."""
         self.table = FlowTable(source.ports, source.policy, on_flow_end=self._flow_ended,
-                               message_sink=self._message_sink, max_flows=max_flows, idle_timeout=idle_timeout)
+                               message_sink=self._message_sink, max_flows=max_flows, idle_timeout=idle_timeout,
+                               password_fingerprint=password_fingerprint)
         if pcap_writer is not None:
             pcap_writer.flows = self.table.flows
         self.error: str | None = None

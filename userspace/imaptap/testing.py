@@ -99,12 +99,16 @@ def analyze(
     max_flows: int | None = None,
     taillen: int = DEFAULT_TAILLEN,
     handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
+    password_fingerprint: Callable[[bytes], str] | None = None,
+    sinks: Sequence[Sink] = (),
 ) -> Analysis:
-    """Run segments through the pipeline, cut as a capture cuts them (whole when snaplen is None)."""
+    """Run segments through the pipeline, cut as a capture cuts them (whole when snaplen is None),
+    with ``sinks`` besides the collector."""
     result = Analysis()
     source = MemorySource(segments, ports, snaplen=snaplen if snaplen is not None else 1 << 30, taillen=taillen,
                           handshake_snaplen=handshake_snaplen)
-    pipeline = Pipeline(source, [result], max_flows=MAX_FLOWS if max_flows is None else max_flows)
+    pipeline = Pipeline(source, [result, *sinks], max_flows=MAX_FLOWS if max_flows is None else max_flows,
+                        password_fingerprint=password_fingerprint)
     result.table = pipeline.table
     pipeline.run()
     return result

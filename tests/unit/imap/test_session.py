@@ -43,7 +43,7 @@ def test_login_atom_session_facts():
     assert f["capabilities"] == ["IMAP4REV1", "IDLE", "COMPRESS=DEFLATE"]
     assert f["starttls"] == "offered"
     assert f["cleartext_credentials"] is True
-    assert f["findings"] == ["cleartext_credentials", "starttls_offered_not_used"]
+    assert f["findings"] == ["cleartext_credentials", "starttls_offered_not_used", "auth_plain_before_starttls"]
     assert f["mailboxes"] == ["INBOX"]
     assert f["commands"] == {"LOGIN": 1, "SELECT": 1, "LOGOUT": 1}
     assert f["statuses"] == {"OK": 4, "BYE": 1}
@@ -182,7 +182,7 @@ def test_starttls_completed_stops_parsing():
     f = r.flow
     assert (f["starttls"], f["encrypted"], f["username"], f["cleartext_credentials"]) == \
         ("completed", True, None, False)
-    assert f["findings"] == []
+    assert f["findings"] == ["auth_plain_before_starttls"]  # the server's, whatever the client did next
     assert len(r.messages) == 3
 
 
@@ -197,7 +197,7 @@ def test_starttls_refused():
              ("c", b"a2 LOGIN alice pw\r\n"), ("s", b"a2 OK in\r\n")])
     f = r.flow
     assert f["starttls"] == "refused" and f["encrypted"] is False and f["username"] == "alice"
-    assert f["findings"] == ["cleartext_credentials", "starttls_refused"]
+    assert f["findings"] == ["cleartext_credentials", "starttls_refused", "auth_plain_before_starttls"]
 
 
 def test_flow_that_starts_with_tls_is_encrypted():
@@ -524,7 +524,7 @@ def test_scram_whole_exchange_user_outcome_and_no_secret(initial_response):
     assert (f["username"], f["authzid"], f["auth_mechanism"], f["auth_command"], f["login_ok"]) == \
         ("user", None, "SCRAM-SHA-1", "AUTHENTICATE", True)
     assert f["anomalies"] == {} and f["cleartext_credentials"] is False
-    assert f["findings"] == ["starttls_offered_not_used"]
+    assert f["findings"] == ["starttls_offered_not_used", "auth_plain_before_starttls"]  # the greeting offers PLAIN
     assert f["commands"] == {"AUTHENTICATE": 1, "LOGOUT": 1}
     out = everything(r)
     for secret in (SCRAM_FINAL, SCRAM_SERVER_FINAL, b"v0X8v3Bz2T0CJGbJQyF0X", b"rmF9pqV8S7suAoZWja4dJRkFsKQ"):

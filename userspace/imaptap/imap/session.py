@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 from imaptap.imap import parse, sasl, software
 from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
+from imaptap.imap.audit import SessionAudit
 from imaptap.imap.parse import RawLine, text
 from imaptap.imap.stream import ImapStream
 from imaptap.segment import PayloadMode
@@ -274,6 +275,7 @@ class ImapSession:
         self,
         on_message: Callable[[Message], None] | None = None,
         on_payload_mode: Callable[[PayloadMode], None] | None = None,
+        password_fingerprint: Callable[[bytes], str] | None = None,
     ) -> None:
         self.on_payload_mode = on_payload_mode
         self.now = 0.0
@@ -362,6 +364,8 @@ class ImapSession:
         they stand, not modified UTF-7."""
         self._client_lines = 0
         self._server_lines = 0
+        self.audit = SessionAudit(password_fingerprint)
+        """The auditor's facts (imap/audit.py): fed at the lines marked ``audit``."""
 
     # --- facts derived on demand --------------------------------------------------------------
 
@@ -377,6 +381,7 @@ class ImapSession:
             out.append("starttls_refused")
         if self.login_failures:
             out.append("failed_logins")
+        out.extend(self.audit.findings())  # audit
         return out
 
     # --- classification -----------------------------------------------------------------------
@@ -486,6 +491,7 @@ class ImapSession:
             self._client_junk += 1
             return
         tag = _tag(tag_b)
+        self.audit.command(tag, cmd, self.starttls is StartTls.REQUESTED)  # audit
         if cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID "):
             known = True
             if not self.is_imap:  # counted only while they may still decide (a one-sided capture)
@@ -535,6 +541,7 @@ class ImapSession:
                 raw = parse.astring(toks[0]) if toks else None
                 if raw is not None:
                     self._mailbox(text(raw) if self._utf8_names else parse.decode_mailbox(raw))
+                    self.audit.mailbox(toks[0])  # audit
             elif cmd == "ID":
                 self.client_id = parse.id_params(parse.tokens(line, 0, argpos))
             elif cmd == "IDLE":
@@ -582,6 +589,9 @@ class ImapSession:
                 self._try_user(shown)
         else:
             shown = "?"
+        if counts:
+            self.audit.login(None if shown == "?" else shown, toks[0] if toks else None,  # audit
+                             toks[1] if len(toks) > 1 else None)
         if len(toks) > 1:
             self.cleartext_credentials = True
             self._secret(toks[1])
@@ -615,6 +625,8 @@ class ImapSession:
         pending.mechanism = mech
         # followed even when it does not count: its responses still hold secrets to mask
         self._sasl = _Sasl(tag, mech, counts=counts)
+        if counts:
+            self.audit.authenticate(mech, len(words) > 1)  # audit
         if len(words) > 1:
             self._sasl_data(words[1])
             return f"{mech} {MASK}"
@@ -636,6 +648,8 @@ class ImapSession:
                 self.authzid = who.authzid
         if decoded and mech in sasl.CLEARTEXT_MECHANISMS and (mech != "LOGIN" or exchange.step >= 1):
             self.cleartext_credentials = True  # readable on the wire, whether it counted or not
+        if decoded and exchange.counts:
+            self.audit.sasl(mech, exchange.step, decoded, self._attempt_user)  # audit
         if decoded is None:
             self._anomaly(Anomaly.BAD_SASL_RESPONSE)
         exchange.step += 1
@@ -760,6 +774,7 @@ class ImapSession:
             self.login_failures += 1
             if self.login_ok is None:
                 self.login_ok = False
+            self.audit.login_done(False)  # audit
         elif command in _AUTHENTICATED_COMMANDS and status == "OK":
             # only an authenticated session may do this: the login succeeded
             self._pending.pop(login_tag, None)
@@ -771,6 +786,7 @@ class ImapSession:
         """State changes that a tagged completion of ``command`` brings."""
         if command in _CRED_COMMANDS:
             self._login_tag = None
+            self.audit.login_done(status == "OK")  # audit
             if status == "OK":
                 self._authenticated = True
                 self.login_ok = True
@@ -895,6 +911,7 @@ class ImapSession:
             self._offered()
 
     def _offered(self) -> None:
+        self.audit.capabilities(self.capabilities)  # audit
         if "STARTTLS" in self.capabilities and self.starttls is StartTls.NONE:
             self.starttls = StartTls.OFFERED
 

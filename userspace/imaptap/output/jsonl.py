@@ -103,6 +103,14 @@ def _object(d: dict | None) -> str:
     return "null" if d is None else _dumps(d)
 
 
+def _attempts(attempts: tuple) -> str:
+    return "[" + ",".join([_dumps(attempt.record()) for attempt in attempts]) + "]"
+
+
+def _record_or_null(value: Any) -> str:
+    return "null" if value is None else _dumps(value.record())
+
+
 #: The encoder of each type a FlowFacts field is declared with.
 _ENCODERS: dict[str, Callable[[Any], str]] = {
     "int": str,
@@ -114,6 +122,8 @@ _ENCODERS: dict[str, Callable[[Any], str]] = {
     "tuple[str, ...]": _strings,
     "dict[str, int]": _counts,
     "dict[str, str | None] | None": _object,
+    "tuple[LoginAttempt, ...]": _attempts,
+    "ClientGuess | None": _record_or_null,
 }
 #: Fields whose values repeat from flow to flow: a cached encoder.
 _ENCODER_OF_FIELD: dict[str, Callable[[Any], str]] = {"capabilities": _capabilities}
