@@ -9,7 +9,6 @@ widgets turn facts into text; none of it imports Textual.
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from imaptap.text import UNSAFE, escape, plain
 from imaptap.tui.feed import FlowSnapshot
 
 #: How an escaped character is shown, so it cannot pass for the text around it.
@@ -30,20 +30,8 @@ STYLE_ENDED = "dim"
 STYLE_NONE = "dim"
 STATUS_STYLES = {"OK": "green", "NO": "yellow", "BAD": "bold red", "BYE": "magenta", "PREAUTH": "cyan"}
 
-# C0 and C1 controls, DEL, zero-width and bidi formatting characters, line/paragraph
-# separators, surrogates, BOM and interlinear annotation: all shown escaped.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e\u2060-\u206f"
-                     "\ud800-\udfff\ufeff\ufff9-\ufffb]")
-_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
-
-
-def escape(ch: str) -> str:
-    """The visible form of one unsafe character."""
-    named = _NAMED.get(ch)
-    if named:
-        return named
-    code = ord(ch)
-    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+# What is unsafe and how it is shown: imaptap.text, shared with the report.
+_UNSAFE = UNSAFE
 
 
 def safe(value: object, style: str = "") -> Text:
@@ -63,14 +51,6 @@ def safe(value: object, style: str = "") -> Text:
     if pos < len(s):
         out.append(s[pos:])
     return out
-
-
-def plain(value: object) -> str:
-    """`safe` without styles: the string a cell shows."""
-    if value is None:
-        return ""
-    s = value if isinstance(value, str) else str(value)
-    return _UNSAFE.sub(lambda m: escape(m.group()), s)
 
 
 # --- numbers and times ---------------------------------------------------------------------------
