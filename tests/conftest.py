@@ -1,8 +1,24 @@
 """Shared fixtures; the shared paths and helpers live in testenv.py."""
 
+import os
+
 import pytest
 
 from testenv import PUBLIC_PCAPS_ABSENT, SUMMARY, require_public_pcaps, run_imaptap
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_password_key(tmp_path_factory):
+    """Every imaptap the tests run keeps its password key in a directory of this test run, not
+    in the machine's (passwordkey.py: $XDG_STATE_HOME comes before /var/lib/imaptap)."""
+    saved = {name: os.environ.pop(name, None) for name in ("STATE_DIRECTORY", "XDG_STATE_HOME")}
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -2,8 +2,9 @@
 
 Exit status: 0 on success and on a clean stop (SIGINT, SIGTERM, SIGHUP); 1 on an internal
 error; 2 on bad arguments, an unreadable or corrupt capture file, an output that cannot be
-written, or missing privileges or kernel support.  Errors are one line on stderr, never a
-traceback.  SIGUSR1 reopens the output files (logrotate).  The TUI and bcc are imported only
+written, or missing privileges or kernel support; 3 when a finding named by ``--fail-on``
+occurred (2 wins over 3).  Errors are one line on stderr, never a traceback.  SIGUSR1 reopens
+the output files (logrotate).  The TUI and bcc are imported only
 when used, so replay to JSON starts fast.
 """
 
@@ -19,24 +20,32 @@ import time
 from typing import IO, TYPE_CHECKING, NoReturn
 
 from imaptap import __version__
+from imaptap.findings import Finding, parse_finding_list
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowStats
 from imaptap.output import OutputError
-from imaptap.pipeline import Pipeline, Source, SourceError, build_source
+from imaptap.pipeline import Pipeline, Sink, Source, SourceError, build_source
 from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.imap.audit import PasswordFingerprint
     from imaptap.output.ecs import EcsSink
+    from imaptap.output.jsonl import JsonlWriter
     from imaptap.output.metrics import MetricsSink
+    from imaptap.report import Report
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_USAGE = 2
+#: ``--fail-on``: a finding it names occurred (the flows are named on stderr).
+EXIT_FINDINGS = 3
 
 #: The largest snap length accepted: a whole IP packet.
 MAX_SNAPLEN = 65535
 #: --json-format: imaptap's own records (README, "JSON Lines"), or the same as ECS documents.
 JSON_FORMATS = ("imaptap", "ecs")
+#: --format's choices (output.report.ReportFormat, not imported here: replay must start fast).
+REPORT_FORMATS = ("text", "markdown", "json")
 
 EXAMPLES = """\
 examples:
@@ -46,10 +55,15 @@ examples:
   imaptap -r capture.pcapng --port 143 --port 10143 --json -
   imaptap -r capture.pcap --json - --flows-only | jq 'select(.cleartext_credentials)'
   imaptap -i eth0 --json - --metrics 9464   also serve Prometheus metrics on 127.0.0.1:9464
+  imaptap -r capture.pcap --report    audit report: servers, clients, findings, attacks
+  imaptap -r capture.pcap --report --format markdown > ticket.md
+  imaptap -r ci.pcap --fail-on cleartext_credentials,starttls_offered_not_used
+  tcpdump -i eth0 -U -w - 'tcp port 143' | imaptap -r - --report
   imaptap -D                          list interfaces
 
 exit status: 0 ok (also after SIGINT/SIGTERM/SIGHUP), 1 internal error,
-             2 bad arguments, bad capture file, unwritable output, or missing privileges
+             2 bad arguments, bad capture file, unwritable output, or missing privileges,
+             3 a finding named by --fail-on occurred (its flows are named on stderr)
 SIGUSR1 reopens the --json and -w files (after logrotate moved them away)
 """
 
@@ -121,6 +135,13 @@ def _listen_address(value: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _findings(value: str) -> frozenset[Finding]:
+    try:
+        return parse_finding_list(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="imaptap",
@@ -133,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_argument_group("source (one of)")
     src.add_argument("-i", "--interface", action="append", metavar="IFACE",
                      help="capture live on IFACE (repeatable; default: the default route's interface)")
-    src.add_argument("-r", "--read", metavar="FILE", help="replay a pcap or pcapng file")
+    src.add_argument("-r", "--read", metavar="FILE", help="replay a pcap or pcapng file ('-' for standard input)")
     src.add_argument("-D", "--list-interfaces", action="store_true", help="list interfaces and exit")
     p.add_argument("--port", action="append", type=_port, metavar="N",
                    help=f"TCP port treated as IMAP (repeatable; default {IMAP_PORT})")
@@ -152,7 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--flows-only", action="store_true", help="JSON: flow and stats records only, no message records")
     out.add_argument("--json-format", choices=JSON_FORMATS, default=JSON_FORMATS[0],
                      help="JSON: imaptap's own keys (default), or Elastic Common Schema documents (docs/ECS.md)")
-    out.add_argument("-w", "--write", metavar="FILE", help="live: also write the captured segments to a pcap")
+    out.add_argument("-w", "--write", metavar="FILE",
+                     help="also write the IMAP segments to a pcap, passwords and SASL secrets blanked")
+    out.add_argument("--report", action="store_true",
+                     help="at the end, write the audit report to stdout (no JSON unless --json names a file)")
+    out.add_argument("--format", choices=REPORT_FORMATS, metavar="FORMAT",
+                     help="the report's format: text (default), markdown or json; implies --report")
+    out.add_argument("--fail-on", type=_findings, metavar="FINDING[,...]",
+                     help=f"exit with status {EXIT_FINDINGS} if any of these findings occurred ('any': all),"
+                          " naming the flows on stderr")
+    out.add_argument("--password-key", metavar="FILE",
+                     help="the key of the password fingerprints (default: see README, made on first use)")
     out.add_argument("--metrics", type=_listen_address, metavar="[ADDR:]PORT",
                      help="serve Prometheus metrics on http://ADDR:PORT/metrics (default address 127.0.0.1;"
                           " port 0: any free one)")
@@ -258,6 +289,12 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError("give either -r FILE or -i IFACE, not both")
     if args.max_flows < 1:
         raise UsageError(f"--max-flows must be at least 1: {args.max_flows}")
+    if args.format is not None:
+        args.report = True
+    if args.report and args.json == "-":
+        raise UsageError("--report and --json - both write to standard output: give --json a file")
+    if args.read == "-" and args.write == "-":
+        raise UsageError("-r - reads standard input; -w - cannot write it")
     ports = frozenset(args.port or [IMAP_PORT])
     if not args.read:
         from imaptap.privileges import PrivilegeError, lookup
@@ -269,9 +306,10 @@ def _main(args: argparse.Namespace) -> int:
 
     if args.metrics_label and args.metrics is None:
         raise UsageError("--metrics-label needs --metrics")
+    fingerprint = password_fingerprint(args.password_key)
     metrics = _start_metrics(args)
     try:
-        return _run(args, ports, metrics)
+        return _run(args, ports, metrics, fingerprint)
     finally:
         if metrics is not None:
             metrics.close()
@@ -293,38 +331,53 @@ def _start_metrics(args: argparse.Namespace) -> MetricsSink | None:
     return sink
 
 
-def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink | None) -> int:
-    extra_sinks = [] if metrics is None else [metrics]
+def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink | None,
+         fingerprint: PasswordFingerprint) -> int:
+    extra_sinks: list[Sink] = [] if metrics is None else [metrics]
     json_path = args.json
-    if json_path is None and not sys.stdout.isatty():
+    if json_path is None and not args.report and not sys.stdout.isatty():
         json_path = "-"
-    if json_path is None:
+    if json_path is None and not args.report:
         from imaptap import tui  # imports Textual only inside tui.run
 
         if tui.available():
-            return tui.run(args, ports, extra_sinks)
+            return tui.run(args, ports, extra_sinks, fingerprint)
         print("imaptap: the TUI needs Textual (pip install 'imaptap[tui]'); writing JSON Lines (use --json PATH)",
               file=sys.stderr)
         json_path = "-"
 
-    from imaptap.output.jsonl import JsonlSink, JsonlWriter
+    writer: JsonlWriter | None = None
+    output: JsonlSink | EcsSink | None = None
+    close_out = False
+    sinks: list[Sink] = []
+    if json_path is not None:
+        from imaptap.output.jsonl import JsonlSink, JsonlWriter
 
-    out, close_out = _open_output(json_path, args.append)
-    opener = None
-    if close_out:
-        from functools import partial
+        out, close_out = _open_output(json_path, args.append)
+        opener = None
+        if close_out:
+            from functools import partial
 
-        from imaptap.output.rotation import open_for_append
+            from imaptap.output.rotation import open_for_append
 
-        opener = partial(open_for_append, json_path)
-    writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path, opener)
-    output: JsonlSink | EcsSink
-    if args.json_format == "ecs":
-        from imaptap.output.ecs import EcsSink
+            opener = partial(open_for_append, json_path)
+        writer = JsonlWriter(out, "standard output" if json_path == "-" else json_path, opener)
+        if args.json_format == "ecs":
+            from imaptap.output.ecs import EcsSink
 
-        output = EcsSink(writer, messages=not args.flows_only)
-    else:
-        output = JsonlSink(writer, messages=not args.flows_only)
+            output = EcsSink(writer, messages=not args.flows_only)
+        else:
+            output = JsonlSink(writer, messages=not args.flows_only)
+        sinks.append(output)
+    report_sink = None
+    if args.report or args.fail_on:
+        from imaptap.output.report import ReportFormat, ReportSink
+        from imaptap.report import ReportBuilder
+
+        report_out = sys.stdout if args.report else None
+        report_sink = ReportSink(ReportBuilder(), report_out, ReportFormat(args.format or "text"),
+                                 color=report_out is not None and wants_colour(report_out))
+        sinks.append(report_sink)
     source: Source | None
     pcap_writer: MaskingWriter | None
     early_error: str | None = None
@@ -338,9 +391,10 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         from imaptap.output.rotation import ReopenSink
 
         _reopen.clear()
-        sinks = [output, *extra_sinks, ReopenSink(_reopen.__len__, [writer], _warn)]
+        sinks += [*extra_sinks, ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn)]
         pipeline = Pipeline(source, sinks, pcap_writer=pcap_writer, max_flows=args.max_flows,
-                            idle_timeout=args.idle_timeout, flow_interval=args.flow_interval)
+                            idle_timeout=args.idle_timeout, flow_interval=args.flow_interval,
+                            password_fingerprint=fingerprint)
         if args.read:
             # Everything made so far (modules, classes, functions) lives until exit: kept out of
             # the collector's generations, it is not traversed again at each collection of the
@@ -366,18 +420,19 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
 
             notify("STOPPING=1")
         try:
-            if pipeline is not None:
-                record = pipeline.stats()
-            else:
-                record = {"source": args.read or ",".join(args.interface or []) or "live",
-                          **dataclasses.asdict(FlowStats()), "seconds": round(time.monotonic() - started, 3),
-                          "error": early_error}
-            output.stats(record)
-            writer.flush()
+            if output is not None and writer is not None:
+                if pipeline is not None:
+                    record = pipeline.stats()
+                else:
+                    record = {"source": args.read or ",".join(args.interface or []) or "live",
+                              **dataclasses.asdict(FlowStats()), "seconds": round(time.monotonic() - started, 3),
+                              "error": early_error}
+                output.stats(record)
+                writer.flush()
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
-            if close_out:
+            if close_out and writer is not None:
                 try:
                     writer.out.close()  # the file opened last, when SIGUSR1 reopened it
                 except OSError:
@@ -387,7 +442,56 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
     if error:
         print(f"imaptap: {error}", file=sys.stderr)
         return EXIT_USAGE
+    if args.fail_on and report_sink is not None and report_sink.report is not None:
+        return gate(report_sink.report, args.fail_on)
     return EXIT_OK
+
+
+def gate(report: Report, chosen: frozenset[Finding]) -> int:
+    """``--fail-on``: name on stderr each flow that shows a chosen finding; the exit status."""
+    from imaptap.output.report import fail_on_lines
+
+    lines = fail_on_lines(report, chosen)
+    for line in lines:
+        print(f"imaptap: {line}", file=sys.stderr)
+    return EXIT_FINDINGS if lines else EXIT_OK
+
+
+def _is_terminal(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+def wants_colour(stream: IO[str]) -> bool:
+    """Colour only on a terminal, and not where NO_COLOR is set (no-color.org) or TERM is dumb."""
+    return _is_terminal(stream) and not os.environ.get("NO_COLOR") and os.environ.get("TERM") != "dumb"
+
+
+def password_fingerprint(path: str | None) -> PasswordFingerprint:
+    """The fingerprint function under this installation's key (passwordkey.py).
+
+    A key named by ``--password-key`` must be usable (UsageError otherwise); where the default
+    place cannot hold one (a read-only home), this run fingerprints under a key of its own, and
+    says so: its fingerprints match among themselves only.
+    """
+    from pathlib import Path
+
+    from imaptap import passwordkey
+    from imaptap.imap.audit import PasswordFingerprint
+
+    try:
+        if path is not None:
+            key = passwordkey.load(Path(path))
+        else:
+            key, _made = passwordkey.load_or_create(passwordkey.default_path())
+    except passwordkey.PasswordKeyError as exc:
+        if path is not None:
+            raise UsageError(str(exc)) from None
+        print(f"imaptap: {exc}; password fingerprints of this run match only among themselves", file=sys.stderr)
+        key = os.urandom(passwordkey.KEY_BYTES)
+    return PasswordFingerprint(key)
 
 
 def _say_notes(source: Source) -> None:

@@ -9,7 +9,7 @@ import argparse
 import importlib.util
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -21,9 +21,11 @@ def available() -> bool:
     return importlib.util.find_spec("textual") is not None
 
 
-def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] = ()) -> int:
+def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] = (),
+        password_fingerprint: Callable[[bytes], str] | None = None) -> int:
     """Run the TUI on the capture the arguments name (``sinks`` take its events too, as metrics
-    do); the exit status as the JSON output's."""
+    do); the exit status as the JSON output's (with ``--fail-on``, 3 when a finding it names
+    occurred, the flows named on stderr)."""
     from imaptap.pipeline import SourceError, build_source
 
     try:
@@ -48,8 +50,17 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
 
     requests: list[int] = []
     warnings: list[str] = []
+    report_sink = None
+    extra = list(sinks)
+    if getattr(args, "fail_on", None):
+        from imaptap.output.report import ReportSink
+        from imaptap.report import ReportBuilder
+
+        report_sink = ReportSink(ReportBuilder())
+        extra.append(report_sink)
     feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
-                sinks=[*sinks, ReopenSink(requests.__len__, [], warnings.append)])
+                sinks=[*extra, ReopenSink(requests.__len__, [], warnings.append)],
+                password_fingerprint=password_fingerprint)
     signal.signal(REOPEN_SIGNAL, lambda signum, frame: requests.append(signum))
     app = ImaptapApp(feed, handle_signals=True)
     try:
@@ -62,4 +73,9 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
         print(f"imaptap: {line}", file=sys.stderr)
     if app.capture_error:
         print(f"imaptap: {app.capture_error}", file=sys.stderr)
-    return status if status is not None else app.exit_status
+    status = status if status is not None else app.exit_status
+    if status == 0 and report_sink is not None and report_sink.report is not None:
+        from imaptap.cli import gate
+
+        return gate(report_sink.report, args.fail_on)
+    return status

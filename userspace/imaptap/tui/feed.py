@@ -157,6 +157,7 @@ class Feed(Sink):
         wallclock: Callable[[], float] = time.time,
         flush_interval: float = FLUSH_INTERVAL,
         sinks: Iterable[Sink] = (),
+        password_fingerprint: Callable[[bytes], str] | None = None,
     ) -> None:
         self.source = source
         self.emit = emit
@@ -166,7 +167,8 @@ class Feed(Sink):
         """The capture clock of a live capture (ages, idle expiry)."""
         self.flush_interval = flush_interval
         self.pipeline = Pipeline(source, [self, *sinks], pcap_writer=pcap_writer, max_flows=max_flows,
-                                 idle_timeout=idle_timeout, wallclock=wallclock, clock=clock)
+                                 idle_timeout=idle_timeout, wallclock=wallclock, clock=clock,
+                                 password_fingerprint=password_fingerprint)
         self.table = self.pipeline.table
         self.ready = threading.Event()
         """Set by the UI when it takes batches (it is not busy with the previous one, and not paused)."""
