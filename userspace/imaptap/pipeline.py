@@ -108,23 +108,28 @@ class Source:
 
 
 class ReplaySource(Source):
-    """A pcap or pcapng file, read as fast as it goes."""
+    """A pcap or pcapng file, read as fast as it goes; ``-`` is standard input, ``fd`` a
+    descriptor to read instead (the TUI's copy of standard input)."""
 
     def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
                  taillen: int = DEFAULT_TAILLEN, label: str | None = None,
-                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> None:
-        from imaptap.capture.replay import CaptureFileError, ReplayStats
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN, fd: int | None = None) -> None:
+        from imaptap.capture.replay import STDIN, STDIN_NAME, CaptureFileError, ReplayStats
 
         self.errors = (CaptureFileError,)
         self.path = path
-        self.label = path if label is None else label
+        self.fd = fd
+        self.label = (STDIN_NAME if path == STDIN else path) if label is None else label
         self.ports = frozenset(ports)
         self.policy = PayloadPolicy(snaplen, taillen, handshake_snaplen)
         self.stats = ReplayStats()
-        try:
-            self.size: int | None = os.path.getsize(path)
-        except OSError:
-            self.size = None  # open() says why
+        self.size: int | None = None
+        """The file's size; None for a pipe (set when open)."""
+        if path != STDIN and fd is None:
+            try:
+                self.size = os.path.getsize(path)
+            except OSError:
+                pass  # open() says why
         self._reader: Any = None
         self._segments: Any = None
 
@@ -134,9 +139,10 @@ class ReplaySource(Source):
         if self._reader is not None:
             return
         try:
-            self._reader = open_capture(self.path)
+            self._reader = open_capture(self.label if self.fd is not None else self.path, self.fd)
         except CaptureFileError as exc:
             raise SourceError(str(exc)) from None
+        self.size = self._reader.size
 
     def segments(self) -> Generator[Segment | None, None, None]:
         # CaptureFileError (a cut or corrupt file) comes after the last good segment.
@@ -258,15 +264,16 @@ class MemorySource(Source):
 def build_source(*, read: str | None, interfaces: list[str] | None, ports: frozenset[int],
                  snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, xdp_mode: str | None = None,
                  use_xdp: bool = True, user: str | None = None, write: str | None = None,
-                 append: bool = False,
-                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN) -> tuple[Source, MaskingWriter | None]:
+                 append: bool = False, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
+                 read_fd: int | None = None) -> tuple[Source, MaskingWriter | None]:
     """The source the command line names (a file to replay, else a live capture on
     ``interfaces`` or the default route's), not yet open, and the ``-w`` writer of ``write``
-    (or None), appending to the file if ``append``.  SourceError (one line) for a bad interface
-    or option, an unwritable ``-w`` file, or live capture without bcc's side of the package."""
+    (or None), appending to the file if ``append``; ``read_fd`` is read in place of ``read``
+    when given.  SourceError (one line) for a bad interface or option, an unwritable ``-w``
+    file, or live capture without bcc's side of the package."""
     source: Source
     if read:
-        source = ReplaySource(read, ports, snaplen, taillen, handshake_snaplen=handshake_snaplen)
+        source = ReplaySource(read, ports, snaplen, taillen, handshake_snaplen=handshake_snaplen, fd=read_fd)
     else:
         try:
             from imaptap.capture import live

@@ -420,12 +420,14 @@ def test_unknown_link_type(tmp_path, linktype):
         open_capture(ng)
 
 
-def test_replay_can_run_twice(tmp_path):
+def test_a_reader_reads_once_and_a_reopened_file_again(tmp_path):
     path = write_pcap(tmp_path / "twice.pcap", conversation(2))
     with open_capture(path) as reader:
         first = list(reader.segments({143}, PayloadPolicy(), ReplayStats()))
-        second = list(reader.segments({143}, PayloadPolicy(), ReplayStats()))
-    assert first == second and len(first) == 2
+        with pytest.raises(RuntimeError, match="replayed already"):
+            next(reader.segments({143}, PayloadPolicy(), ReplayStats()))
+    with open_capture(path) as reader:
+        assert list(reader.segments({143}, PayloadPolicy(), ReplayStats())) == first and len(first) == 2
 
 
 # -- other projects' captures, counts checked with tshark -Y 'tcp.port==N' ----------------------

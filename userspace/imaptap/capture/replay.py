@@ -5,6 +5,11 @@
     for seg in reader.segments({143}, PayloadPolicy(), stats):
         ...                                      # CaptureFileError after the last good one
 
+Files are read from the start to the end and never seek, so a pipe reads as a file does
+(``open_capture("-")`` is standard input: ``tcpdump -w - | imaptap -r -``).  On a pipe the
+reader waits for data with select() and, with ``ticks``, yields a tick every `PIPE_WAIT`
+seconds meanwhile, so a stop is seen while the writer is quiet.
+
 dpkt parses the pcapng section and interface blocks (byte order, timestamp resolution and
 offset); it is imported only for pcapng, as importing it was a third of imaptap's start-up.
 The classic pcap file header and all records are framed here with precompiled structs because
@@ -27,7 +32,10 @@ give the same segments (tested on every capture).
 from __future__ import annotations
 
 import os
+import select
+import stat
 import struct
+import sys
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -52,6 +60,12 @@ MAX_BLOCK_LEN = 16 * 1024 * 1024
 READ_BUFFER = 1 << 20
 #: Records between two ticks of the generic (pcapng) loop: see `CaptureReader.segments`.
 TICK_RECORDS = 4096
+#: Seconds a read from a pipe waits for data before the reader yields a tick (with ``ticks``):
+#: a stop is seen within this while the writer of the pipe is quiet.
+PIPE_WAIT = 0.1
+#: ``-r -``: standard input, and how messages name it.
+STDIN = "-"
+STDIN_NAME = "standard input"
 
 ETHERNET_LINKTYPE = 1
 
@@ -156,21 +170,28 @@ def _count_skip(stats: ReplayStats, reason: Skip) -> None:
         stats.undecodable += 1
 
 
-def open_capture(path: str | os.PathLike[str]) -> CaptureReader:
-    """Open a pcap or pcapng file; CaptureFileError if it cannot be replayed at all."""
+def open_capture(path: str | os.PathLike[str], fd: int | None = None) -> CaptureReader:
+    """Open a pcap or pcapng file (``-``: standard input; ``fd``: that descriptor, named
+    ``path``); CaptureFileError if it cannot be replayed at all."""
     name = os.fspath(path)
     try:
-        f = open(name, "rb", buffering=READ_BUFFER)
+        if fd is not None:
+            f: BinaryIO = open(fd, "rb", buffering=0, closefd=True)
+        elif name == STDIN:
+            name = STDIN_NAME
+            f = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)
+        else:
+            f = open(name, "rb", buffering=0)
     except OSError as exc:
         raise CaptureFileError(f"{name}: {exc.strerror or exc}") from None
     try:
-        head = f.read(4)
+        head = _read_exact(f, 4)
         if not head:
             raise CaptureFileError(f"{name}: empty file")
         if head == PCAPNG_SHB_MAGIC:
-            reader: CaptureReader = _PcapngReader(name, f)
+            reader: CaptureReader = _PcapngReader(name, f, head)
         elif len(head) == 4 and struct.unpack(">I", head)[0] in PCAP_MAGICS:
-            reader = _PcapReader(name, f)
+            reader = _PcapReader(name, f, head)
         elif head.startswith(GZIP_MAGIC):
             raise CaptureFileError(f"{name}: gzip-compressed; decompress it first")
         else:
@@ -184,6 +205,17 @@ def open_capture(path: str | os.PathLike[str]) -> CaptureReader:
     return reader
 
 
+def _read_exact(f: BinaryIO, n: int) -> bytes:
+    """``n`` bytes, fewer only at the end of the input (a pipe hands over what it has)."""
+    data = f.read(n) or b""
+    while len(data) < n:
+        more = f.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
 class CaptureReader:
     """An open capture file; `segments` replays it."""
 
@@ -191,6 +223,20 @@ class CaptureReader:
         self.name = name
         """The path as given, for messages."""
         self._file = f
+        self._fd = f.fileno()
+        mode = os.fstat(self._fd).st_mode
+        self.seekable = stat.S_ISREG(mode)
+        """A regular file (its size is known); otherwise a pipe or socket, read as it comes."""
+        self.size: int | None = os.fstat(self._fd).st_size if self.seekable else None
+        self._replayed = False
+
+    def _fill(self, ticks: bool) -> Generator[None, None, bytes]:
+        """The next chunk of the input (b"" at its end); on a pipe, while none has come, a tick
+        every PIPE_WAIT seconds (with ``ticks``)."""
+        if not self.seekable:
+            while not select.select([self._fd], [], [], PIPE_WAIT if ticks else None)[0]:
+                yield None
+        return self._file.read(READ_BUFFER) or b""
 
     def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
                  ticks: bool = False) -> Generator[Segment | None, None, None]:
@@ -199,9 +245,14 @@ class CaptureReader:
         Pure ACKs (no payload, no SYN, FIN or RST) are counted, not yielded, as in the kernel.
         If the file turns out cut short or corrupt, everything before the bad record is yielded
         first, then CaptureFileError is raised.  ``ticks``: also yield None after every
-        READ_BUFFER bytes of records (classic pcap) or TICK_RECORDS records (pcapng), so a
-        caller can answer a signal in a long stretch of traffic that yields no segment.
+        READ_BUFFER bytes of records (classic pcap) or TICK_RECORDS records (pcapng), and while
+        a pipe keeps the reader waiting, so a caller can answer a signal in a long stretch of
+        traffic that yields no segment.  The input is read once, forward: open it again to
+        replay it again.
         """
+        if self._replayed:
+            raise RuntimeError(f"{self.name} was replayed already: open it again")
+        self._replayed = True
         try:
             yield from self._segments(ports, policy, stats, ticks)
         except OSError as exc:  # a disk or network file system failing mid-way
@@ -212,7 +263,11 @@ class CaptureReader:
         other_port, empty = Skip.OTHER_PORT, Skip.EMPTY
         cut = policy.cut
         countdown = TICK_RECORDS
-        for ts, decode, data in self._records(stats):
+        for record in self._records(stats, ticks):
+            if record is None:
+                yield None
+                continue
+            ts, decode, data = record
             countdown -= 1
             if not countdown:
                 countdown = TICK_RECORDS
@@ -235,8 +290,9 @@ class CaptureReader:
             yield new_segment(Segment,
                               (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
 
-    def _records(self, stats: ReplayStats) -> Iterator[tuple[float, LinkDecoder, bytes]]:
-        """(time, the decoder for the record's link type, captured bytes) per packet record."""
+    def _records(self, stats: ReplayStats, ticks: bool) -> Iterator[tuple[float, LinkDecoder, bytes] | None]:
+        """(time, the decoder for the record's link type, captured bytes) per packet record, and
+        None where a pipe kept the reader waiting (with ``ticks``)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -255,10 +311,9 @@ class CaptureReader:
 class _PcapReader(CaptureReader):
     """Classic libpcap files: either byte order, micro- or nanosecond, and the modified variant."""
 
-    def __init__(self, name: str, f: BinaryIO) -> None:
+    def __init__(self, name: str, f: BinaryIO, head: bytes) -> None:
         super().__init__(name, f)
-        f.seek(0)
-        buf = f.read(PCAP_FILE_HEADER_LEN)
+        buf = head + _read_exact(f, PCAP_FILE_HEADER_LEN - len(head))
         if len(buf) < PCAP_FILE_HEADER_LEN:
             raise self._error(f"truncated file header ({len(buf)} of {PCAP_FILE_HEADER_LEN} bytes)")
         magic = struct.unpack_from(">I", buf)[0]
@@ -308,14 +363,13 @@ class _PcapReader(CaptureReader):
         unpack = self._record.unpack_from
         record_len = self._record_len
         divisor = self._divisor
-        read = self._file.read
-        self._file.seek(self._data_start)
+        fill = self._fill
         buf = b""
         off = 0
         base = self._data_start  # file offset of buf[0]
         try:
             while True:
-                more = read(READ_BUFFER)
+                more = yield from fill(ticks)
                 if off:
                     base += off
                     buf = buf[off:] + more
@@ -416,15 +470,26 @@ class _Interface:
 class _PcapngReader(CaptureReader):
     """pcapng: several sections and interfaces, each with its own link type and time resolution."""
 
-    def __init__(self, name: str, f: BinaryIO) -> None:
+    def __init__(self, name: str, f: BinaryIO, head: bytes) -> None:
         super().__init__(name, f)
         self._order = "<"
         self._interfaces: list[_Interface] = []
+        self._buf = head
+        self._off = 0
+        self._pos = 0
+        """File offset of ``_buf[_off]``."""
         # Say now what a user wants to hear before any output: the section header is sound,
-        # and some interface declared before the first packet can be decoded.  The replay
-        # reads the file again from the start.
-        for _btype, _pos, _block in self._blocks(stop_at_packet=True):
-            pass
+        # and some interface declared before the first packet can be decoded.  The walk is the
+        # replay's own start (nothing is read twice): it stops at the first packet block, which
+        # the replay takes first, or where a pipe has nothing more to give yet.
+        self._walk = self._blocks(ticks=True)
+        self._held: tuple[int, int, bytes] | None = None
+        for item in self._walk:
+            if item is None:
+                break
+            if item[0] in PACKET_BLOCKS:
+                self._held = item
+                break
         if self._interfaces and not any(i.link for i in self._interfaces):
             linktypes = sorted({i.linktype for i in self._interfaces})
             raise self._error(f"unsupported link type {', '.join(map(str, linktypes))}")
@@ -433,46 +498,54 @@ class _PcapngReader(CaptureReader):
         names = dict.fromkeys(i.link.name for i in self._interfaces if i.link is not None)
         return ",".join(names)
 
-    def _blocks(self, stop_at_packet: bool = False) -> Iterator[tuple[int, int, bytes]]:
-        """(type, file offset, whole block) per block from the start of the file.
+    def _need(self, n: int, ticks: bool) -> Generator[None, None, bool]:
+        """Make ``n`` bytes ready in the buffer; False when the input ends before."""
+        while len(self._buf) - self._off < n:
+            more = yield from self._fill(ticks)
+            if not more:
+                return False
+            self._buf = self._buf[self._off :] + more
+            self._off = 0
+        return True
 
-        Section and interface blocks are taken in on the way; with ``stop_at_packet`` the walk
-        ends at the first packet block, before reading its body.
-        """
-        f = self._file
-        f.seek(0)
-        read = f.read
-        pos = 0
-        head_struct = struct.Struct(self._order + PCAPNG_BLOCK)
+    def _take(self, n: int) -> bytes:
+        data = self._buf[self._off : self._off + n]
+        self._off += n
+        self._pos += n
+        return data
+
+    def _blocks(self, ticks: bool) -> Generator[tuple[int, int, bytes] | None, None, None]:
+        """(type, file offset, whole block) per block, from where the reading stands, and None
+        while a pipe keeps it waiting; section and interface blocks are taken in on the way."""
         while True:
-            head = read(8)
-            if len(head) != 8:
-                if not head:
+            pos = self._pos
+            if not (yield from self._need(8, ticks)):
+                if len(self._buf) == self._off:
                     return
                 raise self._error(f"truncated block header at byte {pos}")
+            head = self._buf[self._off : self._off + 8]
+            head_len = 8
             if head[:4] == PCAPNG_SHB_MAGIC:
                 # The section's byte order follows its length field; the type reads the same
                 # either way.
-                bom = read(4)
-                if len(bom) != 4:
+                if not (yield from self._need(12, ticks)):
                     raise self._error(f"truncated section header block at byte {pos}")
+                bom = self._buf[self._off + 8 : self._off + 12]
                 if bom == PCAPNG_BOM_LE:
                     self._order = "<"
                 elif bom == PCAPNG_BOM_BE:
                     self._order = ">"
                 else:
                     raise self._error(f"corrupt section header block at byte {pos} (byte-order magic {bom.hex()})")
-                head_struct = struct.Struct(self._order + PCAPNG_BLOCK)
-                head += bom
-            btype, blen = head_struct.unpack_from(head)
+                head_len = 12
+            btype, blen = struct.unpack_from(self._order + PCAPNG_BLOCK, head)
             if blen < PCAPNG_MIN_BLOCK_LEN or blen % 4 or blen > MAX_BLOCK_LEN:
                 raise self._error(f"corrupt block at byte {pos} (length {blen})")
-            if stop_at_packet and btype in PACKET_BLOCKS:
-                return
-            body = read(blen - len(head))
-            if len(body) != blen - len(head):
+            if not (yield from self._need(blen, ticks)):
+                if len(self._buf) - self._off < head_len:
+                    raise self._error(f"truncated block header at byte {pos}")
                 raise self._error(f"truncated block at byte {pos}")
-            block = head + body
+            block = self._take(blen)
             if block[-4:] != block[4:8]:
                 raise self._error(f"corrupt block at byte {pos} (its two length fields differ)")
             if btype == BT_SHB:
@@ -480,7 +553,6 @@ class _PcapngReader(CaptureReader):
             elif btype == BT_IDB:
                 self._interface(block, pos)
             yield btype, pos, block
-            pos += blen
 
     def _section(self, block: bytes, pos: int) -> None:
         import dpkt.pcapng
@@ -512,11 +584,16 @@ class _PcapngReader(CaptureReader):
                 offset = struct.unpack_from(self._order + "q", opt.data)[0]
         self._interfaces.append(_Interface(idb.linktype, LINK_TYPES.get(idb.linktype), divisor, offset))
 
-    def _records(self, stats: ReplayStats) -> Iterator[tuple[float, LinkDecoder, bytes]]:
+    def _records(self, stats: ReplayStats, ticks: bool) -> Iterator[tuple[float, LinkDecoder, bytes] | None]:
         stats.link_type = self._link_names()
         ts = 0.0
         order = ""
-        for btype, pos, block in self._blocks():
+        for item in self._pending_then_rest():
+            if item is None:
+                if ticks:
+                    yield None
+                continue
+            btype, pos, block = item
             stats.position = pos + len(block)
             if btype not in PACKET_BLOCKS:
                 if btype == BT_IDB:
@@ -559,3 +636,10 @@ class _PcapngReader(CaptureReader):
                 stats.unsupported_link += 1
                 continue
             yield ts, iface.link.decode, data
+
+    def _pending_then_rest(self) -> Iterator[tuple[int, int, bytes] | None]:
+        """The block the opening walk stopped at, then the rest of the input."""
+        if self._held is not None:
+            held, self._held = self._held, None
+            yield held
+        yield from self._walk
