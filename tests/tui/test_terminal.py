@@ -20,15 +20,25 @@ PYTHON = sys.executable
 
 
 def run_on_terminal(*args: str, steps: tuple[tuple[bytes, Any], ...] = ((b"finished", b"q"),),
-                    timeout: float = 20.0) -> tuple[int, bytes]:
+                    timeout: float = 20.0, stdin: bytes | None = None) -> tuple[int, bytes]:
     """Run ``imaptap ARGS`` on a 160x40 pty; for each (text, keys) step, once the text is on
     screen (since the previous step) type the keys, or call them with the pid; (exit status,
-    all output)."""
+    all output).  With ``stdin``, standard input is a pipe carrying those bytes (the pty stays
+    the controlling terminal)."""
+    pipe = os.pipe() if stdin is not None else None
     pid, fd = pty.fork()
     if pid == 0:  # pragma: no cover - the child
+        if pipe is not None:
+            os.dup2(pipe[0], 0)
+            os.close(pipe[0])
+            os.close(pipe[1])
         fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
         os.environ.update(TERM="xterm-256color", PYTHONPATH=os.path.join(ROOT, "userspace"), COLUMNS="160", LINES="40")
         os.execv(PYTHON, [PYTHON, "-m", "imaptap", *args])
+    if pipe is not None:
+        os.close(pipe[0])
+        os.write(pipe[1], stdin)
+        os.close(pipe[1])
     out = b""
     deadline = time.monotonic() + timeout
     todo = list(steps)
@@ -63,6 +73,12 @@ def test_a_terminal_gets_the_tui_and_q_quits():
     assert status == 0
     assert b"alice" in out and b"IMAP LOGIN" in out and b"finished" in out
     assert b"\x1b[?1049l" in out  # the alternate screen was left: the terminal is back
+
+
+def test_the_tui_reads_a_capture_from_a_pipe_and_keys_from_the_terminal():
+    status, out = run_on_terminal("-r", "-", stdin=open(pcap("login-atom.pcap"), "rb").read())
+    assert status == 0
+    assert b"standard input" in out and b"alice" in out and b"IMAP LOGIN" in out and b"finished" in out
 
 
 def test_hostile_strings_never_reach_the_terminal():

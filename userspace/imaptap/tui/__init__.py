@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -21,6 +22,18 @@ def available() -> bool:
     return importlib.util.find_spec("textual") is not None
 
 
+def keys_from_the_terminal() -> int:
+    """For ``-r -``: move the capture on standard input to a descriptor of its own (returned)
+    and put the terminal on standard input, where Textual reads the keys (as ``less`` does)."""
+    tty = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    try:
+        capture = os.dup(0)
+        os.dup2(tty, 0)
+    finally:
+        os.close(tty)
+    return capture
+
+
 def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] = (),
         password_fingerprint: Callable[[bytes], str] | None = None) -> int:
     """Run the TUI on the capture the arguments name (``sinks`` take its events too, as metrics
@@ -28,11 +41,20 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     occurred, the flows named on stderr)."""
     from imaptap.pipeline import SourceError, build_source
 
+    read_fd = None
+    if args.read == "-":
+        try:
+            read_fd = keys_from_the_terminal()
+        except OSError as exc:
+            print(f"imaptap: -r - with the TUI needs a terminal for the keys ({exc.strerror or exc});"
+                  " use --json or --report", file=sys.stderr)
+            return 2
     try:
         source, pcap_writer = build_source(read=args.read, interfaces=args.interface, ports=ports,
                                            snaplen=args.snaplen, taillen=args.tail, xdp_mode=args.xdp_mode,
                                            use_xdp=not args.no_xdp, user=args.user, write=args.write,
-                                           append=args.append, handshake_snaplen=args.handshake_snaplen)
+                                           append=args.append, handshake_snaplen=args.handshake_snaplen,
+                                           read_fd=read_fd)
         if args.read:
             source.open()  # a bad file fails before the UI starts; a live capture attaches in the worker
     except SourceError as exc:

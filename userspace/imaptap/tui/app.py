@@ -155,7 +155,9 @@ class ImaptapApp(App[int]):
 
     def on_mount(self) -> None:
         self.flows_table.focus()
-        self._progress.display = self.feed.source.progress()[1] is not None
+        # a source that counts what it read shows it; of a pipe (-r -) the size is unknown, and
+        # the bar only moves
+        self._progress.display = self.feed.source.progress() != (None, None)
         self._details.border_title = "details"
         self._show_status()
         if self.handle_signals:
@@ -353,6 +355,8 @@ class ImaptapApp(App[int]):
                 out.append(f", {t['non_imap_flows']:,} not IMAP")
             out.append(")")
         else:
+            if not st.live and st.size is None and st.bytes_read is not None:
+                out.append(f" · {display.size(st.bytes_read)} read")
             out.append(f" · {display.count(st.segments_per_s)} seg/s · {st.segments:,} segments")
             out.append(f" · {_n(st.flows_total, 'flow')}, {st.flows_open:,} open")
         shown = len(self._visible)
@@ -384,6 +388,8 @@ class ImaptapApp(App[int]):
             # replay has read the whole file.
             done = st.size if st.done else min(st.bytes_read or 0, st.size)
             self._progress.update(total=st.size, progress=done)
+        elif not st.live and st.done:
+            self._progress.update(total=1, progress=1)
 
     @staticmethod
     def _column_label(key: str) -> str:
