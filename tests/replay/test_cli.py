@@ -1,11 +1,18 @@
 """The command line as users meet it: bad input gets one line and exit status 2, nothing seen is lost."""
 
+import json
 import os
+import pty
+import select
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 import pytest
 
+from imaptap.output.progress import PROGRESS_DELAY
 from testenv import OWN_PCAPS, ROOT
 
 #: A real Dovecot session with one login (pcaps/facts.json).
@@ -125,3 +132,77 @@ def test_flow_interval_from_the_command_line(imaptap):
     assert types[-2:] == ["flow", "stats"] and set(types[:-2]) == {"flow_update"}
     update, flow = r.of_type("flow_update")[-1], r.flows[0]
     assert update["flow"] == flow["flow"] and update["end"] is None and update["ts"] <= flow["last_ts"]
+
+
+# --- -r -: standard input ---------------------------------------------------------------------
+
+
+def cli(*args: str, **kw) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
+    return subprocess.Popen([sys.executable, "-m", "imaptap", *args], env=env, **kw)
+
+
+def test_standard_input_replays_as_the_file(imaptap):
+    want = imaptap("-r", CAPTURE, "--json", "-")
+    p = cli("-r", "-", "--json", "-", stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = p.communicate(open(CAPTURE, "rb").read(), timeout=60)
+    assert p.returncode == 0 and err == b""
+    got = [json.loads(line) for line in out.splitlines()]
+    assert got[-1]["source"] == "standard input" and got[-1]["packets"] == want.stats["packets"]
+    assert got[:-1] == want.records[:-1]
+
+
+def test_a_signal_ends_a_replay_from_a_quiet_pipe(tmp_path):
+    """tcpdump -U -w - | imaptap -r -: the pipe stays open and quiet; SIGINT still ends the run."""
+    p = cli("-r", "-", "--json", "-", "--flows-only", stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+    data = open(CAPTURE, "rb").read()
+    p.stdin.write(data)
+    p.stdin.flush()
+    time.sleep(2.0)  # the whole session went in; the writer stays silent
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=20)  # the pipe is still open: the reader saw the stop while waiting for data
+    out, err = p.stdout.read(), p.stderr.read()
+    p.stdin.close()
+    assert p.returncode == 0 and b"Traceback" not in err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert records[0]["username"] == "alice" and records[-1]["stopped_by_signal"] is True
+
+
+def slow_writer(data: bytes, seconds: float) -> Callable[[object], None]:
+    def write(stdin) -> None:
+        step = max(1, len(data) // 20)
+        for i in range(0, len(data), step):
+            stdin.write(data[i:i + step])
+            stdin.flush()
+            time.sleep(seconds / 20)
+        stdin.close()
+    return write
+
+
+def test_a_long_replay_shows_progress_on_a_terminal_and_only_there(tmp_path):
+    data = open(CAPTURE, "rb").read()
+    out = tmp_path / "out.jsonl"
+    # stderr on a pseudo-terminal: the progress line, erased at the end
+    leader, follower = pty.openpty()
+    p = cli("-r", "-", "--json", str(out), stdin=subprocess.PIPE, stderr=follower)
+    os.close(follower)
+    slow_writer(data, 3 * PROGRESS_DELAY)(p.stdin)
+    p.wait(timeout=60)
+    seen = b""
+    while select.select([leader], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert p.returncode == 0
+    assert b"imaptap: standard input: " in seen and b" flows, " in seen and seen.endswith(b"\r\x1b[K")
+    assert out.read_text().count('"type":"flow"') == 1
+    # stderr a pipe: nothing
+    p = cli("-r", "-", "--json", str(out), stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    slow_writer(data, 3 * PROGRESS_DELAY)(p.stdin)
+    assert p.wait(timeout=60) == 0 and p.stderr.read() == b""

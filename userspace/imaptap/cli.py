@@ -369,6 +369,11 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         else:
             output = JsonlSink(writer, messages=not args.flows_only)
         sinks.append(output)
+    if args.read and _is_terminal(sys.stderr) and not (json_path == "-" and _is_terminal(sys.stdout)):
+        # a long replay shows it is alive; not where JSON lines go to the same terminal
+        from imaptap.output.progress import StderrProgress
+
+        sinks.append(StderrProgress(sys.stderr))
     report_sink = None
     if args.report or args.fail_on:
         from imaptap.output.report import ReportFormat, ReportSink
