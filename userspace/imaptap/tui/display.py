@@ -333,6 +333,37 @@ def _value(v: Any) -> Text:
     return safe(v)
 
 
+def _attempts(attempts: list[dict[str, Any]]) -> Text:
+    """One line per login attempt: user, mechanism, outcome, the password's fingerprint."""
+    if not attempts:
+        return Text("—", style=STYLE_NONE)
+    out = Text()
+    for i, a in enumerate(attempts):
+        if i:
+            out.append("\n")
+        out.append_text(safe(a["user"]) if a["user"] is not None else Text("?", style=STYLE_NONE))
+        out.append(f" {a['mechanism']} ", "dim")
+        if a["ok"] is None:
+            out.append("?", STYLE_NONE)
+        else:
+            out.append("ok" if a["ok"] else "failed", "green" if a["ok"] else STYLE_FAILED)
+        if a["password_hmac"] is not None:
+            out.append(f" pw#{a['password_hmac']}", "dim")
+    return out
+
+
+def client_software_text(guess: dict[str, Any] | None) -> Text:
+    """``Python imaplib (fingerprint 95%)``, ``OfflineIMAP 8.0.0 (ID)``."""
+    if guess is None:
+        return Text("—", style=STYLE_NONE)
+    out = safe(guess["name"])
+    if guess["version"]:
+        out.append(" ")
+        out.append_text(safe(guess["version"]))
+    out.append(" (ID)" if guess["from"] == "id" else f" (fingerprint {round(guess['confidence'] * 100)}%)", "dim")
+    return out
+
+
 _FACTS: dict[str, Callable[[Any], Text]] = {
     "first_ts": lambda v: Text(timestamp(v)),
     "last_ts": lambda v: Text(timestamp(v)),
@@ -352,6 +383,8 @@ _FACTS: dict[str, Callable[[Any], Text]] = {
     "server_id": _ident,
     "statuses": lambda v: _status_counts(v),
     "anomalies": lambda v: _counts(v, "yellow"),
+    "login_attempts": _attempts,
+    "client_software": client_software_text,
 }
 
 
