@@ -60,6 +60,10 @@ def _cut(s: str, limit: int = MAX_CELL) -> str:
     return s if len(s) <= limit else s[: limit - 1] + "…"
 
 
+def _n(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
+
+
 def _percent(confidence: float) -> str:
     return f"{round(confidence * 100)}%"
 
@@ -164,14 +168,14 @@ def render_text(report: Report, color: bool = False) -> str:
     """The report for a terminal: aligned tables; ANSI colour only when ``color``."""
     paint = _Paint(color)
     out = [paint(f"imaptap audit report: {plain(report.source)}", "bold"),
-           f"{report.flows:,} flows, {report.imap_flows:,} IMAP, from {_timestamp(report.first_ts)}"
+           f"{_n(report.flows, 'flow')}, {report.imap_flows:,} IMAP, from {_timestamp(report.first_ts)}"
            f" to {_timestamp(report.last_ts)}", ""]
     out.append(paint("Findings, most severe first", "bold"))
     if not report.findings:
         out.append("  none")
     for row in report.findings:
         label = paint(f"{row.severity.label:<6}", SEVERITY_STYLE[row.severity])
-        out.append(f"  {label}  {row.finding.value}: {row.count:,} flow{'s' if row.count != 1 else ''}"
+        out.append(f"  {label}  {row.finding.value}: {_n(row.count, 'flow')}"
                    f"{' from ' + ', '.join(row.sources) if row.sources else ''}. {row.summary}")
         for ref in row.flows[:SHOWN_FLOWS]:
             out.append(f"            {_flow_text(ref)}")
@@ -211,7 +215,7 @@ def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 def render_markdown(report: Report) -> str:
     """The report as Markdown (GitHub's tables), to paste into a ticket."""
     out = [f"# imaptap audit report: {md(report.source)}", "",
-           f"{report.flows:,} flows, {report.imap_flows:,} IMAP, from {_timestamp(report.first_ts)} to "
+           f"{_n(report.flows, 'flow')}, {report.imap_flows:,} IMAP, from {_timestamp(report.first_ts)} to "
            f"{_timestamp(report.last_ts)}.", "", "## Findings", ""]
     if report.findings:
         rows = []
