@@ -600,14 +600,14 @@ class ImapSession:
     def _secret(self, tok: object) -> None:
         """Remember a password token in the forms it has on the wire."""
         if isinstance(tok, parse.Literal):
-            forms = [bytes(tok.data)]
+            self._keep_secret(bytes(tok.data), b"*" * len(tok.data))
         elif isinstance(tok, bytes):  # a quoted string, unescaped: also its quoted form
-            forms = [tok, b'"' + tok.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"']
+            quoted = b'"' + tok.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+            self._keep_secret(tok, b"*" * len(tok))
+            # the quotes stay, so the blanked copy still holds a quoted string (the same facts)
+            self._keep_secret(quoted, b'"' + b"*" * (len(quoted) - 2) + b'"')
         elif isinstance(tok, str):
-            forms = [tok.encode("latin-1", "replace")]
-        else:
-            return
-        for form in forms:
+            form = tok.encode("latin-1", "replace")
             self._keep_secret(form, b"*" * len(form))
 
     def _keep_secret(self, wire: bytes, blanked: bytes) -> None:
