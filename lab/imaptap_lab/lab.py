@@ -18,6 +18,7 @@ inside a private /30 and a ULA /64 that exist only on the veth pair.
     |   lab.host_if             |-- veth ---|   ports 143 and 10143             |
     |   10.199.S.1/30           |           |   10.199.S.2/30                   |
     |   fd00:199:S::1/64        |           |   fd00:199:S::2/64                |
+    |                           |           |   fd00:199:S::3/64 (strict)       |
     +---------------------------+           +-----------------------------------+
 
 S is a "slot" (1..254) picked so that several labs coexist. Dovecot runs with its own
@@ -39,7 +40,9 @@ or from the shell: ``scripts/imaplab.py start|stop|status`` (its entry point).
 
 The server offers STARTTLS (self-signed certificate), LOGIN and AUTHENTICATE
 PLAIN/LOGIN/CRAM-MD5/SCRAM-SHA-1/SCRAM-SHA-256 in clear text, LITERAL+, SASL-IR, ID, IDLE
-and COMPRESS=DEFLATE.
+and COMPRESS=DEFLATE. On its third address (``lab.server6_strict``) it is configured as an
+auditor wants it: ``disable_plaintext_auth = yes``, so before STARTTLS it announces
+LOGINDISABLED, offers no plaintext mechanism and refuses a password sent in clear.
 This module uses the standard library only.
 """
 
@@ -94,6 +97,9 @@ IPV6_TEMPLATE = "fd00:199:{slot}::{host}"
 with the IPv4 address by eye."""
 IPV6_PREFIXLEN = 64
 HOST_SIDE, NS_SIDE = 1, 2
+STRICT_SIDE = 3
+"""The namespace side's second IPv6 address, where Dovecot disables plaintext logins (a
+`local` block): in the same /64, so it needs no route."""
 
 # --- Server ------------------------------------------------------------------------------
 IMAP_PORT = 143
@@ -394,6 +400,10 @@ default_internal_user = {internal_user}
 
 # Plain-text authentication on port 143 is the point of the lab.
 disable_plaintext_auth = no
+# ... except on this address: LOGINDISABLED and no plaintext mechanism before STARTTLS.
+local {strict} {{
+  disable_plaintext_auth = yes
+}}
 # SCRAM works from the passwd-file's plain passwords (Debian builds Dovecot without NTLM).
 auth_mechanisms = plain login cram-md5 scram-sha-1 scram-sha-256
 # The default 2 s delay after a failed login only slows failed-login tests down (a failure is
@@ -449,7 +459,7 @@ service imap-login {{
 """
 
 
-def _write_dovecot_files(tmp: Path, users: dict[str, str]) -> Path:
+def _write_dovecot_files(tmp: Path, users: dict[str, str], strict: str) -> Path:
     """Write config, passwd-file, Maildir homes and a TLS certificate; return the config path."""
     mail_uid = pwd.getpwnam(MAIL_USER).pw_uid
     mail_gid = grp.getgrnam(MAIL_GROUP).gr_gid
@@ -474,7 +484,7 @@ def _write_dovecot_files(tmp: Path, users: dict[str, str]) -> Path:
     conf = tmp / "dovecot.conf"
     conf.write_text(DOVECOT_CONF_TEMPLATE.format(
         tmp=tmp, login_user=LOGIN_USER, internal_user=INTERNAL_USER,
-        port=IMAP_PORT, alt_port=ALT_IMAP_PORT))
+        port=IMAP_PORT, alt_port=ALT_IMAP_PORT, strict=strict))
     return conf
 
 
@@ -546,6 +556,11 @@ class Lab:
     @property
     def server6(self) -> str:
         return IPV6_TEMPLATE.format(slot=self.slot, host=NS_SIDE)
+
+    @property
+    def server6_strict(self) -> str:
+        """The address where Dovecot announces LOGINDISABLED and takes no password in clear."""
+        return IPV6_TEMPLATE.format(slot=self.slot, host=STRICT_SIDE)
 
     @property
     def tmpdir(self) -> Path:
@@ -622,6 +637,8 @@ class Lab:
         _run(ns + ["addr", "add", f"{self.server4}/{IPV4_PREFIXLEN}", "dev", self.ns_if])
         _run(ns + ["addr", "add", f"{self.server6}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
                    "nodad"])
+        _run(ns + ["addr", "add", f"{self.server6_strict}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
+                   "nodad"])
         _run(ns + ["link", "set", "lo", "up"])
         _run(ns + ["link", "set", self.ns_if, "up"])
         _run(["ip", "link", "set", self.host_if, "up"])
@@ -633,7 +650,7 @@ class Lab:
         state.save()
         os.chmod(state.tmpdir, 0o755)  # login, auth and mail processes run unprivileged
         if self.server is Server.DOVECOT:
-            _write_dovecot_files(self.tmpdir, self.users)
+            _write_dovecot_files(self.tmpdir, self.users, self.server6_strict)
             # -F keeps the master in the foreground, so it is our child and its pid is known.
             self._command = [DOVECOT, "-F", "-c", str(self.conf)]
         else:
@@ -658,7 +675,9 @@ class Lab:
     def _wait_ready(self) -> None:
         """Wait until every address and port answers with the server's `* OK` greeting."""
         deadline = time.monotonic() + READY_TIMEOUT
-        pending = [(addr, port) for addr in (self.server4, self.server6) for port in self.ports]
+        # the strict address is Dovecot's configuration (a local block); Cyrus has none there
+        addrs = (self.server4, self.server6) + ((self.server6_strict,) if self.server is Server.DOVECOT else ())
+        pending = [(addr, port) for addr in addrs for port in self.ports]
         while pending:
             if self._server_proc is not None and self._server_proc.poll() is not None:
                 raise LabError(f"{self.server} exited with {self._server_proc.returncode}\n"
@@ -825,7 +844,8 @@ class Lab:
     def describe(self) -> dict:
         """The lab's public attributes, JSON-ready."""
         return {"netns": self.netns, "host_if": self.host_if, "ns_if": self.ns_if,
-                "server4": self.server4, "server6": self.server6, "client4": self.client4,
+                "server4": self.server4, "server6": self.server6,
+                "server6_strict": self.server6_strict, "client4": self.client4,
                 "client6": self.client6, "ports": list(self.ports), "users": self.users,
                 "conf": str(self.conf), "log": str(self.log_path),
                 "server": str(self.server), "server_pid": self.server_pid}

@@ -29,9 +29,10 @@ def test_the_addresses_of_a_slot_are_one_private_link():
     v4 = [ipaddress.ip_address(lab.IPV4_TEMPLATE.format(slot=slot, host=h)) for h in (lab.HOST_SIDE, lab.NS_SIDE)]
     net4 = ipaddress.ip_network(f"{v4[0]}/{lab.IPV4_PREFIXLEN}", strict=False)
     assert v4[1] in net4 and net4.is_private and net4.num_addresses == 4
-    v6 = [ipaddress.ip_address(lab.IPV6_TEMPLATE.format(slot=slot, host=h)) for h in (lab.HOST_SIDE, lab.NS_SIDE)]
+    v6 = [ipaddress.ip_address(lab.IPV6_TEMPLATE.format(slot=slot, host=h))
+          for h in (lab.HOST_SIDE, lab.NS_SIDE, lab.STRICT_SIDE)]
     net6 = ipaddress.ip_network(f"{v6[0]}/{lab.IPV6_PREFIXLEN}", strict=False)
-    assert v6[1] in net6 and net6.is_private  # fd00::/8, unique local
+    assert v6[1] in net6 and v6[2] in net6 and net6.is_private  # fd00::/8, unique local; no route needed
 
 
 def test_a_lab_object_before_start_says_so():
@@ -69,12 +70,14 @@ def test_an_owner_is_dead_once_its_pid_is_reused_or_gone():
 def test_the_dovecot_configuration_is_complete():
     conf = lab.DOVECOT_CONF_TEMPLATE.format(tmp="/tmp/imaptap-lab-x", login_user=lab.LOGIN_USER,
                                             internal_user=lab.INTERNAL_USER, port=lab.IMAP_PORT,
-                                            alt_port=lab.ALT_IMAP_PORT)
+                                            alt_port=lab.ALT_IMAP_PORT, strict="fd00:199:77::3")
     # braces left are Dovecot's own blocks, one opening per line and balanced
     assert all(line.rstrip().endswith("{") for line in conf.splitlines() if "{" in line)
     assert conf.count("{") == conf.count("}") > 0
     assert "port = 143\n" in conf and "port = 10143\n" in conf
     assert "disable_plaintext_auth = no" in conf
+    # the strict address: plaintext logins disabled there only
+    assert "local fd00:199:77::3 {\n  disable_plaintext_auth = yes\n}" in conf
     assert "log_path = /tmp/imaptap-lab-x/dovecot.log" in conf
     assert "/etc/dovecot" not in conf
 
