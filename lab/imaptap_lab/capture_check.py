@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imaptap_lab.capture_facts import Outcome, auth_label, flow
+from imaptap_lab.capture_facts import Outcome, auth_label, expected_findings, flow
 
 TSHARK_TIMEOUT = 60.0
 """Bound on one tshark run; a capture of pcaps/ takes it well under a second."""
@@ -150,6 +150,11 @@ class Observer:
                           login_ok=None, starttls="none", cleartext_credentials=False,
                           port=conn.server[1], family=conn.family, server_software=None)
         self.facts.pop("client_kind")
+        self.facts["logindisabled_ignored"] = False
+        self.facts["commands_after_starttls"] = False
+        self.facts["attempts"] = []
+        self.attempt_of: dict[bytes, int] = {}  # open LOGIN/AUTHENTICATE tag -> its attempt
+        self.sasl_logindisabled = False
         self.sasl_secrets: list[str] = []
         self.cleartext = b""  # everything readable, for the secrets check
         for from_client, payload in conn.chunks:
@@ -161,6 +166,9 @@ class Observer:
         server_spoke = any(not c for c, _ in conn.chunks)
         greets = self.greeting is not None and re.match(rb"\* (OK|PREAUTH|BYE)\b", self.greeting, re.I)
         self.facts["imap"] = bool(greets) if server_spoke else bool(self.facts["commands"])
+        # self.capabilities holds only what was seen before TLS: feed() stops there
+        self.facts["auth_plain_offered"] = bool({b"AUTH=PLAIN", b"AUTH=LOGIN"} & self.capabilities)
+        self.facts["findings"] = expected_findings(self.facts)
 
     def feed(self, side: bool, data: bytes) -> None:
         """Take payload bytes of one side (True: the client), inflated once COMPRESS is on."""
@@ -205,6 +213,8 @@ class Observer:
         args = tokens([words[2] if len(words) > 2 else b"", *pieces[1:]])
         if name == "UID" and args:
             name = "UID " + args.pop(0).decode().upper()
+        if "STARTTLS" in self.tags.values():
+            self.facts["commands_after_starttls"] = True  # behind a STARTTLS not yet answered
         self.facts["commands"].append(name)
         self.tags[tag] = name
         if name in ("LOGIN", "AUTHENTICATE") and self.authenticated:
@@ -215,7 +225,12 @@ class Observer:
             self.facts["username"] = args[0].decode("utf-8", "replace")
             self.facts["auth_command"] = self.facts["auth_mechanism"] = "LOGIN"
             self.facts["cleartext_credentials"] = True
+            if b"LOGINDISABLED" in self.capabilities:
+                self.facts["logindisabled_ignored"] = True
+            self.attempt(tag, self.facts["username"], args[1].decode("utf-8", "replace"))
         elif name == "AUTHENTICATE":
+            # what the server had announced when the exchange began: its completion brings a new list
+            self.sasl_logindisabled = b"LOGINDISABLED" in self.capabilities
             self.facts["auth_command"] = "AUTHENTICATE"
             self.facts["auth_mechanism"] = args[0].decode().upper()
             self.sasl_tag = tag
@@ -256,6 +271,8 @@ class Observer:
             return
         tag, status = words[0], words[1].upper()
         name = self.tags.pop(tag)
+        if tag in self.attempt_of:
+            self.facts["attempts"][self.attempt_of.pop(tag)]["ok"] = status == b"OK"
         if name in ("LOGIN", "AUTHENTICATE"):
             if status == b"OK":
                 self.authenticated = True
@@ -265,7 +282,7 @@ class Observer:
                 if self.facts["login_ok"] is None:
                     self.facts["login_ok"] = False
         if name == "AUTHENTICATE":
-            self.sasl_done()
+            self.sasl_done(status)
         elif name == "STARTTLS":
             self.facts["starttls"] = "completed" if status == b"OK" else "refused"
             self.tls = status == b"OK"
@@ -277,16 +294,24 @@ class Observer:
             if rest:
                 self.feed(False, rest)
 
-    def sasl_done(self) -> None:
+    def attempt(self, tag: bytes, user: str | None, password: str | None) -> None:
+        """A login began: its outcome comes with the tag's completion."""
+        self.attempt_of[tag] = len(self.facts["attempts"])
+        self.facts["attempts"].append({"user": user, "password": password, "ok": None})
+
+    def sasl_done(self, status: bytes) -> None:
         """An AUTHENTICATE ended: the user (and CRAM-MD5's secrets) from its SASL lines."""
         mech = self.facts["auth_mechanism"]
         decoded = [base64.b64decode(x) if x not in (b"=", b"*") else b"" for x in self.sasl_lines]
+        password = None
         if mech == "PLAIN" and decoded:
             self.facts["username"] = decoded[0].split(b"\0")[1].decode()
             self.facts["authzid"] = decoded[0].split(b"\0")[0].decode() or None
+            password = decoded[0].split(b"\0")[2].decode()
             self.facts["cleartext_credentials"] = True
         elif mech == "LOGIN" and decoded:
             self.facts["username"] = decoded[0].decode()
+            password = decoded[1].decode() if len(decoded) > 1 else None
             self.facts["cleartext_credentials"] = True
         elif mech.startswith("SCRAM-") and decoded:
             # client-first: gs2 header "n,[a=authzid]," then "n=user,r=nonce"
@@ -302,14 +327,19 @@ class Observer:
             self.facts["username"] = decoded[0].rsplit(b" ", 1)[0].decode()
             self.sasl_secrets += [self.sasl_lines[0].decode(), decoded[0].rsplit(b" ", 1)[1]
                                   .decode()]
+        if password is not None and self.sasl_logindisabled:
+            self.facts["logindisabled_ignored"] = True
+        self.facts["attempts"].append({"user": self.facts["username"] if decoded else None, "password": password,
+                                       "ok": status == b"OK"})
         self.sasl_tag = None
 
 
 COMPARED = ["port", "family", "imap", "username", "authzid", "auth_command", "auth_mechanism",
             "login_ok", "login_failures", "starttls", "compressed", "mailboxes_wire", "client_id",
-            "server_id", "server_software", "commands", "cleartext_credentials", "capabilities"]
+            "server_id", "server_software", "commands", "cleartext_credentials", "capabilities",
+            "auth_plain_offered", "logindisabled_ignored", "commands_after_starttls", "findings", "attempts"]
 """Compared where the stated facts have them (entries older than a key lack it; only the Cyrus
-captures state ``capabilities``)."""
+captures state ``capabilities``, only some scenarios ``attempts``)."""
 
 
 def check_capture(path: Path, outcome: Outcome, ports: set[int]) -> None:

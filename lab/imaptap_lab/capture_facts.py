@@ -27,14 +27,18 @@ def flow(client_kind: str, username: str | None, *, commands: list[str],
          server_id: dict | None = None, cleartext_credentials: bool = True,
          port: int = IMAP_PORT, family: str = "ipv4", authzid: str | None = None,
          server_software: str | None = "Dovecot", capabilities: list[str] | None = None,
-         imap: bool = True) -> dict:
+         imap: bool = True, auth_plain_offered: bool = True, logindisabled_ignored: bool = False,
+         commands_after_starttls: bool = False,
+         attempts: list[tuple[str | None, str | None, bool | None]] | None = None) -> dict:
     """The facts a correct analyzer reports for one TCP connection (see MANIFEST.md);
-    ``capabilities`` (the last list the server sent) only where a scenario states them."""
+    ``capabilities`` (the last list the server sent) only where a scenario states them, and
+    ``attempts``, each login as (user, password or None, outcome), likewise.  The flow's
+    ``findings`` follow from the rest (`expected_findings`)."""
     mailboxes = mailboxes or []
     if not imap:
         return {"port": port, "family": family, "client_kind": client_kind, "imap": False}
     extra = {} if capabilities is None else {"capabilities": capabilities}
-    return {
+    facts = {
         "port": port, "family": family, "client_kind": client_kind, "imap": True, "username": username,
         "authzid": authzid,
         "auth_command": auth_command, "auth_mechanism": auth_mechanism, "login_ok": login_ok,
@@ -43,7 +47,59 @@ def flow(client_kind: str, username: str | None, *, commands: list[str],
         "mailboxes_wire": mailboxes_wire if mailboxes_wire is not None else list(mailboxes),
         "client_id": client_id, "server_id": server_id, "server_software": server_software,
         "commands": commands, "cleartext_credentials": cleartext_credentials, **extra,
+        "auth_plain_offered": auth_plain_offered, "logindisabled_ignored": logindisabled_ignored,
+        "commands_after_starttls": commands_after_starttls,
     }
+    if attempts is not None:
+        facts["attempts"] = [{"user": u, "password": p, "ok": ok} for u, p, ok in attempts]
+    facts["findings"] = expected_findings(facts)
+    return facts
+
+
+def later_flow_facts(facts: dict) -> dict:
+    """The facts added after the first captures, as they hold for every session made before:
+    the lab's servers (Dovecot on its first two addresses, Cyrus) list STARTTLS and AUTH=PLAIN
+    together before login, so a flow that saw STARTTLS offered saw AUTH=PLAIN too, and one that
+    saw no list (a client-only capture: starttls none) saw neither; none of those clients
+    ignored LOGINDISABLED or sent a command behind STARTTLS.  `complete` fills them into an
+    entry written before; make_captures then checks them against the capture like any other fact."""
+    return {"auth_plain_offered": facts["starttls"] != "none", "logindisabled_ignored": False,
+            "commands_after_starttls": False}
+
+
+def expected_findings(facts: dict) -> list[str]:
+    """The findings imaptap must list for an IMAP flow with these facts, in its order."""
+    out = []
+    if facts["cleartext_credentials"]:
+        out.append("cleartext_credentials")
+    if facts["starttls"] == "offered":
+        out.append("starttls_offered_not_used")
+    elif facts["starttls"] == "refused":
+        out.append("starttls_refused")
+    if facts["login_failures"]:
+        out.append("failed_logins")
+    if facts["logindisabled_ignored"]:
+        out.append("login_despite_logindisabled")
+    if facts["auth_plain_offered"]:
+        out.append("auth_plain_before_starttls")
+    if facts["commands_after_starttls"]:
+        out.append("commands_after_starttls")
+    return out
+
+
+def complete(facts: dict) -> dict:
+    """An IMAP flow's facts with the later facts filled in (`later_flow_facts`) and its
+    findings; the facts of a flow that is not IMAP (only ``imap: false``) as they are."""
+    if not facts.get("imap", True):
+        return dict(facts)
+    out = {**later_flow_facts(facts), **facts}
+    out["findings"] = expected_findings(out)
+    return out
+
+
+def complete_entry(entry: dict) -> dict:
+    """A facts.json entry written before, its flows completed and its attacks (none) stated."""
+    return {**entry, "flows": [complete(f) for f in entry["flows"]], "attacks": entry.get("attacks", [])}
 
 
 def b64(data: str | bytes) -> str:
@@ -91,6 +147,8 @@ class Outcome:
     secrets: list[str]
     decoys: list[str] = field(default_factory=list)
     notes: str = ""
+    attacks: list[str] = field(default_factory=list)
+    """The password attacks the capture's flows show together (report.py's names)."""
 
 
 @dataclass
@@ -116,7 +174,9 @@ Each capture is one scenario recorded with tcpdump on the root-namespace end of 
 (`scripts/imaplab.py`): real clients in the root namespace, a real Dovecot 2.3 (the `cyrus-*`
 captures: Cyrus IMAP 3.6, unpacked from Debian's packages) in a network namespace. The server
 listens on 143 and 10143; the addresses are
-10.199.S.1 (client) / 10.199.S.2 (server) and fd00:199:S::1 / ::2, S varying between runs.
+10.199.S.1 (client) / 10.199.S.2 (server) and fd00:199:S::1 / ::2, S varying between runs;
+on fd00:199:S::3 Dovecot runs with `disable_plaintext_auth = yes` (LOGINDISABLED, no
+plaintext mechanism before STARTTLS).
 TX checksum offload was off on the veth, so segments are MTU-sized and checksums valid.
 The facts below were stated from how each session was driven and then checked against the
 capture by the script's own reassembler; a mismatch fails the script.
@@ -136,7 +196,9 @@ are kept as they are, checked again, and keep their entries here.
 ## facts.json
 
 `{"<file>.pcap": {"description", "ports": [server ports], "flows": [...], "secrets": [...],
-"decoys": [...]}}`; flows in connection (SYN) order, each with:
+"decoys": [...], "attacks": [...]}}`; `attacks` names the password attacks the flows show
+together (`brute_force`, `password_spraying`, `credential_stuffing`); flows in connection
+(SYN) order, each with:
 
 """
 #: The key table of facts.json in MANIFEST.md: (key, meaning).
@@ -170,6 +232,11 @@ FACT_KEYS = (
     ("`commands`", "every command name the client sent, upper case, `UID FETCH` as one, including "
                    "those inside COMPRESS; not those inside TLS; not SASL responses or IDLE's DONE"),
     ("`cleartext_credentials`", "a password (or PLAIN/LOGIN SASL data) crossed the wire readable"),
+    ("`auth_plain_offered`", "the server offered AUTH=PLAIN or AUTH=LOGIN before TLS"),
+    ("`logindisabled_ignored`", "a password went in clear although the server announced LOGINDISABLED"),
+    ("`commands_after_starttls`", "the client sent a command behind STARTTLS before the server answered it"),
+    ("`findings`", "what imaptap must list in the flow's `findings`, derived from the facts above"),
+    ("`attempts`", "where stated: each login as `user`, `password` (one of the secrets, or `null`), `ok`"),
 )
 MANIFEST_CAPTURES = """
 `secrets`: every password and SASL secret of the capture, raw and in the base64 forms that
@@ -227,6 +294,12 @@ def summarize(flows: list[dict]) -> str:
             bits.append(f"ID {f['client_id']}")
         bits.append("cleartext credentials" if f["cleartext_credentials"]
                     else "no cleartext credentials")
+        if f.get("logindisabled_ignored"):
+            bits.append("password sent despite LOGINDISABLED")
+        if f.get("commands_after_starttls"):
+            bits.append("commands behind STARTTLS")
+        if f.get("auth_plain_offered") is False:
+            bits.append("no plaintext mechanism offered")
         parts.append((f"{index + 1}: " if len(flows) > 1 else "") + "; ".join(bits))
     return "<br>".join(parts)
 
@@ -238,7 +311,7 @@ def facts_document(results: list[tuple[Scenario, Outcome, list[str]]]) -> dict:
         facts[f"{sc.name}.pcap"] = {"description": sc.description,
                                     "ports": sorted({f["port"] for f in outcome.flows}),
                                     "flows": outcome.flows, "secrets": outcome.secrets,
-                                    "decoys": outcome.decoys}
+                                    "decoys": outcome.decoys, "attacks": outcome.attacks}
     return facts
 
 
@@ -281,7 +354,8 @@ def merge_outputs(results: list[tuple[Scenario, Outcome, list[str]]], directory:
         if file in new_facts:
             facts[file], row = new_facts[file], new_rows[file]
         elif file in old_facts and file in old_rows:
-            facts[file], row = old_facts[file], old_rows[file]
+            # an entry made before: with the facts added since (make_captures checked them)
+            facts[file], row = complete_entry(old_facts[file]), old_rows[file]
         else:
             continue
         rows.append(row)

@@ -48,6 +48,7 @@ from imaptap_lab.capture_facts import (
     Outcome,
     Scenario,
     b64,
+    complete_entry,
     flow,
     merge_outputs,
     mutf7,
@@ -891,6 +892,120 @@ def client_only(lab: Lab) -> Outcome:
                          mailboxes=["INBOX"], commands=["CAPABILITY", "LOGIN", "SELECT", "LOGOUT"])], [pw])
 
 
+@scenario("logindisabled", "imaplib",
+          "a server that announces LOGINDISABLED and offers only AUTH=CRAM-MD5 before STARTTLS "
+          "(Dovecot with disable_plaintext_auth = yes): imaplib sends LOGIN in clear anyway and is "
+          "refused (PRIVACYREQUIRED); a second connection does STARTTLS first")
+def logindisabled(lab: Lab) -> Outcome:
+    pw = lab.users["alice"]
+    imap = imap4(lab, host=lab.server6_strict)
+    if "LOGINDISABLED" not in imap.capabilities:
+        raise RuntimeError(f"the strict address announces {imap.capabilities}")
+    with contextlib.suppress(imaplib.IMAP4.error):
+        imap.login("alice", pw)
+        raise RuntimeError("a password in clear was accepted despite LOGINDISABLED")
+    imap.logout()
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE       # the lab's certificate is self-signed
+    imap = imap4(lab, host=lab.server6_strict)
+    ok(imap.starttls(ssl_context=context))
+    ok(imap.login("alice", pw))
+    imap.logout()
+    return Outcome([
+        flow("imaplib", "alice", family="ipv6", login_ok=False, login_failures=1, auth_plain_offered=False,
+             logindisabled_ignored=True, commands=["CAPABILITY", "LOGIN", "LOGOUT"], attempts=[("alice", pw, False)]),
+        flow("imaplib", None, family="ipv6", auth_command=None, auth_mechanism=None, login_ok=None,
+             starttls="completed", cleartext_credentials=False, auth_plain_offered=False,
+             commands=["CAPABILITY", "STARTTLS"]),
+    ], [pw])
+
+
+INJECTED_PASSWORD = "Injected-Pw-6502"
+
+
+@scenario("starttls-injection", "raw",
+          "STARTTLS with a LOGIN pipelined behind it in the same segment, in clear, before the "
+          "server's OK (the plaintext command injection of CVE-2011-0411); then the TLS handshake")
+def starttls_injection(lab: Lab) -> Outcome:
+    raw = RawClient(lab.server4)
+    raw.send(b"x1 STARTTLS\r\nx2 LOGIN mallory " + INJECTED_PASSWORD.encode() + b"\r\n")
+    status = raw.until(b"x1 ")[-1]
+    if not status.startswith(b"x1 OK"):
+        raise RuntimeError(f"STARTTLS: {status!r}")
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:  # Dovecot may take the pipelined bytes for the handshake and fail it: either is fine
+        tls = context.wrap_socket(raw.sock, server_hostname="imaptap-lab")
+        tls.sendall(b"x3 LOGOUT\r\n")
+        tls.recv(4096)
+        tls.close()
+    except (ssl.SSLError, OSError):
+        raw.close()
+    return Outcome([flow("raw", "mallory", login_ok=None, starttls="completed", commands_after_starttls=True,
+                         commands=["STARTTLS", "LOGIN"], attempts=[("mallory", INJECTED_PASSWORD, None)])],
+                   [INJECTED_PASSWORD])
+
+
+def failing_logins(lab: Lab, tries: list[tuple[str, str]]) -> dict:
+    """One imaplib connection trying (user, password) pairs that all fail; its facts."""
+    imap = imap4(lab)
+    for user, password in tries:
+        with contextlib.suppress(imaplib.IMAP4.error):
+            imap.login(user, password)
+            raise RuntimeError(f"{user} logged in with a wrong password")
+    imap.logout()
+    return flow("imaplib", tries[-1][0], login_ok=False, login_failures=len(tries),
+                commands=["CAPABILITY", *["LOGIN"] * len(tries), "LOGOUT"],
+                attempts=[(u, p, False) for u, p in tries])
+
+
+BRUTE_FORCE_PASSWORDS = [f"Guess-Pw-{n:02d}" for n in range(1, 7)]
+
+
+@scenario("brute-force", "imaplib",
+          "brute force from one address: six wrong passwords for alice over three connections (two "
+          "each), then a fourth connection logs in with the right one")
+def brute_force(lab: Lab) -> Outcome:
+    pw = lab.users["alice"]
+    flows = [failing_logins(lab, [("alice", p) for p in BRUTE_FORCE_PASSWORDS[i:i + 2]]) for i in range(0, 6, 2)]
+    imap = imap4(lab)
+    ok(imap.login("alice", pw))
+    imap.logout()
+    flows.append(flow("imaplib", "alice", commands=["CAPABILITY", "LOGIN", "LOGOUT"], attempts=[("alice", pw, True)]))
+    return Outcome(flows, [pw, *BRUTE_FORCE_PASSWORDS], attacks=["brute_force"])
+
+
+SPRAYED_PASSWORD = "Spring-2026!"
+SPRAYED_USERS = ["alice", "bob", "carol", "dave", "erin", "frank"]
+
+
+@scenario("password-spraying", "imaplib",
+          f"password spraying from one address: {SPRAYED_PASSWORD!r} against six users (two of "
+          "them unknown to the server), one connection each; all refused")
+def password_spraying(lab: Lab) -> Outcome:
+    flows = [failing_logins(lab, [(user, SPRAYED_PASSWORD)]) for user in SPRAYED_USERS]
+    return Outcome(flows, [SPRAYED_PASSWORD], attacks=["password_spraying"])
+
+
+LEAKED_PAIRS = [("alice", "Leak-Pw-a1x"), ("bob", "Leak-Pw-b2y"), ("erin", "Leak-Pw-e5z"),
+                ("frank", "Leak-Pw-f6w"), ("grace", "Leak-Pw-g7v")]
+
+
+@scenario("credential-stuffing", "imaplib",
+          "credential stuffing from one address: five user/password pairs from a leak, each refused, "
+          "then a sixth pair, carol's real one, logs in")
+def credential_stuffing(lab: Lab) -> Outcome:
+    pw = lab.users["carol"]
+    flows = [failing_logins(lab, [pair]) for pair in LEAKED_PAIRS]
+    imap = imap4(lab)
+    ok(imap.login("carol", pw))
+    imap.logout()
+    flows.append(flow("imaplib", "carol", commands=["CAPABILITY", "LOGIN", "LOGOUT"], attempts=[("carol", pw, True)]))
+    return Outcome(flows, [pw, *(p for _, p in LEAKED_PAIRS)], attacks=["credential_stuffing"])
+
+
 # ------------------------------------------------------------------------------------------
 # Cyrus IMAP (Lab(server="cyrus")): the lines longer than the default snap length
 # ------------------------------------------------------------------------------------------
@@ -1156,7 +1271,8 @@ def record(lab: Lab, sc: Scenario, out_dir: Path) -> tuple[Scenario, Outcome, li
 
 def recheck_kept(out_dir: Path, remade: set[str], ports: set[int]) -> None:
     """Check every capture ``--only`` keeps against its facts again (the checker may have
-    learnt something since it was made); RuntimeError on a difference."""
+    learnt something since it was made), completed with the facts added since
+    (`capture_facts.complete_entry`, as merge_outputs writes them); RuntimeError on a difference."""
     facts_path = out_dir / "facts.json"
     if not facts_path.exists():
         return
@@ -1164,7 +1280,8 @@ def recheck_kept(out_dir: Path, remade: set[str], ports: set[int]) -> None:
         path = out_dir / name
         if name.removesuffix(".pcap") in remade or not path.exists():
             continue
-        outcome = Outcome(entry["flows"], list(entry["secrets"]), entry.get("decoys", []))
+        entry = complete_entry(entry)
+        outcome = Outcome(entry["flows"], list(entry["secrets"]), entry.get("decoys", []), attacks=entry["attacks"])
         check_capture(path, outcome, ports | set(entry["ports"]))
         print(f"{name:28} kept, facts checked again", flush=True)
 

@@ -43,7 +43,7 @@ def test_the_committed_manifest_begins_and_ends_as_the_writer_writes_it():
 
 def test_the_manifest_key_table_lists_every_key_of_a_flow():
     keys = {k.strip("`") for row, _ in cf.FACT_KEYS for k in row.split(", ")}
-    assert keys == set(cf.flow("raw", "alice", commands=[], capabilities=[]))
+    assert keys == set(cf.flow("raw", "alice", commands=[], capabilities=[], attempts=[]))
     assert "| `commands` | every command name the client sent," in cf.MANIFEST_HEAD
 
 
@@ -65,7 +65,8 @@ def test_facts_document_and_manifest_of_one_scenario(tmp_path):
     results = [(sc, outcome, ["prints the password 'Alice-Pw-7391'", "misses commands: \x1b x1"])]
     doc = cf.facts_document(results)
     assert doc == {"two-ports.pcap": {"description": "a | pipe\nand a newline", "ports": [143, 10143],
-                                      "flows": flows, "secrets": ["Alice-Pw-7391"], "decoys": ["mallory"]}}
+                                      "flows": flows, "secrets": ["Alice-Pw-7391"], "decoys": ["mallory"],
+                                      "attacks": []}}
     text = cf.manifest(results, "tshark 4.0.17")
     row = text[len(cf.MANIFEST_HEAD):].split("\n", 1)[0]
     assert row == ("| `two-ports.pcap` | raw | a \\| pipe and a newline. Note. | 1: port 10143/ipv4; user 'alice';"
@@ -141,3 +142,51 @@ def test_merge_keeps_the_other_captures_entries_and_rows(tmp_path):
     assert rows["a.pcap"][-1] == "x" and rows["b.pcap"][-1] == "nothing"
     assert "not IMAP: no message, no IMAP fact" in rows["d.pcap"][3]
     assert text.startswith(cf.MANIFEST_HEAD) and "tshark 4.0.18 with default preferences" in text
+
+
+def test_the_findings_follow_from_the_facts():
+    assert cf.flow("raw", "alice", commands=[])["findings"] == [
+        "cleartext_credentials", "starttls_offered_not_used", "auth_plain_before_starttls"]
+    strict = cf.flow("imaplib", "alice", commands=[], login_ok=False, login_failures=1, auth_plain_offered=False,
+                     logindisabled_ignored=True)
+    assert strict["findings"] == ["cleartext_credentials", "starttls_offered_not_used", "failed_logins",
+                                  "login_despite_logindisabled"]
+    injected = cf.flow("raw", "m", commands=[], starttls="completed", commands_after_starttls=True)
+    assert injected["findings"][-1] == "commands_after_starttls"
+
+
+def test_an_entry_written_before_is_completed_with_the_later_facts():
+    old = cf.flow("raw", "alice", commands=["LOGIN"])
+    for key in [*cf.later_flow_facts(old), "findings"]:
+        del old[key]
+    done = cf.complete(old)
+    assert done == cf.flow("raw", "alice", commands=["LOGIN"])
+    assert cf.complete({**old, "auth_plain_offered": False})["auth_plain_offered"] is False  # stated wins
+
+
+def test_the_committed_findings_are_those_of_the_committed_facts():
+    facts, _ = committed()
+    for name, entry in facts.items():
+        for f in entry["flows"]:
+            if f["imap"]:
+                assert f["findings"] == cf.expected_findings(f), name
+            else:
+                assert "findings" not in f, name  # another protocol: no IMAP fact at all
+        assert set(entry["attacks"]) <= {"brute_force", "password_spraying", "credential_stuffing"}
+
+
+def test_an_entry_kept_by_only_is_completed():
+    old = {"description": "d", "ports": [143], "secrets": [], "decoys": [],
+           "flows": [{k: v for k, v in cf.flow("raw", "bob", commands=[]).items()
+                      if k not in cf.later_flow_facts({"starttls": "offered"}) and k != "findings"}]}
+    done = cf.complete_entry(old)
+    assert done["attacks"] == [] and done["flows"] == [cf.flow("raw", "bob", commands=[])]
+    assert "attacks" not in old  # the entry itself is left as it was
+
+
+def test_what_the_later_facts_are_for_a_flow_made_before():
+    assert cf.later_flow_facts({"starttls": "offered"})["auth_plain_offered"] is True
+    # a client-only capture saw no capability list: no AUTH=PLAIN offered either
+    assert cf.later_flow_facts({"starttls": "none"})["auth_plain_offered"] is False
+    other = cf.flow("curl", None, commands=[], imap=False)
+    assert cf.complete(other) == other  # another protocol gains no IMAP fact
