@@ -59,6 +59,32 @@ def public_pcap_paths(pattern: str = "**/*.pcap*") -> list:
     return [pytest.param(_PUBLIC_PROBE, marks=marks, id="third-party-captures")]
 
 
+#: Third-party captures with a login, and its password (the rest have none to leak).
+PUBLIC_SECRETS = {"ndpi/imap.pcap": ["pfres"], "arkime/imap.pcap": ["XXXXXX"],
+                  "suricata-verify/imap-detection.pcap": ["XXXXXX"]}
+
+
+def captures_with_secrets() -> tuple[list, list[str]]:
+    """pytest parameters (path, ports, secrets) of every capture with a login, and their ids:
+    those of pcaps/ (secrets from facts.json) and the third-party ones (where present; else one
+    parameter that skips, and fails under CI=true)."""
+    import pytest
+
+    with open(os.path.join(OWN_PCAPS, "facts.json")) as f:
+        facts = json.load(f)
+    params: list = [(os.path.join(OWN_PCAPS, name), spec["ports"], spec["secrets"])
+                    for name, spec in sorted(facts.items())]
+    ids = sorted(facts)
+    if PUBLIC_PCAPS_PRESENT:
+        params += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets)
+                   for name, secrets in sorted(PUBLIC_SECRETS.items())]
+        ids += sorted(PUBLIC_SECRETS)
+    else:
+        params += [pytest.param(p, [143], [], marks=p.marks) for p in public_pcap_paths()]
+        ids += ["third-party-captures"]
+    return params, ids
+
+
 def require_public_pcaps() -> None:
     """Fail under CI=true, skip elsewhere, where the third-party captures are absent."""
     public_pcap("ndpi/imap.pcap")

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pytest
 
 from imaptap.output.progress import PROGRESS_DELAY
-from testenv import OWN_PCAPS, ROOT
+from testenv import OWN_PCAPS, ROOT, captures_with_secrets
 
 #: A real Dovecot session with one login (pcaps/facts.json).
 CAPTURE = os.path.join(OWN_PCAPS, "login-atom.pcap")
@@ -106,6 +106,30 @@ def test_a_full_disk_is_one_line_not_a_traceback(imaptap, flows_only):
                            stdout=full, stderr=subprocess.PIPE, text=True, env=env)
     assert p.returncode == 2
     assert p.stderr == "imaptap: cannot write standard output: No space left on device\n"
+
+
+CAPTURES, IDS = captures_with_secrets()
+
+
+@pytest.mark.parametrize(("path", "ports", "secrets"), CAPTURES, ids=IDS)
+def test_w_with_r_on_every_capture_with_a_login(imaptap, tmp_path, path, ports, secrets):
+    """The sanitised copy replays to the same facts and holds none of the secrets."""
+    out = tmp_path / "clean.pcap"
+    port_args = [a for p in ports for a in ("--port", str(p))]
+    r = imaptap("-r", path, *port_args, "-s", "65535", "-w", str(out), "--json", "-", "--flows-only")
+    assert r.returncode == 0, r.stderr
+    assert r.stats["written"] == r.stats["segments"] > 0
+    raw = out.read_bytes()
+    assert not [s for s in secrets if s.encode() in raw]
+    again = imaptap("-r", str(out), *port_args, "-s", "65535", "--json", "-", "--flows-only")
+    assert again.returncode == 0, again.stderr
+    assert len(again.flows) == len(r.flows)
+    for before, after in zip(r.flows, again.flows, strict=True):
+        # the copy has '*' where the passwords were: their fingerprints are of the stars
+        for attempts in (before["login_attempts"], after["login_attempts"]):
+            for a in attempts:
+                a.pop("password_hmac")
+        assert after == before
 
 
 def test_w_with_r_writes_a_sanitised_copy_that_replays_to_the_same_facts(imaptap, tmp_path):

@@ -11,12 +11,28 @@ import os
 
 import pytest
 
+from imaptap.imap.audit import PasswordFingerprint
 from testenv import OWN_PCAPS
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
 SCALARS = ("username", "authzid", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
            "compressed", "mailboxes", "client_id", "server_id", "server_software", "cleartext_credentials",
-           "capabilities")
+           "capabilities", "findings")
+#: The key the captures are replayed with, so the test knows each password's fingerprint.
+KEY = bytes(range(100, 132))
+FINGERPRINT = PasswordFingerprint(KEY)
+#: The software imaptap must name for each kind of client in facts.json (None: no guess);
+#: a client that sent ID is named by it.
+SOFTWARE = {"imaplib": "Python imaplib", "curl": "curl", "mbsync": "mbsync (isync)", "fetchmail": "fetchmail",
+            "offlineimap": "imaplib2 (OfflineIMAP)", "raw": None}
+
+
+@pytest.fixture(scope="module")
+def key_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("key") / "password-key"
+    path.write_text(KEY.hex() + "\n")
+    path.chmod(0o600)
+    return str(path)
 
 
 def replay(imaptap, name, *extra):
@@ -29,9 +45,9 @@ def replay(imaptap, name, *extra):
 
 @pytest.mark.parametrize("snap", ["256", "65535"])
 @pytest.mark.parametrize("name", sorted(FACTS))
-def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
+def test_capture_gives_the_facts_of_the_session(imaptap, name, snap, key_file):
     spec = FACTS[name]
-    r = replay(imaptap, name, "-s", snap)
+    r = replay(imaptap, name, "-s", snap, "--password-key", key_file)
     flows = sorted(r.flows, key=lambda f: f["first_ts"])
     assert len(flows) == len(spec["flows"]), [f["client"] for f in flows]
     for got, want in zip(flows, spec["flows"], strict=True):
@@ -55,6 +71,17 @@ def test_capture_gives_the_facts_of_the_session(imaptap, name, snap):
             assert (got["server_product"], got["server_version"]) == (None, None)
         if "commands" in want:
             assert got["commands"] == dict(collections.Counter(want["commands"]))
+        if "attempts" in want:
+            assert [(a["user"], a["password_hmac"], a["ok"]) for a in got["login_attempts"]] == [
+                (a["user"], None if a["password"] is None else FINGERPRINT(a["password"].encode()), a["ok"])
+                for a in want["attempts"]]
+        software = got["client_software"]
+        if want["client_id"] and want["client_id"].get("name"):
+            assert software["from"] == "id" and software["name"] == want["client_id"]["name"]
+        elif SOFTWARE[want["client_kind"]] is None:
+            assert software is None, software
+        else:
+            assert software["name"] == SOFTWARE[want["client_kind"]] and software["from"] == "fingerprint"
     assert r.stats["imap_flows"] + r.stats["non_imap_flows"] == len(flows)
     assert r.stats["non_imap_flows"] == sum(1 for f in spec["flows"] if not f.get("imap", True))
     everything = r.stdout + r.stderr

@@ -15,27 +15,17 @@ import os
 
 import pytest
 
-from harness import OWN_PCAPS, SIZE, frozen, settle
+from harness import SIZE, frozen, settle
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
 from imaptap.tui.app import ImaptapApp
 from imaptap.tui.feed import Feed, ReplaySource
-from testenv import PUBLIC_PCAPS, PUBLIC_PCAPS_PRESENT, public_pcap_paths
+from testenv import OWN_PCAPS, captures_with_secrets
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
-#: Public captures with a login, and its password (the rest have none to leak).
-PUBLIC = {"ndpi/imap.pcap": ["pfres"], "arkime/imap.pcap": ["XXXXXX"],
-          "suricata-verify/imap-detection.pcap": ["XXXXXX"]}
-CAPTURES = [(os.path.join(OWN_PCAPS, name), spec["ports"], spec["secrets"]) for name, spec in sorted(FACTS.items())]
+CAPTURES, IDS = captures_with_secrets()
 #: Captures of another protocol on a watched port: their secrets were sent, but to no IMAP server.
 NO_IMAP = {name for name, spec in FACTS.items() if not any(f.get("imap", True) for f in spec["flows"])}
-IDS = [os.path.basename(os.path.dirname(c[0])) + "/" + os.path.basename(c[0]) for c in CAPTURES]
-if PUBLIC_PCAPS_PRESENT:
-    CAPTURES += [(os.path.join(PUBLIC_PCAPS, name), [143], secrets) for name, secrets in sorted(PUBLIC.items())]
-    IDS += sorted(PUBLIC)
-else:
-    CAPTURES += [pytest.param(p, [143], [], marks=p.marks) for p in public_pcap_paths()]
-    IDS += ["third-party-captures"]
 SNAPLENS = ("256", "65535")
 
 

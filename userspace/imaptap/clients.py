@@ -3,8 +3,9 @@
 Every client shows habits in clear before it logs in: the shape of its tags (``A0001``, ``a1``,
 ``1``), the commands it opens with, how it writes LOGIN's arguments and mailbox names, whether
 its AUTHENTICATE carries an initial response.  `SIGNATURES` holds those habits for the clients
-the lab runs against a real Dovecot (``pcaps/``, made by ``scripts/make-captures``; each entry
-says which capture shows it), and `guess` scores a flow's habits against them.
+the lab runs against a real Dovecot and a real Cyrus (``pcaps/``, made by
+``scripts/make-captures``; each entry says which capture shows it), and `guess` scores a flow's
+habits against them.
 
 A fingerprint is a guess, and says so: its confidence is the share of a signature's weight the
 flow showed and matched, scaled down when the flow showed little, and never above
@@ -74,13 +75,13 @@ SIGNATURES: tuple[Signature, ...] = (
               "pcaps/login-atom.pcap"),
     # imaplib2 (OfflineIMAP): the same tag prefix, counted from 1; CAPABILITY, then ID.
     Signature("imaplib2 (OfflineIMAP)", r"[A-P]{4}1", ("CAPABILITY",), None, "atom", False,
-              "pcaps/offlineimap.pcap"),
+              "pcaps/cyrus-offlineimap.pcap"),
     # curl: one letter and three digits from A001; CAPABILITY first; SASL-IR when told.
     Signature("curl", r"[A-Z]001", ("CAPABILITY",), ("atom", "atom"), "atom", None, "pcaps/curl.pcap"),
     # fetchmail: A0001 on; trusts the greeting's capabilities and logs in at once; quotes both
     # LOGIN arguments and the mailbox.
     Signature("fetchmail", r"A0001", ("LOGIN", "AUTHENTICATE", "CAPABILITY"), ("quoted", "quoted"), "quoted",
-              None, "pcaps/fetchmail.pcap"),
+              None, "pcaps/cyrus-fetchmail.pcap"),
     # mbsync (isync): bare numbers from 1; logs in at once after a greeting with capabilities;
     # quotes both LOGIN arguments and the mailbox; COMPRESS right after the login.
     Signature("mbsync (isync)", r"1", ("LOGIN", "AUTHENTICATE", "CAPABILITY"), ("quoted", "quoted"), "quoted",
