@@ -274,7 +274,8 @@ def report_record(report: Report) -> dict[str, Any]:
 
 
 def render_json(report: Report) -> str:
-    return json.dumps(report_record(report), ensure_ascii=False, indent=1) + "\n"
+    """One line, as the JSON Lines output writes its records (``jq .`` indents it)."""
+    return json.dumps(report_record(report), ensure_ascii=False, separators=(",", ":")) + "\n"
 
 
 def render(report: Report, fmt: ReportFormat, color: bool = False) -> str:
