@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from imaptap.capture.replay import open_capture
+from imaptap.imap.audit import PasswordFingerprint
 from imaptap.segment import PayloadPolicy, Segment
 from imaptap.testing import conversation
 from imaptap.tui.app import ImaptapApp
@@ -46,19 +47,31 @@ def replay_app(name: str) -> ImaptapApp:
     return ImaptapApp(Feed(source, clock=frozen, wallclock=frozen))
 
 
+#: A fixed password-fingerprint key: the fingerprints on screen are the same in every run.
+FINGERPRINT = PasswordFingerprint(bytes(range(200, 232)))
+#: Captures one run of make-captures made together: a few seconds of one client address, which
+#: shows all three password attacks, LOGINDISABLED ignored and a STARTTLS injection.
+LAB_RUN = ("logindisabled.pcap", "starttls-injection.pcap", "brute-force.pcap", "password-spraying.pcap",
+           "credential-stuffing.pcap")
+
+
 def segments_app(segments: Iterable[Segment], ports: Iterable[int] = (143,), close: bool = True,
-                 label: str = "test") -> ImaptapApp:
+                 label: str = "test", fingerprint: bool = False) -> ImaptapApp:
     return ImaptapApp(Feed(MemorySource(segments, ports, label=label, open_at_end=not close),
-                           clock=frozen, wallclock=frozen))
+                           clock=frozen, wallclock=frozen, password_fingerprint=FINGERPRINT if fingerprint else None))
 
 
-def all_captures() -> list[Segment]:
-    """Every capture of pcaps/ in one time line (each replay's own payloads, uncut)."""
+def lab_run_app() -> ImaptapApp:
+    return segments_app(all_captures(LAB_RUN), ports=all_ports(), label="pcaps/ of one lab run", fingerprint=True)
+
+
+def all_captures(names: Iterable[str] | None = None) -> list[Segment]:
+    """Every capture of pcaps/ (or those named) in one time line (each replay's own payloads, uncut)."""
     segs: list[Segment] = []
     whole = PayloadPolicy(1 << 30)
     with open(os.path.join(OWN_PCAPS, "facts.json")) as f:
         facts = json.load(f)
-    for name in sorted(facts):
+    for name in sorted(names or facts):
         reader = open_capture(pcap(name))
         try:
             segs.extend(reader.segments(set(facts[name]["ports"]), whole, _Stats()))

@@ -7,7 +7,7 @@ clock, so nothing on screen depends on when or how fast the test ran.
 
 from __future__ import annotations
 
-from harness import SIZE, all_captures, all_ports, replay_app, segments_app, settle
+from harness import SIZE, all_captures, all_ports, lab_run_app, replay_app, segments_app, settle
 
 
 def all_captures_app():
@@ -75,3 +75,25 @@ def test_help_screen(snap_compare):
 
 def test_narrow_terminal_drops_columns(snap_compare):
     assert snap_compare(all_captures_app(), terminal_size=(90, 24), run_before=settled)
+
+
+async def summary(pilot):
+    await settle(pilot)
+    await pilot.press("r")
+    await pilot.pause(0.3)
+
+
+def test_summary_of_one_lab_run(snap_compare):
+    assert snap_compare(lab_run_app(), terminal_size=SIZE, run_before=summary)
+
+
+def test_summary_on_80x24_scrolls_sideways(snap_compare):
+    assert snap_compare(lab_run_app(), terminal_size=(80, 24), run_before=summary)
+
+
+def test_details_on_80x24_stack_the_facts_above_the_timeline(snap_compare):
+    assert snap_compare(all_captures_app(), terminal_size=(80, 24), run_before=failed_login_details)
+
+
+def test_main_screen_on_80x24_keeps_the_counts(snap_compare):
+    assert snap_compare(all_captures_app(), terminal_size=(80, 24), run_before=settled)

@@ -118,7 +118,7 @@ def client_table(report: Report) -> tuple[list[str], list[list[str]]]:
 
 def attack_table(report: Report) -> tuple[list[str], list[list[str]]]:
     """Headers and cells of the password-attack table."""
-    head = ["source", "kind", "attempts", "failed", "users", "passwords", "most passwords for one user",
+    head = ["source", "kind", "attempts", "failed", "users tried", "passwords tried", "most passwords for one user",
             "most users for one password", "logged in after failing"]
     rows = []
     for r in report.attacks:
@@ -129,8 +129,9 @@ def attack_table(report: Report) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
-_NUMERIC = {"sessions", "STARTTLS used", "cleartext logins", "logins ok", "failed logins", "attempts", "failed",
-            "users", "passwords", "flows"}
+#: The columns of numbers, right-aligned (the TUI's summary uses them too).
+NUMERIC_COLUMNS = frozenset({"sessions", "STARTTLS used", "cleartext logins", "logins ok", "failed logins",
+                             "attempts", "failed", "users tried", "passwords tried", "flows"})
 
 
 # --- text ----------------------------------------------------------------------------------------
@@ -149,7 +150,7 @@ class _Paint:
 def _aligned(head: Sequence[str], rows: Sequence[Sequence[str]], paint: _Paint, indent: str = "  ",
              styles: Sequence[str] | None = None) -> list[str]:
     widths = [max([_width(h)] + [_width(r[i]) for r in rows]) for i, h in enumerate(head)]
-    right = [h in _NUMERIC for h in head]
+    right = [h in NUMERIC_COLUMNS for h in head]
 
     def line(cells: Sequence[str]) -> str:
         out = []
@@ -207,7 +208,8 @@ def md(s: str) -> str:
 
 
 def _md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h in _NUMERIC else "---" for h in head) + "|"]
+    align = "|".join("---:" if h in NUMERIC_COLUMNS else "---" for h in head)
+    out = ["| " + " | ".join(head) + " |", "|" + align + "|"]
     out += ["| " + " | ".join(md(c) for c in r) + " |" for r in rows]
     return out
 

@@ -11,23 +11,35 @@ import asyncio
 import signal
 from collections.abc import Hashable, Sequence
 
+from rich.measure import Measurement
 from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal, Vertical, VerticalScroll
-from textual.screen import ModalScreen
+from textual.events import Resize
+from textual.screen import ModalScreen, Screen
 from textual.widgets import Footer, Input, ProgressBar, Static
 from textual.worker import Worker, WorkerState
 
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, SORT_KEYS, TIMELINE_COLUMNS, safe
-from imaptap.tui.feed import MAX_ENDED_FLOWS, CaptureStatus, Feed, FeedUpdate
+from imaptap.tui.feed import MAX_ENDED_FLOWS, CaptureStatus, Feed, FeedUpdate, Summary
 from imaptap.tui.messages import CaptureUpdated, HeaderClicked, RowHighlighted, RowSelected
 from imaptap.tui.query import Query, parse
 from imaptap.tui.store import FlowStore
+from imaptap.tui.summary import summary_renderable
 from imaptap.tui.table import VirtualTable
+
+#: The widest the summary is laid out (its widest table, cells capped at output.report.MAX_CELL).
+MAX_SUMMARY_WIDTH = 1000
+#: The width assumed before the screen has one.
+MIN_SUMMARY_WIDTH = 80
+#: Columns below which the details stack the facts above the timeline and the status line
+#: puts its counts first: beside the timeline the facts column (a 22-character key, then a
+#: 27-character UTC time) would wrap addresses and times over several lines.
+NARROW_WIDTH = 120
 
 #: Every key, as the help screen lists it (the bindings below and the tables' own).
 KEYS: tuple[tuple[str, str], ...] = (
@@ -43,6 +55,7 @@ KEYS: tuple[tuple[str, str], ...] = (
     ("", '  -word or !word negates; "tls" in quotes searches for the text'),
     ("s  S", "sort by the next column / reverse the order (or click a header)"),
     ("p", "pause / resume the display (the capture goes on)"),
+    ("r", "summary: findings, servers, clients, attacks, commands per second, latency per command"),
     ("?", "this help"),
     ("q  ctrl+c  ctrl+q", "quit (live: detaches the kernel programs first)"),
 )
@@ -77,18 +90,64 @@ class HelpScreen(ModalScreen[None]):
             yield Static(Text("Esc, q or ? closes this", style="dim"), id="help-close")
 
 
+class SummaryScreen(Screen[None]):
+    """The report's rows and the activity pictures, updated while the capture runs."""
+
+    BINDINGS = [
+        Binding("escape,r", "dismiss", "Back"),
+        Binding("q", "app.quit", "Quit"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._body = Static(id="summary-body")
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(id="summary"):
+            yield self._body
+        yield Footer()
+
+    def on_mount(self) -> None:
+        app = self.app
+        assert isinstance(app, ImaptapApp)
+        app.feed.summary_wanted.set()
+        self.show(app.summary)
+
+    def on_unmount(self) -> None:
+        app = self.app
+        if isinstance(app, ImaptapApp):
+            app.feed.summary_wanted.clear()
+
+    def on_resize(self, event: Resize) -> None:
+        app = self.app
+        if isinstance(app, ImaptapApp):
+            self.show(app.summary)
+
+    def show(self, summary: Summary | None) -> None:
+        width = self.size.width or MIN_SUMMARY_WIDTH
+        body = summary_renderable(summary, width)
+        # as wide as its widest table, so that a narrow terminal scrolls sideways instead of
+        # cutting cells: rich would shorten them to fit
+        console = self.app.console
+        natural = Measurement.get(console, console.options.update_width(MAX_SUMMARY_WIDTH), body).maximum
+        self._body.styles.width = max(natural, width - 2)
+        self._body.update(body)
+
+
 class ImaptapApp(App[int]):
     """Shows what a `Feed` captures; returns the exit status (2 when the capture failed)."""
 
     CSS_PATH = "imaptap.tcss"
     TITLE = "imaptap"
     ENABLE_COMMAND_PALETTE = False
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (NARROW_WIDTH, "-wide")]
 
     BINDINGS = [
         Binding("slash", "filter", "Filter"),
         Binding("s", "sort_next", "Sort"),
         Binding("S", "sort_reverse", "Reverse", show=False),
         Binding("p", "pause", "Pause"),
+        Binding("r", "summary", "Summary"),
         Binding("escape", "back", "Back", show=False),
         Binding("question_mark", "help", "Help"),
         Binding("q", "quit", "Quit"),
@@ -109,6 +168,8 @@ class ImaptapApp(App[int]):
         self.now = 0.0
         """The capture clock as last shown (frozen while paused)."""
         self.status: CaptureStatus | None = None
+        self.summary: Summary | None = None
+        """The worker's latest summary (sent while the summary is shown, and at the end)."""
         self.detail_id: int | None = None
         self.capture_complete = False
         """The worker's last update has been applied: the table shows everything it saw."""
@@ -189,6 +250,10 @@ class ImaptapApp(App[int]):
             return
         update = message.update
         self.status = update.status
+        if update.summary is not None:
+            self.summary = update.summary
+            if isinstance(self.screen, SummaryScreen):
+                self.screen.show(update.summary)
         for note in update.status.notes:
             if note not in self._notes_shown:
                 self._notes_shown.add(note)
@@ -337,6 +402,10 @@ class ImaptapApp(App[int]):
             out.append(" · starting", "dim")
             self._status_line.update(out)
             return
+        if self.narrow:
+            self._status_line.update(self._narrow_status(st, out))
+            self._show_progress(st)
+            return
         if st.live:
             out.append("LIVE ", "bold green" if not st.done else "bold")
         else:
@@ -383,6 +452,9 @@ class ImaptapApp(App[int]):
             out.append(" · ")
             out.append_text(safe(self.capture_error, "bold red"))
         self._status_line.update(out)
+        self._show_progress(st)
+
+    def _show_progress(self, st: CaptureStatus) -> None:
         if not st.live and st.size:
             # ReplayStats.bytes counts packet bytes, not the file's record headers: a finished
             # replay has read the whole file.
@@ -390,6 +462,39 @@ class ImaptapApp(App[int]):
             self._progress.update(total=st.size, progress=done)
         elif not st.live and st.done:
             self._progress.update(total=1, progress=1)
+
+    def _narrow_status(self, st: CaptureStatus, out: Text) -> Text:
+        """The status line of a narrow terminal: the counts first, where they are never cut."""
+        if st.live:
+            out.append("LIVE", "bold green" if not st.done else "bold")
+        else:
+            out.append("REPLAY", "bold cyan")
+        if self._quitting:
+            out.append(" stopping…", "yellow")
+        elif st.done and st.totals is not None and not st.live:
+            t = st.totals
+            out.append(" done ", "bold")
+            out.append(f"{t['segments']:,} seg, {_n(t['flows'], 'flow')} ({t['imap_flows']:,} IMAP)")
+        else:
+            if not st.live and st.size:
+                out.append(f" {min(100, 100 * (st.bytes_read or 0) // st.size)}%")
+            elif not st.live and st.bytes_read is not None:
+                out.append(f" {display.size(st.bytes_read)}")
+            out.append(f" {display.count(st.segments_per_s)} seg/s · {st.segments:,} seg")
+            out.append(f" · {_n(st.flows_total, 'flow')}, {st.flows_open:,} open")
+        c = st.counters
+        if c is not None:
+            lost = c.get("lost", 0)
+            out.append(" · ")
+            out.append(f"lost {display.count(lost)}", "bold white on red" if lost else "green")
+        if self.flow_filter:
+            out.append(f" · {len(self._visible):,} shown", "bold")
+        if self.capture_error:
+            out.append(" · ")
+            out.append_text(safe(self.capture_error, "bold red"))
+        out.append(" · ")
+        out.append_text(safe(st.source, "dim"))
+        return out
 
     @staticmethod
     def _column_label(key: str) -> str:
@@ -475,6 +580,18 @@ class ImaptapApp(App[int]):
         else:
             self.feed.ready.clear()
         self._show_status()
+
+    def action_summary(self) -> None:
+        if not isinstance(self.screen, SummaryScreen):
+            self.push_screen(SummaryScreen())
+
+    def on_resize(self, event: Resize) -> None:
+        self._show_status()  # the narrow form puts the counts first
+
+    @property
+    def narrow(self) -> bool:
+        """The terminal is narrower than NARROW_WIDTH."""
+        return self.size.width < NARROW_WIDTH
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

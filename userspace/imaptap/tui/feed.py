@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+from imaptap.activity import Activity, ActivitySnapshot
 from imaptap.facts import FlowFacts, flow_facts
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, Flow
 from imaptap.imap.session import Message
 from imaptap.pipeline import CHECK_EVERY, LiveSource, MemorySource, Pipeline, ReplaySource, Sink, Source
+from imaptap.report import Report, ReportBuilder
 
 __all__ = ["CHECK_EVERY", "LiveSource", "MemorySource", "ReplaySource", "Source"]
 
@@ -45,6 +47,8 @@ MAX_PENDING_MESSAGES = 200_000
 MAX_ENDED_FLOWS = 10_000
 #: Seconds over which segments/s is counted: one flush interval is too short a sample.
 RATE_WINDOW = 1.0
+#: Seconds between two summaries while the UI shows one: it counts every open flow again.
+SUMMARY_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +118,15 @@ class CaptureStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class Summary:
+    """The summary view's content: the report's rows (ended and open flows) and the activity."""
+
+    report: Report
+    activity: ActivitySnapshot
+    open_flows: int
+
+
+@dataclass(frozen=True, slots=True)
 class FeedUpdate:
     """What the worker posts to the UI: counters always, a batch of flows and messages sometimes."""
 
@@ -127,6 +140,8 @@ class FeedUpdate:
     """Carries flows or messages: the worker sends the next batch only after `Feed.ready` is set again."""
     last: bool = False
     """The worker's final update: everything it will ever report is in this one or before."""
+    summary: Summary | None = None
+    """While the UI asks for one (`Feed.summary_wanted`), and in the final update."""
 
 
 def snapshot(flow: Flow, facts: FlowFacts | None = None) -> FlowSnapshot:
@@ -177,6 +192,12 @@ class Feed(Sink):
         """Set by the UI to end the capture; the worker sees it within a chunk or a poll."""
         self.error: str | None = None
         self.done = False
+        self.report = ReportBuilder(source.label)
+        """Every ended flow, for the summary view."""
+        self.activity = Activity()
+        self.summary_wanted = threading.Event()
+        """Set by the UI while it shows the summary."""
+        self._next_summary = 0.0
         self._seen: dict[int, tuple[float, int]] = {}
         # Open flows already sent, with (last_ts, packets) as sent: anything newer gets a snapshot.
         self._ended: dict[int, tuple[FlowSnapshot, bool]] = {}
@@ -196,6 +217,7 @@ class Feed(Sink):
         return partial(self._on_message, flow.id)
 
     def _on_message(self, flow_id: int, msg: Message) -> None:
+        self.activity.message(msg)
         entry = self._messages.get(flow_id)
         if entry is None:
             entry = self._messages[flow_id] = [deque(maxlen=MAX_MESSAGES_PER_FLOW), 0]
@@ -212,6 +234,7 @@ class Feed(Sink):
         entry[1] += 1
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        self.report.add(facts, flow.session.audit)
         shown = self._seen.pop(flow.id, None) is not None
         ended = self._ended
         ended[flow.id] = (snapshot(flow, facts), shown)
@@ -255,15 +278,29 @@ class Feed(Sink):
 
     def _flush(self, now: float, final: bool = False) -> None:
         status = self._status(now, final)
+        summary = None
+        if final or (self.summary_wanted.is_set() and now >= self._next_summary):
+            self._next_summary = now + SUMMARY_INTERVAL
+            summary = self.summary()
         if not self.ready.is_set():
-            self._post(FeedUpdate(status))
+            self._post(FeedUpdate(status, summary=summary))
             return
         flows, messages, gone = self._collect()
         if flows or messages or gone:
             self.ready.clear()
-            self._post(FeedUpdate(status, flows, messages, gone, batch=True, last=final))
+            self._post(FeedUpdate(status, flows, messages, gone, batch=True, last=final, summary=summary))
         else:
-            self._post(FeedUpdate(status, last=final))
+            self._post(FeedUpdate(status, last=final, summary=summary))
+
+    def summary(self) -> Summary:
+        """The summary now: the ended flows' report with the open flows counted in (worker thread)."""
+        open_flows = list(self.table.flows.values())
+        builder = self.report
+        if open_flows:
+            builder = builder.copy_counts()
+            for flow in open_flows:
+                builder.add(flow_facts(flow), flow.session.audit)
+        return Summary(builder.report(), self.activity.snapshot(), len(open_flows))
 
     def _post(self, update: FeedUpdate) -> None:
         if self.emit is not None:
