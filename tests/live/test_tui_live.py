@@ -80,3 +80,36 @@ def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
                             capture_output=True, text=True, env=env(), check=True)
     assert '"username":"alice"' in replay.stdout
     assert lab.users["alice"].encode() not in written.read_bytes()
+
+
+def test_live_tui_summary_and_gate(lab):
+    """r over a live capture: the summary shows the live session; at q, --fail-on names it (exit 3)."""
+    failures: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            deadline = time.monotonic() + 120
+            while not attached(lab.host_if):
+                assert time.monotonic() < deadline, "not attached in time"
+                time.sleep(0.2)
+            time.sleep(0.5)
+            imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+            imap.login("dave", lab.users["dave"])
+            imap.logout()
+        except BaseException as exc:  # reported by the test thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        status, out = run_on_terminal("-i", lab.host_if, "--fail-on", "cleartext_credentials",
+                                      # r closes it too; ESC then q would read as alt+q
+                                      steps=((b"LOGOUT", b"r"), (b"commands per second", b"r"), (b"Details", b"q")),
+                                      timeout=150)
+    finally:
+        thread.join()
+    assert not failures, failures
+    assert b"summary of" in out and b"dave" in out and b"latency per command" in out
+    assert status == 3 and b"cleartext_credentials: flow 1 " in out  # stderr is the terminal too
+    assert lab.users["dave"].encode() not in out
+    assert not attached(lab.host_if)
