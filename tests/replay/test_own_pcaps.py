@@ -23,8 +23,8 @@ KEY = bytes(range(100, 132))
 FINGERPRINT = PasswordFingerprint(KEY)
 #: The software imaptap must name for each kind of client in facts.json (None: no guess);
 #: a client that sent ID is named by it.
-SOFTWARE = {"imaplib": "Python imaplib", "curl": "curl", "mbsync": "mbsync (isync)", "fetchmail": "fetchmail",
-            "offlineimap": "imaplib2 (OfflineIMAP)", "raw": None}
+SOFTWARE = {"imaplib": "Python imaplib", "curl": "curl", "mbsync": "mbsync", "fetchmail": "fetchmail",
+            "offlineimap": "OfflineIMAP", "raw": None}
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ def habits(tags, opening, login_forms=None, mailbox_form=None, sasl_ir=None) -> 
 #: What each lab client showed (pcaps/, see clients.SIGNATURES).
 LAB = {
     "Python imaplib": habits(["DOML0", "DOML1"], ["CAPABILITY", "LOGIN"], ("atom", "quoted"), "atom"),
-    "imaplib2 (OfflineIMAP)": habits(["BNFM1", "BNFM2"], ["CAPABILITY", "ID"], None, "atom", False),
+    "OfflineIMAP": habits(["BNFM1", "BNFM2"], ["CAPABILITY", "ID"], None, "atom", False),
     "curl": habits(["A001", "A002"], ["CAPABILITY", "AUTHENTICATE"], None, "atom", True),
     "fetchmail": habits(["A0001", "A0002"], ["LOGIN", "SELECT"], ("quoted", "quoted"), "quoted"),
-    "mbsync (isync)": habits(["1", "2"], ["LOGIN", "COMPRESS"], ("quoted", "quoted"), "quoted"),
+    "mbsync": habits(["1", "2"], ["LOGIN", "COMPRESS"], ("quoted", "quoted"), "quoted"),
 }
 
 

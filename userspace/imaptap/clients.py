@@ -15,6 +15,7 @@ says it is: confidence 1.0, basis ``id``.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -74,7 +75,7 @@ SIGNATURES: tuple[Signature, ...] = (
     Signature("Python imaplib", r"[A-P]{4}0", ("CAPABILITY",), ("atom", "quoted"), "atom", False,
               "pcaps/login-atom.pcap"),
     # imaplib2 (OfflineIMAP): the same tag prefix, counted from 1; CAPABILITY, then ID.
-    Signature("imaplib2 (OfflineIMAP)", r"[A-P]{4}1", ("CAPABILITY",), None, "atom", False,
+    Signature("OfflineIMAP", r"[A-P]{4}1", ("CAPABILITY",), None, "atom", False,
               "pcaps/cyrus-offlineimap.pcap"),
     # curl: one letter and three digits from A001; CAPABILITY first; SASL-IR when told.
     Signature("curl", r"[A-Z]001", ("CAPABILITY",), ("atom", "atom"), "atom", None, "pcaps/curl.pcap"),
@@ -84,7 +85,7 @@ SIGNATURES: tuple[Signature, ...] = (
               None, "pcaps/cyrus-fetchmail.pcap"),
     # mbsync (isync): bare numbers from 1; logs in at once after a greeting with capabilities;
     # quotes both LOGIN arguments and the mailbox; COMPRESS right after the login.
-    Signature("mbsync (isync)", r"1", ("LOGIN", "AUTHENTICATE", "CAPABILITY"), ("quoted", "quoted"), "quoted",
+    Signature("mbsync", r"1", ("LOGIN", "AUTHENTICATE", "CAPABILITY"), ("quoted", "quoted"), "quoted",
               None, "pcaps/compress.pcap"),
 )
 
@@ -100,19 +101,46 @@ def from_id(client_id: dict[str, str | None] | None) -> ClientGuess | None:
     return ClientGuess(name[:MAX_ID_TEXT], version[:MAX_ID_TEXT] if version else None, 1.0, "id")
 
 
-def score(sig: Signature, audit: SessionAudit) -> float:
-    """How well a flow's habits fit ``sig``: 0 when its tags contradict it."""
-    tags = audit.tags
-    if not tags or re.fullmatch(sig.first_tag, tags[0]) is None:
+#: Each signature's tag pattern, compiled once.
+_TAG_PATTERNS = tuple(re.compile(sig.first_tag) for sig in SIGNATURES)
+
+
+class Habits(NamedTuple):
+    """What a signature is scored on, of one flow: the tag only as which signatures' patterns it
+    fits (imaplib's tags carry a random prefix: the tag itself would make every flow new)."""
+
+    tag_fits: int
+    """Bit ``i`` set: the first tag fits ``SIGNATURES[i]``."""
+    first_command: str | None
+    login_forms: tuple[str, str] | None
+    mailbox_form: str | None
+    sasl_ir: bool | None
+
+
+def habits_of(audit: SessionAudit) -> Habits:
+    """The habits `score` looks at."""
+    fits = 0
+    if audit.tags:
+        tag = audit.tags[0]
+        for i, pattern in enumerate(_TAG_PATTERNS):
+            if pattern.fullmatch(tag) is not None:
+                fits |= 1 << i
+    return Habits(fits, audit.opening[0] if audit.opening else None, audit.login_forms, audit.mailbox_form,
+                  audit.sasl_ir)
+
+
+def score(index: int, habits: Habits) -> float:
+    """How well a flow's habits fit ``SIGNATURES[index]``: 0 when its tags contradict it."""
+    if not habits.tag_fits >> index & 1:
         return 0.0
+    sig = SIGNATURES[index]
     matched = total_seen = WEIGHT_TAG
     total = WEIGHT_TAG
     checks = (
-        (sig.opening, audit.opening[0] if audit.opening else None, WEIGHT_OPENING,
-         lambda want, got: got in want),
-        (sig.login_forms, audit.login_forms, WEIGHT_LOGIN_FORMS, lambda want, got: got == want),
-        (sig.mailbox_form, audit.mailbox_form, WEIGHT_MAILBOX_FORM, lambda want, got: got == want),
-        (sig.sasl_ir, audit.sasl_ir, WEIGHT_SASL_IR, lambda want, got: got == want),
+        (sig.opening, habits.first_command, WEIGHT_OPENING, lambda want, got: got in want),
+        (sig.login_forms, habits.login_forms, WEIGHT_LOGIN_FORMS, lambda want, got: got == want),
+        (sig.mailbox_form, habits.mailbox_form, WEIGHT_MAILBOX_FORM, lambda want, got: got == want),
+        (sig.sasl_ir, habits.sasl_ir, WEIGHT_SASL_IR, lambda want, got: got == want),
     )
     for want, got, weight, fits in checks:
         if want is None:
@@ -132,9 +160,20 @@ def guess(audit: SessionAudit, client_id: dict[str, str | None] | None) -> Clien
     named = from_id(client_id)
     if named is not None:
         return named
+    return passive_guess(habits_of(audit))
+
+
+#: Distinct habits whose guess is kept: one client program shows the same habits flow after
+#: flow, so a run meets a handful (a client making up command names makes the cache turn over).
+_GUESSES_KEPT = 1024
+
+
+@functools.lru_cache(maxsize=_GUESSES_KEPT)
+def passive_guess(habits: Habits) -> ClientGuess | None:
+    """The best-fitting signature for these habits, if one fits well enough."""
     best: tuple[float, Signature] | None = None
-    for sig in SIGNATURES:
-        s = score(sig, audit)
+    for index, sig in enumerate(SIGNATURES):
+        s = score(index, habits)
         if s >= MIN_CONFIDENCE and (best is None or s > best[0]):
             best = (s, sig)
     if best is None:

@@ -22,7 +22,8 @@ password: only `PasswordFingerprint` sees one, and returns a truncated HMAC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from imaptap.findings import Finding
@@ -65,12 +66,11 @@ class PasswordFingerprint:
         self._key = bytes(key)
 
     def __call__(self, password: bytes) -> str:
-        # here, not at the top: hashlib loads OpenSSL, a tenth of a replay's start-up, and only
-        # a login needs it
-        import hashlib
+        # here, not at the top: hmac loads OpenSSL, a tenth of a replay's start-up, and only a
+        # login needs it; hmac.digest is its one-shot C path, a fifth of the cost of an HMAC object
         import hmac
 
-        return hmac.new(self._key, password, hashlib.sha256).hexdigest()[:FINGERPRINT_HEX]
+        return hmac.digest(self._key, password, "sha256").hex()[:FINGERPRINT_HEX]
 
     def __repr__(self) -> str:
         return "PasswordFingerprint(<key>)"  # never the key itself
@@ -95,6 +95,22 @@ class LoginAttempt(NamedTuple):
         return self._asdict()
 
 
+#: A server sends the same list to every client: what this many distinct lists offer is kept.
+_LISTS_KEPT = 256
+
+
+@functools.lru_cache(maxsize=_LISTS_KEPT)
+def _what_a_list_offers(names: tuple[str, ...]) -> tuple[bool, bool, tuple[str, ...]]:
+    """(LOGINDISABLED, a plaintext mechanism, the security-relevant names) of a capability list."""
+    security = tuple(n for n in names if n in ("STARTTLS", "LOGINDISABLED") or n.startswith("AUTH="))
+    return "LOGINDISABLED" in names, not PLAINTEXT_AUTH_CAPABILITIES.isdisjoint(names), security
+
+
+# tuple.__new__ builds a LoginAttempt without the NamedTuple's Python-level __new__ (as session.py
+# builds its Messages)
+_new = tuple.__new__
+
+
 def token_form(tok: object) -> str:
     """How an argument was written: ``atom``, ``quoted``, ``literal`` or ``literal+``."""
     if isinstance(tok, parse.Literal):
@@ -111,7 +127,7 @@ class SessionAudit:
 
     __slots__ = ("fingerprint", "attempts", "attempts_dropped", "logindisabled", "login_despite_logindisabled",
                  "auth_plain_offered", "offered", "commands_after_starttls", "tags", "opening", "login_forms",
-                 "mailbox_form", "sasl_ir", "_current")
+                 "mailbox_form", "sasl_ir", "_current", "_last_list")
 
     def __init__(self, fingerprint: Callable[[bytes], str] | None = None) -> None:
         self.fingerprint = fingerprint
@@ -137,17 +153,23 @@ class SessionAudit:
         self.sasl_ir: bool | None = None
         """The first AUTHENTICATE carried an initial response (RFC 4959)."""
         self._current: int | None = None  # index of the attempt waiting for its outcome
+        self._last_list: tuple[str, ...] = ()
 
     # --- what the session tells ---------------------------------------------------------------
 
-    def capabilities(self, names: list[str]) -> None:
+    def capabilities(self, names: Sequence[str]) -> None:
         """A capability list (upper case) was announced."""
-        self.logindisabled = "LOGINDISABLED" in names
-        if not self.auth_plain_offered and not PLAINTEXT_AUTH_CAPABILITIES.isdisjoint(names):
+        key = tuple(names)
+        if key == self._last_list:
+            return  # the greeting's list again, in a CAPABILITY response: nothing new
+        self._last_list = key
+        logindisabled, plain, security = _what_a_list_offers(key)
+        self.logindisabled = logindisabled
+        if plain:
             self.auth_plain_offered = True
         offered = self.offered
-        for name in names:
-            if (name in ("STARTTLS", "LOGINDISABLED") or name.startswith("AUTH=")) and name not in offered:
+        for name in security:
+            if name not in offered:
                 if len(offered) >= MAX_OFFERED:
                     break
                 offered.append(name)
@@ -195,12 +217,11 @@ class SessionAudit:
         current = self._current
         if current is None:
             return
-        attempt = self.attempts[current]
-        fingerprint = attempt.password_hmac
+        command, mech, old_user, fingerprint, ok = self.attempts[current]
         if password is not None and self.fingerprint is not None and fingerprint is None:
             fingerprint = self.fingerprint(password)
-        self.attempts[current] = attempt._replace(user=user[:MAX_ATTEMPT_USER] if user else attempt.user,
-                                                  password_hmac=fingerprint)
+        self.attempts[current] = _new(LoginAttempt, (command, mech, user[:MAX_ATTEMPT_USER] if user else old_user,
+                                                     fingerprint, ok))
 
     def login_done(self, ok: bool) -> None:
         """The outcome of the login waiting for one."""
@@ -208,7 +229,8 @@ class SessionAudit:
         if current is None:
             return
         self._current = None
-        self.attempts[current] = self.attempts[current]._replace(ok=ok)
+        command, mech, user, fingerprint, _ = self.attempts[current]
+        self.attempts[current] = _new(LoginAttempt, (command, mech, user, fingerprint, ok))
 
     def _begin(self, command: str, mechanism: str, user: str | None, password: bytes | None) -> None:
         self._current = None
@@ -219,8 +241,8 @@ class SessionAudit:
         if password is not None and self.fingerprint is not None:
             fingerprint = self.fingerprint(password)
         self._current = len(self.attempts)
-        self.attempts.append(LoginAttempt(command, mechanism, user[:MAX_ATTEMPT_USER] if user else None,
-                                          fingerprint, None))
+        self.attempts.append(_new(LoginAttempt, (command, mechanism, user[:MAX_ATTEMPT_USER] if user else None,
+                                                 fingerprint, None)))
 
     # --- what it says -------------------------------------------------------------------------
 

@@ -158,6 +158,7 @@ _REQUEST = Kind.REQUEST
 _RESPONSE = Kind.RESPONSE
 _UNTAGGED_KIND = Kind.UNTAGGED
 _CONTINUATION = Kind.CONTINUATION
+_STARTTLS_REQUESTED = StartTls.REQUESTED
 
 
 @dataclass(slots=True)
@@ -491,7 +492,7 @@ class ImapSession:
             self._client_junk += 1
             return
         tag = _tag(tag_b)
-        self.audit.command(tag, cmd, self.starttls is StartTls.REQUESTED)  # audit
+        self.audit.command(tag, cmd, self.starttls is _STARTTLS_REQUESTED)  # audit
         if cmd in parse.KNOWN_COMMANDS or cmd.startswith("UID "):
             known = True
             if not self.is_imap:  # counted only while they may still decide (a one-sided capture)

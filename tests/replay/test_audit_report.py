@@ -16,8 +16,8 @@ from testenv import OWN_PCAPS
 from testenv import public_pcap as public
 
 FACTS = json.load(open(os.path.join(OWN_PCAPS, "facts.json")))
-SOFTWARE = {"imaplib": "Python imaplib", "curl": "curl", "mbsync": "mbsync (isync)", "fetchmail": "fetchmail",
-            "offlineimap": "imaplib2 (OfflineIMAP)"}
+SOFTWARE = {"imaplib": "Python imaplib", "curl": "curl", "mbsync": "mbsync", "fetchmail": "fetchmail",
+            "offlineimap": "OfflineIMAP"}
 
 
 def ports(name):
@@ -126,7 +126,7 @@ def test_offlineimap_is_told_by_its_habits_too():
     kept = _Audits()
     Pipeline(ReplaySource(os.path.join(OWN_PCAPS, "cyrus-offlineimap.pcap"), [143]), [kept]).run()
     (audit,) = kept.audits
-    assert guess(audit, None).name == "imaplib2 (OfflineIMAP)"
+    assert guess(audit, None).name == "OfflineIMAP"
 
 
 def test_the_report_of_third_party_captures(imaptap):
