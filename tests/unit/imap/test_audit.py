@@ -165,3 +165,12 @@ def test_the_findings_are_finding_names():
     f = run([("s", STRICT), ("c", b"a1 STARTTLS\r\na2 LOGIN alice pw\r\n"), ("s", b"a1 OK go\r\n")]).flow
     assert all(Finding(name) for name in f["findings"])
     assert f["findings"][-2:] == ["login_despite_logindisabled", "commands_after_starttls"]
+
+
+def test_what_is_offered_after_a_login_is_not_an_offer_before_one():
+    kept = Audits()
+    analyze(conversation([("s", b"* OK [CAPABILITY IMAP4rev1 STARTTLS AUTH=PLAIN] ready.\r\n"),
+                          ("c", b"a1 LOGIN alice pw\r\n"),
+                          ("s", b"a1 OK [CAPABILITY IMAP4rev1 LOGINDISABLED AUTH=GSSAPI] in\r\n")]), sinks=[kept])
+    (audit,) = kept.audits
+    assert audit.offered == ["STARTTLS", "AUTH=PLAIN"] and not audit.logindisabled

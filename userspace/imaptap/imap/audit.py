@@ -127,7 +127,7 @@ class SessionAudit:
 
     __slots__ = ("fingerprint", "attempts", "attempts_dropped", "logindisabled", "login_despite_logindisabled",
                  "auth_plain_offered", "offered", "commands_after_starttls", "tags", "opening", "login_forms",
-                 "mailbox_form", "sasl_ir", "_current", "_last_list")
+                 "mailbox_form", "sasl_ir", "_current", "_last_list", "_logged_in", "_held")
 
     def __init__(self, fingerprint: Callable[[bytes], str] | None = None) -> None:
         self.fingerprint = fingerprint
@@ -154,12 +154,23 @@ class SessionAudit:
         """The first AUTHENTICATE carried an initial response (RFC 4959)."""
         self._current: int | None = None  # index of the attempt waiting for its outcome
         self._last_list: tuple[str, ...] = ()
+        self._logged_in = False
+        self._held: tuple[str, ...] | None = None  # a list that came while a login awaited its answer
 
     # --- what the session tells ---------------------------------------------------------------
 
     def capabilities(self, names: Sequence[str]) -> None:
         """A capability list (upper case) was announced."""
-        key = tuple(names)
+        if self._logged_in:
+            return  # the list after a login says nothing of what is offered before one (Cyrus adds LOGINDISABLED)
+        if self._current is not None:
+            # most likely the login's own answer (its OK carries the list after the login, and
+            # comes before its outcome is known): kept until the outcome says which it was
+            self._held = tuple(names)
+            return
+        self._take(tuple(names))
+
+    def _take(self, key: tuple[str, ...]) -> None:
         if key == self._last_list:
             return  # the greeting's list again, in a CAPABILITY response: nothing new
         self._last_list = key
@@ -225,6 +236,11 @@ class SessionAudit:
 
     def login_done(self, ok: bool) -> None:
         """The outcome of the login waiting for one."""
+        held, self._held = self._held, None
+        if ok:
+            self._logged_in = True
+        elif held is not None:
+            self._take(held)
         current = self._current
         if current is None:
             return
