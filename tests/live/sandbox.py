@@ -4,9 +4,10 @@ systemd is not PID 1 on the machines the tests run on, so the unit itself cannot
 this builds what its [Service] section asks for from the same kernel features systemd uses,
 read from the unit file itself: a mount namespace (ProtectSystem=strict, ProtectHome,
 PrivateTmp, PrivateDevices, ProtectKernelTunables, ProtectProc, ProtectKernelLogs, a writable
-LogsDirectory), the capability sets and no_new_privs (setpriv), RLIMIT_MEMLOCK and the umask,
-and a seccomp filter (SystemCallFilter expanded by ``systemd-analyze syscall-filter``,
-SystemCallErrorNumber, SystemCallArchitectures, RestrictAddressFamilies, RestrictNamespaces).
+LogsDirectory and StateDirectory with $STATE_DIRECTORY), the capability sets and no_new_privs
+(setpriv), RLIMIT_MEMLOCK and the umask, and a seccomp filter (SystemCallFilter expanded by
+``systemd-analyze syscall-filter``, SystemCallErrorNumber, SystemCallArchitectures,
+RestrictAddressFamilies, RestrictNamespaces).
 `NOT_EMULATED` names every directive it leaves out and why; a directive in neither list fails
 the test, so a new line in the unit is either emulated or explained.
 
@@ -28,7 +29,8 @@ from pathlib import Path
 
 #: The [Service] directives emulated here.
 EMULATED = {
-    "DynamicUser", "User", "LogsDirectory", "LogsDirectoryMode", "UMask", "AmbientCapabilities",
+    "DynamicUser", "User", "LogsDirectory", "LogsDirectoryMode", "StateDirectory", "StateDirectoryMode", "UMask",
+    "AmbientCapabilities",
     "CapabilityBoundingSet", "NoNewPrivileges", "LimitMEMLOCK", "ProtectSystem", "ProtectHome", "PrivateTmp",
     "PrivateDevices", "ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
     "ProtectProc", "PrivateMounts", "RestrictAddressFamilies", "RestrictNamespaces", "SystemCallArchitectures",
@@ -54,6 +56,7 @@ NOT_EMULATED = {
 #: Where the service's files are, inside the sandbox.
 OPT = "/opt"
 LOGS = "/var/log"
+STATE = "/var/lib"
 #: Device nodes PrivateDevices leaves, as systemd does.
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
 #: errno for a socket family RestrictAddressFamilies leaves out, as systemd answers.
@@ -101,7 +104,7 @@ def expand_syscalls(names: list[str], seen: set[str] | None = None) -> set[str]:
     return calls
 
 
-def spec_of(unit: dict[str, list[str]], logs: str, opt: str, venv: str) -> dict:
+def spec_of(unit: dict[str, list[str]], logs: str, opt: str, venv: str, state: str = "") -> dict:
     """What the sandbox stages need, from the unit: a JSON-able dict."""
     def one(key: str, default: str = "") -> str:
         return unit.get(key, [default])[-1]
@@ -113,6 +116,7 @@ def spec_of(unit: dict[str, list[str]], logs: str, opt: str, venv: str) -> dict:
     return {
         "logs": logs, "opt": opt, "venv": venv, "logs_dir": one("LogsDirectory"),
         "logs_mode": one("LogsDirectoryMode", "0755"), "umask": one("UMask", "0022"),
+        "state": state, "state_dir": one("StateDirectory"), "state_mode": one("StateDirectoryMode", "0755"),
         "ambient": words("AmbientCapabilities"),
         "bounding": words("CapabilityBoundingSet"), "no_new_privs": one("NoNewPrivileges") == "yes",
         "memlock_infinity": one("LimitMEMLOCK") == "infinity", "protect_system": one("ProtectSystem"),
@@ -171,6 +175,17 @@ def setup(spec: dict, argv: list[str]) -> None:
     os.mkdir(logs)
     _mount("--bind", spec["logs"], logs)
     os.chmod(logs, int(spec["logs_mode"], 8))
+    # StateDirectory: a /var/lib of its own, the service's directory bound there, and named in
+    # $STATE_DIRECTORY, which setpriv passes on
+    state = ""
+    if spec["state_dir"]:
+        assert spec["state"], "the test gives the state directory's contents"
+        _mount("-t", "tmpfs", "-o", "mode=755", "tmpfs", STATE)
+        state = os.path.join(STATE, spec["state_dir"])
+        os.mkdir(state)
+        _mount("--bind", spec["state"], state)
+        os.chmod(state, int(spec["state_mode"], 8))
+        os.environ["STATE_DIRECTORY"] = state
     _mount("--bind", spec["opt"], OPT)
     _mount("--bind", spec["venv"], os.path.join(OPT, "venv"))
     # PrivateTmp, and a copy of /dev's nodes for PrivateDevices while the real one is still there
@@ -201,7 +216,7 @@ def setup(spec: dict, argv: list[str]) -> None:
     if spec["protect_system"] == "strict":
         api = ("/proc", "/sys", "/dev")
         for point in _mount_points():
-            if _under(point, api) or point in (logs, "/tmp", "/var/tmp"):
+            if _under(point, api) or point in (logs, state, "/tmp", "/var/tmp"):
                 continue
             try:
                 _mount("-o", "remount,bind,ro", point)

@@ -150,7 +150,8 @@ def test_every_directive_of_the_unit_is_emulated_or_explained():
 
 def service_layout(tmp_path: Path) -> tuple[Path, Path, str]:
     """``opt`` as the sandbox mounts it at /opt (the package, the executable, sandbox.py, a
-    mount point for the venv), a logs directory owned by the service's user, and the venv."""
+    mount point for the venv), a logs directory owned by the service's user, and the venv; the
+    state directory beside the logs (`state_of`)."""
     venv = Path(sys.prefix)
     if not (venv / "pyvenv.cfg").exists():
         pytest.fail("the service test runs from the project's virtual environment (scripts/setup)", pytrace=False)
@@ -166,10 +167,16 @@ def service_layout(tmp_path: Path) -> tuple[Path, Path, str]:
     for path in (opt, *opt.rglob("*")):
         path.chmod(0o755 if path.is_dir() or path == exe else 0o644)
     logs = tmp_path / "logs"
-    logs.mkdir()
     nobody = __import__("pwd").getpwnam("nobody")
-    os.chown(logs, nobody.pw_uid, nobody.pw_gid)
+    for directory in (logs, state_of(tmp_path)):
+        directory.mkdir()
+        os.chown(directory, nobody.pw_uid, nobody.pw_gid)
     return opt, logs, str(venv)
+
+
+def state_of(tmp_path: Path) -> Path:
+    """What the sandbox mounts as the unit's StateDirectory (the password key's place)."""
+    return tmp_path / "state"
 
 
 def exec_start(unit: dict[str, list[str]], options: str) -> list[str]:
@@ -257,7 +264,7 @@ def test_the_unit_captures_in_its_sandbox_rotates_with_logrotate_and_stops(lab, 
     unit = sandbox.parse_unit(UNIT)
     opt, logs, venv = service_layout(tmp_path)
     spec_path = tmp_path / "spec.json"
-    spec_path.write_text(json.dumps(sandbox.spec_of(unit, str(logs), str(opt), venv)))
+    spec_path.write_text(json.dumps(sandbox.spec_of(unit, str(logs), str(opt), venv, str(state_of(tmp_path)))))
     (default,) = [v for v in unit["Environment"] if v.startswith('"IMAPTAP_OPTIONS=')]
     options = f"-i {lab.host_if} -w /var/log/imaptap/imaptap.pcap " + default.strip('"').split("=", 1)[1]
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -301,12 +308,17 @@ def test_the_unit_captures_in_its_sandbox_rotates_with_logrotate_and_stops(lab, 
     assert proc.returncode == 0, err
     assert stopping == "STOPPING=1" and "Traceback" not in err
     assert f"imaptap: listening on {lab.host_if}" in err
+    # StateDirectory: the password key made there, the service's own, and no complaint about it
+    key = state_of(tmp_path) / "password-key"
+    assert key.stat().st_mode & 0o777 == 0o600 and key.stat().st_uid == __import__("pwd").getpwnam("nobody").pw_uid
+    assert "password key" not in err
 
     # logrotate: the current file, .1, and .2 compressed a round late (delaycompress)
     generations = [logs / "imaptap.jsonl.2.gz", logs / "imaptap.jsonl.1", current]
     assert sorted(p.name for p in logs.iterdir() if ".jsonl" in p.name) == sorted(p.name for p in generations)
     files = [records_of(p) for p in generations]
     seen: dict[int, int] = {}
+    hmacs: dict[str, set[str]] = {}
     for n, records in enumerate(files):
         for r in records:
             if r["type"] == "flow":
@@ -314,6 +326,9 @@ def test_the_unit_captures_in_its_sandbox_rotates_with_logrotate_and_stops(lab, 
                 assert port not in seen, f"the flow of port {port} is in two files"
                 seen[port] = n
                 assert r["username"] in ("alice", "bob") and r["login_ok"] is (r["username"] == "alice")
+                hmacs.setdefault(r["username"], set()).update(a["password_hmac"] for a in r["login_attempts"])
+    # one key all along: each user's one password, one fingerprint, over every phase
+    assert {u: len(h) for u, h in hmacs.items()} == {"alice": 1, "bob": 1} and hmacs["alice"] != hmacs["bob"]
     # every session's flow, in the file of its phase: the reopen came between the phases
     assert seen == {port: n for n, ports in enumerate(phases) for port in ports}
     stats = files[-1][-1]
