@@ -298,7 +298,7 @@ def summarize(flows: list[dict]) -> str:
             bits.append("password sent despite LOGINDISABLED")
         if f.get("commands_after_starttls"):
             bits.append("commands behind STARTTLS")
-        if f.get("auth_plain_offered") is False:
+        if f.get("auth_plain_offered") is False and f["starttls"] != "none":  # a server that listed its offers
             bits.append("no plaintext mechanism offered")
         parts.append((f"{index + 1}: " if len(flows) > 1 else "") + "; ".join(bits))
     return "<br>".join(parts)
