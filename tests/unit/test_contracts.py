@@ -4,6 +4,7 @@ import os
 import re
 
 from imaptap.facts import FlowFacts
+from imaptap.findings import FINDINGS, Finding
 from imaptap.flows import EndReason
 from imaptap.imap.anomalies import ALL_KEYS
 from imaptap.imap.session import MESSAGE_OPTIONAL_FIELDS, Message
@@ -34,3 +35,11 @@ def test_the_flow_update_record_is_in_the_readme():
     from imaptap.output.jsonl import FLOW_UPDATE
 
     assert f'{{"type": "{FLOW_UPDATE}", ...}}' in JSON_SECTION and "ts" in NAMED
+
+
+def test_every_finding_is_in_the_readme_with_its_severity():
+    audit = README[README.index("## Audit report"):README.index("## Metrics")]
+    for finding in Finding:
+        assert f"`{finding.value}`" in JSON_SECTION or f"`{finding.value}`" in audit, finding
+        row = next(line for line in audit.splitlines() if line.startswith("|") and f"`{finding.value}`" in line)
+        assert row.split("|")[1].strip() == FINDINGS[finding].severity.label, finding

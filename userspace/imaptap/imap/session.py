@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from imaptap.findings import Finding
 from imaptap.imap import parse, sasl, software
 from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
 from imaptap.imap.audit import SessionAudit
@@ -371,17 +372,17 @@ class ImapSession:
     # --- facts derived on demand --------------------------------------------------------------
 
     @property
-    def findings(self) -> list[str]:
+    def findings(self) -> list[Finding]:
         """What a security reviewer wants at a glance, in a fixed order."""
         out = []
         if self.cleartext_credentials:
-            out.append("cleartext_credentials")
+            out.append(Finding.CLEARTEXT_CREDENTIALS)
         if self.starttls is StartTls.OFFERED:
-            out.append("starttls_offered_not_used")
+            out.append(Finding.STARTTLS_OFFERED_NOT_USED)
         elif self.starttls is StartTls.REFUSED:
-            out.append("starttls_refused")
+            out.append(Finding.STARTTLS_REFUSED)
         if self.login_failures:
-            out.append("failed_logins")
+            out.append(Finding.FAILED_LOGINS)
         out.extend(self.audit.findings())  # audit
         return out
 
