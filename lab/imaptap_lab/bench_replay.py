@@ -14,7 +14,8 @@ With --ecs, also the same two imaptap commands with --json-format ecs (docs/ECS.
 Wall-clock and CPU time of whole commands, start-up included, in an order rotated each round.
 Prints medians and their ratios, and the spread of the ratios taken within each round.
 ``--metrics`` adds both imaptap commands again with ``--metrics 0`` (Prometheus metrics served
-on a free loopback port), and prints what the metrics cost against the same command without.
+on a free loopback port), and prints what the metrics cost against the same command without;
+``--report`` likewise adds both with ``--report`` (the audit report built and written at the end).
 Run as root (the lab needs network namespaces):  scripts/bench-replay [--sessions N]
 """
 
@@ -132,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics", action="store_true",
                     help="also time both imaptap commands with --metrics, against themselves without")
     ap.add_argument("--ecs", action="store_true", help="also time --json-format ecs, against the default format")
+    ap.add_argument("--report", action="store_true",
+                    help="also time both imaptap commands with --report, against themselves without")
     return ap
 
 
@@ -152,12 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         "imaptap --json --flows-only": [IMAPTAP, "-r", path, "--json", "/dev/null", "--flows-only"],
         "tshark -Y imap -T fields": [a.format(file=path) for a in TSHARK],
     }
-    #: with --metrics: arm -> the arm it is compared with
+    #: with --metrics or --report: arm -> the arm it is compared with
     with_metrics = {}
-    if args.metrics:
+    for option, extra in (("--metrics", ["--metrics", "0"]), ("--report", ["--report"])):
+        if not getattr(args, option[2:]):
+            continue
         for k in ("imaptap --json", "imaptap --json --flows-only"):
-            commands[k + " --metrics"] = [*commands[k], "--metrics", "0"]
-            with_metrics[k + " --metrics"] = k
+            commands[f"{k} {option}"] = [*commands[k], *extra]
+            with_metrics[f"{k} {option}"] = k
     if args.ecs:
         commands["imaptap --json ECS"] = [*commands["imaptap --json"], "--json-format", "ecs"]
         commands["imaptap --json --flows-only ECS"] = [*commands["imaptap --json --flows-only"], "--json-format", "ecs"]
@@ -191,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios = per_round_ratios(cpus[base], cpus[k])
         print(f"  {k:30} {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
     if with_metrics:
-        print(f"the metrics' cost: time with --metrics / without, median [lowest, highest] of {args.rounds} rounds:")
+        print(f"the option's cost: time with it / without, median [lowest, highest] of {args.rounds} rounds:")
         for k, plain in with_metrics.items():
             wall_ratios = per_round_ratios(walls[k], walls[plain])
             cpu_ratios = per_round_ratios(cpus[k], cpus[plain])
