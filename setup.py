@@ -1,14 +1,62 @@
-"""Builds the optional C accelerators of the replay and the JSON output; everything else is in
+"""Builds the optional accelerators of the replay and the JSON output; everything else is in
 pyproject.toml.
 
-optional=True: without a compiler or Python headers the build goes on without them, and the
-replay and the JSON output run their pure-Python paths (the same output; a full-JSON replay
-takes about 1.4 times as long, README "Figures")."""
+- C: `_pcapfast` (capture reading) and `_jsonfast` (message lines). optional=True: without a
+  compiler or Python headers the build goes on without them.
+- mypyc: the analyzer's hot modules (`COMPILED`) compiled from their own, unchanged source,
+  where mypyc (it comes with mypy, a test extra) is importable when this runs; `scripts/setup`
+  builds them in place. Without it, or with IMAPTAP_MYPYC=0, they stay plain Python.
+
+Every accelerator is optional and gives the same output: IMAPTAP_PURE_PYTHON=1 runs the plain
+source, the reference (README "Replay speed")."""
+
+import os
+import sys
 
 from setuptools import Extension, setup
+
+#: The modules mypyc compiles: those that hold a replay's time per segment and per line and
+#: compile as they are. Left out: pipeline.py, segment.py and output/jsonl.py, whose classes
+#: (Source, Sink, PayloadPolicy, JsonlSink) are subclassed by interpreted code, which a native
+#: class forbids; facts.py, whose annotations output/jsonl.py reads (compiled, they are types,
+#: not the text written); the rest does not run per segment.
+COMPILED = [
+    "flows.py",
+    "clients.py",
+    "imap/stream.py",
+    "imap/parse.py",
+    "imap/session.py",
+    "imap/audit.py",
+    "imap/sasl.py",
+    "imap/software.py",
+    "capture/replay.py",
+    "capture/decode.py",
+]
+
+
+def _compiled_modules() -> list:
+    """mypyc's extensions for COMPILED, or none where mypyc is absent, switched off or fails."""
+    if os.environ.get("IMAPTAP_MYPYC") == "0":
+        return []
+    try:
+        from mypyc.build import mypycify
+    except ImportError:
+        return []
+    try:
+        # One shared library (group "imaptap") for all of them, so calls between them are native.
+        extensions = mypycify([f"userspace/imaptap/{m}" for m in COMPILED], opt_level="3",
+                              group_name="imaptap")
+    except (SystemExit, Exception) as exc:  # mypyc reports type errors by exiting
+        print(f"imaptap: mypyc failed ({exc}); the analyzer stays plain Python", file=sys.stderr)
+        return []
+    for ext in extensions:
+        ext.optional = True
+    return extensions
+
 
 setup(ext_modules=[
     Extension("imaptap.capture._pcapfast", ["userspace/imaptap/capture/_pcapfast.c"], optional=True),
     Extension("imaptap.output._jsonfast", ["userspace/imaptap/output/_jsonfast.c"], libraries=["m"],
               optional=True),
+    *_compiled_modules(),
 ])

@@ -15,6 +15,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from imaptap.imap.atom import Atom
+
 #: Largest literal whose contents are kept: enough for usernames and ID values, never a mail
 #: body.  A larger literal is only counted.
 LITERAL_KEEP = 1024
@@ -60,12 +62,6 @@ class RawLine(NamedTuple):
     def head(self) -> bytes:
         """The first physical line, where tag, command and status live."""
         return self.chunks[0]
-
-
-class Atom(str):
-    """An IMAP atom (as opposed to a string); NIL is ``Atom('NIL')``."""
-
-    __slots__ = ()
 
 
 Token = "Atom | bytes | Literal | list"
