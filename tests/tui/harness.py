@@ -12,7 +12,7 @@ import queue
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-from imaptap.capture.replay import open_capture
+from imaptap.capture.replay import ReplayStats, open_capture
 from imaptap.imap.audit import PasswordFingerprint
 from imaptap.segment import PayloadPolicy, Segment
 from imaptap.testing import conversation
@@ -74,7 +74,7 @@ def all_captures(names: Iterable[str] | None = None) -> list[Segment]:
     for name in sorted(names or facts):
         reader = open_capture(pcap(name))
         try:
-            segs.extend(reader.segments(set(facts[name]["ports"]), whole, _Stats()))
+            segs.extend(reader.segments(set(facts[name]["ports"]), whole, ReplayStats()))
         finally:
             reader.close()
     segs.sort(key=lambda s: s.ts)
@@ -84,16 +84,6 @@ def all_captures(names: Iterable[str] | None = None) -> list[Segment]:
 def all_ports() -> set[int]:
     with open(os.path.join(OWN_PCAPS, "facts.json")) as f:
         return {p for v in json.load(f).values() for p in v["ports"]}
-
-
-class _Stats:
-    """Accepts whatever counters a reader keeps."""
-
-    def __getattr__(self, name):
-        return 0
-
-    def __setattr__(self, name, value):
-        pass
 
 
 async def settle(pilot, timeout: float = 20.0) -> None:
