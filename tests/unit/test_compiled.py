@@ -108,8 +108,8 @@ def test_compiled_and_pure_python_write_the_same_bytes(tmp_path, public):
     replays = _replays()
     compiled = _outputs(tmp_path, False, replays)
     pure = _outputs(tmp_path, True, replays)
-    differ = [f"{os.path.basename(path)} {' '.join(opts)}" for (path, opts), a, b in zip(replays, compiled, pure)
-              if a != b]
+    differ = [f"{os.path.basename(path)} {' '.join(opts)}"
+              for (path, opts), a, b in zip(replays, compiled, pure, strict=True) if a != b]
     assert not differ, f"compiled and pure output differ: {differ}"
     assert sum(map(len, pure)) > 0 and all(b'"type":"stats"' in b for b in pure)
 
