@@ -8,7 +8,7 @@ pyproject.toml.
   builds them in place. Without it, or with IMAPTAP_MYPYC=0, they stay plain Python.
 
 Every accelerator is optional and gives the same output: IMAPTAP_PURE_PYTHON=1 runs the plain
-source, the reference (README "Replay speed")."""
+source, the reference (README "Figures" measures both)."""
 
 import os
 import sys
