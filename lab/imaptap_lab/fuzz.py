@@ -135,7 +135,11 @@ def main(argv: list[str] | None = None) -> int:
 
     libfuzzer = libfuzzer_args(args.seconds, args.jobs, corpus, seeds, crashes)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", DRIVER_MODULE, "--child", args.target, *libfuzzer],
+    # The plain source, never mypyc's build of it: atheris guides the fuzzer by the coverage of
+    # Python bytecode, which compiled modules have none of. tests/fuzz replays the seeds, the
+    # mutations and the crashers through the compiled build as well.
+    env = dict(os.environ, IMAPTAP_PURE_PYTHON="1")
+    proc = subprocess.run([sys.executable, "-m", DRIVER_MODULE, "--child", args.target, *libfuzzer], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
     elapsed = time.monotonic() - started
     log = proc.stdout
