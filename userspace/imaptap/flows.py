@@ -366,6 +366,20 @@ class FlowTable:
             flow.handshake_segments = 0
             policy.end_handshake(flow.key)
 
+    def advance(self, ts: float) -> None:
+        """The capture clock reached ``ts`` in a segment another worker analyses (--workers):
+        the idle sweep that `add` would make at it.  Keep in step with the start of `add`."""
+        if ts > self.now:
+            self.now = ts
+            if ts >= self._next_sweep:
+                self._next_sweep = ts + EXPIRY_SWEEP
+                self.expire(ts)
+
+    @property
+    def next_sweep(self) -> float:
+        """The capture time from which a segment makes the next idle sweep."""
+        return self._next_sweep
+
     # --- life cycle --------------------------------------------------------------------------
 
     def expire(self, now: float) -> None:

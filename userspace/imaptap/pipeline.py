@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Generator, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from imaptap.facts import FlowFacts, flow_facts
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, EndReason, Flow, FlowTable
@@ -36,6 +36,7 @@ from imaptap.segment import (
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.flowshare import FlowShare
 
 #: Segments a source hands over at most between two ticks (a replay ticks after each megabyte
 #: of records, a live capture after each poll): the pipeline looks at the stop flag and the
@@ -109,16 +110,19 @@ class Source:
 
 class ReplaySource(Source):
     """A pcap or pcapng file, read as fast as it goes; ``-`` is standard input, ``fd`` a
-    descriptor to read instead (the TUI's copy of standard input)."""
+    descriptor to read instead (the TUI's copy of standard input); ``share``: only the flows of
+    one worker of --workers (workers.py), and the times of the others' segments as floats."""
 
     def __init__(self, path: str, ports: Iterable[int], snaplen: int = DEFAULT_SNAPLEN,
                  taillen: int = DEFAULT_TAILLEN, label: str | None = None,
-                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN, fd: int | None = None) -> None:
+                 handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN, fd: int | None = None,
+                 share: FlowShare | None = None) -> None:
         from imaptap.capture.replay import STDIN, STDIN_NAME, CaptureFileError, ReplayStats
 
         self.errors = (CaptureFileError,)
         self.path = path
         self.fd = fd
+        self.share = share
         self.label = (STDIN_NAME if path == STDIN else path) if label is None else label
         self.ports = frozenset(ports)
         self.policy = PayloadPolicy(snaplen, taillen, handshake_snaplen)
@@ -146,8 +150,10 @@ class ReplaySource(Source):
 
     def segments(self) -> Generator[Segment | None, None, None]:
         # CaptureFileError (a cut or corrupt file) comes after the last good segment.
-        self._segments = self._reader.segments(set(self.ports), self.policy, self.stats, ticks=True)
-        return self._segments
+        self._segments = self._reader.segments(set(self.ports), self.policy, self.stats, ticks=True,
+                                               share=self.share)
+        # With a share, floats come too: only a worker's add (workers.py) is given this source.
+        return cast(Generator[Segment | None, None, None], self._segments)
 
     def close(self) -> Iterable[Segment]:
         if self._segments is not None:
@@ -352,6 +358,7 @@ class Pipeline:
         wallclock: Callable[[], float] = time.time,
         clock: Callable[[], float] = time.monotonic,
         password_fingerprint: Callable[[bytes], str] | None = None,
+        add_hook: Callable[[Pipeline], Callable[[Segment], None]] | None = None,
     ) -> None:
         self.source = source
         self.sinks = list(sinks)
@@ -372,6 +379,8 @@ class Pipeline:
         """The run was stopped before its input ended."""
         self.opened = False
         self.started = clock()
+        self.add_hook = add_hook
+        """Makes what takes each segment in place of the table (a worker of --workers, workers.py)."""
         self.flow_interval = flow_interval
         """Seconds of the capture clock between two `Sink.flow_update` rounds (None: none)."""
         self._next_update = -math.inf
@@ -431,6 +440,17 @@ class Pipeline:
                 sink.flow_update(flow, facts, ts)
         self._next_update = due + interval * (math.floor((now - due) / interval) + 1)
 
+    def round_due(self, ts: float) -> None:
+        """A replay's round of `Sink.flow_update` records, if one is due at a segment of time ``ts``."""
+        if ts >= self._next_update:
+            self._updates_due(ts)
+
+    def wake(self) -> float:
+        """The capture time from which a segment changes more than its own flow: it makes an idle
+        sweep or (with ``flow_interval``) a round of updates (a replay)."""
+        sweep = self.table.next_sweep
+        return sweep if self.flow_interval is None else min(sweep, self._next_update)
+
     def _update_then_add(self, seg: Segment) -> None:
         if seg.ts >= self._next_update:
             self._updates_due(seg.ts)
@@ -449,6 +469,7 @@ class Pipeline:
         source = self.source
         table = self.table
         writer = self.pcap_writer
+        add: Callable[[Segment], None]
         add = self._add = table.add if writer is None else self._write_then_add
         live = source.live
         updates = self.flow_interval is not None
@@ -456,6 +477,8 @@ class Pipeline:
             # A replay's rounds follow the capture's time segment by segment: its ticks come only
             # every megabyte of records, which may span hours of a quiet capture.
             add = self._update_then_add
+        if self.add_hook is not None:
+            add = self.add_hook(self)
         self.started = self.clock()
         segments: Generator[Segment | None, None, None] | None = None
         errors: tuple[type[Exception], ...] = (SourceError, *source.errors)

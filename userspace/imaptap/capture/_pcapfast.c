@@ -15,6 +15,11 @@
  * config's counts as the Python loop counts them, and that loop adds them to its ReplayStats
  * after every read (setting the stats object's attributes here cost more than a percent of a
  * replay).
+ *
+ * With --workers, config's last item is the worker's share (flowshare.FlowShare.config():
+ * workers, index, state): a segment of a flow another worker analyses (by flow_hash, the same
+ * hash as flowshare.flow_hash) is counted and passed over, and only where its time reaches the
+ * share's wake time is that time handed back (CLOCK), so the worker's clock moves as it would.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,7 +35,32 @@ enum {
     NEED_MORE = 0, /* off: the start of an incomplete record, or the end of buf */
     SEGMENT = 1,   /* off: after the record */
     PYTHON = 2,    /* off: the start of a record (not counted) for the Python loop to take */
+    CLOCK = 3,     /* off: after the record; value: the time of another worker's segment */
 };
+
+/* flowshare.FlowShare.state: the wake time, then the count of other workers' segments. */
+struct share_state { double wake; int64_t skipped; };
+
+/* flowshare.flow_hash: FNV-1a over the lower endpoint (address bytes, port big-endian), then
+   the higher one. */
+static inline uint32_t fnv_endpoint(uint32_t h, const unsigned char *addr, int alen, uint32_t port)
+{
+    for (int i = 0; i < alen; i++)
+        h = (h ^ addr[i]) * 16777619u;
+    h = (h ^ (port >> 8)) * 16777619u;
+    return (h ^ (port & 0xFF)) * 16777619u;
+}
+
+static uint32_t flow_hash(const unsigned char *src, const unsigned char *dst, int alen, uint32_t sport,
+                          uint32_t dport)
+{
+    int c = memcmp(src, dst, alen);
+    int forward = c < 0 || (c == 0 && sport <= dport);
+    uint32_t h = 2166136261u;
+    if (forward)
+        return fnv_endpoint(fnv_endpoint(h, src, alen, sport), dst, alen, dport);
+    return fnv_endpoint(fnv_endpoint(h, dst, alen, dport), src, alen, sport);
+}
 
 /* The same numbers as capture/decode.py. */
 #define ETHERNET_LEN 14
@@ -145,8 +175,8 @@ static PyObject *result(int code, Py_ssize_t off, PyObject *value)
 
 static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 17) {
-        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 17)");
+    if (nargs != 3 || !PyBytes_Check(args[0]) || !PyTuple_Check(args[2]) || PyTuple_GET_SIZE(args[2]) != 18) {
+        PyErr_SetString(PyExc_TypeError, "scan(buf: bytes, off: int, config: tuple of 18)");
         return NULL;
     }
     PyObject *bufobj = args[0], *config = args[2];
@@ -159,7 +189,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
        snaplen, taillen, Segment type, largest record, counts (bytearray of COUNTS int64),
        then segment.PayloadMode.NONE and .WHOLE and segment.WHOLE_PAYLOAD_CAP, PayloadMode.PREFIX and
        .HANDSHAKE, the policy's handshake snap length and its default mode (that of a flow not in
-       modes) */
+       modes), and the worker's share or None */
     Py_ssize_t record_len = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 0));
     int big = PyObject_IsTrue(PyTuple_GET_ITEM(config, 1));
     double divisor = PyFloat_AsDouble(PyTuple_GET_ITEM(config, 2));
@@ -177,8 +207,22 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     long mode_handshake = PyLong_AsLong(PyTuple_GET_ITEM(config, 14));
     Py_ssize_t handshake_snaplen = PyLong_AsSsize_t(PyTuple_GET_ITEM(config, 15));
     long default_mode = PyLong_AsLong(PyTuple_GET_ITEM(config, 16));
+    PyObject *shareobj = PyTuple_GET_ITEM(config, 17);
     if (PyErr_Occurred())
         return NULL;
+    unsigned long share_workers = 1, share_index = 0;
+    struct share_state *share = NULL;
+    if (shareobj != Py_None) {
+        PyObject *stateobj;
+        if (!PyArg_ParseTuple(shareobj, "kkO", &share_workers, &share_index, &stateobj))
+            return NULL;
+        if (!PyByteArray_Check(stateobj) || PyByteArray_GET_SIZE(stateobj) != (Py_ssize_t)sizeof *share
+                || share_workers < 1 || share_index >= share_workers) {
+            PyErr_SetString(PyExc_TypeError, "scan: bad share");
+            return NULL;
+        }
+        share = (struct share_state *)PyByteArray_AS_STRING(stateobj);
+    }
     if (!PyType_Check(segtype) || !PyDict_Check(modes) || (ports != Py_None && (!PyBytes_Check(ports)
             || PyBytes_GET_SIZE(ports) != 8192)) || record_len < 16 || snaplen < 0 || whole_cap < 0
             || handshake_snaplen < 0
@@ -188,7 +232,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     }
     const unsigned char *bitmap = ports == Py_None ? NULL : (const unsigned char *)PyBytes_AS_STRING(ports);
 
-    Py_ssize_t packets = 0, bytes = 0, pure_acks = 0, other_ports = 0;
+    Py_ssize_t packets = 0, bytes = 0, pure_acks = 0, other_ports = 0, skipped = 0;
     PyObject *ret = NULL;
     int code = NEED_MORE;
     Py_ssize_t start, stop;
@@ -259,6 +303,24 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 continue;
             }
             wire_len = 0;
+        }
+        if (share != NULL) {
+            const unsigned char *src_addr = version == 4 ? f + ETHERNET_LEN + 12 : f + ETHERNET_LEN + 8;
+            const unsigned char *dst_addr = version == 4 ? f + ETHERNET_LEN + 16 : f + ETHERNET_LEN + 24;
+            int alen = version == 4 ? 4 : 16;
+            if (flow_hash(src_addr, dst_addr, alen, sport, dport) % share_workers != share_index) {
+                off = stop;
+                packets += 1;
+                bytes += caplen;
+                skipped += 1;
+                double ts = (double)sec + (double)frac / divisor;
+                if (ts >= share->wake) {
+                    code = CLOCK;
+                    ret = result(CLOCK, off, PyFloat_FromDouble(ts));
+                    goto done;
+                }
+                continue;
+            }
         }
         Py_ssize_t captured_end = ip_end < stop ? ip_end : stop; /* Ethernet padding is not payload */
         Py_ssize_t captured = captured_end - payload;
@@ -364,7 +426,9 @@ done:
     counts[C_BYTES] += bytes;
     counts[C_PURE_ACKS] += pure_acks;
     counts[C_OTHER_PORTS] += other_ports;
-    counts[C_SEGMENTS] += code == SEGMENT;
+    counts[C_SEGMENTS] += (code == SEGMENT) + skipped;
+    if (share != NULL)
+        share->skipped += skipped;
     return ret;
 }
 
@@ -400,6 +464,7 @@ PyMODINIT_FUNC PyInit__pcapfast(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddIntConstant(m, "NEED_MORE", NEED_MORE) || PyModule_AddIntConstant(m, "SEGMENT", SEGMENT)
+            || PyModule_AddIntConstant(m, "CLOCK", CLOCK)
             || PyModule_AddIntConstant(m, "PYTHON", PYTHON) || PyModule_AddIntConstant(m, "COUNTS", COUNTS)) {
         Py_DECREF(m);
         return NULL;

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from imaptap.capture.decode import LINK_TYPES, LinkDecoder, LinkType, Ports, Skip
+from imaptap.flowshare import FlowShare
 from imaptap.segment import WHOLE_PAYLOAD_CAP, PayloadMode, PayloadPolicy, Segment, flow_key
 
 try:
@@ -238,8 +239,8 @@ class CaptureReader:
                 yield None
         return self._file.read(READ_BUFFER) or b""
 
-    def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                 ticks: bool = False) -> Generator[Segment | None, None, None]:
+    def segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats, ticks: bool = False,
+                 share: FlowShare | None = None) -> Generator[Segment | float | None, None, None]:
         """Every TCP segment with ``sport`` or ``dport`` in ``ports`` (None: all), payload cut by ``policy``.
 
         Pure ACKs (no payload, no SYN, FIN or RST) are counted, not yielded, as in the kernel.
@@ -248,18 +249,20 @@ class CaptureReader:
         READ_BUFFER bytes of records (classic pcap) or TICK_RECORDS records (pcapng), and while
         a pipe keeps the reader waiting, so a caller can answer a signal in a long stretch of
         traffic that yields no segment.  The input is read once, forward: open it again to
-        replay it again.
+        replay it again.  ``share`` (a worker of ``--workers``): only the segments of its flows;
+        of another worker's segment, its time (a float) where it reaches ``share.wake``, else
+        nothing but a count (flowshare.py).
         """
         if self._replayed:
             raise RuntimeError(f"{self.name} was replayed already: open it again")
         self._replayed = True
         try:
-            yield from self._segments(ports, policy, stats, ticks)
+            yield from self._segments(ports, policy, stats, ticks, share)
         except OSError as exc:  # a disk or network file system failing mid-way
             raise self._error(f"read error: {exc.strerror or exc}") from None
 
-    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                  ticks: bool = False) -> Generator[Segment | None, None, None]:
+    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats, ticks: bool = False,
+                  share: FlowShare | None = None) -> Generator[Segment | float | None, None, None]:
         other_port, empty = Skip.OTHER_PORT, Skip.EMPTY
         cut = policy.cut
         countdown = TICK_RECORDS
@@ -285,8 +288,13 @@ class CaptureReader:
                     _count_skip(stats, p)
                 continue
             version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-            payload, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
             stats.segments += 1
+            if share is not None and not share.owns(src, sport, dst, dport):
+                share.skip()
+                if ts >= share.wake:
+                    yield ts
+                continue
+            payload, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
             yield new_segment(Segment,
                               (ts, version, src, dst, sport, dport, seq, ack, flags, wire_len, payload, 0, tail))
 
@@ -331,8 +339,8 @@ class _PcapReader(CaptureReader):
         self._divisor = 1e9 if nano else 1e6
         self._data_start = len(buf)
 
-    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats,
-                  ticks: bool = False) -> Generator[Segment | None, None, None]:
+    def _segments(self, ports: Ports, policy: PayloadPolicy, stats: ReplayStats, ticks: bool = False,
+                  share: FlowShare | None = None) -> Generator[Segment | float | None, None, None]:
         """The generic loop over `_records`, fused into one for classic pcap: one link type and
         fixed record headers, read in large chunks.  This loop runs once per packet of a
         capture, and the two generators and the reads per record were a third of a replay.
@@ -354,12 +362,12 @@ class _PcapReader(CaptureReader):
         counts = None
         if scan is not None:
             _pcapfast.keep_buffers()
-            SEGMENT, NEED_MORE = _pcapfast.SEGMENT, _pcapfast.NEED_MORE
+            SEGMENT, NEED_MORE, CLOCK = _pcapfast.SEGMENT, _pcapfast.NEED_MORE, _pcapfast.CLOCK
             counts = bytearray(_COUNTS.size)  # what scan() consumed, for _take_counts
             config = (self._record_len, self._big_endian, self._divisor, _port_bitmap(ports), modes, snaplen,
                       taillen, Segment, MAX_RECORD_LEN, counts, int(PayloadMode.NONE), int(PayloadMode.WHOLE),
                       WHOLE_PAYLOAD_CAP, int(PayloadMode.PREFIX), int(PayloadMode.HANDSHAKE),
-                      policy.handshake_snaplen, int(policy.default))
+                      policy.handshake_snaplen, int(policy.default), None if share is None else share.config())
         unpack = self._record.unpack_from
         record_len = self._record_len
         divisor = self._divisor
@@ -386,6 +394,9 @@ class _PcapReader(CaptureReader):
                             continue
                         if code == NEED_MORE:
                             break
+                        if code == CLOCK:  # the time of another worker's segment, from share.wake on
+                            yield seg
+                            continue
                         # else the record at off is this loop's
                     sec, frac, caplen, _wire = unpack(buf, off)
                     if caplen > MAX_RECORD_LEN:
@@ -408,8 +419,14 @@ class _PcapReader(CaptureReader):
                         continue
                     # the same steps as CaptureReader._segments
                     version, src, dst, sport, dport, seq, ack, flags, wire_len, payload = p
-                    head, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
                     stats.segments += 1
+                    if share is not None and not share.owns(src, sport, dst, dport):
+                        share.skip()
+                        ts = sec + frac / divisor
+                        if ts >= share.wake:
+                            yield ts
+                        continue
+                    head, tail = cut(flow_key(src, sport, dst, dport), payload, wire_len)
                     yield new_segment(Segment, (sec + frac / divisor, version, src, dst, sport, dport, seq, ack, flags,
                                                 wire_len, head, 0, tail))
                 stats.position = base + off
