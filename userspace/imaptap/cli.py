@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from imaptap.output.jsonl import JsonlWriter
     from imaptap.output.metrics import MetricsSink
     from imaptap.report import Report
+    from imaptap.workers import ReplayWorkers
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -113,6 +114,9 @@ _port = _int_in("port", 1, 65535)
 _snaplen = _int_in("snap length", 1, MAX_SNAPLEN)
 _taillen = _int_in("tail length", 0, MAX_SNAPLEN)
 _handshake_snaplen = _int_in("handshake snap length", 0, MAX_SNAPLEN)
+#: As flowshare.MAX_WORKERS (not imported here: replay must start fast).
+MAX_WORKERS = 64
+_workers = _int_in("worker count", 1, MAX_WORKERS)
 
 
 def _positive(value: str) -> float:
@@ -196,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"flows tracked at once; the oldest idle one is evicted (default {MAX_FLOWS})")
     tune.add_argument("--idle-timeout", type=_positive, default=IDLE_TIMEOUT, metavar="SECONDS",
                       help=f"end a flow after this long without traffic (default {IDLE_TIMEOUT:.0f})")
+    tune.add_argument("--workers", type=_workers, default=1, metavar="N",
+                      help="replay: analyse the flows in N processes, by a hash of their addresses and ports;"
+                           " the same output as one (default 1; with -r FILE and --json only)")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
@@ -266,6 +273,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     except KeyboardInterrupt:
         return EXIT_OK
+    except Exception as exc:
+        from imaptap.workers import WorkerFailed
+
+        if not isinstance(exc, WorkerFailed):
+            raise
+        print(f"imaptap: {exc}", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
 def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source, MaskingWriter | None]:
@@ -296,6 +310,8 @@ def _main(args: argparse.Namespace) -> int:
     if args.read == "-" and args.write == "-":
         raise UsageError("-r - reads standard input; -w - cannot write it")
     ports = frozenset(args.port or [IMAP_PORT])
+    if args.workers > 1:
+        _check_workers(args)
     if not args.read:
         from imaptap.privileges import PrivilegeError, lookup
 
@@ -313,6 +329,27 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         if metrics is not None:
             metrics.close()
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    """--workers above 1: what it does not (yet) work with is a usage error, not a surprise."""
+    refused = None
+    if not args.read:
+        refused = "live capture (-i): --workers needs -r FILE"
+    elif args.read == "-":
+        refused = "-r -: every worker reads the file itself"
+    elif args.write:
+        refused = "-w"
+    elif args.metrics is not None:
+        refused = "--metrics"
+    elif args.report or args.fail_on:
+        refused = "--report and --fail-on"
+    elif args.json_format != "imaptap":
+        refused = f"--json-format {args.json_format}"
+    elif args.json is None and (args.report or sys.stdout.isatty()):
+        refused = "the TUI: give --json PATH"
+    if refused is not None:
+        raise UsageError(f"--workers {args.workers} does not work with {refused} (see README, Workers)")
 
 
 def _start_metrics(args: argparse.Namespace) -> MetricsSink | None:
@@ -391,8 +428,19 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
     except UsageError as exc:
         # Said on stderr and in the stats record, as any failure of the input.
         source, pcap_writer, early_error = None, None, str(exc)
-    pipeline = None
-    if source is not None:
+    pipeline: Pipeline | ReplayWorkers | None = None
+    if source is not None and args.workers > 1 and writer is not None:
+        from imaptap.workers import ReplayWorkers, WorkerSpec
+
+        assert args.read
+        policy = source.policy
+        spec = WorkerSpec(args.read, ports, policy.snaplen, policy.taillen, args.handshake_snaplen,
+                          messages=not args.flows_only,
+                          pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
+                                    "flow_interval": args.flow_interval, "password_fingerprint": fingerprint})
+        pipeline = ReplayWorkers(args.workers, spec, writer)
+        gc.freeze()  # what the workers share stays shared: the collector would touch every page
+    elif source is not None:
         from imaptap.output.rotation import ReopenSink
 
         _reopen.clear()

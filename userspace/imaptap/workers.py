@@ -1,0 +1,408 @@
+"""``imaptap -r FILE --workers N``: a replay's flows analysed by N forked processes.
+
+Each worker reads the whole file and runs the one pipeline on the flows its share names
+(`imaptap.flowshare`: a symmetric hash of the 4-tuple); the parent merges the workers' JSON
+lines into exactly the order one process writes them, and writes them.
+
+What decides that order in one process, and the merge key each line group carries here, from
+the most significant part down:
+
+1. the segment being processed: its index among all the file's segments on the watched ports
+   (every worker counts the others' segments too, so the index is the same in all of them);
+   the end of the input comes after every segment;
+2. the step of that segment's processing: a round of ``--flow-interval`` records first (the
+   flows idle past the timeout by then end, then an update of each open flow), then the idle
+   sweep the segment's time makes, then the segment itself (its flow's messages, its end on
+   FIN or RST, a flow it replaces or evicts); at the end of the input, every open flow ends;
+3. within the rounds, the sweeps and the end: the flow's place in the flow table, which is
+   least recently active first, that is the index of the flow's last segment; within a
+   segment's own step, the order the worker wrote them in (that step is one worker's alone).
+
+Flow ids are numbered in order of creation over the whole file: each worker marks where it
+created a flow, and the parent, meeting the marks in merge order, gives each flow its id and
+writes it into the flow's lines in place of the worker's own numbering.
+
+The output is byte for byte that of one process (tests/replay/test_workers.py, on every
+capture) as long as no flow is evicted: ``--max-flows`` bounds each worker's table, which
+holds only its share, so a full table evicts another flow than one process would.  Each
+worker's clock follows every segment's time: the readers hand a worker the time of another
+worker's segment only where it may make an idle sweep or a round (`FlowShare.wake`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import heapq
+import os
+import pickle
+import select
+import signal
+import struct
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from imaptap.facts import FlowFacts
+from imaptap.flows import EndReason, Flow, FlowStats
+from imaptap.flowshare import FlowShare
+from imaptap.output.jsonl import JsonlSink, JsonlWriter
+from imaptap.pipeline import Pipeline, ReplaySource, Sink
+from imaptap.segment import Segment, flow_key
+
+# The steps of a segment's processing, in the order one process takes them (merge key part 2).
+ROUND_END = 0
+"""A --flow-interval round: a flow idle past the timeout at the round's time ends."""
+ROUND_UPDATE = 1
+"""A --flow-interval round: an open flow's flow_update record."""
+SWEEP = 2
+"""The idle sweep a segment's time makes."""
+SEGMENT = 3
+"""The segment itself."""
+INPUT_END = 4
+"""The end of the input: every open flow ends."""
+
+#: Bits of the merge key below the step: a flow's last segment index or a worker's count of
+#: line groups, each below 2**40 (a trillion segments).
+SUB_BITS = 40
+#: The step and the segment index above it: the end of the input comes after any segment.
+STEP_BITS = 3
+END_INDEX = 1 << SUB_BITS
+#: Lines a worker collects before it sends them (about a megabyte): large chunks make the
+#: pipe cheap, and a worker sends what it has at every tick of its source too.
+SEND_LINES = 4096
+#: A pipe's buffer, as large as Linux allows without privileges (/proc/sys/fs/pipe-max-size):
+#: a worker that runs ahead of the merge writes on until it is full.
+PIPE_SIZE = 1 << 20
+#: Seconds the parent waits for a worker's data before it looks at the stop flag again.
+STOP_POLL = 0.1
+_LENGTH = struct.Struct("!Q")
+_FLOW_STATS = tuple(f.name for f in dataclasses.fields(FlowStats))
+
+
+class WorkerFailed(Exception):
+    """A worker process died or failed inside (a bug, or killed): one line."""
+
+
+def _key(index: int, step: int, sub: int) -> int:
+    return (((index << STEP_BITS) | step) << SUB_BITS) | sub
+
+
+class _ShareWriter(JsonlWriter):
+    """The worker's JSON writer: its lines stay in `_lines` until `WorkerOutput` sends them."""
+
+    def _drain(self) -> None:
+        pass
+
+
+class WorkerOutput(Sink):
+    """A worker's side of the merge: groups the JSON lines its pipeline writes, each with its
+    merge key and its flow, and sends them to the parent in chunks."""
+
+    def __init__(self, share: FlowShare, writer: _ShareWriter, fd: int) -> None:
+        self.share = share
+        self.lines = writer._lines
+        self.fd = fd
+        self.index = 0
+        """The index of the segment being processed (1 for the first)."""
+        self.step = SWEEP
+        self.groups: list[tuple[int, int, int, int, bool]] = []
+        """(merge key, end in `lines`, the worker's flow id, a flow's creation, the flow's last lines)."""
+        self.start = 0
+        """Where the lines not yet in a group start."""
+        self.count = 0
+        """Line groups made so far: the order of a segment's own groups."""
+        self.last: dict[Any, int] = {}
+        """Each open flow's last segment index, by flow key: its place in the table."""
+
+    # --- grouping ---------------------------------------------------------------------------
+
+    def _group(self, key: int, flow_id: int, ends: bool = False) -> None:
+        self.groups.append((key, len(self.lines), flow_id, 0, ends))
+        self.start = len(self.lines)
+
+    def _own_key(self) -> int:
+        self.count += 1
+        return _key(self.index, SEGMENT, self.count)
+
+    def flow_started(self, flow: Flow) -> None:
+        if len(self.lines) > self.start:  # not expected: every earlier line belongs to a flow's end
+            self._group(self._own_key(), -1)
+        self.groups.append((self._own_key(), len(self.lines), flow.id, 1, False))
+        return None
+
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        reason = flow.end_reason
+        place = self.last.pop(flow.key, 0)
+        if reason is EndReason.END:
+            key = _key(END_INDEX, INPUT_END, place)
+        elif reason is EndReason.IDLE:
+            key = _key(self.index, self.step, place)
+        else:
+            key = self._own_key()
+        self._group(key, flow.id, ends=True)
+
+    def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
+        self._group(_key(self.index, ROUND_UPDATE, self.last[flow.key]), flow.id)
+
+    def tick(self, pipeline: Pipeline) -> None:
+        if self.groups:
+            self.send()
+
+    def hook(self, pipeline: Pipeline) -> Callable[[Segment], None]:
+        """What takes each item of the worker's source: a segment of its share, or the time of
+        another worker's segment (a float)."""
+        table = pipeline.table
+        flows = table.flows
+        add, advance, round_due, wake = table.add, table.advance, pipeline.round_due, pipeline.wake
+        rounds = pipeline.flow_interval is not None
+        share = self.share
+        last = self.last
+        lines = self.lines
+        own = 0
+
+        def take(seg: Segment | float) -> None:
+            nonlocal own
+            if isinstance(seg, float):
+                self.index = own + share.skipped
+                if rounds:
+                    self.step = ROUND_END
+                    round_due(seg)
+                self.step = SWEEP
+                advance(seg)
+            else:
+                own += 1
+                self.index = index = own + share.skipped
+                if rounds:
+                    self.step = ROUND_END
+                    round_due(seg.ts)
+                self.step = SWEEP
+                add(seg)
+                key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
+                flow = flows.get(key)
+                if flow is not None:
+                    last[key] = index
+                    if len(lines) > self.start:
+                        self._group(self._own_key(), flow.id)
+                if len(lines) >= SEND_LINES:
+                    self.send()
+            share.wake = wake()
+
+        return take
+
+    # --- sending ----------------------------------------------------------------------------
+
+    def send(self, final: dict[str, Any] | None = None) -> None:
+        """The groups made so far to the parent (and ``final``, the worker's last word)."""
+        lines = self.lines
+        items: list[tuple[int, int, int, str | None, bool]] = []
+        start = 0
+        worker = self.share.index
+        for key, end, flow_id, created, ends in self.groups:
+            if created:
+                items.append((key, worker, flow_id, None, False))
+            else:
+                items.append((key, worker, flow_id, "".join(lines[start:end]), ends))
+                start = end
+        del lines[:start]
+        self.groups.clear()
+        self.start = len(lines)
+        data = pickle.dumps((items, final), protocol=pickle.HIGHEST_PROTOCOL)
+        os.write(self.fd, _LENGTH.pack(len(data)))
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+@dataclasses.dataclass
+class WorkerSpec:
+    """What each worker builds its pipeline from (the command line's choices)."""
+
+    path: str
+    ports: frozenset[int]
+    snaplen: int
+    taillen: int
+    handshake_snaplen: int
+    messages: bool
+    """Message records as well as flow records (not --flows-only)."""
+    pipeline: dict[str, Any]
+    """Pipeline's keyword arguments: max_flows, idle_timeout, flow_interval, password_fingerprint."""
+
+
+class ReplayWorkers:
+    """A replay run by worker processes, with the one-process `Pipeline`'s `run`, `error`,
+    `stopped` and `stats` as the command line uses them."""
+
+    def __init__(self, workers: int, spec: WorkerSpec, writer: JsonlWriter) -> None:
+        self.workers = workers
+        self.spec = spec
+        self.writer = writer
+        self.error: str | None = None
+        self.stopped = False
+        self.finals: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self._pids: list[int] = []
+
+    # --- a worker ---------------------------------------------------------------------------
+
+    def _work(self, index: int, fd: int) -> int:
+        """The body of worker ``index``, writing to ``fd``; its exit status."""
+        stop: list[int] = []
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, lambda signum, frame: stop.append(signum))
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        spec = self.spec
+        share = FlowShare(self.workers, index)
+        source = ReplaySource(spec.path, spec.ports, spec.snaplen, spec.taillen,
+                              handshake_snaplen=spec.handshake_snaplen, share=share)
+        writer = _ShareWriter(sys.stderr, "the worker's lines")
+        output = WorkerOutput(share, writer, fd)
+        pipeline = Pipeline(source, [JsonlSink(writer, spec.messages), output], add_hook=output.hook,
+                            **spec.pipeline)
+        pipeline.run(stop=stop.__len__)
+        output.send({"stats": pipeline.stats(), "error": pipeline.error, "stopped": pipeline.stopped})
+        return 0
+
+    def _fork(self, index: int, fd: int, others: list[int]) -> int:
+        pid = os.fork()
+        if pid:
+            return pid
+        status = 1
+        try:
+            for other in others:
+                os.close(other)
+            status = self._work(index, fd)
+        except BaseException as exc:  # anything: the parent says it in one line
+            try:
+                line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                data = pickle.dumps(([], {"failed": line}))
+                os.write(fd, _LENGTH.pack(len(data)) + data)
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+
+    # --- the parent -------------------------------------------------------------------------
+
+    def run(self, stop: Callable[[], object] = lambda: False, on_tick: object = None,
+            on_open: object = None) -> None:
+        """Fork the workers, merge their lines into the writer, wait for them."""
+        self.started = time.monotonic()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pipes = [os.pipe() for _ in range(self.workers)]
+        for _r, w in pipes:
+            try:
+                fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # a smaller limit: slower, not wrong
+        done = False
+        try:
+            for index, (r, w) in enumerate(pipes):
+                others = [fd for i, pair in enumerate(pipes) if i != index for fd in pair] + [r]
+                self._pids.append(self._fork(index, w, others))
+            for _r, w in pipes:
+                os.close(w)
+            self._merge([r for r, _w in pipes], stop)
+            done = True
+        finally:
+            for r, _w in pipes:
+                os.close(r)
+            self._reap(kill=not done)
+
+    def _merge(self, fds: list[int], stop: Callable[[], object]) -> None:
+        self._stop = stop
+        self._stopping = False
+        write = self.writer.write
+        ids: list[dict[int, int]] = [{} for _ in fds]
+        next_id = 0
+        finals: list[dict[str, Any]] = [{} for _ in fds]
+        streams = [self._items(i, fd, finals) for i, fd in enumerate(fds)]
+        for _, worker, flow_id, text, ends in heapq.merge(*streams):
+            numbers = ids[worker]
+            if text is None:  # a flow made: its id in one process
+                next_id += 1
+                numbers[flow_id] = next_id
+                continue
+            new_id = numbers.pop(flow_id, flow_id) if ends else numbers.get(flow_id, flow_id)
+            if new_id != flow_id:
+                # Every line names its flow once as "flow":N, and JSON strings cannot hold that
+                # text unescaped (a quote in a string is \"), nor does an ID key with a number.
+                text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
+            write(text)
+        self.finals = finals
+        first = finals[0]
+        for i, final in enumerate(finals):
+            if "failed" in final:
+                raise WorkerFailed(f"worker {i + 1} of {len(fds)} failed: {final['failed']}")
+        self.error = first.get("error")
+        self.stopped = any(final.get("stopped") for final in finals)
+
+    def _items(self, worker: int, fd: int,
+               finals: list[dict[str, Any]]) -> Iterator[tuple[int, int, int, str | None, bool]]:
+        """One worker's items in its order, until its last word (kept in ``finals``)."""
+        while True:
+            head = self._read(fd, _LENGTH.size)
+            if len(head) < _LENGTH.size:
+                raise WorkerFailed(f"worker {worker + 1} ended without its results")
+            (n,) = _LENGTH.unpack(head)
+            data = self._read(fd, n)
+            if len(data) < n:
+                raise WorkerFailed(f"worker {worker + 1} ended without its results")
+            items, final = pickle.loads(data)
+            yield from items
+            if final is not None:
+                finals[worker] = final
+                return
+
+    def _read(self, fd: int, n: int) -> bytes:
+        """``n`` bytes from a worker (fewer at its end), passing a stop on to every worker."""
+        parts = []
+        while n:
+            if not self._stopping and self._stop():
+                self._stopping = True
+                for pid in self._pids:
+                    try:
+                        os.kill(pid, signal.SIGTERM)
+                    except ProcessLookupError:
+                        pass
+            if not select.select([fd], [], [], STOP_POLL)[0]:
+                continue
+            part = os.read(fd, min(n, PIPE_SIZE))
+            if not part:
+                break
+            parts.append(part)
+            n -= len(part)
+        return b"".join(parts)
+
+    def _reap(self, kill: bool) -> None:
+        """Wait for every worker; ``kill`` them first where the merge did not end (the output
+        failed, a worker failed): nothing they still say would be written."""
+        for pid in self._pids:
+            if kill:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        self._pids.clear()
+
+    def stats(self) -> dict[str, Any]:
+        """The stats record one process would write: the reader's counts of any worker (each
+        read the whole file), the flow counts summed."""
+        # Worker 1's record in its order: "segments" is the reader's key and the table's, and
+        # the table's value (which is summed) stands at the reader's place, as in one process.
+        record = dict(self.finals[0].get("stats", {})) if self.finals else {}
+        record.pop("seconds", None)
+        record.pop("error", None)
+        for name in _FLOW_STATS:
+            record[name] = sum(final.get("stats", {}).get(name, 0) for final in self.finals)
+        record["seconds"] = round(time.monotonic() - self.started, 3)
+        if self.error:
+            record["error"] = self.error
+        return record
