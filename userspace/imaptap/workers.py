@@ -162,23 +162,26 @@ class WorkerOutput(Sink):
         last = self.last
         lines = self.lines
         own = 0
+        due = share.wake  # no segment before this time makes a sweep or a round
 
         def take(seg: Segment | float) -> None:
-            nonlocal own
+            nonlocal own, due
             if isinstance(seg, float):
+                ts = seg
                 self.index = own + share.skipped
                 if rounds:
                     self.step = ROUND_END
-                    round_due(seg)
+                    round_due(ts)
                 self.step = SWEEP
-                advance(seg)
+                advance(ts)
             else:
+                ts = seg.ts
                 own += 1
                 self.index = index = own + share.skipped
-                if rounds:
+                if rounds and ts >= due:
                     self.step = ROUND_END
-                    round_due(seg.ts)
-                self.step = SWEEP
+                    round_due(ts)
+                    self.step = SWEEP
                 add(seg)
                 key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
                 flow = flows.get(key)
@@ -188,7 +191,8 @@ class WorkerOutput(Sink):
                         self._group(self._own_key(), flow.id)
                 if len(lines) >= SEND_LINES:
                     self.send()
-            share.wake = wake()
+            if ts >= due:  # a sweep or a round may have been made: the next one's time
+                share.wake = due = wake()
 
         return take
 
