@@ -60,6 +60,25 @@ def test_workers_write_the_bytes_of_one_process(tmp_path, capture, options, acce
         assert records[-1]["expired"] > 1 and sum(r["type"] == "flow_update" for r in records) > 1
 
 
+REPORT_OPTIONS = {"report": ["--report", "--format", "json"],
+                  "gate": ["--json", "-", "--fail-on", "any"]}
+
+
+@pytest.mark.parametrize("options", REPORT_OPTIONS.values(), ids=REPORT_OPTIONS.keys())
+@pytest.mark.parametrize("capture", CAPTURES)
+def test_the_report_and_the_gate_are_those_of_one_process(capture, options):
+    path, ports = capture
+    args = ["-r", path, *[a for p in ports for a in ("--port", str(p))], *options]
+    one = _imaptap(*args)
+    for workers in (3,):  # 2 and 3 alike in the test above; this one runs whole commands
+        more = _imaptap(*args, "--workers", str(workers))
+        assert (more.returncode, more.stderr) == (one.returncode, one.stderr)
+        if "--report" in options:
+            assert more.stdout == one.stdout
+        else:
+            assert _without_seconds(more.stdout) == _without_seconds(one.stdout)
+
+
 def _imaptap(*args):
     env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "userspace"))
     return subprocess.run([sys.executable, "-m", "imaptap", *args], capture_output=True, text=True, env=env,
@@ -92,8 +111,6 @@ def test_a_cut_file_gives_what_came_before_then_the_error_as_in_one_process(tmp_
     (["-r", "-"], "-r -"),
     (["-w", "{tmp}/copy.pcap"], "-w"),
     (["--metrics", "0"], "--metrics"),
-    (["--report"], "--report"),
-    (["--fail-on", "any"], "--fail-on"),
     (["--json-format", "ecs"], "--json-format ecs"),
 ])
 def test_what_workers_do_not_share_yet_is_a_usage_error(tmp_path, args, what):

@@ -23,7 +23,7 @@ from imaptap import __version__
 from imaptap.findings import Finding, parse_finding_list
 from imaptap.flows import IDLE_TIMEOUT, MAX_FLOWS, FlowStats
 from imaptap.output import OutputError
-from imaptap.pipeline import Pipeline, Sink, Source, SourceError, build_source
+from imaptap.pipeline import Pipeline, ReplaySource, Sink, Source, SourceError, build_source
 from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
@@ -342,11 +342,9 @@ def _check_workers(args: argparse.Namespace) -> None:
         refused = "-w"
     elif args.metrics is not None:
         refused = "--metrics"
-    elif args.report or args.fail_on:
-        refused = "--report and --fail-on"
     elif args.json_format != "imaptap":
         refused = f"--json-format {args.json_format}"
-    elif args.json is None and (args.report or sys.stdout.isatty()):
+    elif args.json is None and not args.report and sys.stdout.isatty():
         refused = "the TUI: give --json PATH"
     if refused is not None:
         raise UsageError(f"--workers {args.workers} does not work with {refused} (see README, Workers)")
@@ -429,16 +427,17 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         # Said on stderr and in the stats record, as any failure of the input.
         source, pcap_writer, early_error = None, None, str(exc)
     pipeline: Pipeline | ReplayWorkers | None = None
-    if source is not None and args.workers > 1 and writer is not None:
+    if source is not None and args.workers > 1:
         from imaptap.workers import ReplayWorkers, WorkerSpec
 
         assert args.read
         policy = source.policy
         spec = WorkerSpec(args.read, ports, policy.snaplen, policy.taillen, args.handshake_snaplen,
-                          messages=not args.flows_only,
+                          json=writer is not None, messages=not args.flows_only, report=report_sink is not None,
                           pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
                                     "flow_interval": args.flow_interval, "password_fingerprint": fingerprint})
-        pipeline = ReplayWorkers(args.workers, spec, writer)
+        assert isinstance(source, ReplaySource)
+        pipeline = ReplayWorkers(args.workers, spec, writer, source, report_sink)
         gc.freeze()  # what the workers share stays shared: the collector would touch every page
     elif source is not None:
         from imaptap.output.rotation import ReopenSink

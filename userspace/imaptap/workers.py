@@ -43,7 +43,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imaptap.facts import FlowFacts
 from imaptap.flows import EndReason, Flow, FlowStats
@@ -51,6 +51,9 @@ from imaptap.flowshare import FlowShare
 from imaptap.output.jsonl import JsonlSink, JsonlWriter
 from imaptap.pipeline import Pipeline, ReplaySource, Sink
 from imaptap.segment import Segment, flow_key
+
+if TYPE_CHECKING:
+    from imaptap.output.report import ReportSink
 
 # The steps of a segment's processing, in the order one process takes them (merge key part 2).
 ROUND_END = 0
@@ -101,15 +104,18 @@ class WorkerOutput(Sink):
     """A worker's side of the merge: groups the JSON lines its pipeline writes, each with its
     merge key and its flow, and sends them to the parent in chunks."""
 
-    def __init__(self, share: FlowShare, writer: _ShareWriter, fd: int) -> None:
+    def __init__(self, share: FlowShare, writer: _ShareWriter, fd: int, report: bool = False) -> None:
         self.share = share
+        self.report = report
+        """Each ended flow's facts and audit go to the parent too (--report, --fail-on)."""
         self.lines = writer._lines
         self.fd = fd
         self.index = 0
         """The index of the segment being processed (1 for the first)."""
         self.step = SWEEP
-        self.groups: list[tuple[int, int, int, int, bool]] = []
-        """(merge key, end in `lines`, the worker's flow id, a flow's creation, the flow's last lines)."""
+        self.groups: list[tuple[int, int, int, int, bool, Any]] = []
+        """(merge key, end in `lines`, the worker's flow id, a flow's creation, the flow's last
+        lines, its facts and audit for the report or None)."""
         self.start = 0
         """Where the lines not yet in a group start."""
         self.count = 0
@@ -119,8 +125,8 @@ class WorkerOutput(Sink):
 
     # --- grouping ---------------------------------------------------------------------------
 
-    def _group(self, key: int, flow_id: int, ends: bool = False) -> None:
-        self.groups.append((key, len(self.lines), flow_id, 0, ends))
+    def _group(self, key: int, flow_id: int, ends: bool = False, ended: Any = None) -> None:
+        self.groups.append((key, len(self.lines), flow_id, 0, ends, ended))
         self.start = len(self.lines)
 
     def _own_key(self) -> int:
@@ -130,7 +136,7 @@ class WorkerOutput(Sink):
     def flow_started(self, flow: Flow) -> None:
         if len(self.lines) > self.start:  # not expected: every earlier line belongs to a flow's end
             self._group(self._own_key(), -1)
-        self.groups.append((self._own_key(), len(self.lines), flow.id, 1, False))
+        self.groups.append((self._own_key(), len(self.lines), flow.id, 1, False, None))
         return None
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
@@ -142,7 +148,7 @@ class WorkerOutput(Sink):
             key = _key(self.index, self.step, place)
         else:
             key = self._own_key()
-        self._group(key, flow.id, ends=True)
+        self._group(key, flow.id, True, (facts, flow.session.audit) if self.report else None)
 
     def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
         self._group(_key(self.index, ROUND_UPDATE, self.last[flow.key]), flow.id)
@@ -201,14 +207,14 @@ class WorkerOutput(Sink):
     def send(self, final: dict[str, Any] | None = None) -> None:
         """The groups made so far to the parent (and ``final``, the worker's last word)."""
         lines = self.lines
-        items: list[tuple[int, int, int, str | None, bool]] = []
+        items: list[tuple[int, int, int, str | None, bool, Any]] = []
         start = 0
         worker = self.share.index
-        for key, end, flow_id, created, ends in self.groups:
+        for key, end, flow_id, created, ends, ended in self.groups:
             if created:
-                items.append((key, worker, flow_id, None, False))
+                items.append((key, worker, flow_id, None, False, None))
             else:
-                items.append((key, worker, flow_id, "".join(lines[start:end]), ends))
+                items.append((key, worker, flow_id, "".join(lines[start:end]), ends, ended))
                 start = end
         del lines[:start]
         self.groups.clear()
@@ -229,8 +235,12 @@ class WorkerSpec:
     snaplen: int
     taillen: int
     handshake_snaplen: int
+    json: bool
+    """JSON Lines are written."""
     messages: bool
     """Message records as well as flow records (not --flows-only)."""
+    report: bool
+    """--report or --fail-on: the parent builds the report from every ended flow's facts."""
     pipeline: dict[str, Any]
     """Pipeline's keyword arguments: max_flows, idle_timeout, flow_interval, password_fingerprint."""
 
@@ -239,10 +249,14 @@ class ReplayWorkers:
     """A replay run by worker processes, with the one-process `Pipeline`'s `run`, `error`,
     `stopped` and `stats` as the command line uses them."""
 
-    def __init__(self, workers: int, spec: WorkerSpec, writer: JsonlWriter) -> None:
+    def __init__(self, workers: int, spec: WorkerSpec, writer: JsonlWriter | None, source: ReplaySource,
+                 report: ReportSink | None = None) -> None:
         self.workers = workers
         self.spec = spec
         self.writer = writer
+        self.source = source
+        """The command line's source: its label names the input in the report."""
+        self.report = report
         self.error: str | None = None
         self.stopped = False
         self.finals: list[dict[str, Any]] = []
@@ -262,9 +276,9 @@ class ReplayWorkers:
         source = ReplaySource(spec.path, spec.ports, spec.snaplen, spec.taillen,
                               handshake_snaplen=spec.handshake_snaplen, share=share)
         writer = _ShareWriter(sys.stderr, "the worker's lines")
-        output = WorkerOutput(share, writer, fd)
-        pipeline = Pipeline(source, [JsonlSink(writer, spec.messages), output], add_hook=output.hook,
-                            **spec.pipeline)
+        output = WorkerOutput(share, writer, fd, spec.report)
+        sinks: list[Sink] = [JsonlSink(writer, spec.messages)] if spec.json else []
+        pipeline = Pipeline(source, [*sinks, output], add_hook=output.hook, **spec.pipeline)
         pipeline.run(stop=stop.__len__)
         output.send({"stats": pipeline.stats(), "error": pipeline.error, "stopped": pipeline.stopped})
         return 0
@@ -311,6 +325,8 @@ class ReplayWorkers:
                 os.close(w)
             self._merge([r for r, _w in pipes], stop)
             done = True
+            if self.report is not None:
+                self.report.finished(self)  # type: ignore[arg-type]  # it reads .source.label
         finally:
             for r, _w in pipes:
                 os.close(r)
@@ -319,23 +335,29 @@ class ReplayWorkers:
     def _merge(self, fds: list[int], stop: Callable[[], object]) -> None:
         self._stop = stop
         self._stopping = False
-        write = self.writer.write
+        write = self.writer.write if self.writer is not None else None
+        builder = self.report.builder if self.report is not None else None
         ids: list[dict[int, int]] = [{} for _ in fds]
         next_id = 0
         finals: list[dict[str, Any]] = [{} for _ in fds]
         streams = [self._items(i, fd, finals) for i, fd in enumerate(fds)]
-        for _, worker, flow_id, text, ends in heapq.merge(*streams):
+        for _, worker, flow_id, text, ends, ended in heapq.merge(*streams):
             numbers = ids[worker]
             if text is None:  # a flow made: its id in one process
                 next_id += 1
                 numbers[flow_id] = next_id
                 continue
             new_id = numbers.pop(flow_id, flow_id) if ends else numbers.get(flow_id, flow_id)
-            if new_id != flow_id:
-                # Every line names its flow once as "flow":N, and JSON strings cannot hold that
-                # text unescaped (a quote in a string is \"), nor does an ID key with a number.
-                text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
-            write(text)
+            if write is not None:
+                if new_id != flow_id:
+                    # Every line names its flow once as "flow":N, and JSON strings cannot hold
+                    # that text unescaped (a quote in a string is \"), nor can a client's ID
+                    # parameter named flow (its value is a string or null).
+                    text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
+                write(text)
+            if ended is not None and builder is not None:
+                facts, audit = ended
+                builder.add(facts._replace(flow=new_id), audit)
         self.finals = finals
         first = finals[0]
         for i, final in enumerate(finals):
@@ -345,7 +367,7 @@ class ReplayWorkers:
         self.stopped = any(final.get("stopped") for final in finals)
 
     def _items(self, worker: int, fd: int,
-               finals: list[dict[str, Any]]) -> Iterator[tuple[int, int, int, str | None, bool]]:
+               finals: list[dict[str, Any]]) -> Iterator[tuple[int, int, int, str | None, bool, Any]]:
         """One worker's items in its order, until its last word (kept in ``finals``)."""
         while True:
             head = self._read(fd, _LENGTH.size)
