@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"end a flow after this long without traffic (default {IDLE_TIMEOUT:.0f})")
     tune.add_argument("--workers", type=_workers, default=1, metavar="N",
                       help="replay: analyse the flows in N processes, by a hash of their addresses and ports;"
-                           " the same output as one (default 1; with -r FILE and --json only)")
+                           " the same output as one (default 1; with -r FILE, and --json or --report)")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
