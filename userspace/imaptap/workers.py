@@ -42,7 +42,7 @@ import struct
 import sys
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from imaptap.facts import FlowFacts
@@ -73,6 +73,10 @@ SUB_BITS = 40
 #: The step and the segment index above it: the end of the input comes after any segment.
 STEP_BITS = 3
 END_INDEX = 1 << SUB_BITS
+#: Above every merge key.
+END_KEY = (END_INDEX + 1) << (STEP_BITS + SUB_BITS)
+#: Line groups the parent joins into one write.
+WRITE_ITEMS = 1024
 #: Lines a worker collects before it sends them (about a megabyte): large chunks make the
 #: pipe cheap, and a worker sends what it has at every tick of its source too.
 SEND_LINES = 4096
@@ -333,6 +337,9 @@ class ReplayWorkers:
             self._reap(kill=not done)
 
     def _merge(self, fds: list[int], stop: Callable[[], object]) -> None:
+        """Write the workers' items in merge-key order.  A heap holds each worker's next key;
+        the worker whose key is lowest gives every item below the next lowest worker's key at
+        once (a run of one worker's segments is the rule, so the heap is seldom touched)."""
         self._stop = stop
         self._stopping = False
         write = self.writer.write if self.writer is not None else None
@@ -340,24 +347,49 @@ class ReplayWorkers:
         ids: list[dict[int, int]] = [{} for _ in fds]
         next_id = 0
         finals: list[dict[str, Any]] = [{} for _ in fds]
-        streams = [self._items(i, fd, finals) for i, fd in enumerate(fds)]
-        for _, worker, flow_id, text, ends, ended in heapq.merge(*streams):
-            numbers = ids[worker]
-            if text is None:  # a flow made: its id in one process
-                next_id += 1
-                numbers[flow_id] = next_id
-                continue
-            new_id = numbers.pop(flow_id, flow_id) if ends else numbers.get(flow_id, flow_id)
-            if write is not None:
-                if new_id != flow_id:
-                    # Every line names its flow once as "flow":N, and JSON strings cannot hold
-                    # that text unescaped (a quote in a string is \"), nor can a client's ID
-                    # parameter named flow (its value is a string or null).
-                    text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
-                write(text)
-            if ended is not None and builder is not None:
-                facts, audit = ended
-                builder.add(facts._replace(flow=new_id), audit)
+        lists: list[list[Any] | None] = [self._chunk(w, fd, finals) for w, fd in enumerate(fds)]
+        places = [0] * len(fds)
+        heap = [(items[0][0], w) for w, items in enumerate(lists) if items is not None]
+        heapq.heapify(heap)
+        out: list[str] = []
+        while heap:
+            _, w = heapq.heappop(heap)
+            bound = heap[0][0] if heap else END_KEY
+            items = lists[w]
+            i = places[w]
+            numbers = ids[w]
+            while items is not None:
+                if i == len(items):
+                    items = lists[w] = self._chunk(w, fds[w], finals)
+                    i = 0
+                    continue
+                key, _, flow_id, text, ends, ended = items[i]
+                if key > bound:
+                    break
+                i += 1
+                if text is None:  # a flow made: its id in one process
+                    next_id += 1
+                    numbers[flow_id] = next_id
+                    continue
+                new_id = numbers.pop(flow_id, flow_id) if ends else numbers.get(flow_id, flow_id)
+                if write is not None:
+                    if new_id != flow_id:
+                        # Every line names its flow once as "flow":N, and JSON strings cannot hold
+                        # that text unescaped (a quote in a string is \"), nor can a client's ID
+                        # parameter named flow (its value is a string or null).
+                        text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
+                    out.append(text)
+                    if len(out) >= WRITE_ITEMS:
+                        write("".join(out))
+                        out.clear()
+                if ended is not None and builder is not None:
+                    facts, audit = ended
+                    builder.add(facts._replace(flow=new_id), audit)
+            if items is not None:
+                places[w] = i
+                heapq.heappush(heap, (items[i][0], w))
+        if write is not None and out:
+            write("".join(out))
         self.finals = finals
         first = finals[0]
         for i, final in enumerate(finals):
@@ -366,10 +398,10 @@ class ReplayWorkers:
         self.error = first.get("error")
         self.stopped = any(final.get("stopped") for final in finals)
 
-    def _items(self, worker: int, fd: int,
-               finals: list[dict[str, Any]]) -> Iterator[tuple[int, int, int, str | None, bool, Any]]:
-        """One worker's items in its order, until its last word (kept in ``finals``)."""
-        while True:
+    def _chunk(self, worker: int, fd: int, finals: list[dict[str, Any]]) -> list[Any] | None:
+        """The next items of one worker (never an empty list), None after its last word (kept
+        in ``finals``)."""
+        while finals[worker] == {}:
             head = self._read(fd, _LENGTH.size)
             if len(head) < _LENGTH.size:
                 raise WorkerFailed(f"worker {worker + 1} ended without its results")
@@ -378,10 +410,11 @@ class ReplayWorkers:
             if len(data) < n:
                 raise WorkerFailed(f"worker {worker + 1} ended without its results")
             items, final = pickle.loads(data)
-            yield from items
             if final is not None:
                 finals[worker] = final
-                return
+            if items:
+                return items
+        return None
 
     def _read(self, fd: int, n: int) -> bytes:
         """``n`` bytes from a worker (fewer at its end), passing a stop on to every worker."""
