@@ -8,6 +8,12 @@ count, the median wall-clock and CPU time (user + system of the whole command, i
 included, start-up too), the speed-up of the wall clock against one worker, the CPU time
 against one worker, and the spread of the per-round speed-ups.  A machine with fewer cores
 than workers shows where the scaling flattens.
+
+A shared machine's other load takes cores from the workers, so the wall clock says little
+there.  The script also times, in this process and interleaved, the CPU time of the one
+pipeline of one process and of each worker's pipeline on its share (their JSON sent to
+/dev/null): the busiest worker's time is the wall-clock floor with a core per worker, and one
+process's time divided by it the speed-up that leaves (the parent's merge runs beside them).
 Run:  scripts/bench-workers [--rounds N] [--file PATH ...]
 """
 
@@ -20,6 +26,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import time
 
 from imaptap_lab.bench_replay import RUN_ENV, timed
 from imaptap_lab.checkout import OUT_DIR, USERSPACE
@@ -44,6 +51,26 @@ def output_digest(path: str, workers: int) -> str:
     end = stats.find(b",", cut + 1)
     lines[-2] = stats[:cut] + (stats[end:] if end > 0 else b"}")
     return hashlib.sha256(b"\n".join(lines)).hexdigest()
+
+
+def pipeline_cpu(path: str, workers: int, index: int) -> float:
+    """CPU seconds of one worker's pipeline (``workers`` 1: one process's), in this process."""
+    from imaptap.flowshare import FlowShare
+    from imaptap.output.jsonl import JsonlSink, JsonlWriter
+    from imaptap.pipeline import Pipeline, ReplaySource
+    from imaptap.workers import WorkerSpec, run_worker
+
+    start = time.process_time()
+    with open(os.devnull, "w") as out:
+        if workers == 1:
+            writer = JsonlWriter(out)
+            Pipeline(ReplaySource(path, [143]), [JsonlSink(writer)]).run()
+            writer.flush()
+        else:
+            spec = WorkerSpec(path, frozenset({143}), 256, 128, 2048, json=True, messages=True, report=False,
+                              pipeline={})
+            run_worker(spec, FlowShare(workers, index), out.fileno())
+    return time.process_time() - start
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,6 +123,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{os.path.basename(path):30} {n:7} {wall_med[k]:7.3f} {wall_med[base] / wall_med[k]:7.2f}x "
                   f"{cpu_med[k]:7.3f} {cpu_med[k] / cpu_med[base]:5.2f}x  {statistics.median(ratios):.2f}x "
                   f"[{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
+    print(f"pipelines in one process, CPU s, medians of {args.rounds} rounds: one process; the busiest worker"
+          " of N; the speed-up with a core per worker (one process / busiest)")
+    pipeline_arms = [(path, n, i) for path in files for n in WORKER_COUNTS for i in range(n)]
+    times: dict[tuple[str, int, int], list[float]] = {arm: [] for arm in pipeline_arms}
+    sys.path.insert(0, str(USERSPACE))
+    for r in range(args.rounds):
+        for arm in rotated(pipeline_arms, r):
+            times[arm].append(pipeline_cpu(*arm))
+    for path in files:
+        one = statistics.median(times[(path, 1, 0)])
+        for n in WORKER_COUNTS:
+            shares = [statistics.median(times[(path, n, i)]) for i in range(n)]
+            print(f"{os.path.basename(path):30} {n:7} busiest {max(shares):6.3f} s, all {sum(shares):6.3f} s"
+                  f" ({sum(shares) / one:.2f}x one process's {one:.3f} s), speed-up {one / max(shares):.2f}x")
     return 0
 
 

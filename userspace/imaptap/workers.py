@@ -249,6 +249,19 @@ class WorkerSpec:
     """Pipeline's keyword arguments: max_flows, idle_timeout, flow_interval, password_fingerprint."""
 
 
+def run_worker(spec: WorkerSpec, share: FlowShare, fd: int, stop: Callable[[], object] = lambda: False) -> None:
+    """One worker's pipeline over its share, its items and last word sent to ``fd`` (also
+    what scripts/bench-workers times in one process)."""
+    source = ReplaySource(spec.path, spec.ports, spec.snaplen, spec.taillen,
+                          handshake_snaplen=spec.handshake_snaplen, share=share)
+    writer = _ShareWriter(sys.stderr, "the worker's lines")
+    output = WorkerOutput(share, writer, fd, spec.report)
+    sinks: list[Sink] = [JsonlSink(writer, spec.messages)] if spec.json else []
+    pipeline = Pipeline(source, [*sinks, output], add_hook=output.hook, **spec.pipeline)
+    pipeline.run(stop=stop)
+    output.send({"stats": pipeline.stats(), "error": pipeline.error, "stopped": pipeline.stopped})
+
+
 class ReplayWorkers:
     """A replay run by worker processes, with the one-process `Pipeline`'s `run`, `error`,
     `stopped` and `stats` as the command line uses them."""
@@ -275,16 +288,7 @@ class ReplayWorkers:
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, lambda signum, frame: stop.append(signum))
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-        spec = self.spec
-        share = FlowShare(self.workers, index)
-        source = ReplaySource(spec.path, spec.ports, spec.snaplen, spec.taillen,
-                              handshake_snaplen=spec.handshake_snaplen, share=share)
-        writer = _ShareWriter(sys.stderr, "the worker's lines")
-        output = WorkerOutput(share, writer, fd, spec.report)
-        sinks: list[Sink] = [JsonlSink(writer, spec.messages)] if spec.json else []
-        pipeline = Pipeline(source, [*sinks, output], add_hook=output.hook, **spec.pipeline)
-        pipeline.run(stop=stop.__len__)
-        output.send({"stats": pipeline.stats(), "error": pipeline.error, "stopped": pipeline.stopped})
+        run_worker(self.spec, FlowShare(self.workers, index), fd, stop.__len__)
         return 0
 
     def _fork(self, index: int, fd: int, others: list[int]) -> int:
