@@ -31,6 +31,7 @@ worker's segment only where it may make an idle sweep or a round (`FlowShare.wak
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import fcntl
 import heapq
@@ -83,6 +84,9 @@ SEND_LINES = 4096
 #: A pipe's buffer, as large as Linux allows without privileges (/proc/sys/fs/pipe-max-size):
 #: a worker that runs ahead of the merge writes on until it is full.
 PIPE_SIZE = 1 << 20
+#: Bytes the parent reads ahead of the merge from one worker at most (a few chunks): beyond,
+#: the worker waits on its pipe.
+MAX_BUFFERED = 64 << 20
 #: Seconds the parent waits for a worker's data before it looks at the stop flag again.
 STOP_POLL = 0.1
 _LENGTH = struct.Struct("!Q")
@@ -346,6 +350,13 @@ class ReplayWorkers:
         once (a run of one worker's segments is the rule, so the heap is seldom touched)."""
         self._stop = stop
         self._stopping = False
+        self._fds = fds
+        self._frames: list[collections.deque[bytes]] = [collections.deque() for _ in fds]
+        self._partial = [bytearray() for _ in fds]
+        """The start of a chunk not yet whole, per worker."""
+        self._buffered = [0] * len(fds)
+        """Bytes read from each worker and not yet merged."""
+        self._ended = [False] * len(fds)
         write = self.writer.write if self.writer is not None else None
         builder = self.report.builder if self.report is not None else None
         ids: list[dict[int, int]] = [{} for _ in fds]
@@ -405,14 +416,12 @@ class ReplayWorkers:
     def _chunk(self, worker: int, fd: int, finals: list[dict[str, Any]]) -> list[Any] | None:
         """The next items of one worker (never an empty list), None after its last word (kept
         in ``finals``)."""
+        frames = self._frames[worker]
         while finals[worker] == {}:
-            head = self._read(fd, _LENGTH.size)
-            if len(head) < _LENGTH.size:
-                raise WorkerFailed(f"worker {worker + 1} ended without its results")
-            (n,) = _LENGTH.unpack(head)
-            data = self._read(fd, n)
-            if len(data) < n:
-                raise WorkerFailed(f"worker {worker + 1} ended without its results")
+            while not frames:
+                self._pump(worker)
+            data = frames.popleft()
+            self._buffered[worker] -= len(data)
             items, final = pickle.loads(data)
             if final is not None:
                 finals[worker] = final
@@ -420,25 +429,40 @@ class ReplayWorkers:
                 return items
         return None
 
-    def _read(self, fd: int, n: int) -> bytes:
-        """``n`` bytes from a worker (fewer at its end), passing a stop on to every worker."""
-        parts = []
-        while n:
-            if not self._stopping and self._stop():
-                self._stopping = True
-                for pid in self._pids:
-                    try:
-                        os.kill(pid, signal.SIGTERM)
-                    except ProcessLookupError:
-                        pass
-            if not select.select([fd], [], [], STOP_POLL)[0]:
+    def _pump(self, needed: int) -> None:
+        """Read whatever the workers have written, until worker ``needed`` has a whole chunk or
+        a pause; pass a stop on to every worker.  Reading every worker, not only the one the
+        merge waits for, keeps one that runs ahead from blocking on a full pipe while another
+        one is not scheduled (a shared machine), up to `MAX_BUFFERED` bytes each."""
+        if not self._stopping and self._stop():
+            self._stopping = True
+            for pid in self._pids:
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        fds = self._fds
+        watched = [fd for w, fd in enumerate(fds) if not self._ended[w]
+                   and (w == needed or self._buffered[w] < MAX_BUFFERED)]
+        for fd in select.select(watched, [], [], STOP_POLL)[0]:
+            w = fds.index(fd)
+            data = os.read(fd, PIPE_SIZE)
+            if not data:
+                self._ended[w] = True
                 continue
-            part = os.read(fd, min(n, PIPE_SIZE))
-            if not part:
-                break
-            parts.append(part)
-            n -= len(part)
-        return b"".join(parts)
+            buf = self._partial[w]
+            buf += data
+            self._buffered[w] += len(data)
+            frames = self._frames[w]
+            while len(buf) >= _LENGTH.size:
+                (n,) = _LENGTH.unpack_from(buf)
+                if len(buf) < _LENGTH.size + n:
+                    break
+                frames.append(bytes(buf[_LENGTH.size:_LENGTH.size + n]))
+                self._buffered[w] -= _LENGTH.size
+                del buf[:_LENGTH.size + n]
+        if self._ended[needed] and not self._frames[needed]:
+            raise WorkerFailed(f"worker {needed + 1} ended without its results")
 
     def _reap(self, kill: bool) -> None:
         """Wait for every worker; ``kill`` them first where the merge did not end (the output
