@@ -170,3 +170,20 @@ def test_sigint_stops_every_worker_and_the_output_is_whole(tmp_path):
     flows = [r for r in records if r["type"] == "flow"]
     # every flow begun is reported (the open ones as ended by the stop), each once
     assert len(flows) == stats["flows"] and sorted(f["flow"] for f in flows) == list(range(1, len(flows) + 1))
+
+
+def test_a_worker_that_fails_inside_is_one_line_and_exit_status_1(tmp_path, monkeypatch, capsys):
+    import imaptap.workers as workers
+
+    def broken(spec, share, fd, stop=None):
+        if share.index == 1:
+            raise MemoryError("out of memory")
+        return real(spec, share, fd)
+
+    real = workers.run_worker
+    monkeypatch.setattr(workers, "run_worker", broken)
+    status = cli.main(["-r", os.path.join(OWN_PCAPS, "password-spraying.pcap"), "--json", str(tmp_path / "o.jsonl"),
+                       "--workers", "2"])
+    err = capsys.readouterr().err
+    assert status == cli.EXIT_INTERNAL
+    assert err == "imaptap: worker 2 of 2 failed: MemoryError: out of memory\n"
