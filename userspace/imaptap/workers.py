@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import enum
 import fcntl
 import heapq
 import os
@@ -51,22 +52,25 @@ from imaptap.flows import EndReason, Flow, FlowStats
 from imaptap.flowshare import FlowShare
 from imaptap.output.jsonl import JsonlSink, JsonlWriter
 from imaptap.pipeline import Pipeline, ReplaySource, Sink
-from imaptap.segment import Segment, flow_key
+from imaptap.segment import FlowKey, Segment, flow_key
 
 if TYPE_CHECKING:
     from imaptap.output.report import ReportSink
 
-# The steps of a segment's processing, in the order one process takes them (merge key part 2).
-ROUND_END = 0
-"""A --flow-interval round: a flow idle past the timeout at the round's time ends."""
-ROUND_UPDATE = 1
-"""A --flow-interval round: an open flow's flow_update record."""
-SWEEP = 2
-"""The idle sweep a segment's time makes."""
-SEGMENT = 3
-"""The segment itself."""
-INPUT_END = 4
-"""The end of the input: every open flow ends."""
+class Step(enum.IntEnum):
+    """The steps of a segment's processing, in the order one process takes them (merge key part 2)."""
+
+    ROUND_END = 0
+    """A --flow-interval round: a flow idle past the timeout at the round's time ends."""
+    ROUND_UPDATE = 1
+    """A --flow-interval round: an open flow's flow_update record."""
+    SWEEP = 2
+    """The idle sweep a segment's time makes."""
+    SEGMENT = 3
+    """The segment itself."""
+    INPUT_END = 4
+    """The end of the input: every open flow ends."""
+
 
 #: Bits of the merge key below the step: a flow's last segment index or a worker's count of
 #: line groups, each below 2**40 (a trillion segments).
@@ -97,7 +101,7 @@ class WorkerFailed(Exception):
     """A worker process died or failed inside (a bug, or killed): one line."""
 
 
-def _key(index: int, step: int, sub: int) -> int:
+def _key(index: int, step: Step, sub: int) -> int:
     return (((index << STEP_BITS) | step) << SUB_BITS) | sub
 
 
@@ -120,7 +124,7 @@ class WorkerOutput(Sink):
         self.fd = fd
         self.index = 0
         """The index of the segment being processed (1 for the first)."""
-        self.step = SWEEP
+        self.step = Step.SWEEP
         self.groups: list[tuple[int, int, int, int, bool, Any]] = []
         """(merge key, end in `lines`, the worker's flow id, a flow's creation, the flow's last
         lines, its facts and audit for the report or None)."""
@@ -128,7 +132,7 @@ class WorkerOutput(Sink):
         """Where the lines not yet in a group start."""
         self.count = 0
         """Line groups made so far: the order of a segment's own groups."""
-        self.last: dict[Any, int] = {}
+        self.last: dict[FlowKey, int] = {}
         """Each open flow's last segment index, by flow key: its place in the table."""
 
     # --- grouping ---------------------------------------------------------------------------
@@ -139,7 +143,7 @@ class WorkerOutput(Sink):
 
     def _own_key(self) -> int:
         self.count += 1
-        return _key(self.index, SEGMENT, self.count)
+        return _key(self.index, Step.SEGMENT, self.count)
 
     def flow_started(self, flow: Flow) -> None:
         if len(self.lines) > self.start:  # not expected: every earlier line belongs to a flow's end
@@ -151,7 +155,7 @@ class WorkerOutput(Sink):
         reason = flow.end_reason
         place = self.last.pop(flow.key, 0)
         if reason is EndReason.END:
-            key = _key(END_INDEX, INPUT_END, place)
+            key = _key(END_INDEX, Step.INPUT_END, place)
         elif reason is EndReason.IDLE:
             key = _key(self.index, self.step, place)
         else:
@@ -159,7 +163,7 @@ class WorkerOutput(Sink):
         self._group(key, flow.id, True, (facts, flow.session.audit) if self.report else None)
 
     def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
-        self._group(_key(self.index, ROUND_UPDATE, self.last[flow.key]), flow.id)
+        self._group(_key(self.index, Step.ROUND_UPDATE, self.last[flow.key]), flow.id)
 
     def tick(self, pipeline: Pipeline) -> None:
         if self.groups:
@@ -184,18 +188,18 @@ class WorkerOutput(Sink):
                 ts = seg
                 self.index = own + share.skipped
                 if rounds:
-                    self.step = ROUND_END
+                    self.step = Step.ROUND_END
                     round_due(ts)
-                self.step = SWEEP
+                self.step = Step.SWEEP
                 advance(ts)
             else:
                 ts = seg.ts
                 own += 1
                 self.index = index = own + share.skipped
                 if rounds and ts >= due:
-                    self.step = ROUND_END
+                    self.step = Step.ROUND_END
                     round_due(ts)
-                    self.step = SWEEP
+                    self.step = Step.SWEEP
                 add(seg)
                 key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
                 flow = flows.get(key)
