@@ -108,12 +108,14 @@ def test_a_cut_file_gives_what_came_before_then_the_error_as_in_one_process(tmp_
 
 @pytest.mark.parametrize("args, what", [
     (["-i", "lo"], "live capture"),
-    (["-r", "-"], "-r -"),
+    (["-r", "-"], "a pipe"),
+    (["-r", "{tmp}/fifo"], "a pipe"),
     (["-w", "{tmp}/copy.pcap"], "-w"),
     (["--metrics", "0"], "--metrics"),
     (["--json-format", "ecs"], "--json-format ecs"),
 ])
 def test_what_workers_do_not_share_yet_is_a_usage_error(tmp_path, args, what):
+    os.mkfifo(tmp_path / "fifo")  # never opened: refused before any worker reads it
     args = [a.format(tmp=tmp_path) for a in args]
     if "-r" not in args and "-i" not in args:
         args = ["-r", os.path.join(OWN_PCAPS, "login-atom.pcap"), *args]

@@ -336,8 +336,8 @@ def _check_workers(args: argparse.Namespace) -> None:
     refused = None
     if not args.read:
         refused = "live capture (-i): --workers needs -r FILE"
-    elif args.read == "-":
-        refused = "-r -: every worker reads the file itself"
+    elif args.read == "-" or _is_pipe(args.read):
+        refused = "a pipe: every worker reads the file itself"
     elif args.write:
         refused = "-w"
     elif args.metrics is not None:
@@ -348,6 +348,17 @@ def _check_workers(args: argparse.Namespace) -> None:
         refused = "the TUI: give --json PATH"
     if refused is not None:
         raise UsageError(f"--workers {args.workers} does not work with {refused} (see README, Workers)")
+
+
+def _is_pipe(path: str) -> bool:
+    """Whether ``path`` is there and not a regular file (a named pipe, a device)."""
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # the replay says why it cannot read it, as without workers
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))  # a directory: the replay's own error
 
 
 def _start_metrics(args: argparse.Namespace) -> MetricsSink | None:
