@@ -75,6 +75,11 @@ class PasswordFingerprint:
     def __repr__(self) -> str:
         return "PasswordFingerprint(<key>)"  # never the key itself
 
+    def __reduce__(self) -> tuple[type[PasswordFingerprint], tuple[bytes]]:
+        # --workers sends each flow's audit to the parent through a pipe: pickle rebuilds this
+        # with its key, as compiled (mypyc) classes cannot be made without their __init__
+        return (PasswordFingerprint, (self._key,))
+
 
 class LoginAttempt(NamedTuple):
     """One LOGIN or AUTHENTICATE, without its secret (a JSON flow record's ``login_attempts``)."""
