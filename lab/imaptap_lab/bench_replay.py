@@ -9,10 +9,13 @@ APPEND, STARTTLS and IPv6 sessions.  Then it times, interleaved, round after rou
   imaptap -r FILE --json /dev/null --flows-only     (flow records only)
   tshark -r FILE -Y imap -T fields -e imap.request_tag -e imap.request.command \
          -e imap.request.username -e imap.response.status
+  ndpiReader -i FILE -q                             (nDPI: classify every flow, print nothing)
+  tcpdump -r FILE -w /dev/null tcp port 143         (the floor: read the file, filter, write nothing)
 
 With --ecs, also the same two imaptap commands with --json-format ecs (docs/ECS.md).
 Wall-clock and CPU time of whole commands, start-up included, in an order rotated each round.
-Prints medians and their ratios, and the spread of the ratios taken within each round.
+Prints medians and their ratios, every command's time against each of the three baselines
+(tshark, ndpiReader, the tcpdump floor), and the spread of the ratios taken within each round.
 ``--metrics`` adds both imaptap commands again with ``--metrics 0`` (Prometheus metrics served
 on a free loopback port), and prints what the metrics cost against the same command without;
 ``--report`` likewise adds both with ``--report`` (the audit report built and written at the end).
@@ -27,20 +30,36 @@ import imaplib
 import os
 import platform
 import resource
+import shutil
 import ssl
 import statistics
 import subprocess
 import sys
 import time
 
-from imaptap_lab.checkout import OUT_DIR, VENV_IMAPTAP
+from imaptap_lab.checkout import OUT_DIR, USERSPACE, VENV_PYTHON
 from imaptap_lab.lab import Lab
 from imaptap_lab.mail import MAILBOX_SIZES, filler_mail, realistic_mail
 from imaptap_lab.rounds import medians, per_round_ratios, rotated
 
-IMAPTAP = str(VENV_IMAPTAP)
+#: This checkout's imaptap (USERSPACE is put first on PYTHONPATH), with the .venv's Python.
+IMAPTAP = [str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable, "-m", "imaptap"]
 TSHARK = ["tshark", "-r", "{file}", "-Y", "imap", "-T", "fields", "-e", "imap.request_tag",
           "-e", "imap.request.command", "-e", "imap.request.username", "-e", "imap.response.status"]
+#: nDPI's reader doing the least that still classifies every flow of the file: its IMAP
+#: dissector runs on each flow's first packets until it decides (and takes the LOGIN user and
+#: password on the way); -q prints nothing, not even the summary.  Without -q it prints the
+#: summary (a few milliseconds more); -v 2 lists every flow.
+NDPI_READER = ["ndpiReader", "-i", "{file}", "-q"]
+#: The floor: reading the file with libpcap, the port filter on every packet, nothing written.
+TCPDUMP_FLOOR = ["tcpdump", "-r", "{file}", "-w", "/dev/null", "tcp port 143"]
+#: The arms every other command is compared with, and the tools they need.
+TSHARK_ARM, NDPI_ARM, FLOOR_ARM = "tshark -Y imap -T fields", "ndpiReader -q", "tcpdump -w /dev/null (floor)"
+BASELINES = {TSHARK_ARM: TSHARK, NDPI_ARM: NDPI_READER, FLOOR_ARM: TCPDUMP_FLOOR}
+#: Debian package of each tool, for the message when one is missing (scripts/setup installs them).
+TOOL_PACKAGES = {"tshark": "tshark", "ndpiReader": "libndpi-bin", "tcpdump": "tcpdump", "capinfos": "wireshark-common"}
+#: Exit status when a tool is missing, as for bad arguments.
+EXIT_SETUP = 2
 #: Parallel client sessions while making the capture.
 CLIENT_THREADS = 4
 #: The mail APPENDed by one session in ten.
@@ -105,6 +124,7 @@ def make_capture(path: str, sessions: int, offloads: bool) -> None:
 #: first run), but with that variable set, as on the lab VM, every timed run compiled all of
 #: imaptap again, 112M instructions (2% of a replay) no user pays.  The warm-up run writes it.
 RUN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+RUN_ENV["PYTHONPATH"] = os.pathsep.join([str(USERSPACE), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 
 def timed(cmd: list[str]) -> tuple[float, float]:
@@ -138,9 +158,54 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def missing_tools() -> list[str]:
+    """The external tools this benchmark runs that are not on PATH, with their Debian package."""
+    return [f"{tool} (Debian package {package})" for tool, package in TOOL_PACKAGES.items()
+            if shutil.which(tool) is None]
+
+
+def ratios_against(samples: dict[str, list[float]], baseline: str) -> dict[str, tuple[float, float, float, float]]:
+    """Per command but ``baseline``: (ratio of the medians, and the median, lowest and highest of
+    the per-round ratios) of its time to the baseline's; above 1, the command takes longer."""
+    base = samples[baseline]
+    out = {}
+    for name, values in samples.items():
+        if name == baseline:
+            continue
+        per_round = per_round_ratios(values, base)
+        out[name] = (statistics.median(values) / statistics.median(base), statistics.median(per_round),
+                     per_round[0], per_round[-1])
+    return out
+
+
+#: Width of a column of the ratio matrix.
+RATIO_COLUMN = 24
+
+
+def print_ratio_matrix(what: str, samples: dict[str, list[float]], rounds: int) -> None:
+    """Every command's ``what`` time against each baseline: the per-round ratios' median [lowest-highest]."""
+    print(f"{what} time / each baseline's (above 1: takes longer), median of the per-round ratios "
+          f"[lowest-highest] of {rounds} rounds:")
+    columns = {b: ratios_against(samples, b) for b in BASELINES}
+    print(f"  {'command':32}" + "".join(f"{'/ ' + b.split()[0]:>{RATIO_COLUMN}}" for b in BASELINES))
+    for name in samples:
+        cells = []
+        for b in BASELINES:
+            if name == b:
+                cells.append(f"{'1':>{RATIO_COLUMN}}")
+                continue
+            _, med, low, high = columns[b][name]
+            cells.append(f"{f'{med:.3g} [{low:.3g}-{high:.3g}]':>{RATIO_COLUMN}}")
+        print(f"  {name:32}" + "".join(cells))
+
+
 def main(argv: list[str] | None = None) -> int:
     """scripts/bench-replay: make the capture once, then time the commands round after round."""
     args = build_parser().parse_args(argv)
+    missing = missing_tools()
+    if missing:
+        print(f"bench-replay: missing {', '.join(missing)}; run scripts/setup", file=sys.stderr)
+        return EXIT_SETUP
     kind = "wire" if args.wire_frames else "host"
     path = args.file or os.path.join(OUT_DIR, f"bench-replay-{args.sessions}-{kind}.pcap")
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -151,9 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     packets = int(subprocess.run(["capinfos", "-c", "-M", path], capture_output=True, text=True).stdout.split()[-1])
     size = os.path.getsize(path)
     commands = {
-        "imaptap --json": [IMAPTAP, "-r", path, "--json", "/dev/null"],
-        "imaptap --json --flows-only": [IMAPTAP, "-r", path, "--json", "/dev/null", "--flows-only"],
-        "tshark -Y imap -T fields": [a.format(file=path) for a in TSHARK],
+        "imaptap --json": [*IMAPTAP, "-r", path, "--json", "/dev/null"],
+        "imaptap --json --flows-only": [*IMAPTAP, "-r", path, "--json", "/dev/null", "--flows-only"],
+        **{name: [a.format(file=path) for a in cmd] for name, cmd in BASELINES.items()},
     }
     #: with --metrics or --report: arm -> the arm it is compared with
     with_metrics = {}
@@ -179,10 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             cpus[k].append(cpu)
     wall_med = medians(walls)
     cpu_med = medians(cpus)
-    base = "tshark -Y imap -T fields"
+    base = TSHARK_ARM
     print(f"capture: {packets} packets, {size / 1e6:.1f} MB, {args.sessions} sessions, "
           f"{'frames as on the wire' if args.wire_frames else 'host capture with segmentation offload'}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}, "
+          f"load average before the rounds {os.getloadavg()[0]:.2f}")
     print(f"{'command':32} {'wall s':>7} {'vs tshark':>9} {'cpu s':>7} {'vs tshark':>9} {'packets/s':>10}")
     for k in commands:
         print(f"{k:32} {wall_med[k]:7.3f} {wall_med[base] / wall_med[k]:8.2f}x {cpu_med[k]:7.3f} "
@@ -191,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     # VM's speed drifts between rounds, and this shows how far the ratio moves with it.
     print(f"per-round CPU-time ratios (tshark / imaptap), median [lowest, highest] of {args.rounds} rounds:")
     for k in commands:
-        if k == base:
+        if k in BASELINES:
             continue
         ratios = per_round_ratios(cpus[base], cpus[k])
         print(f"  {k:30} {statistics.median(ratios):5.2f}x [{ratios[0]:.2f}x, {ratios[-1]:.2f}x]")
+    print_ratio_matrix("CPU", cpus, args.rounds)
+    print_ratio_matrix("wall-clock", walls, args.rounds)
     if with_metrics:
         print(f"the option's cost: time with it / without, median [lowest, highest] of {args.rounds} rounds:")
         for k, plain in with_metrics.items():

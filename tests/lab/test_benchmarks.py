@@ -1,11 +1,12 @@
 """The figures the benchmarks compute from their runs, without running anything: bench-live's
-ratios and shares, bench-flood's bounds, bench-flood-live's checks, the fuzz driver's summary."""
+ratios and shares, bench-replay's ratios against its baselines, bench-flood's bounds,
+bench-flood-live's checks, the fuzz driver's summary."""
 
 from __future__ import annotations
 
 import pytest
 
-from imaptap_lab import bench_flood, bench_flood_live, bench_live, fuzz, make_flood
+from imaptap_lab import bench_flood, bench_flood_live, bench_live, bench_replay, fuzz, make_flood
 
 
 def run(rate: float, cpu: float, gb: float = 1.0, packets: int | None = None, programs: dict | None = None,
@@ -126,3 +127,21 @@ def test_the_fuzz_driver_imports_nothing_of_imaptap():
     from imaptap_lab import fuzz_seeds, fuzz_targets
 
     assert set(fuzz.TARGETS) == set(fuzz_targets.TARGETS) == set(fuzz_seeds.SEEDS)
+
+
+def test_replay_ratios_against_each_baseline():
+    cpus = {"imaptap": [1.0, 3.0, 2.0], "tshark": [4.0, 6.0, 4.0], "floor": [0.1, 0.1, 0.2]}
+    of_tshark = bench_replay.ratios_against(cpus, "tshark")
+    assert set(of_tshark) == {"imaptap", "floor"}
+    # ratio of the medians 2/4, per round 0.25, 0.5, 0.5: median 0.5, lowest 0.25, highest 0.5
+    assert of_tshark["imaptap"] == pytest.approx((0.5, 0.5, 0.25, 0.5))
+    # above 1: the command takes longer than the baseline
+    assert bench_replay.ratios_against(cpus, "floor")["imaptap"] == pytest.approx((20.0, 10.0, 10.0, 30.0))
+
+
+def test_replay_baselines_read_the_file_and_name_their_package():
+    assert set(bench_replay.BASELINES) == {bench_replay.TSHARK_ARM, bench_replay.NDPI_ARM, bench_replay.FLOOR_ARM}
+    for cmd in bench_replay.BASELINES.values():
+        assert "{file}" in cmd and cmd[0] in bench_replay.TOOL_PACKAGES
+    assert bench_replay.NDPI_READER == ["ndpiReader", "-i", "{file}", "-q"]
+    assert bench_replay.TCPDUMP_FLOOR[-1] == "tcp port 143" and "/dev/null" in bench_replay.TCPDUMP_FLOOR
