@@ -1,6 +1,6 @@
 """Benchmark: what live capture costs the host, on the Dovecot lab's veth (imaptap_lab.lab).
 
-Four measurements, each reported as medians of interleaved rounds:
+Six measurements, each reported as medians of interleaved rounds:
 
 1. Non-IMAP traffic through the veth (iperf3 into and out of the lab's namespace) with nothing
    attached, a do-nothing XDP program ("null XDP"), ``imaptap -i VETH`` (XDP ingress + TC
@@ -45,6 +45,11 @@ Four measurements, each reported as medians of interleaved rounds:
    with 0 (the snap length's cut from the start), in interleaved rounds: payload bytes the
    kernel copied per session against the session's wire bytes, records per session, resyncs.
    The cost section times the program on a 1326-byte segment in both modes.
+6. The live ceiling (``--only ceiling``, imaptap_lab.live_ceiling): tcpreplay replays real
+   Dovecot sessions onto the veth at rising rates, past what the analyzer takes; per rate the
+   segments offered, submitted, received and lost, CPU per segment of ``imaptap -i`` and of the
+   capture alone, the zero-loss knee, and a check that past it losses are counted, metrics
+   still answer and SIGINT still stops imaptap.
 
 Nothing is timed in the test suite; this is for the README.  Run as root:
     scripts/bench-live [--rounds 15] [--iperf-seconds 2] [--seconds 5] [--sessions 40]
@@ -90,7 +95,7 @@ IFREQ_SIZE = 40
 # Legacy ethtool get/set commands, as `ethtool -K IF tso|gso off` uses them.
 ETHTOOL_GET = {"tso": 0x1E, "gso": 0x23}
 ETHTOOL_SET = {"tso": 0x1F, "gso": 0x24}
-SECTIONS = ("cost", "throughput", "stats", "swap", "load", "handshake")
+SECTIONS = ("cost", "throughput", "stats", "swap", "load", "handshake", "ceiling")
 XDP_FLAGS_SKB_MODE, XDP_FLAGS_DRV_MODE = 1 << 1, 1 << 2
 
 EPILOG = """examples:
@@ -101,6 +106,8 @@ EPILOG = """examples:
   scripts/bench-live --only throughput --arms "nothing,null XDP skb,imaptap --xdp-mode skb"
   scripts/bench-live --json bench.json    # also write the figures as JSON
   scripts/bench-live --only cost,handshake --rounds 7   # what the handshake's copy rule costs
+  scripts/bench-live --only ceiling --json ceiling.json # the zero-loss knee with tcpreplay (~15 min)
+  scripts/bench-live --only ceiling --ceiling-rates 20000,80000 --ceiling-seconds 3 --ceiling-rounds 1
 """
 
 # --- processes ---------------------------------------------------------------------------------
@@ -302,17 +309,18 @@ class NullTc:
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _socket_in(netns: str | None) -> socket.socket:
-    """A socket in network namespace ``netns`` (None: ours), for ethtool ioctls on its devices."""
+def _socket_in(netns: str | None, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket in network namespace ``netns`` (None: ours), for ethtool ioctls on its devices
+    (or, ``kind`` SOCK_STREAM, to reach a server on its loopback)."""
     if netns is None:
-        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        return socket.socket(socket.AF_INET, kind)
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{netns}", os.O_RDONLY)
     try:
         if _libc.setns(target, CLONE_NEWNET) != 0:
             raise OSError(ctypes.get_errno(), f"setns into {netns}")
         try:
-            return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            return socket.socket(socket.AF_INET, kind)
         finally:
             if _libc.setns(own, CLONE_NEWNET) != 0:
                 raise OSError(ctypes.get_errno(), "setns back")
@@ -1059,8 +1067,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--client-nice", type=int, default=10, help="niceness of the IMAP load clients (default 10)")
     p.add_argument("--handshake-sessions", type=int, default=10,
                    help="sessions per round of the handshake section (default 10)")
+    from imaptap_lab import live_ceiling
+
+    p.add_argument("--ceiling-rates", type=_rates, default=list(live_ceiling.DEFAULT_RATES), metavar="N,N,...",
+                   help="IMAP segments a second tcpreplay offers in the ceiling section, comma-separated"
+                        f" (default {','.join(str(r) for r in live_ceiling.DEFAULT_RATES)})")
+    p.add_argument("--ceiling-seconds", type=float, default=live_ceiling.DEFAULT_SECONDS,
+                   help=f"seconds tcpreplay sends at each rate (default {live_ceiling.DEFAULT_SECONDS:g})")
+    p.add_argument("--ceiling-rounds", type=int, default=live_ceiling.DEFAULT_ROUNDS,
+                   help=f"rounds of every rate in the ceiling section (default {live_ceiling.DEFAULT_ROUNDS})")
+    p.add_argument("--ceiling-side", choices=[str(s) for s in live_ceiling.Side], default=str(live_ceiling.Side.NS),
+                   help="attach to the namespace end of the veth (ns: XDP ingress, the default) or the host end"
+                        " (host: TC egress), where tcpreplay sends")
+    p.add_argument("--ceiling-pcap", type=Path, metavar="FILE",
+                   help="capture tcpreplay sends (default: scripts/bench-replay's wire-frames capture,"
+                        " made if missing)")
     p.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     return p
+
+
+def _rates(text: str) -> list[int]:
+    """--ceiling-rates: positive integers, comma-separated, in rising order."""
+    try:
+        rates = sorted(int(r) for r in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of integers: {text!r}") from None
+    if not rates or rates[0] <= 0:
+        raise argparse.ArgumentTypeError(f"rates must be positive: {text!r}")
+    return rates
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1105,7 +1139,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {server}:")
                 for what, figures in (summary.items() if isinstance(summary, dict) else [("", summary)]):
                     print(f"    {what}: {figures}")
-        if not {"throughput", "stats", "swap", "load"} & set(sections):
+        if not {"throughput", "stats", "swap", "load", "ceiling"} & set(sections):
             return 0
         with tempfile.TemporaryDirectory(prefix="bench-live-") as tmpdir, Lab() as lab:
             tmp = Path(tmpdir)
@@ -1156,6 +1190,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"  {what}:")
                     for k, v in figures.items():
                         print(f"    {k}: {v}")
+            if "ceiling" in sections:
+                from imaptap_lab import live_ceiling
+
+                print(f"\n## the live ceiling: tcpreplay at {len(args.ceiling_rates)} rising rates,"
+                      f" {args.ceiling_rounds} rotated rounds, load average {os.getloadavg()[0]:.2f} at the start")
+                try:
+                    report["ceiling"] = live_ceiling.ceiling(
+                        lab, tmp, args.ceiling_rates, args.ceiling_seconds, args.ceiling_rounds,
+                        live_ceiling.Side(args.ceiling_side), args.ceiling_pcap)
+                except live_ceiling.CeilingError as err:
+                    return live_ceiling.main_error(err)
+                live_ceiling.print_report(report["ceiling"])
     finally:
         STATS_SYSCTL.write_text(old_stats)
         if args.json:

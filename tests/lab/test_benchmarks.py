@@ -4,9 +4,11 @@ bench-flood-live's checks, the fuzz driver's summary."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from imaptap_lab import bench_flood, bench_flood_live, bench_live, bench_replay, fuzz, make_flood
+from imaptap_lab import bench_flood, bench_flood_live, bench_live, bench_replay, fuzz, live_ceiling, make_flood
 
 
 def run(rate: float, cpu: float, gb: float = 1.0, packets: int | None = None, programs: dict | None = None,
@@ -145,3 +147,74 @@ def test_replay_baselines_read_the_file_and_name_their_package():
         assert "{file}" in cmd and cmd[0] in bench_replay.TOOL_PACKAGES
     assert bench_replay.NDPI_READER == ["ndpiReader", "-i", "{file}", "-q"]
     assert bench_replay.TCPDUMP_FLOOR[-1] == "tcp port 143" and "/dev/null" in bench_replay.TCPDUMP_FLOOR
+
+
+# --- bench-live's ceiling (imaptap_lab.live_ceiling) ------------------------------------------------
+
+def test_segments_offered_by_a_looped_capture():
+    # 5 frames, of which frames 0, 2 and 3 are segments
+    capture = live_ceiling.ReplayCapture(Path("x.pcap"), (0, 1, 1, 2, 3, 3))
+    assert (capture.packets, capture.segments) == (5, 3)
+    assert [capture.segments_in(n) for n in (0, 1, 2, 5, 6, 9, 10, 11)] == [0, 1, 1, 3, 4, 6, 6, 7]
+    assert capture.pps_for(300) == pytest.approx(500)
+
+
+def test_segment_counts_are_imaptap_s_replay_counts():
+    """The frames counted as offered are the ones a replay (and the kernel) turns into segments."""
+    from imaptap.capture.replay import ReplayStats, open_capture
+    from imaptap.segment import PayloadPolicy
+    from testenv import OWN_PCAPS
+
+    for name in ("idle.pcap", "compress.pcap", "ipv6.pcap"):
+        path = Path(OWN_PCAPS, name)
+        stats = ReplayStats()
+        with open_capture(str(path)) as reader:
+            segments = sum(seg is not None for seg in reader.segments({143}, PayloadPolicy(), stats))
+        capture = live_ceiling.replay_capture(path)
+        assert (capture.packets, capture.segments) == (stats.packets, segments), name
+        assert stats.pure_acks and capture.segments < capture.packets, "pure ACKs are frames, not segments"
+
+
+def ceiling_run(arm, rate: int, offered: int, received: int, lost: int, cpu: float = 1.0) -> live_ceiling.Run:
+    sent = live_ceiling.Sent(packets=offered * 3 // 2, seconds=10.0, failed=0, cpu=0.5)
+    counters = {"seen": sent.packets, "matched": sent.packets, "submitted": offered - lost, "lost": lost,
+                "received": received}
+    return live_ceiling.Run(arm, rate, sent, offered, counters, cpu, machine_busy=0.1, steal=0.0, stop_seconds=0.5)
+
+
+def test_ceiling_summary_and_knee():
+    A, C = live_ceiling.Arm.ANALYZER, live_ceiling.Arm.CAPTURE
+    runs = [ceiling_run(A, 10_000, 100_000, 100_000, 0), ceiling_run(A, 10_000, 100_000, 100_000, 0),
+            ceiling_run(A, 50_000, 500_000, 500_000, 0), ceiling_run(A, 50_000, 500_000, 490_000, 10_000),
+            ceiling_run(A, 100_000, 1_000_000, 600_000, 400_000, cpu=6.0),
+            ceiling_run(C, 100_000, 1_000_000, 1_000_000, 0)]
+    summary = live_ceiling.summarize(runs)
+    rows = summary["imaptap -i"]["rates"]
+    assert rows[50_000]["lost, most"] == 10_000, "one round's loss is a loss at that rate"
+    assert rows[100_000]["CPU us per segment"] == pytest.approx(10.0)
+    assert rows[100_000]["received segments/s"] == 60_000
+    assert rows[100_000]["lost share, median"] == pytest.approx(0.4)
+    assert rows[10_000]["not accounted, most"] == 0
+    assert summary["imaptap -i"]["knee"] == {"zero loss up to segments/s": 10_000, "losses from segments/s": 50_000}
+    assert summary["capture alone"]["knee"] == {"zero loss up to segments/s": 100_000, "losses from segments/s": None}
+    lines = live_ceiling.curve(rows, width=20)
+    assert lines[-1].split()[:2] == ["100,000", "#" * 12 + "." * 8]
+    assert lines[1].split()[1] == "#" * 2 and lines[-1].endswith("40%")
+
+
+def test_segments_neither_submitted_nor_lost_are_shown():
+    run = ceiling_run(live_ceiling.Arm.ANALYZER, 10_000, 100_000, 99_000, 0)
+    run.counters["submitted"] = 99_000
+    assert run.figures()["not accounted"] == 1000
+
+
+def test_ceiling_arguments():
+    args = bench_live.parse_args(["--only", "ceiling"])
+    assert args.ceiling_rates == list(live_ceiling.DEFAULT_RATES)
+    assert (args.ceiling_seconds, args.ceiling_rounds, args.ceiling_side) == (10.0, 3, "ns")
+    assert bench_live.parse_args(["--ceiling-rates", "50000,10000"]).ceiling_rates == [10_000, 50_000]
+    for bad in ("10000,x", "0", "-5,10"):
+        with pytest.raises(SystemExit):
+            bench_live.parse_args(["--ceiling-rates", bad])
+    with pytest.raises(SystemExit):
+        bench_live.parse_args(["--ceiling-side", "both"])
