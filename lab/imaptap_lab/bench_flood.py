@@ -12,6 +12,7 @@ Captures are cached in out/floods/.  Light: one replay at a time, no network, no
 examples:
   scripts/bench-flood
   scripts/bench-flood --only syn --max-flows 10000
+  scripts/bench-flood --idle-breakdown     # where the bytes of an idle flow go
 """
 
 from __future__ import annotations
@@ -103,12 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", choices=sorted(BOUNDS), help="run only this flood (repeatable)")
     p.add_argument("-n", "--flows", type=int, default=FLOWS, help=f"flows in syn and sessions (default {FLOWS})")
     p.add_argument("--max-flows", type=int, default=MAX_FLOWS, help=f"imaptap --max-flows (default {MAX_FLOWS})")
+    p.add_argument("--idle-breakdown", action="store_true",
+                   help="instead of the floods: where an idle flow's memory goes, by line, function and type"
+                        " (imaptap_lab.flow_memory)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """scripts/bench-flood: replay every flood, print and check the figures."""
     args = build_parser().parse_args(argv)
+    if args.idle_breakdown:
+        from imaptap_lab import flow_memory
+
+        flow_memory.report()
+        return 0
     failures = []
     print(f"{'flood':<12} {'snaplen':>7} {'flows':>8} {'evicted':>8} {'seconds':>8} {'peak RSS':>9} {'bound':>7}")
     for variant in args.only or BOUNDS:

@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from imaptap_lab import bench_flood, bench_flood_live, bench_live, bench_replay, fuzz, live_ceiling, make_flood
+from imaptap_lab import (
+    bench_flood,
+    bench_flood_live,
+    bench_live,
+    bench_replay,
+    flow_memory,
+    fuzz,
+    live_ceiling,
+    make_flood,
+)
 
 
 def run(rate: float, cpu: float, gb: float = 1.0, packets: int | None = None, programs: dict | None = None,
@@ -218,3 +227,44 @@ def test_ceiling_arguments():
             bench_live.parse_args(["--ceiling-rates", bad])
     with pytest.raises(SystemExit):
         bench_live.parse_args(["--ceiling-side", "both"])
+
+
+# --- bench-flood --idle-breakdown (imaptap_lab.flow_memory) ------------------------------------------
+
+def test_the_idle_sessions_are_logged_in_and_idling():
+    segments = flow_memory.idle_session_segments(3)
+    table = flow_memory.new_table(3)
+    for seg in segments:
+        table.add(seg)
+    assert len(table.flows) == 3, "each copy is a flow of its own, still open"
+    for flow in table.flows.values():
+        s = flow.session
+        assert (s.username, s.login_ok, s.last_command) == ("alice", True, "IDLE")
+        assert flow.client[0].startswith("198.18.") and flow.end_reason is None
+
+
+def test_idle_flow_memory_by_line_and_function():
+    rows, total = flow_memory.by_line("syn", 200)
+    assert total == pytest.approx(sum(r["bytes per flow"] for r in rows))
+    functions = dict(flow_memory.by_function(rows))
+    assert functions["ImapSession.__init__"] > 0 and functions["FlowTable._new_flow"] > 0
+    assert sum(functions.values()) == pytest.approx(total)
+    assert all(r["line"].startswith("imaptap/") for r in rows if r["bytes per flow"] > 1), "imaptap's own lines"
+
+
+def test_enclosing_names_the_innermost_function():
+    import imaptap.flows
+
+    source = Path(imaptap.flows.__file__).read_text().splitlines()
+    line = next(i for i, text in enumerate(source, 1) if "self.next_seq = (seq + 1) % _SEQ_MOD" in text)
+    assert flow_memory.enclosing(imaptap.flows.__file__, line) == "_Direction.syn"
+    assert flow_memory.enclosing(imaptap.flows.__file__, 1) == "<module>"
+
+
+def test_objects_one_flow_holds_alone():
+    held, shared = flow_memory.by_type("syn", 50)
+    names = {name for name, _, _ in held}
+    assert {"Flow", "ImapSession", "ImapStream", "_Direction"} <= names
+    assert ("ImapStream", 2) in {(name, count) for name, count, _ in held}, "one stream per direction"
+    assert "FlowTable" not in names and "PayloadPolicy" not in names, "shared by every flow"
+    assert shared["flows with a policy entry"] == 0, "a SYN-only flow is still in its handshake: no entry"
