@@ -236,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     for cmd in commands.values():  # warm the page cache and check each command runs
         timed(cmd)
     names = list(commands)
+    load_before = os.getloadavg()[0]
     for r in range(args.rounds):
         # Rotated, so that no command always runs right after the same one.
         for k in rotated(names, r):
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     base = TSHARK_ARM
     print(f"capture: {packets} packets, {size / 1e6:.1f} MB, {args.sessions} sessions, "
           f"{'frames as on the wire' if args.wire_frames else 'host capture with segmentation offload'}")
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}, "
-          f"load average before the rounds {os.getloadavg()[0]:.2f}")
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, kernel {platform.release()}; "
+          f"load average {load_before:.2f} before the rounds, {os.getloadavg()[0]:.2f} after")
     print(f"{'command':32} {'wall s':>7} {'vs tshark':>9} {'cpu s':>7} {'vs tshark':>9} {'packets/s':>10}")
     for k in commands:
         print(f"{k:32} {wall_med[k]:7.3f} {wall_med[base] / wall_med[k]:8.2f}x {cpu_med[k]:7.3f} "
