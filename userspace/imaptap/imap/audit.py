@@ -111,6 +111,10 @@ def _what_a_list_offers(names: tuple[str, ...]) -> tuple[bool, bool, tuple[str, 
     return "LOGINDISABLED" in names, not PLAINTEXT_AUTH_CAPABILITIES.isdisjoint(names), security
 
 
+#: An audit's lists before their first item: one empty tuple shared by every session (an empty
+#: list is 56 bytes, four a flow, and a SYN scan's flows never fill one); a list at the first.
+_NONE: tuple[()] = ()
+
 # tuple.__new__ builds a LoginAttempt without the NamedTuple's Python-level __new__ (as session.py
 # builds its Messages)
 _new = tuple.__new__
@@ -128,7 +132,7 @@ def token_form(tok: object) -> str:
 
 
 class SessionAudit:
-    """The audit facts of one session, fed by `ImapSession`."""
+    """The audit facts of one session, fed by `ImapSession`; its lists are made at their first item."""
 
     __slots__ = ("fingerprint", "attempts", "attempts_dropped", "logindisabled", "login_despite_logindisabled",
                  "auth_plain_offered", "offered", "commands_after_starttls", "tags", "opening", "login_forms",
@@ -137,19 +141,19 @@ class SessionAudit:
     def __init__(self, fingerprint: Callable[[bytes], str] | None = None) -> None:
         self.fingerprint = fingerprint
         """Makes a password's fingerprint; None: attempts are kept without one."""
-        self.attempts: list[LoginAttempt] = []
+        self.attempts: list[LoginAttempt] | tuple[()] = _NONE
         self.attempts_dropped = 0
         self.logindisabled = False
         """The last capability list seen announced LOGINDISABLED."""
         self.login_despite_logindisabled = False
         self.auth_plain_offered = False
-        self.offered: list[str] = []
+        self.offered: list[str] | tuple[()] = _NONE
         """STARTTLS, LOGINDISABLED and AUTH= names of any capability list seen, in order: what the
         server offers before login (the list after login drops them)."""
         self.commands_after_starttls = 0
-        self.tags: list[str] = []
+        self.tags: list[str] | tuple[()] = _NONE
         """The first tags the client used."""
-        self.opening: list[str] = []
+        self.opening: list[str] | tuple[()] = _NONE
         """The first command names, repeats included."""
         self.login_forms: tuple[str, str] | None = None
         """(user, password) forms (`token_form`) of the first LOGIN."""
@@ -188,14 +192,22 @@ class SessionAudit:
             if name not in offered:
                 if len(offered) >= MAX_OFFERED:
                     break
+                if isinstance(offered, tuple):
+                    offered = self.offered = []
                 offered.append(name)
 
     def command(self, tag: str, name: str, behind_starttls: bool) -> None:
         """A client command; ``behind_starttls`` while a STARTTLS waits for its answer."""
-        if len(self.tags) < MAX_HABIT_TAGS:
-            self.tags.append(tag[:MAX_HABIT_TAG])
-        if len(self.opening) < MAX_HABIT_COMMANDS:
-            self.opening.append(name)
+        tags = self.tags
+        if len(tags) < MAX_HABIT_TAGS:
+            if isinstance(tags, tuple):
+                tags = self.tags = []
+            tags.append(tag[:MAX_HABIT_TAG])
+        opening = self.opening
+        if len(opening) < MAX_HABIT_COMMANDS:
+            if isinstance(opening, tuple):
+                opening = self.opening = []
+            opening.append(name)
         if behind_starttls:
             self.commands_after_starttls += 1
 
@@ -233,10 +245,12 @@ class SessionAudit:
         current = self._current
         if current is None:
             return
-        command, mech, old_user, fingerprint, ok = self.attempts[current]
+        attempts = self.attempts
+        assert isinstance(attempts, list), "an attempt waits for its outcome"
+        command, mech, old_user, fingerprint, ok = attempts[current]
         if password is not None and self.fingerprint is not None and fingerprint is None:
             fingerprint = self.fingerprint(password)
-        self.attempts[current] = _new(LoginAttempt, (command, mech, user[:MAX_ATTEMPT_USER] if user else old_user,
+        attempts[current] = _new(LoginAttempt, (command, mech, user[:MAX_ATTEMPT_USER] if user else old_user,
                                                      fingerprint, ok))
 
     def login_done(self, ok: bool) -> None:
@@ -250,8 +264,10 @@ class SessionAudit:
         if current is None:
             return
         self._current = None
-        command, mech, user, fingerprint, _ = self.attempts[current]
-        self.attempts[current] = _new(LoginAttempt, (command, mech, user, fingerprint, ok))
+        attempts = self.attempts
+        assert isinstance(attempts, list), "an attempt waits for its outcome"
+        command, mech, user, fingerprint, _ = attempts[current]
+        attempts[current] = _new(LoginAttempt, (command, mech, user, fingerprint, ok))
 
     def _begin(self, command: str, mechanism: str, user: str | None, password: bytes | None) -> None:
         self._current = None
@@ -261,8 +277,11 @@ class SessionAudit:
         fingerprint = None
         if password is not None and self.fingerprint is not None:
             fingerprint = self.fingerprint(password)
-        self._current = len(self.attempts)
-        self.attempts.append(_new(LoginAttempt, (command, mechanism, user[:MAX_ATTEMPT_USER] if user else None,
+        attempts = self.attempts
+        if isinstance(attempts, tuple):
+            attempts = self.attempts = []
+        self._current = len(attempts)
+        attempts.append(_new(LoginAttempt, (command, mechanism, user[:MAX_ATTEMPT_USER] if user else None,
                                                  fingerprint, None)))
 
     # --- what it says -------------------------------------------------------------------------
