@@ -26,6 +26,6 @@ def test_facts_are_a_copy_the_session_cannot_change():
     f = flow_facts(flow)
     flow.session.mailboxes.append("Sent")
     flow.session.commands["FETCH"] += 1
-    flow.session.capabilities.append("X")
+    flow.session.capabilities += ("X",)
     assert f.mailboxes == ("INBOX",) and "FETCH" not in f.commands and f.capabilities == ("IMAP4REV1",)
     assert f.record()["mailboxes"] == ["INBOX"]

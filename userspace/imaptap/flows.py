@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from imaptap.imap.session import ImapSession, Message
+from imaptap.imap.stream import ImapStream
 from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag, flow_key
 
 #: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
@@ -74,18 +75,23 @@ def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes
     return head, tail, wire_len - k
 
 
+#: Out-of-order segments of a direction that holds none: shared and only read (`_Direction.data`
+#: makes the direction's own dict before it holds one).
+_NONE_HELD: dict[int, tuple[bytes, bytes, int]] = {}
+
+
 class _Direction:
     """TCP sequence tracking for one direction, feeding one `ImapStream`."""
 
-    __slots__ = ("next_seq", "pending", "segment", "gap", "retransmissions", "out_of_order", "holes", "hole_bytes",
+    __slots__ = ("next_seq", "pending", "stream", "retransmissions", "out_of_order", "holes", "hole_bytes",
                  "draining")
 
-    def __init__(self, segment: Callable[[bytes, int, bytes], None], gap: Callable[[int], None]) -> None:
+    def __init__(self, stream: ImapStream) -> None:
         self.next_seq: int | None = None
-        self.pending: dict[int, tuple[bytes, bytes, int]] = {}
-        self.segment = segment
-        """Takes a segment's captured head, its wire length and its captured tail, in order."""
-        self.gap = gap
+        self.pending = _NONE_HELD
+        self.stream = stream
+        """Takes the segments in order (``segment``) and the holes (``gap``): the stream itself, not
+        its bound methods, which would be two more objects per direction of every open flow."""
         self.retransmissions = 0
         self.out_of_order = 0
         self.holes = 0
@@ -105,6 +111,8 @@ class _Direction:
         if d:
             if d < _SEQ_HALF:
                 self.out_of_order += 1
+                if self.pending is _NONE_HELD:
+                    self.pending = {}
                 if seq not in self.pending or self.pending[seq][2] < wire_len:
                     self.pending[seq] = (head, tail, wire_len)
                 if len(self.pending) > MAX_OUT_OF_ORDER:
@@ -116,7 +124,7 @@ class _Direction:
                 return
             head, tail, wire_len = _skip(head, tail, wire_len, -d)
         self.next_seq = (next_seq + wire_len) % _SEQ_MOD
-        self.segment(head, wire_len, tail)
+        self.stream.segment(head, wire_len, tail)
         if self.pending and not self.draining:
             self._drain()
 
@@ -144,7 +152,7 @@ class _Direction:
         hole = (nearest - next_seq) % _SEQ_MOD
         self.holes += 1
         self.hole_bytes += hole
-        self.gap(hole)
+        self.stream.gap(hole)
         self.next_seq = nearest
         self._drain()
 
@@ -153,7 +161,7 @@ class _Direction:
             self.flush_one()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Flow:
     """One TCP connection to an IMAP port and what is known about it."""
 
@@ -185,8 +193,8 @@ class Flow:
     s2c: _Direction = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.c2s = _Direction(self.session.client.segment, self.session.client.gap)
-        self.s2c = _Direction(self.session.server.segment, self.session.server.gap)
+        self.c2s = _Direction(self.session.client)
+        self.s2c = _Direction(self.session.server)
 
     @property
     def packets(self) -> int:
@@ -307,7 +315,7 @@ class FlowTable:
                 # _Direction.data() for the usual segment, the next one in sequence with
                 # nothing held back: one call fewer per segment.
                 direction.next_seq = (seq + wire_len) % _SEQ_MOD
-                direction.segment(head, wire_len, tail)
+                direction.stream.segment(head, wire_len, tail)
             else:
                 direction.data(seq, head, wire_len, tail)
             if flow.handshake_segments:
@@ -336,9 +344,8 @@ class FlowTable:
             self._end(self.flows.pop(oldest), EndReason.EVICTED)
         flow_id = self._next_id
         self._next_id += 1
-        # partial() binds in C: one call fewer per message than a closure
-        on_mode = None if self.policy is None else partial(self.policy.set, key)
-        session = ImapSession(None, on_mode, self.password_fingerprint)
+        # the session tells the policy its flow's modes itself: no callable kept per flow
+        session = ImapSession(None, None, self.password_fingerprint, self.policy, key)
         flow = Flow(flow_id, key, seg.ip_version, client, server, seg.ts, seg.ts, session)
         policy = self.policy
         if policy is not None and policy.default is PayloadMode.HANDSHAKE:

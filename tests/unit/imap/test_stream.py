@@ -9,7 +9,13 @@ class Collector:
         self.lines = []
         self.anomalies = []
         self.tls = 0
-        self.stream = ImapStream(self.lines.append, lambda n, d: self.anomalies.append(n), self.on_tls)
+        self.stream = ImapStream(self, Collector.on_line, Collector.on_anomaly, Collector.on_tls)
+
+    def on_line(self, line):
+        self.lines.append(line)
+
+    def on_anomaly(self, anomaly, detail):
+        self.anomalies.append(anomaly)
 
     def on_tls(self):
         self.tls += 1
@@ -133,7 +139,7 @@ def test_cancelled_synchronising_literal_lets_commands_through():
 def test_encryption_switch_takes_effect_at_the_next_byte():
     c = Collector()
 
-    def on_line(line):
+    def on_line(_, line):
         c.lines.append(line)
         if line.head.endswith(b"OK Begin TLS"):
             c.stream.start_encryption()
@@ -159,7 +165,7 @@ def deflate_chunks(*lines):
 def test_compression_switch_inflates_the_rest_of_the_same_segment():
     c = Collector()
 
-    def on_line(line):
+    def on_line(_, line):
         c.lines.append(line)
         if line.head == b"a1 OK DEFLATE active":
             c.stream.start_compression()

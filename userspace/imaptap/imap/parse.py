@@ -54,7 +54,8 @@ class RawLine(NamedTuple):
     """
 
     chunks: list[bytes]
-    literals: list[Literal]
+    literals: list[Literal] | tuple[()]
+    """The literals in order; the shared empty tuple for a line without any."""
     truncated: bool = False
     """Part of the line was not seen (cut at the line cap, or a capture gap)."""
 
@@ -283,6 +284,12 @@ def capability_list(words: bytes | str, drop_last: bool = False) -> list[str]:
     return list(_capability_names(words, drop_last))
 
 
+def capability_names(words: bytes | str, drop_last: bool = False) -> tuple[str, ...]:
+    """`capability_list` as a tuple shared by every caller with the same text: what a session
+    keeps, since a server sends the same list to every client."""
+    return _capability_names(words, drop_last)
+
+
 #: A server sends the same list to every client: the lists of this many texts are kept.
 @functools.lru_cache(maxsize=256)
 def _capability_names(words: bytes | str, drop_last: bool) -> tuple[str, ...]:
@@ -340,6 +347,22 @@ KNOWN_COMMANDS = frozenset(
 STATUSES = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
 
 
+#: Command names seen (the word as sent -> upper case): a few dozen in practice, so each flow's
+#: counts, last command and audit share one string per name instead of a copy per line.
+_COMMAND_NAMES_KEPT = 1024
+_command_names: dict[bytes, str] = {}
+
+
+def _command_name(word: bytes) -> str:
+    """``word`` (an atom, or ``UID`` and its atom) upper-cased, one string per distinct word."""
+    name = _command_names.get(word)
+    if name is None:
+        if len(_command_names) >= _COMMAND_NAMES_KEPT:
+            _command_names.clear()
+        name = _command_names[word] = word.decode("ascii").upper()
+    return name
+
+
 def command_words(head: bytes) -> tuple[bytes, str | None, int]:
     """``(tag, COMMAND, offset of the arguments)`` of a client line's first physical line.
 
@@ -356,13 +379,13 @@ def command_words(head: bytes) -> tuple[bytes, str | None, int]:
     word = head[start:end]
     if not word or word.translate(None, _ATOM_BYTES):
         return tag, None, start
-    cmd = word.decode("ascii").upper()
+    cmd = _command_names.get(word) or _command_name(word)
     if cmd == "UID" and end < len(head):
         end2 = head.find(b" ", end + 1)
         if end2 < 0:
             end2 = len(head)
         sub = head[end + 1 : end2]
         if sub and not sub.translate(None, _ATOM_BYTES):
-            cmd = "UID " + sub.decode("ascii").upper()
+            cmd = _command_name(head[start:end2])  # "UID", one space, the atom
             end = end2
     return tag, cmd, min(end + 1, len(head))

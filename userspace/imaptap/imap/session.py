@@ -20,7 +20,7 @@ from imaptap.imap.anomalies import Anomaly, StreamAnomaly, stream_anomaly_key
 from imaptap.imap.audit import SessionAudit
 from imaptap.imap.parse import RawLine, text
 from imaptap.imap.stream import ImapStream
-from imaptap.segment import PayloadMode
+from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy
 
 #: Characters of arguments or response text shown per message; the rest is cut with "…".
 DISPLAY_CAP = 512
@@ -270,19 +270,63 @@ class _Counts(Counter):
     __init__ = dict.__init__
 
 
+class _NoCounts(_Counts):
+    """The counts of a session that has counted nothing yet: one shared by every such session
+    (an empty Counter is 88 bytes, three a flow), so it refuses to be written; a session puts a
+    Counter of its own in its place at its first count."""
+
+    def __setitem__(self, key: str, value: int) -> None:
+        raise TypeError("the shared empty counts are read-only: the session makes its own first")
+
+
+_NO_COUNTS: Counter[str] = _NoCounts()
+#: A session's lists before their first item: one empty tuple shared by all (an empty list is
+#: 56 bytes, and most flows never fill most of them); the session makes a list at the first.
+_NONE: tuple[()] = ()
+#: A session's requests waiting for their completion before the first: shared and only read
+#: (the one place that adds a request makes the session's own dict first).
+_NO_PENDING: dict[str, _Pending] = {}
+
+
 class ImapSession:
-    """Both directions of one IMAP connection, with the facts learnt so far."""
+    """Both directions of one IMAP connection, with the facts learnt so far.
+
+    One is kept per open flow, up to --max-flows of them, most of them idle: so it has slots,
+    not a dict, keeps no bound method or closure, and makes its counters, lists and the audit's
+    lists only when it first has something to put in them.
+    """
+
+    __slots__ = (
+        "on_payload_mode", "_policy", "_policy_key", "now", "client", "server", "is_imap", "_sink", "on_message",
+        "_held", "held_dropped", "server_from_start", "_refuted", "_client_commands", "_client_junk", "greeting",
+        "server_software", "server_product", "server_version", "preauth", "username", "authzid", "auth_mechanism",
+        "auth_command", "login_ok", "login_failures", "capabilities", "starttls", "encrypted",
+        "encrypted_from_start", "compressed", "cleartext_credentials", "secrets", "client_id", "server_id",
+        "mailboxes", "mailboxes_dropped", "_mailbox_chars", "commands", "statuses", "anomalies", "idles",
+        "last_command", "last_status", "last_latency_ms", "latency_timed_server", "completion_out_of_state",
+        "handshake_done", "_pending", "_sasl", "_attempt_user", "_idle_tag", "_login_tag", "_authenticated",
+        "_early", "_utf8_names", "_client_lines", "_server_lines", "audit",
+    )
 
     def __init__(
         self,
         on_message: Callable[[Message], None] | None = None,
         on_payload_mode: Callable[[PayloadMode], None] | None = None,
         password_fingerprint: Callable[[bytes], str] | None = None,
+        policy: PayloadPolicy | None = None,
+        policy_key: FlowKey | None = None,
     ) -> None:
         self.on_payload_mode = on_payload_mode
+        """Told each payload mode the session asks the capture for; instead, with ``policy``,
+        ``policy.set(policy_key, mode)`` is called (the flow table's way: no callable a flow)."""
+        self._policy = policy
+        self._policy_key = policy_key
         self.now = 0.0
-        self.client = ImapStream(self._client_line, self._client_anomaly, self._tls_from_start, server=False)
-        self.server = ImapStream(self._server_line, self._server_anomaly, self._tls_from_start)
+        # the streams call the session's methods with the session: no bound method kept per flow
+        self.client = ImapStream(self, ImapSession._client_line, ImapSession._client_anomaly,
+                                 ImapSession._tls_from_start, server=False)
+        self.server = ImapStream(self, ImapSession._server_line, ImapSession._server_anomaly,
+                                 ImapSession._tls_from_start)
 
         self.is_imap = False
         """Confirmed by the server (a greeting, a tagged completion of a command the client sent,
@@ -291,7 +335,7 @@ class ImapSession:
         self._sink = on_message
         self.on_message: Callable[[Message], None] | None = None
         """Where this line's message goes: the sink once confirmed, `_hold` until then."""
-        self._held: list[Message] = []
+        self._held: list[Message] | tuple[()] = _NONE
         self.held_dropped = 0
         """Messages not held for want of room (MAX_HELD_MESSAGES) before the flow was confirmed."""
         self.server_from_start = False
@@ -317,24 +361,25 @@ class ImapSession:
         self.auth_command: str | None = None
         self.login_ok: bool | None = None
         self.login_failures = 0
-        self.capabilities: list[str] = []
+        self.capabilities: tuple[str, ...] = ()
+        """The last capability list announced: a tuple shared by the flows that saw the same text."""
         self.starttls = StartTls.NONE
         self.encrypted = False
         self.encrypted_from_start = False
         self.compressed = False
         self.cleartext_credentials = False
-        self.secrets: list[tuple[bytes, bytes]] = []
+        self.secrets: list[tuple[bytes, bytes]] | tuple[()] = _NONE
         """Passwords and SASL responses as they crossed the wire, each with what replaces it in
         a capture written to disk (as long, the user name kept in a SASL response): never
         output, only blanked."""
         self.client_id: dict[str, str | None] | None = None
         self.server_id: dict[str, str | None] | None = None
-        self.mailboxes: list[str] = []
+        self.mailboxes: list[str] | tuple[()] = _NONE
         self.mailboxes_dropped = 0
         self._mailbox_chars = 0
-        self.commands: Counter[str] = _Counts()
-        self.statuses: Counter[str] = _Counts()
-        self.anomalies: Counter[str] = _Counts()
+        self.commands: Counter[str] = _NO_COUNTS
+        self.statuses: Counter[str] = _NO_COUNTS
+        self.anomalies: Counter[str] = _NO_COUNTS
         self.idles = 0
         self.last_command: str | None = None
         self.last_status: str | None = None
@@ -350,7 +395,7 @@ class ImapSession:
         self.handshake_done = False
         """Logged in (or PREAUTH), and the client sent a command outside `HANDSHAKE_COMMANDS`."""
 
-        self._pending: dict[str, _Pending] = {}
+        self._pending: dict[str, _Pending] = _NO_PENDING
         self._sasl: _Sasl | None = None
         self._attempt_user: str | None = None
         self._idle_tag: str | None = None
@@ -399,8 +444,11 @@ class ImapSession:
             self.on_message = self._hold
 
     def _hold(self, msg: Message) -> None:
-        if len(self._held) < MAX_HELD_MESSAGES:
-            self._held.append(msg)
+        held = self._held
+        if len(held) < MAX_HELD_MESSAGES:
+            if isinstance(held, tuple):
+                held = self._held = []
+            held.append(msg)
             return
         if self._server_silent() and self._client_speaks_imap():
             # a one-sided capture: that many commands and not one byte from the server
@@ -418,7 +466,7 @@ class ImapSession:
         self.is_imap = True
         sink = self._sink
         self.on_message = sink
-        held, self._held = self._held, []
+        held, self._held = self._held, _NONE
         if sink is not None:
             for msg in held:
                 sink(msg)
@@ -446,13 +494,19 @@ class ImapSession:
             self.on_message(msg)
 
     def _anomaly(self, anomaly: Anomaly) -> None:
-        self.anomalies[anomaly.value] += 1
+        self._count_anomaly(anomaly.value)
 
     def _client_anomaly(self, anomaly: StreamAnomaly, detail: str) -> None:
-        self.anomalies[stream_anomaly_key("client", anomaly)] += 1
+        self._count_anomaly(stream_anomaly_key("client", anomaly))
 
     def _server_anomaly(self, anomaly: StreamAnomaly, detail: str) -> None:
-        self.anomalies[stream_anomaly_key("server", anomaly)] += 1
+        self._count_anomaly(stream_anomaly_key("server", anomaly))
+
+    def _count_anomaly(self, name: str) -> None:
+        anomalies = self.anomalies
+        if anomalies is _NO_COUNTS:
+            anomalies = self.anomalies = _Counts()
+        anomalies[name] += 1
 
     def _tls_from_start(self) -> None:
         if not self.encrypted:
@@ -465,6 +519,9 @@ class ImapSession:
     def _set_payload_mode(self, mode: PayloadMode) -> None:
         if self.on_payload_mode is not None:
             self.on_payload_mode(mode)
+        elif self._policy is not None:
+            assert self._policy_key is not None, "a policy comes with its flow's key"
+            self._policy.set(self._policy_key, mode)
 
     def _try_user(self, user: str) -> None:
         self._attempt_user = user[:MAX_USERNAME]
@@ -502,10 +559,13 @@ class ImapSession:
             known = cmd.startswith("X")
             if not known:
                 self._client_junk += 1
-        if cmd in self.commands or len(self.commands) < MAX_COMMAND_NAMES:
-            self.commands[cmd] += 1
+        commands = self.commands
+        if commands is _NO_COUNTS:
+            commands = self.commands = _Counts()
+        if cmd in commands or len(commands) < MAX_COMMAND_NAMES:
+            commands[cmd] += 1
         else:
-            self.commands["OTHER"] += 1
+            commands["OTHER"] += 1
         self.last_command = cmd
         if not self.handshake_done and cmd not in HANDSHAKE_COMMANDS and (self.login_ok or self.preauth):
             self.handshake_done = True
@@ -522,6 +582,8 @@ class ImapSession:
                 self._login_tag = tag
         else:
             pending = _Pending(cmd, self.now, None, False, known)
+        if self._pending is _NO_PENDING:
+            self._pending = {}
         self._pending[tag] = pending
 
         args: str | None
@@ -566,7 +628,10 @@ class ImapSession:
             self.mailboxes_dropped += 1
             return
         self._mailbox_chars += len(name)
-        self.mailboxes.append(name)
+        mailboxes = self.mailboxes
+        if isinstance(mailboxes, tuple):
+            mailboxes = self.mailboxes = []
+        mailboxes.append(name)
 
     def _display_args(self, line: RawLine, argpos: int) -> str | None:
         raw = line.chunks[0][argpos:]
@@ -614,8 +679,11 @@ class ImapSession:
 
     def _keep_secret(self, wire: bytes, blanked: bytes) -> None:
         if wire and len(wire) <= MAX_SECRET and all(wire != w for w, _ in self.secrets):
-            self.secrets.append((wire, blanked))
-            del self.secrets[:-MAX_SECRETS]
+            secrets = self.secrets
+            if isinstance(secrets, tuple):
+                secrets = self.secrets = []
+            secrets.append((wire, blanked))
+            del secrets[:-MAX_SECRETS]
 
     def _authenticate(self, line: RawLine, argpos: int, tag: str, pending: _Pending, counts: bool) -> str:
         head = line.chunks[0]
@@ -747,7 +815,10 @@ class ImapSession:
             self._response_code(code, line.truncated and not rest_text)
         command = pending.command if pending else None
         latency = round((self.now - pending.ts) * 1000.0, 3) if pending and not early else None
-        self.statuses[status] += 1
+        statuses = self.statuses
+        if statuses is _NO_COUNTS:
+            statuses = self.statuses = _Counts()
+        statuses[status] += 1
         self.last_status = status
         if latency is not None:
             self.last_latency_ms = latency
@@ -855,7 +926,10 @@ class ImapSession:
                 if upper == "PREAUTH":
                     self.preauth = True
                     self._authenticated = True
-            self.statuses[upper] += 1
+            statuses = self.statuses
+            if statuses is _NO_COUNTS:
+                statuses = self.statuses = _Counts()
+            statuses[upper] += 1
             if upper in ("BYE", "NO", "BAD"):
                 self.last_status = upper
             if self.on_message is not None:
@@ -879,7 +953,7 @@ class ImapSession:
             if not self.is_imap and upper in _UNTAGGED_DATA:
                 self._confirm()
             if upper == "CAPABILITY":
-                self.capabilities = parse.capability_list(after, drop_last=line.truncated)
+                self.capabilities = parse.capability_names(after, drop_last=line.truncated)
                 self._offered()
             elif upper == "ENABLED":
                 enabled = parse.capability_list(after)
@@ -909,7 +983,7 @@ class ImapSession:
     def _response_code(self, code: str, cut: bool) -> None:
         name, _, rest = code.partition(" ")
         if name.upper() == "CAPABILITY":
-            self.capabilities = parse.capability_list(rest, drop_last=cut)
+            self.capabilities = parse.capability_names(rest, drop_last=cut)
             self._offered()
 
     def _offered(self) -> None:
@@ -926,7 +1000,7 @@ class ImapSession:
         self.server.finish()
         if not self.is_imap and self._server_silent() and self._client_speaks_imap():
             self._confirm()
-        self._held = []
+        self._held = _NONE
 
 
 def _quote(s: str | None) -> str:

@@ -17,6 +17,7 @@ import enum
 import re
 import zlib
 from collections.abc import Callable
+from typing import Any
 
 from imaptap.imap.anomalies import StreamAnomaly
 from imaptap.imap.parse import KNOWN_COMMANDS, LITERAL_KEEP, Literal, RawLine, literal_mark
@@ -38,6 +39,11 @@ LARGE_LITERAL = 1 << 30
 _MARK_TAIL = 32
 
 _raw_line = tuple.__new__
+#: A stream's line buffer while no line is split across segments: shared, and never written.
+_NO_BYTES = b""
+#: The physical lines and literals of a line not begun, and the literals of a line without
+#: any: one empty tuple shared by all (an empty list is 56 bytes; two a stream, four a flow).
+_NONE: tuple[()] = ()
 
 _TLS_RECORD = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
 
@@ -92,9 +98,15 @@ def _inflate_until_error(inflater: zlib._Decompress, data: bytes) -> bytes:
 
 
 class ImapStream:
-    """Reassembles one direction's bytes into `RawLine`s delivered to ``on_line``."""
+    """Reassembles one direction's bytes into `RawLine`s delivered to ``on_line``.
+
+    The callbacks are plain functions called with ``owner`` first (the session passes its own
+    methods unbound, and itself): a bound method or closure per stream would be kept by every
+    open flow.  The line buffer is made at the first line split across segments.
+    """
 
     __slots__ = (
+        "owner",
         "on_line",
         "on_anomaly",
         "on_tls",
@@ -122,19 +134,23 @@ class ImapStream:
 
     def __init__(
         self,
-        on_line: Callable[[RawLine], None],
-        on_anomaly: Callable[[StreamAnomaly, str], None],
-        on_tls: Callable[[], None] | None = None,
+        owner: Any,
+        on_line: Callable[[Any, RawLine], None],
+        on_anomaly: Callable[[Any, StreamAnomaly, str], None],
+        on_tls: Callable[[Any], None] | None = None,
         server: bool = True,
     ) -> None:
+        self.owner = owner
+        """Passed first to every callback."""
         self.on_line = on_line
         self.on_anomaly = on_anomaly
         self.on_tls = on_tls
         self.mode = _LINES
-        self.buf = bytearray()
+        self.buf: bytearray | bytes = _NO_BYTES
+        """The physical line being collected: the shared empty bytes until a line is split."""
         self.tail = b""
-        self.chunks: list[bytes] = []
-        self.literals: list[Literal] = []
+        self.chunks: list[bytes] | tuple[()] = _NONE
+        self.literals: list[Literal] | tuple[()] = _NONE
         self.kept = 0
         self.truncated = False
         self.lit: Literal | None = None
@@ -152,7 +168,8 @@ class ImapStream:
         self.lines = 0
         self.resyncs = 0
         """Uncaptured bytes outside literals, each of which cost a line."""
-        self.line_start = (_SERVER_LINE_START if server else _CLIENT_LINE_START).match
+        self.line_start = _SERVER_LINE_START if server else _CLIENT_LINE_START
+        """Where a resynchronising stream may start again (a shared pattern, not its bound match)."""
 
     # --- state switches, called by the session --------------------------------------------
 
@@ -239,7 +256,7 @@ class ImapStream:
                 self.mode = _ENCRYPTED
                 self.bytes_encrypted += len(data)
                 if self.on_tls is not None:
-                    self.on_tls()
+                    self.on_tls(self.owner)
                 return
         self._consume(data, segment_start)
 
@@ -254,7 +271,7 @@ class ImapStream:
             # DEFLATE cannot skip: every later byte depends on the lost ones.
             self.mode = _UNDECODABLE
             self._drop_partial()
-            self.on_anomaly(StreamAnomaly.COMPRESSED_GAP,
+            self.on_anomaly(self.owner, StreamAnomaly.COMPRESSED_GAP,
                             f"{n} compressed bytes not captured; stream no longer decodable")
             return
         self._start()
@@ -274,7 +291,7 @@ class ImapStream:
         if self.buf or self.chunks:
             self.truncated = True
             physical = bytes(self.buf)
-            self.buf.clear()
+            self.buf = _NO_BYTES
             self.tail = b""
             self._finish_physical(physical, b"", complete=False)
         if self.mode is _LINES:
@@ -286,8 +303,11 @@ class ImapStream:
         if self.mode in (_LINES, _LITERAL) and (self.buf or self.chunks):
             self.truncated = True
             if self.buf:
-                self.chunks.append(bytes(self.buf).rstrip(b"\r"))
-                self.buf.clear()
+                chunks = self.chunks
+                if isinstance(chunks, tuple):
+                    chunks = self.chunks = []
+                chunks.append(bytes(self.buf).rstrip(b"\r"))
+                self.buf = _NO_BYTES
             self._emit()
 
     # --- internals ---------------------------------------------------------------------------
@@ -323,7 +343,7 @@ class ImapStream:
                 if error is not None:
                     self.mode = _UNDECODABLE
                     self._drop_partial()
-                    self.on_anomaly(StreamAnomaly.INFLATE_ERROR, str(error))
+                    self.on_anomaly(self.owner, StreamAnomaly.INFLATE_ERROR, str(error))
                     return
                 data = inflater.unconsumed_tail
                 if not data:
@@ -334,7 +354,7 @@ class ImapStream:
     def _consume(self, data: bytes, segment_start: bool) -> None:
         pos = 0
         n = len(data)
-        if self.mode is _RESYNC and segment_start and self.line_start(data):
+        if self.mode is _RESYNC and segment_start and self.line_start.match(data):
             self.mode = _LINES
         while pos < n:
             mode = self.mode
@@ -381,26 +401,30 @@ class ImapStream:
                     line = data[pos:end]
                     pos = lf + 1
                     self.lines += 1
-                    self.on_line(_raw_line(RawLine, ([line], [], False)))
+                    self.on_line(self.owner, _raw_line(RawLine, ([line], _NONE, False)))
                     continue
             self._append(data, pos, lf)
             pos = lf + 1
             physical = bytes(self.buf)
             tail = self.tail
-            self.buf.clear()
+            self.buf = _NO_BYTES
             self.tail = b""
             self._finish_physical(physical, tail, complete=True)
 
     def _append(self, data: bytes, start: int, end: int) -> None:
-        room = LINE_CAP - self.kept - len(self.buf)
+        buf = self.buf
+        if isinstance(buf, bytes):  # the shared empty one: this line is the first split since
+            buf = self.buf = bytearray()
+        room = LINE_CAP - self.kept - len(buf)
         if end - start <= room:
-            self.buf += data[start:end]
+            buf += data[start:end]
             return
         if room > 0:
-            self.buf += data[start : start + room]
+            buf += data[start : start + room]
         if not self.truncated:
             self.truncated = True
-            self.on_anomaly(StreamAnomaly.LINE_TOO_LONG, f"line longer than {LINE_CAP} bytes; the rest is not kept")
+            self.on_anomaly(self.owner, StreamAnomaly.LINE_TOO_LONG,
+                            f"line longer than {LINE_CAP} bytes; the rest is not kept")
         self.tail = (self.tail + data[max(start, end - _MARK_TAIL) : end])[-_MARK_TAIL:]
 
     def _finish_physical(self, physical: bytes, tail: bytes, complete: bool) -> None:
@@ -410,7 +434,10 @@ class ImapStream:
         if complete:
             end = (tail[:-1] if tail.endswith(b"\r") else tail) if tail else physical
             mark = literal_mark(end)
-        self.chunks.append(physical)
+        chunks = self.chunks
+        if isinstance(chunks, tuple):
+            chunks = self.chunks = []
+        chunks.append(physical)
         self.kept += len(physical)
         if mark is None:
             self._emit()
@@ -418,15 +445,18 @@ class ImapStream:
         size, sync, binary = mark
         if len(self.literals) >= MAX_LITERALS_PER_LINE:
             if len(self.literals) == MAX_LITERALS_PER_LINE:
-                self.on_anomaly(StreamAnomaly.TOO_MANY_LITERALS,
+                self.on_anomaly(self.owner, StreamAnomaly.TOO_MANY_LITERALS,
                                 f"more than {MAX_LITERALS_PER_LINE} literals in one line")
             self.truncated = True
             lit = Literal(size, complete=False, binary=binary, sync=sync)
         else:
             lit = Literal(size, binary=binary, sync=sync)
-            self.literals.append(lit)
+            literals = self.literals
+            if isinstance(literals, tuple):
+                literals = self.literals = []
+            literals.append(lit)
         if size >= LARGE_LITERAL:
-            self.on_anomaly(StreamAnomaly.LARGE_LITERAL, f"literal of {size} bytes announced")
+            self.on_anomaly(self.owner, StreamAnomaly.LARGE_LITERAL, f"literal of {size} bytes announced")
         if size > 0:
             self.lit = lit
             self.lit_left = size
@@ -434,19 +464,19 @@ class ImapStream:
 
     def _emit(self) -> None:
         line = _raw_line(RawLine, (self.chunks, self.literals, self.truncated))
-        self.chunks = []
-        self.literals = []
+        self.chunks = _NONE
+        self.literals = _NONE
         self.kept = 0
         self.truncated = False
         self.lit = None
         self.lines += 1
-        self.on_line(line)
+        self.on_line(self.owner, line)
 
     def _drop_partial(self) -> None:
-        self.buf.clear()
+        self.buf = _NO_BYTES
         self.tail = b""
-        self.chunks = []
-        self.literals = []
+        self.chunks = _NONE
+        self.literals = _NONE
         self.kept = 0
         self.truncated = False
         self.lit = None
