@@ -13,6 +13,7 @@ examples:
   scripts/bench-flood
   scripts/bench-flood --only syn --max-flows 10000
   scripts/bench-flood --idle-breakdown     # where the bytes of an idle flow go
+  scripts/bench-flood --idle-breakdown --against /work/main   # bytes per idle flow, here and there
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from imaptap.flows import MAX_FLOWS
 
@@ -107,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-breakdown", action="store_true",
                    help="instead of the floods: where an idle flow's memory goes, by line, function and type"
                         " (imaptap_lab.flow_memory)")
+    p.add_argument("--against", type=Path, metavar="CHECKOUT",
+                   help="with --idle-breakdown: instead, bytes per idle flow of this checkout's imaptap and of"
+                        " CHECKOUT's, in interleaved rounds")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="rounds of --against (default imaptap_lab.flow_memory.COMPARE_ROUNDS)")
     return p
 
 
@@ -116,7 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.idle_breakdown:
         from imaptap_lab import flow_memory
 
-        flow_memory.report()
+        if args.against is not None:
+            flow_memory.compare(args.against, args.rounds or flow_memory.COMPARE_ROUNDS)
+        else:
+            flow_memory.report()
         return 0
     failures = []
     print(f"{'flood':<12} {'snaplen':>7} {'flows':>8} {'evicted':>8} {'seconds':>8} {'peak RSS':>9} {'bound':>7}")

@@ -20,6 +20,9 @@ Three views of the same flows:
 3. the resident set size a child process grows by per flow (32,768 flows, the default
    ``--max-flows``), which adds what the allocators keep around the Python objects.
 
+With ``--against CHECKOUT`` (`compare`), the first and third figures of this checkout's imaptap
+and of another's, in interleaved rounds, with medians and their ratio: before and after a change.
+
 Nothing here changes imaptap; it uses its public classes as the replay does.
 """
 
@@ -31,6 +34,8 @@ import functools
 import gc
 import json
 import linecache
+import os
+import statistics
 import subprocess
 import sys
 import tracemalloc
@@ -38,7 +43,8 @@ import types
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from imaptap_lab.checkout import PCAP_DIR, USERSPACE
+from imaptap_lab.checkout import PCAP_DIR, ROOT, USERSPACE
+from imaptap_lab.rounds import per_round_ratios, rotated
 
 #: Flows made per measurement: enough that the table's own dict (one slot per flow, doubling as
 #: it grows) is spread over them as in a full table.
@@ -205,7 +211,7 @@ def by_type(kind: str, n: int = FLOWS) -> tuple[list[tuple[str, int, int]], dict
         table.add(seg)
     flows = list(table.flows.values())
     one, other = flows[n // 2], flows[n // 2 + 1]
-    # The table (and through the policy every flow) is reached from a flow's partial(policy.set, key):
+    # The table (and through the policy every flow) is reached from a flow's session (its policy):
     # stop there, then drop what a second flow reaches too (enums, interned names, the table).
     stop = {id(table), id(table.flows), id(table.policy), id(table.policy.modes), id(table.stats)}
     mine = reachable(one, stop)
@@ -284,4 +290,57 @@ def report(kinds: Iterable[str] = KINDS) -> dict:
             print(f"  {size:7,} {count:4}  {name}")
         for what, value in shared.items():
             print(f"  {what}: {value:,.0f}")
+    return out
+
+
+# --- two checkouts, interleaved -----------------------------------------------------------------
+
+#: Rounds of `compare`: tracemalloc's figure is the same every round, the resident set moves by
+#: a few percent with what the allocator had before.
+COMPARE_ROUNDS = 5
+
+TOTALS_CHILD = r'''
+import json, sys
+from imaptap_lab import flow_memory
+
+kind, n, rss_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+_, heap = flow_memory.by_line(kind, n)
+print(json.dumps({"heap": heap, "rss": flow_memory.rss_per_flow(kind, rss_n)}))
+'''
+
+
+def totals_with(userspace: Path, kind: str, n: int = FLOWS, rss_n: int = RSS_FLOWS) -> dict[str, float]:
+    """Heap (tracemalloc, ``n`` flows) and resident bytes (``rss_n`` flows) per idle flow of ``kind``
+    with the imaptap in ``userspace``."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(userspace), str(ROOT / "lab")]))
+    out = subprocess.run([sys.executable, "-c", TOTALS_CHILD, kind, str(n), str(rss_n)], capture_output=True,
+                         text=True, check=True, env=env)
+    return json.loads(out.stdout)
+
+
+def compare(against: Path, rounds: int = COMPARE_ROUNDS, kinds: Iterable[str] = KINDS, n: int = FLOWS,
+            rss_n: int = RSS_FLOWS) -> dict:
+    """Bytes per idle flow of this checkout's imaptap and of the one in ``against``, in rotated
+    rounds: per kind and figure, each arm's median [lowest-highest] and the median per-round ratio."""
+    arms = {"this checkout": USERSPACE, str(against): against / "userspace"}
+    if not (arms[str(against)] / "imaptap").is_dir():
+        raise SystemExit(f"{against}: no userspace/imaptap there")
+    out: dict = {}
+    for kind in kinds:
+        samples: dict[str, dict[str, list[float]]] = {arm: {"heap": [], "rss": []} for arm in arms}
+        for r in range(rounds):
+            for arm in rotated(list(arms), r):
+                figures = totals_with(arms[arm], kind, n, rss_n)
+                for what in ("heap", "rss"):
+                    samples[arm][what].append(figures[what])
+        mine, theirs = samples["this checkout"], samples[str(against)]
+        out[kind] = {"arms": samples, "ratio": {what: statistics.median(per_round_ratios(mine[what], theirs[what]))
+                                                for what in ("heap", "rss")}}
+        print(f"\n## one idle flow, {kind}: bytes per flow, median [lowest-highest] of {rounds} interleaved rounds")
+        print(f"  {'imaptap from':40} {'Python heap (tracemalloc)':>28} {'resident set':>26}")
+        for arm, figures in samples.items():
+            cells = [f"{statistics.median(v):,.0f} [{min(v):,.0f}-{max(v):,.0f}]" for v in figures.values()]
+            print(f"  {arm:40} {cells[0]:>28} {cells[1]:>26}")
+        print(f"  {'this checkout / ' + str(against):40} {out[kind]['ratio']['heap']:>28.3f}"
+              f" {out[kind]['ratio']['rss']:>26.3f}")
     return out

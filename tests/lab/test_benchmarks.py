@@ -261,6 +261,16 @@ def test_enclosing_names_the_innermost_function():
     assert flow_memory.enclosing(imaptap.flows.__file__, 1) == "<module>"
 
 
+def test_two_checkouts_compared_in_the_same_rounds(capsys):
+    from imaptap_lab.checkout import ROOT
+
+    out = flow_memory.compare(ROOT, rounds=2, kinds=("syn",), n=200, rss_n=2000)
+    arms = out["syn"]["arms"]
+    assert list(arms) == ["this checkout", str(ROOT)] and all(len(v["heap"]) == 2 for v in arms.values())
+    assert out["syn"]["ratio"]["heap"] == pytest.approx(1.0, rel=0.02), "the same code holds the same bytes"
+    assert "this checkout / " in capsys.readouterr().out
+
+
 def test_objects_one_flow_holds_alone():
     held, shared = flow_memory.by_type("syn", 50)
     names = {name for name, _, _ in held}
