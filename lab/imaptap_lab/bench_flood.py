@@ -33,8 +33,8 @@ from imaptap_lab.checkout import OUT_DIR, USERSPACE
 FLOWS = 100_000
 #: Peak RSS allowed per flood, in MB, with the default --max-flows 32768.  Measured on a
 #: 2-core VM (Python 3, Nov 2026): SYN scan 223 MB (32,768 open flows at ~5 KB plus a ~20 MB
-#: baseline), short sessions 26 MB (each ends with FIN before the next), single hostile
-#: sessions 19-24 MB.  The bounds leave about 1.7x margin.
+#: baseline; 108 MB since an idle flow holds ~1.8 KB, Dec 2026), short sessions 26 MB (each ends
+#: with FIN before the next), single hostile sessions 19-24 MB.  The bounds leave at least 1.7x.
 BOUNDS = {"syn": 400, "sessions": 100, "giant-line": 60, "literal": 60, "long-tag": 60, "nul": 60,
           "bad-utf8": 60}
 #: Snap lengths replayed: the default, and whole packets so the stream itself must cut the line.

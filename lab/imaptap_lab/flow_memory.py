@@ -284,8 +284,8 @@ def report(kinds: Iterable[str] = KINDS) -> dict:
         for name, size in by_function(rows):
             print(f"  {size:7.0f}  {name}")
         walked = sum(size for _, _, size in types_held)
-        print(f"\n  objects one flow holds alone, by type (sys.getsizeof; {walked:,} bytes, the rest of"
-              f" tracemalloc's {total:,.0f} is attribute values kept beside their objects):")
+        print(f"\n  objects one flow holds alone, by type (sys.getsizeof; {walked:,} bytes against"
+              f" tracemalloc's {total:,.0f}: each counts what the other cannot see):")
         for name, count, size in types_held:
             print(f"  {size:7,} {count:4}  {name}")
         for what, value in shared.items():

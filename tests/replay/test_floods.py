@@ -164,7 +164,7 @@ def test_invalid_utf8_in_commands(flood, tmp_path):
 
 
 #: State one flow may hold however hostile its commands: 32,768 flows (the default cap) then
-#: stay within 1 GB.  An idle flow costs ~4.8 KB (scripts/bench-flood).
+#: stay within 1 GB.  An idle flow costs ~1.8 KB (scripts/bench-flood --idle-breakdown).
 FLOW_STATE_BOUND = 32 << 10
 
 

@@ -18,8 +18,9 @@ from imaptap.imap.session import ImapSession, Message
 from imaptap.imap.stream import ImapStream
 from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFlag, flow_key
 
-#: Flows tracked at once.  Each costs a few KB, so this bounds the table near 100-200 MB even
-#: under a SYN flood; when full, the flow idle longest is ended and counted as evicted.
+#: Flows tracked at once.  An idle one costs about 2 KB (4 KB logged in, 32 KB at the bound of
+#: every per-flow store), so a SYN flood fills the table with about 60 MB; when full, the flow
+#: idle longest is ended and counted as evicted.
 MAX_FLOWS = 32768
 
 #: Seconds without a segment before a flow is ended.  IMAP IDLE clients stay silent for up to
