@@ -261,9 +261,19 @@ def rss_per_flow(kind: str, n: int = RSS_FLOWS) -> float:
 
 # --- the report ---------------------------------------------------------------------------------
 
+def analyzer_compiled() -> bool:
+    """The flow table this process imported is mypyc's build, not the source."""
+    import imaptap.flows
+
+    return not str(imaptap.flows.__file__).endswith(".py")
+
+
 def report(kinds: Iterable[str] = KINDS) -> dict:
     """Every view of every kind, printed as tables and returned."""
     out = {}
+    if analyzer_compiled():
+        print("the analyzer is compiled (mypyc): its allocations have no Python line and are counted under"
+              " the caller's; IMAPTAP_PURE_PYTHON=1 shows them line by line")
     for kind in kinds:
         rows, total = by_line(kind)
         types_held, shared = by_type(kind)
