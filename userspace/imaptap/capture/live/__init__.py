@@ -9,14 +9,19 @@ This is the only package that imports bcc and pyroute2, and it does so when a ca
 so ``imaptap -D`` and everything else work on machines without them.  Its modules, one job each:
 
 - `abi`: ctypes and struct mirrors of bpf/imaptap.h, program and map names;
-- `interfaces`: the default route's interface, the interface list, link kinds;
+- `interfaces`: the default route's interface, the interface list, link kinds, link events;
 - `kernel`: kernel version and feature probes, capabilities, raw bpf(2) calls, program owners;
 - `policy`: the per-flow payload policy written to the kernel's map;
-- `attach`: netlink attach and detach of XDP and TC, with the undo log;
+- `attach`: attach and detach of XDP and TC (BPF links, else netlink), with the undo log;
 - `ring`: records decoded into `Segment`s, ring and perf buffer polling, counters;
+- `memory`: giving back what compiling the program left behind;
 
-and `LiveCapture` below composes them.  Every name other code used from the single module this
-package replaces is still importable from here.
+and `LiveCapture` below composes them.  It also follows its interfaces by name: one that goes
+away (a container's veth deleted with it) is noticed from the kernel's link messages at the
+next poll, and the programs are attached again when an interface of that name returns.
+
+Every name other code used from the single module this package replaces is still importable
+from here.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import ctypes
 import os
 import platform
 import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from imaptap import privileges
@@ -33,6 +39,7 @@ from imaptap.capture.live.abi import (
     EVENT_HEADER,
     MAP_CONFIG,
     MAP_COUNTERS,
+    MAP_EVENTS,
     MAP_FLOW_MODES,
     PERF_PAYLOAD_CAP,
     PROG_PREFIX,
@@ -48,6 +55,7 @@ from imaptap.capture.live.abi import (
     program_cflags,
 )
 from imaptap.capture.live.attach import (
+    ATTACH_ENV,
     TC_HANDLE,
     TC_PARENT_EGRESS,
     TC_PARENT_INGRESS,
@@ -56,11 +64,24 @@ from imaptap.capture.live.attach import (
     XDP_FLAGS_REPLACE,
     XDP_FLAGS_SKB_MODE,
     XDP_FLAGS_UPDATE_IF_NOEXIST,
+    Attached,
     Attachments,
+    AttachMethod,
+    Hook,
     SignalsHeld,
 )
 from imaptap.capture.live.errors import LiveError
-from imaptap.capture.live.interfaces import default_interface, link_kind, list_interfaces
+from imaptap.capture.live.interfaces import (
+    IFF_USABLE,
+    LinkChange,
+    LinkMessage,
+    LinkMonitor,
+    default_interface,
+    interface_index,
+    interface_usable,
+    link_kind,
+    list_interfaces,
+)
 from imaptap.capture.live.kernel import (
     MIN_KERNEL,
     bpf_syscall,
@@ -76,6 +97,7 @@ from imaptap.capture.live.kernel import (
     prog_name_by_id,
     prog_owner,
 )
+from imaptap.capture.live.memory import MemoryUse, give_back
 from imaptap.capture.live.policy import KernelPayloadPolicy, kernel_flow_key
 from imaptap.capture.live.ring import (
     ADDR_CACHE_MAX,
@@ -96,20 +118,45 @@ if TYPE_CHECKING:  # both are imported only when a capture starts
     from pyroute2 import IPRoute
 
 __all__ = [
-    "ADDR_CACHE_MAX", "BUSY_RATE", "EVENT_HEADER", "LINGER_S", "MAX_BATCH", "MAX_RING_BYTES", "MIN_KERNEL",
-    "PERF_PAGES_PER_CPU", "PERF_PAYLOAD_CAP", "PROG_PREFIX", "PROG_TC_EG", "PROG_TC_IN", "PROG_XDP",
+    "ADDR_CACHE_MAX", "ATTACH_ENV", "BUSY_RATE", "EVENT_HEADER", "LINGER_S", "MAX_BATCH", "MAX_RING_BYTES",
+    "MIN_KERNEL", "PERF_PAGES_PER_CPU", "PERF_PAYLOAD_CAP", "PROG_PREFIX", "PROG_TC_EG", "PROG_TC_IN", "PROG_XDP",
     "RATE_WINDOW_S", "RING_PAGES", "TC_HANDLE", "TC_PARENT_EGRESS", "TC_PARENT_INGRESS", "TC_PRIO",
     "WHOLE_PAYLOAD_CAP", "XDP_FLAGS_DRV_MODE", "XDP_FLAGS_REPLACE", "XDP_FLAGS_SKB_MODE",
-    "XDP_FLAGS_UPDATE_IF_NOEXIST", "EventHeader", "KernelConfig", "KernelCounters", "KernelFlowKey",
-    "KernelPayloadPolicy", "LiveCapture", "LiveError", "bpf_source_dir", "bpf_syscall", "default_interface",
-    "has_ringbuf", "has_xdp_load_bytes", "imaptap_pids", "kernel_flow_key", "kernel_headers_present",
-    "kernel_version", "list_interfaces", "missing_capabilities", "prog_fd_by_id", "prog_holders", "prog_info",
-    "prog_name_by_id", "prog_owner", "program_cflags",
+    "XDP_FLAGS_UPDATE_IF_NOEXIST", "AttachMethod", "Attached", "EventHeader", "Hook", "KernelConfig",
+    "KernelCounters", "KernelFlowKey", "KernelPayloadPolicy", "LiveCapture", "LiveError", "MemoryUse", "ordinal",
+    "bpf_source_dir", "bpf_syscall", "default_interface", "has_ringbuf", "has_xdp_load_bytes", "imaptap_pids",
+    "kernel_flow_key", "kernel_headers_present", "kernel_version", "list_interfaces", "missing_capabilities",
+    "prog_fd_by_id", "prog_holders", "prog_info", "prog_name_by_id", "prog_owner", "program_cflags",
 ]
 
 # The old single module's private names that scripts/bench-live and tests/live call.
 _bpf = bpf_syscall
 _prog_holders = prog_holders
+
+#: Notes kept of what happened after the start (an interface gone, back, down, up): the latest
+#: ones, so a link that flaps for months cannot grow them; the counters keep the totals.
+RECENT_NOTES = 32
+#: The maps userspace reads or writes after the start; bcc's module goes once they are fetched.
+MAPS_USED = (MAP_CONFIG, MAP_COUNTERS, MAP_FLOW_MODES, MAP_EVENTS)
+
+
+def ordinal(n: int) -> str:
+    """1st, 2nd, 3rd, 4th, ... 11th, 12th, 13th, ... 21st: the notes of recurring events differ by it."""
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+@dataclass(slots=True)
+class WatchedInterface:
+    """An interface captured on, followed by name: where it is now and whether traffic crosses it."""
+
+    name: str
+    index: int | None
+    """Its index while our programs are on it; None while there is none of that name."""
+    usable: bool
+    """Up and running."""
+    refused: int | None = None
+    """An index the programs could not be attached to: not tried again until another comes."""
 
 
 class LiveCapture:
@@ -122,14 +169,17 @@ class LiveCapture:
     def __init__(self, interfaces: list[str], ports: set[int], snaplen: int,
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
                  taillen: int = DEFAULT_TAILLEN, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
-                 buffer_bytes: int | None = None, output: str | None = None, user: str | None = None) -> None:
+                 buffer_bytes: int | None = None, output: str | None = None, user: str | None = None,
+                 attach: str | None = None) -> None:
         """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
         (see `segment.split_payload`).  ``handshake_snaplen``: bytes copied from the start of
         a segment instead while the flow's handshake lasts (`PayloadMode.HANDSHAKE`; 0:
         never).  ``buffer_bytes``: ring buffer size (rounded up to a power-of-two number of
         pages; default RING_PAGES pages), like tcpdump's -B: room for bursts while the
         analyzer is busy.  ``output``: "ringbuf" or "perf" to force one
-        (tests); default: the ring buffer where the kernel has it."""
+        (tests); default: the ring buffer where the kernel has it.  ``attach``: "link" (BPF links
+        where the kernel has them, the default) or "netlink" (the fallback, forced); None reads
+        the environment variable ATTACH_ENV."""
         if not interfaces:
             raise LiveError("no interface to capture on")
         self.interfaces = list(dict.fromkeys(interfaces))
@@ -144,6 +194,11 @@ class LiveCapture:
         if output not in (None, "ringbuf", "perf"):
             raise ValueError(output)
         self._output = output
+        method = attach if attach is not None else os.environ.get(ATTACH_ENV) or AttachMethod.LINK.value
+        try:
+            self.attach_method = AttachMethod(method)
+        except ValueError:
+            raise LiveError(f"bad {ATTACH_ENV} {method!r}: use link or netlink") from None
         if not 0 <= snaplen <= WHOLE_PAYLOAD_CAP:
             raise LiveError(f"bad snap length {snaplen}: 0-{WHOLE_PAYLOAD_CAP}")
         if not 0 <= taillen <= WHOLE_PAYLOAD_CAP:
@@ -164,7 +219,22 @@ class LiveCapture:
         self.privileges: privileges.Dropped | None = None
         """`privileges.Dropped` once ``user`` was applied."""
         self.notes: list[str] = []
-        """Things the user should know about how the capture runs (fallbacks taken)."""
+        """Things the user should know about how the capture runs: fallbacks taken at the start,
+        then the latest RECENT_NOTES of what happened since (interfaces gone, back, down, up)."""
+        self._startup_notes = 0
+        self.memory: tuple[MemoryUse, MemoryUse] | None = None
+        """Resident memory once the programs were attached, before and after `memory.give_back`."""
+        self.interface_gone = 0
+        """Times an interface captured on went away (deleted, renamed)."""
+        self.interface_down = 0
+        """Times one went down (administratively, or lost its carrier or peer)."""
+        self.reattached = 0
+        """Times the programs were attached again to an interface that came back."""
+        self._ups = 0
+        self._watched: dict[str, WatchedInterface] = {}
+        self._links: LinkMonitor | None = None
+        self._veth_noted: set[str] = set()
+        self._map_fds: list[int] = []
         self.ringbuf = True
         self.xdp_modes: dict[str, str] = {}
         """Interface -> "native" or "skb" for interfaces with XDP attached."""
@@ -218,8 +288,10 @@ class LiveCapture:
                             f" kernel program copies with a perf buffer ({self.max_copy()})")
 
         self._ipr = IPRoute()
-        self._attachments = Attachments(self._ipr)
+        self._attachments = Attachments(self._ipr, self.attach_method)
         try:
+            # Listening first: an interface that goes while the programs are being attached is seen.
+            self._links = LinkMonitor()
             stale = self._attachments.find_stale(indexes, self.use_xdp)
             if not kernel_headers_present():
                 r = platform.release()
@@ -235,8 +307,15 @@ class LiveCapture:
                     if note is not None:
                         self.notes.append(note)
                 self._attach(indexes)
+            for name, index in indexes.items():
+                usable = self._link_flags(index) & IFF_USABLE == IFF_USABLE
+                self._watched[name] = WatchedInterface(name, index, usable)
+                if not usable:
+                    self.notes.append(f"{name} is down: nothing to capture on it until it is up")
+            self.memory = give_back()
             if self.user is not None:
                 self._drop_privileges(self.user)
+            self._startup_notes = len(self.notes)
         except BaseException:
             try:
                 self.close()
@@ -282,6 +361,19 @@ class LiveCapture:
         self._check_layout(bpf)
         bpf[MAP_CONFIG][ctypes.c_int(0)] = kernel_config(self.ports)
         self.policy.bind(bpf[MAP_FLOW_MODES])
+        self._release_module(bpf)
+
+    def _release_module(self, bpf: BPF) -> None:
+        """Let bcc's module go: the compiled program and LLVM's state behind it.  It holds the
+        map descriptors, so the tables used from now on get duplicates of theirs first."""
+        from bcc import libbcc
+
+        for name in MAPS_USED:
+            table = bpf[name]
+            table.map_fd = os.dup(table.map_fd)
+            self._map_fds.append(table.map_fd)
+        libbcc.lib.bpf_module_destroy(bpf.module)
+        bpf.module = None
 
     @staticmethod
     def _check_layout(b: BPF) -> None:
@@ -295,21 +387,132 @@ class LiveCapture:
     def _open_output(self) -> None:
         self._reader.open(self._bpf, self.ringbuf)
 
-    def _attach(self, indexes: dict[str, int]) -> None:
+    def _attach(self, indexes: dict[str, int]) -> list[str]:
+        """Put the programs on each interface; the notes for the user (fallbacks taken)."""
         attachments = self._attachments
         assert attachments is not None, "__enter__ opens netlink before it attaches"
-        tc = [(TC_PARENT_EGRESS, PROG_TC_EG)]
+        notes = []
+        tc = [(Hook.TC_EGRESS, PROG_TC_EG)]
         if not self.use_xdp:
-            tc.insert(0, (TC_PARENT_INGRESS, PROG_TC_IN))
-        for name, index in indexes.items():
-            if self.use_xdp:
-                mode = attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
-                self.xdp_modes[name] = mode
-                if mode == "native" and link_kind(self._ipr, index) == "veth":
-                    self.notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
-                                      " segmentation offload on its peer, which can cost most of the"
-                                      " throughput into it; --no-xdp captures with TC instead")
-            attachments.attach_tc(name, index, [(parent, prog, self._fns[prog].fd) for parent, prog in tc])
+            tc.insert(0, (Hook.TC_INGRESS, PROG_TC_IN))
+        try:
+            for name, index in indexes.items():
+                if self.use_xdp:
+                    mode = attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
+                    self.xdp_modes[name] = mode
+                    if mode == "native" and name not in self._veth_noted and link_kind(self._ipr, index) == "veth":
+                        self._veth_noted.add(name)
+                        notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
+                                     " segmentation offload on its peer, which can cost most of the"
+                                     " throughput into it; --no-xdp captures with TC instead")
+                attachments.attach_tc(name, index, [(hook, prog, self._fns[prog].fd) for hook, prog in tc])
+        finally:
+            notes[:0] = attachments.notes
+            attachments.notes.clear()
+            self.notes += notes
+        return notes
+
+    def _link_flags(self, index: int) -> int:
+        """The interface's flags as rtnetlink reports them (IFF_RUNNING included); 0 if unknown."""
+        try:
+            assert self._ipr is not None, "__enter__ opens netlink first"
+            return int(self._ipr.get_links(index)[0]["flags"])
+        except Exception:  # any failure: only a note depends on it
+            return 0
+
+    def hooks(self) -> list[Attached]:
+        """The programs on interfaces now: which hook of which interface, and how attached."""
+        return self._attachments.attached() if self._attachments is not None else []
+
+    # --- interfaces that come and go -----------------------------------------------------------
+
+    def _note(self, text: str) -> None:
+        """A note of something that happened while capturing; only the latest RECENT_NOTES stay."""
+        self.notes.append(text)
+        if len(self.notes) - self._startup_notes > RECENT_NOTES:
+            del self.notes[self._startup_notes]
+
+    def _watch_links(self) -> None:
+        """Act on the kernel's link messages since the last poll."""
+        if self._links is None or self._attachments is None:
+            return
+        messages = self._links.read()
+        if messages is None:  # some were lost: look at every interface afresh
+            self._look_again()
+            return
+        if not messages:
+            return
+        # A deleted link first goes down: its "down" is not worth a note of its own.
+        deleted = {m.ifindex for m in messages if m.change is LinkChange.DEL}
+        for message in messages:
+            for watched in self._watched.values():
+                self._follow(watched, message, deleted)
+
+    def _follow(self, watched: WatchedInterface, message: LinkMessage, deleted: set[int]) -> None:
+        if message.ifindex == watched.index:
+            if message.change is LinkChange.DEL or (message.name is not None and message.name != watched.name):
+                self._gone(watched)
+            elif message.usable != watched.usable and message.ifindex not in deleted:
+                self._usable(watched, message.usable)
+        elif (message.change is LinkChange.NEW and message.name == watched.name
+              and message.ifindex != watched.refused):
+            if watched.index is not None:
+                self._gone(watched)  # its own message was lost
+            self._back(watched, message.ifindex, message.usable)
+
+    def _look_again(self) -> None:
+        for watched in self._watched.values():
+            index = interface_index(watched.name)
+            if index != watched.index:
+                if watched.index is not None:
+                    self._gone(watched)
+                if index is not None and index != watched.refused:
+                    self._back(watched, index, interface_usable(watched.name))
+            elif index is not None and interface_usable(watched.name) != watched.usable:
+                self._usable(watched, not watched.usable)
+
+    def _gone(self, watched: WatchedInterface) -> None:
+        index, watched.index = watched.index, None
+        assert index is not None and self._attachments is not None
+        with SignalsHeld():
+            problems = self._attachments.undo_interface(index)
+        self.xdp_modes.pop(watched.name, None)
+        self.interface_gone += 1
+        self._note(f"{watched.name} is gone (the {ordinal(self.interface_gone)} time): capturing on it again"
+                   " when an interface of that name comes back; its flows stay open until they end as usual")
+        if problems:
+            self._note(f"could not take everything off {watched.name}: " + "; ".join(problems))
+
+    def _back(self, watched: WatchedInterface, index: int, usable: bool) -> None:
+        assert self._attachments is not None
+        watched.usable = usable
+        try:
+            with SignalsHeld():
+                notes = self._attach({watched.name: index})
+        except LiveError as exc:
+            watched.refused = index
+            with SignalsHeld():
+                self._attachments.undo_interface(index)  # what got on before the failure
+            self.xdp_modes.pop(watched.name, None)
+            self._note(f"{watched.name} is back, but imaptap cannot capture on it: {exc}")
+            return
+        for note in notes:  # _attach added them at the end: keep them among the bounded ones
+            self.notes.remove(note)
+            self._note(note)
+        watched.index, watched.refused = index, None
+        self.reattached += 1
+        self._note(f"{watched.name} is back (the {ordinal(self.reattached)} time, index {index}): capturing on"
+                   " it again" + ("" if usable else " once it is up"))
+
+    def _usable(self, watched: WatchedInterface, usable: bool) -> None:
+        watched.usable = usable
+        if usable:
+            self._ups += 1
+            self._note(f"{watched.name} is up (the {ordinal(self._ups)} time)")
+        else:
+            self.interface_down += 1
+            self._note(f"{watched.name} is down (the {ordinal(self.interface_down)} time): nothing to capture on"
+                       " it until it is up again")
 
     # --- stop ----------------------------------------------------------------------------------
 
@@ -322,6 +525,9 @@ class LiveCapture:
             self._teardown()
 
     def _teardown(self) -> None:
+        if self._links is not None:
+            self._links.close()
+            self._links = None
         problems = self._attachments.undo_all() if self._attachments is not None else []
         if self._bpf is not None:
             self._reader.close()
@@ -329,6 +535,8 @@ class LiveCapture:
             bpf, self._bpf = self._bpf, None
             self.policy.unbind()
             _close_bpf(bpf)
+        while self._map_fds:
+            os.close(self._map_fds.pop())
         if self._ipr is not None:
             self._ipr.close()
             self._ipr = None
@@ -341,18 +549,23 @@ class LiveCapture:
         """Segments received since the last call, in arrival order; waits up to timeout_ms for the first.
 
         After the capture is closed, one more call returns the segments that were still in the
-        buffer when it was detached (then nothing)."""
+        buffer when it was detached (then nothing).  Interfaces that went or came back since the
+        last call are dealt with first."""
+        self._watch_links()
         return self._reader.poll(timeout_ms)
 
     def counters(self) -> dict[str, int]:
-        """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed)
-        and userspace ones (received, malformed, perf_lost, policy_errors)."""
+        """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed),
+        userspace ones (received, malformed, perf_lost, policy_errors), and the interfaces'
+        (interface_gone, interface_down, reattached; interfaces_unavailable: gone or down now)."""
         kernel = kernel_counters(self._bpf) if self._bpf is not None else self._final_counters
         out = dict(kernel or dict.fromkeys(COUNTER_NAMES, 0))
         reader = self._reader
         out["lost"] += reader.perf_lost
         out.update(received=reader.received, malformed=reader.malformed, perf_lost=reader.perf_lost,
-                   policy_errors=self.policy.kernel_errors)
+                   policy_errors=self.policy.kernel_errors, interface_gone=self.interface_gone,
+                   interface_down=self.interface_down, reattached=self.reattached,
+                   interfaces_unavailable=sum(1 for w in self._watched.values() if w.index is None or not w.usable))
         return out
 
 

@@ -6,6 +6,9 @@ kernels) the distribution's generic headers linked there are sound; scripts/setu
 
 The bpf(2) wrappers recognise programs by id without bpftool: which are loaded, by whom, under
 what name.  That is how a start tells a running imaptap from the stale programs of a killed one.
+They also create and detach BPF links (XDP from 5.9, TCX from 6.6), which bcc has no call for:
+a link belongs to the file descriptor that created it, so the kernel takes the program off the
+interface when the process ends, however it ends.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ from imaptap.privileges import CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMI
 MIN_KERNEL = (5, 3)
 #: bpf_xdp_load_bytes and bpf_xdp_get_buff_len, which the XDP variant calls, arrived in 5.18.
 XDP_LOAD_BYTES_KERNEL = (5, 18)
+#: BPF links for XDP (BPF_LINK_CREATE with BPF_XDP) and BPF_LINK_DETACH arrived in 5.9.
+XDP_LINK_KERNEL = (5, 9)
+#: TCX, BPF links on a device's TC ingress and egress without a qdisc, arrived in 6.6.
+TCX_KERNEL = (6, 6)
 
 
 def missing_capabilities() -> list[str]:
@@ -67,6 +74,16 @@ def has_xdp_load_bytes() -> bool:
     return kernel_version() >= XDP_LOAD_BYTES_KERNEL
 
 
+def has_xdp_link() -> bool:
+    """Whether the kernel attaches XDP programs through BPF links (5.9+)."""
+    return kernel_version() >= XDP_LINK_KERNEL
+
+
+def has_tcx() -> bool:
+    """Whether the kernel has TCX links for TC programs (6.6+)."""
+    return kernel_version() >= TCX_KERNEL
+
+
 def kernel_headers_present() -> bool:
     """Whether BCC will find headers to compile the program against."""
     release = platform.release()
@@ -80,8 +97,25 @@ def kernel_headers_present() -> bool:
 
 _BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "loongarch64": 280, "ppc64le": 361,
                 "ppc64": 361, "s390x": 351, "armv7l": 386, "armv6l": 386, "i686": 357, "i386": 357}
-_BPF_MAP_CREATE, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD = 0, 13, 15
+_BPF_MAP_CREATE, _BPF_PROG_GET_FD_BY_ID, _BPF_OBJ_GET_INFO_BY_FD, _BPF_PROG_QUERY = 0, 13, 15, 16
+_BPF_LINK_CREATE, _BPF_LINK_DETACH = 28, 34
 _BPF_MAP_TYPE_RINGBUF = 27
+#: enum bpf_attach_type values of the hooks imaptap links programs to.
+BPF_XDP, BPF_TCX_INGRESS, BPF_TCX_EGRESS = 37, 46, 47
+#: TCX: put the program before every other one on the hook (no relative program given), as the
+#: classic filter's priority 1 put it before filters of tc's default priority.
+BPF_F_BEFORE = 1 << 3
+# LINK_CREATE: prog_fd, target_ifindex, attach_type, flags, then the per-type union (for TCX:
+# relative_fd, expected_revision); LINK_DETACH: link_fd.  PROG_QUERY: target_ifindex,
+# attach_type, query_flags, attach_flags, prog_ids (a pointer), prog_cnt (in: room, out: count),
+# then prog_attach_flags, link_ids, link_attach_flags (pointers, left 0) and revision, which a
+# TCX query writes back at offset 56 whatever length it is given: the attribute must hold it.
+_LINK_CREATE_ATTR_LEN = 32
+_LINK_DETACH_ATTR_LEN = 4
+_PROG_QUERY_ATTR_LEN = 64
+#: Program ids one query returns at most: a hook with more programs than this is not ours alone,
+#: and only imaptap's own (named imaptap_*) are looked at.
+PROG_QUERY_MAX = 64
 # union bpf_attr as each command reads it: MAP_CREATE through map_extra; PROG_GET_FD_BY_ID
 # (prog_id, next_id, open_flags) and OBJ_GET_INFO_BY_FD (bpf_fd, info_len, info) fit in 16 bytes.
 _MAP_CREATE_ATTR_LEN = 72
@@ -107,6 +141,37 @@ def bpf_syscall(cmd: int, attr: ctypes.Array) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e))
     return ret
+
+
+def link_create(prog_fd: int, ifindex: int, attach_type: int, flags: int = 0) -> int:
+    """Attach program ``prog_fd`` to interface ``ifindex`` through a new BPF link; its fd (close-on-exec).
+
+    For BPF_XDP ``flags`` are XDP_FLAGS_*_MODE, for TCX the BPF_F_* placement flags."""
+    attr = (ctypes.c_uint8 * _LINK_CREATE_ATTR_LEN)()
+    struct.pack_into("<IIII", attr, 0, prog_fd, ifindex, attach_type, flags)
+    return bpf_syscall(_BPF_LINK_CREATE, attr)
+
+
+def link_detach(link_fd: int) -> None:
+    """Take a link's program off its hook now, whoever else still holds the link (5.9+)."""
+    attr = (ctypes.c_uint8 * _LINK_DETACH_ATTR_LEN)()
+    struct.pack_into("<I", attr, 0, link_fd)
+    bpf_syscall(_BPF_LINK_DETACH, attr)
+
+
+def tcx_prog_ids(ifindex: int, attach_type: int) -> list[int]:
+    """Ids of the programs on one TCX hook of an interface, in the order they run; [] before 6.6."""
+    ids = (ctypes.c_uint32 * PROG_QUERY_MAX)()
+    attr = (ctypes.c_uint8 * _PROG_QUERY_ATTR_LEN)()
+    struct.pack_into("<IIIIQI", attr, 0, ifindex, attach_type, 0, 0, ctypes.addressof(ids), PROG_QUERY_MAX)
+    try:
+        bpf_syscall(_BPF_PROG_QUERY, attr)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # more than PROG_QUERY_MAX: the first ones were filled in
+            return list(ids)
+        return []  # no TCX in this kernel (EINVAL), or no such interface
+    count = struct.unpack_from("<I", attr, 24)[0]
+    return list(ids[:min(count, PROG_QUERY_MAX)])
 
 
 def has_ringbuf() -> bool:
