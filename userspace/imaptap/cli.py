@@ -470,7 +470,8 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
     started = time.monotonic()
     try:
         if pipeline is not None:
-            pipeline.run(stop=_stop.__len__, on_open=_say_notes)
+            notes = _NotesEcho(pipeline.source)
+            pipeline.run(stop=_stop.__len__, on_open=notes.opened, on_tick=notes.tick)
     except KeyboardInterrupt:  # before the handlers were in place
         _stop.append(signal.SIGINT)
     finally:
@@ -557,14 +558,33 @@ def password_fingerprint(path: str | None) -> PasswordFingerprint:
     return PasswordFingerprint(key)
 
 
-def _say_notes(source: Source) -> None:
-    """The source is open: what the user should know, then the readiness line (live), which
-    the service manager hears too."""
-    for note in source.notes():
-        print(f"imaptap: {note}", file=sys.stderr)
-    listening = source.listening()
-    if listening is not None:
-        print(f"imaptap: {listening}", file=sys.stderr, flush=True)
-        from imaptap.sdnotify import notify
+class _NotesEcho:
+    """Says each of the source's notes once on stderr: those of the start when it opens, then
+    the readiness line (live), which the service manager hears too; and what happens later (an
+    interface gone, back, down, up) at the tick after it happened."""
 
-        notify(f"READY=1\nSTATUS={listening}")
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.said: set[str] = set()
+        self._last: tuple[str, ...] = ()
+
+    def opened(self, source: Source) -> None:
+        """The source is open: its notes so far, then the readiness line."""
+        self.tick()
+        listening = source.listening()
+        if listening is not None:
+            print(f"imaptap: {listening}", file=sys.stderr, flush=True)
+            from imaptap.sdnotify import notify
+
+            notify(f"READY=1\nSTATUS={listening}")
+
+    def tick(self) -> None:
+        """The notes that came since the last call."""
+        notes = self.source.notes()
+        if notes == self._last:  # nearly every tick: nothing new
+            return
+        for note in notes:
+            if note not in self.said:
+                print(f"imaptap: {note}", file=sys.stderr, flush=True)
+        self.said = set(notes)  # only what the source still keeps: a bounded set
+        self._last = notes

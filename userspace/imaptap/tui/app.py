@@ -445,6 +445,9 @@ class ImaptapApp(App[int]):
             for name in ("copy_failed", "malformed", "policy_errors"):
                 if c.get(name):
                     out.append(f" {name} {display.count(c[name])}", "bold red")
+            unavailable = c.get("interfaces_unavailable", 0)
+            if unavailable:
+                out.append(f" · {_n(unavailable, 'interface')} gone or down", "bold white on red")
         let_go = self.store.evicted + st.ended_dropped
         if let_go:
             out.append(f" · {let_go:,} old ended flows no longer kept", "dim")
