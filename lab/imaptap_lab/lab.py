@@ -630,22 +630,8 @@ class Lab:
             _run(["ip", "netns", "add", self.netns])
             _run(["ip", "link", "add", self.host_if, "type", "veth",
                   "peer", "name", self.ns_if, "netns", self.netns])
-        ns = ["ip", "-n", self.netns]
-        _run(["ip", "addr", "add", f"{self.client4}/{IPV4_PREFIXLEN}", "dev", self.host_if])
-        _run(["ip", "addr", "add", f"{self.client6}/{IPV6_PREFIXLEN}", "dev", self.host_if,
-              "nodad"])
-        _run(ns + ["addr", "add", f"{self.server4}/{IPV4_PREFIXLEN}", "dev", self.ns_if])
-        _run(ns + ["addr", "add", f"{self.server6}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
-                   "nodad"])
-        _run(ns + ["addr", "add", f"{self.server6_strict}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
-                   "nodad"])
-        _run(ns + ["link", "set", "lo", "up"])
-        _run(ns + ["link", "set", self.ns_if, "up"])
-        _run(["ip", "link", "set", self.host_if, "up"])
-        if not self.offloads:
-            _set_tx_checksum(self.host_if, False)
-            self.run_in_ns([sys.executable, "-m", "imaptap_lab.lab", "_tx-checksum", self.ns_if,
-                            "off"])
+        _run(["ip", "-n", self.netns, "link", "set", "lo", "up"])
+        self._configure_veth()
         state.tmpdir = tempfile.mkdtemp(prefix=TMPDIR_PREFIX)
         state.save()
         os.chmod(state.tmpdir, 0o755)  # login, auth and mail processes run unprivileged
@@ -658,6 +644,40 @@ class Lab:
                 self._command = cyrus.write_files(self.tmpdir, self.users, IMAP_PORT, ALT_IMAP_PORT)
             except (cyrus.CyrusError, OSError, subprocess.SubprocessError) as err:
                 raise LabError(f"Cyrus: {err}") from None
+
+    def _configure_veth(self) -> None:
+        """Addresses on both ends of the veth, both up, offloads as the lab was asked for."""
+        ns = ["ip", "-n", self.netns]
+        _run(["ip", "addr", "add", f"{self.client4}/{IPV4_PREFIXLEN}", "dev", self.host_if])
+        _run(["ip", "addr", "add", f"{self.client6}/{IPV6_PREFIXLEN}", "dev", self.host_if,
+              "nodad"])
+        _run(ns + ["addr", "add", f"{self.server4}/{IPV4_PREFIXLEN}", "dev", self.ns_if])
+        _run(ns + ["addr", "add", f"{self.server6}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
+                   "nodad"])
+        _run(ns + ["addr", "add", f"{self.server6_strict}/{IPV6_PREFIXLEN}", "dev", self.ns_if,
+                   "nodad"])
+        _run(ns + ["link", "set", self.ns_if, "up"])
+        _run(["ip", "link", "set", self.host_if, "up"])
+        if not self.offloads:
+            _set_tx_checksum(self.host_if, False)
+            self.run_in_ns([sys.executable, "-m", "imaptap_lab.lab", "_tx-checksum", self.ns_if,
+                            "off"])
+
+    # -- the veth, as a container's restart treats it --
+    def remove_veth(self) -> None:
+        """Delete the veth pair, as a container's restart does (both ends go; the server stays)."""
+        _run(["ip", "link", "del", self.host_if])
+
+    def restore_veth(self) -> None:
+        """Make the veth pair again, same names and addresses: a new interface of the same name."""
+        with _locked():  # the reaper of dead labs looks at veth names
+            _run(["ip", "link", "add", self.host_if, "type", "veth",
+                  "peer", "name", self.ns_if, "netns", self.netns])
+        self._configure_veth()
+
+    def set_link(self, up: bool) -> None:
+        """Take the root end of the veth down, or up again (``ip link set ... down|up``)."""
+        _run(["ip", "link", "set", self.host_if, "up" if up else "down"])
 
     def _start_server(self) -> None:
         state = self._require_state()
