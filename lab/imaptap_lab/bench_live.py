@@ -79,6 +79,7 @@ from pathlib import Path
 from imaptap_lab.checkout import USERSPACE, VENV_PYTHON
 from imaptap_lab.lab import Lab
 from imaptap_lab.mail import filler_mail
+from imaptap_lab.programs import capturing
 from imaptap_lab.rounds import format_quartiles, quartiles, rotated
 
 PYTHON = str(VENV_PYTHON) if VENV_PYTHON.exists() else sys.executable
@@ -151,12 +152,6 @@ def ksoftirqd_pids() -> list[int]:
     return out
 
 
-def tc_filters(iface: str, direction: str) -> str:
-    """`tc filter show` of one direction of ``iface``."""
-    return subprocess.run(["tc", "filter", "show", "dev", iface, direction], capture_output=True, text=True,
-                          check=False).stdout
-
-
 class Nothing:
     """The baseline arm: nothing attached."""
     def __init__(self) -> None:
@@ -181,8 +176,8 @@ class Imaptap:
                                          stdin=subprocess.DEVNULL, stderr=f, text=True, env=env)
         self.pids = [self.proc.pid]
         deadline = time.monotonic() + 60
-        # The egress filter is attached last: once it is there, everything is.
-        while "imaptap_tc_eg" not in tc_filters(iface, "egress"):
+        # The egress program is attached last: once it is there, everything is.
+        while not capturing(iface):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 if self.proc.poll() is None:
                     self.proc.send_signal(signal.SIGINT)   # it detaches what it attached

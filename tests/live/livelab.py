@@ -32,6 +32,7 @@ import pytest
 
 from imaptap.capture.live import LiveCapture
 from imaptap.segment import DEFAULT_TAILLEN, Segment, TcpFlag, split_payload
+from imaptap_lab.programs import programs_on
 
 if TYPE_CHECKING:
     from imaptap_lab.lab import Lab
@@ -184,6 +185,10 @@ class NetLab:
 
     def xdp_attached(self) -> bool:
         return "prog/xdp" in run("ip", "-d", "link", "show", "dev", self.host_if).stdout
+
+    def programs(self) -> set[tuple[str, str, str]]:
+        """(hook, how, name) of each imaptap program on the host end: TCX links, filters, XDP."""
+        return {(p.hook, p.method, p.name) for p in programs_on(self.host_if)}
 
     def tc_filters(self, direction: str) -> str:
         return run("tc", "filter", "show", "dev", self.host_if, direction, check=False).stdout.strip()

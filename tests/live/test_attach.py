@@ -1,7 +1,8 @@
 """Attaching and detaching: nothing left behind, stale programs replaced, others respected.
 
 Runs on a veth into a private namespace with a tiny IMAP-shaped server (conftest.py): these
-tests are about the programs on the interface, not about IMAP.
+tests are about the programs on the interface, not about IMAP.  Both ways of attaching run:
+BPF links (XDP links and TCX, this kernel has both) and the netlink fallback.
 """
 
 from __future__ import annotations
@@ -19,35 +20,58 @@ import time
 import pytest
 
 from imaptap.capture import live
-from imaptap.capture.live import LiveCapture, LiveError
-from imaptap.segment import flow_key
+from imaptap.capture.live import AttachMethod, Hook, LiveCapture, LiveError
+from imaptap.segment import PayloadMode, flow_key
+from imaptap_lab.programs import prog_loaded, programs_on
 from livelab import ROOT, SERVER_PORT, Client, both_fins, check_stream, collect, of_client
 
 pytestmark = pytest.mark.live
 
 
-def test_detach_leaves_nothing_behind(netlab):
+METHODS = ["link", "netlink"]
+#: How each attach method shows from outside (programs_on), per hook.
+SEEN_AS = {"link": {"xdp": "link or netlink", "tc": "tcx"}, "netlink": {"xdp": "link or netlink", "tc": "netlink"}}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_detach_leaves_nothing_behind(netlab, method):
     assert not netlab.has_clsact()
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, handshake_snaplen=0) as cap:
-        assert netlab.xdp_attached()
-        assert "imaptap_tc_eg" in netlab.tc_filters("egress")
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, handshake_snaplen=0, attach=method) as cap:
+        seen = SEEN_AS[method]
+        assert netlab.programs() == {("xdp", seen["xdp"], "imaptap_xdp"), ("tc egress", seen["tc"], "imaptap_tc_eg")}
+        assert {(a.hook, a.method) for a in cap.hooks()} == {(Hook.XDP, AttachMethod(method)),
+                                                            (Hook.TC_EGRESS, AttachMethod(method))}
+        # TCX needs no qdisc; the netlink filter does
+        assert netlab.has_clsact() == (method == "netlink")
         assert cap.xdp_modes == {netlab.host_if: "native"}
         # the lab's interface is a veth: the user is told what native XDP costs there
         assert any(n.startswith(f"{netlab.host_if} is a veth") and "--no-xdp" in n for n in cap.notes)
-    assert not netlab.xdp_attached()
-    assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
+        c = Client(netlab.server4)
+        c.command("a1", "NOOP")
+        c.logout()
+        segs = collect(cap, both_fins(c))
+    check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)  # egress: the server's side
+    check_stream(of_client(segs, c), c.port, bytes(c.sent), 256)            # ingress
+    assert netlab.programs() == set()
     assert not netlab.has_clsact()
 
 
-def test_detach_on_exception_and_no_xdp(netlab):
+@pytest.mark.parametrize("method", METHODS)
+def test_detach_on_exception_and_no_xdp(netlab, method):
     with pytest.raises(RuntimeError):
-        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False) as cap:
+        with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=False, attach=method) as cap:
             assert not netlab.xdp_attached() and not any("veth" in n for n in cap.notes)
-            assert "imaptap_tc_in" in netlab.tc_filters("ingress")
+            tc = SEEN_AS[method]["tc"]
+            assert netlab.programs() == {("tc ingress", tc, "imaptap_tc_in"), ("tc egress", tc, "imaptap_tc_eg")}
             raise RuntimeError("boom")
-    assert not netlab.xdp_attached()
-    assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
+    assert netlab.programs() == set()
     assert not netlab.has_clsact()
+
+
+def test_a_bad_attach_method_is_one_line(monkeypatch):
+    monkeypatch.setenv(live.ATTACH_ENV, "ioctl")
+    with pytest.raises(LiveError, match="bad IMAPTAP_ATTACH 'ioctl': use link or netlink"):
+        LiveCapture(["lo"], {143}, 256)
 
 
 def test_segments_still_buffered_at_close_come_with_the_last_poll(netlab):
@@ -70,9 +94,10 @@ def test_an_interface_removed_while_capturing_is_no_error(netlab):
     assert netlab.host_if not in {name for _, name in socket.if_nameindex()}
 
 
-def test_clsact_of_someone_else_stays(netlab):
+@pytest.mark.parametrize("method", METHODS)
+def test_clsact_of_someone_else_stays(netlab, method):
     subprocess.run(["tc", "qdisc", "add", "dev", netlab.host_if, "clsact"], check=True)
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, attach=method):
         pass
     assert netlab.has_clsact()
     assert netlab.tc_filters("egress") == ""
@@ -91,15 +116,15 @@ CAPTURE_SCRIPT = textwrap.dedent('''
     sys.path.insert(0, {userspace!r})
     from imaptap.capture.live import LiveCapture
     signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-    with LiveCapture([{iface!r}], {{143}}, 256, use_xdp={use_xdp!r}) as cap:
+    with LiveCapture([{iface!r}], {{143}}, 256, use_xdp={use_xdp!r}, attach={method!r}) as cap:
         print("ready", flush=True)
         while True:
             cap.poll(100)
 ''')
 
 
-def start_capture_process(iface: str, use_xdp: bool = True) -> subprocess.Popen:
-    script = CAPTURE_SCRIPT.format(userspace=str(ROOT / "userspace"), iface=iface, use_xdp=use_xdp)
+def start_capture_process(iface: str, use_xdp: bool = True, method: str = "link") -> subprocess.Popen:
+    script = CAPTURE_SCRIPT.format(userspace=str(ROOT / "userspace"), iface=iface, use_xdp=use_xdp, method=method)
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.strip() == "ready", "capture process did not start"
@@ -107,14 +132,26 @@ def start_capture_process(iface: str, use_xdp: bool = True) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("use_xdp", [True, False], ids=["xdp", "tc-only"])
-def test_after_sigkill_the_next_capture_replaces_the_stale_programs(netlab, use_xdp):
+def test_after_sigkill_with_links_nothing_is_left(netlab, use_xdp):
     proc = start_capture_process(netlab.host_if, use_xdp)
+    attached = programs_on(netlab.host_if)
+    assert {p.name for p in attached} == ({"imaptap_xdp"} if use_xdp else {"imaptap_tc_in"}) | {"imaptap_tc_eg"}
     proc.kill()
     proc.wait()
-    # SIGKILL leaves the program attached, running for nobody.
+    assert netlab.programs() == set() and not netlab.has_clsact()
+    assert not any(prog_loaded(p.prog_id) for p in attached)  # unloaded, not only off the interface
+
+
+@pytest.mark.parametrize("use_xdp", [True, False], ids=["xdp", "tc-only"])
+def test_after_sigkill_the_next_capture_replaces_the_stale_programs(netlab, use_xdp):
+    proc = start_capture_process(netlab.host_if, use_xdp, method="netlink")
+    proc.kill()
+    proc.wait()
+    # With netlink, SIGKILL leaves the program attached, running for nobody.
     assert netlab.xdp_attached() == use_xdp
     assert "imaptap_tc_eg" in netlab.tc_filters("egress")
-    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp, handshake_snaplen=0) as cap:
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp, handshake_snaplen=0,
+                     attach="netlink") as cap:
         assert any("stale" in note for note in cap.notes)
         filters = [line for line in netlab.tc_filters("egress").splitlines() if "handle" in line]
         assert len(filters) == 1 and f"imaptap_tc_eg pid {os.getpid()}" in filters[0]
@@ -127,27 +164,30 @@ def test_after_sigkill_the_next_capture_replaces_the_stale_programs(netlab, use_
     assert netlab.tc_filters("egress") == "" and netlab.tc_filters("ingress") == ""
 
 
-def test_a_running_capture_is_not_replaced(netlab):
-    proc = start_capture_process(netlab.host_if)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("use_xdp", [True, False], ids=["xdp", "tc-only"])
+def test_a_running_capture_is_not_replaced(netlab, method, use_xdp):
+    proc = start_capture_process(netlab.host_if, use_xdp, method)
     try:
+        before = netlab.programs()
+        # found by its XDP program, its TCX programs, or its filters' names, whichever it has
         with pytest.raises(LiveError, match=rf"imaptap \(pid {proc.pid}\) is already capturing"):
-            with LiveCapture([netlab.host_if], {SERVER_PORT}, 256):
+            with LiveCapture([netlab.host_if], {SERVER_PORT}, 256, use_xdp=use_xdp, attach=method):
                 pass
-        assert netlab.xdp_attached()
+        assert netlab.programs() == before
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0
     # The running one cleaned up after itself on SIGTERM.
-    assert not netlab.xdp_attached()
-    assert netlab.tc_filters("egress") == ""
+    assert netlab.programs() == set()
 
 
-def test_sigint_detaches(netlab):
-    proc = start_capture_process(netlab.host_if)
+@pytest.mark.parametrize("method", METHODS)
+def test_sigint_detaches(netlab, method):
+    proc = start_capture_process(netlab.host_if, method=method)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=10)
-    assert not netlab.xdp_attached()
-    assert netlab.tc_filters("egress") == "" and not netlab.has_clsact()
+    assert netlab.programs() == set() and not netlab.has_clsact()
 
 
 OTHER_XDP = b"int other_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
@@ -275,3 +315,40 @@ def test_kernel_flow_key_is_canonical():
     assert bytes(c.addr_a[:4]) == socket.inet_aton("10.0.0.9")
     v6 = live.kernel_flow_key(flow_key("fd00::2", 143, "fd00::1", 40000))
     assert v6.ip_version == 6 and bytes(v6.addr_a) == socket.inet_pton(socket.AF_INET6, "fd00::2")
+
+
+# --- memory and descriptors ---------------------------------------------------------------------
+
+
+def compiler_code_resident_kb() -> int:
+    """Resident KB of the r-x (code) mappings of clang's and LLVM's libraries in this process."""
+    total, code = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if "-" in fields[0] and not fields[0].endswith(":"):
+                code = len(fields) > 5 and fields[1].startswith("r-x") and \
+                    os.path.basename(fields[5]).startswith(("libLLVM", "libclang"))
+            elif code and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def test_what_compiling_left_behind_is_given_back_and_nothing_leaks(netlab):
+    fds = set(os.listdir("/proc/self/fd"))
+    with LiveCapture([netlab.host_if], {SERVER_PORT}, 256) as cap:
+        # LLVM's code, megabytes of it while compiling, is not resident any more
+        assert compiler_code_resident_kb() < 1024
+        (before, after) = cap.memory
+        assert before.file - after.file > 20 << 20 and before.anonymous - after.anonymous > 10 << 20
+        assert cap._bpf.module is None  # bcc's module went; the maps are read through duplicates
+        c = Client(netlab.server4)
+        c.command("a1", "NOOP")
+        c.logout()
+        segs = collect(cap, both_fins(c))
+        key = flow_key(netlab.client4, c.port, netlab.server4, SERVER_PORT)
+        cap.policy.set(key, PayloadMode.NONE)  # a write to the flow_modes map
+        counters = cap.counters()
+        assert cap.policy.kernel_errors == 0 and counters["submitted"] == counters["received"] > 0
+    check_stream(of_client(segs, c), SERVER_PORT, bytes(c.received), 256)
+    assert set(os.listdir("/proc/self/fd")) == fds  # links, map duplicates, netlink sockets: all closed

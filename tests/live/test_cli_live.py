@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from imaptap_lab.programs import capturing, programs_on
 from livelab import ROOT, dropped_uid
 
 FACTS = ("username", "auth_command", "auth_mechanism", "login_ok", "login_failures", "starttls",
@@ -62,15 +63,14 @@ def env() -> dict[str, str]:
 
 
 def attached(ifname: str) -> bool:
-    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "egress"], capture_output=True, text=True).stdout
-    return "imaptap" in out
+    return capturing(ifname)  # its egress program, a TCX link or a filter
 
 
 def assert_stopped_cleanly(proc: subprocess.Popen, err: str, ifname: str) -> None:
-    """Exit 0 without a traceback, and neither TC filter nor XDP program left on ``ifname``."""
+    """Exit 0 without a traceback, and neither TC program nor XDP program left on ``ifname``."""
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    assert not attached(ifname)
+    assert programs_on(ifname) == []
     assert "xdp" not in subprocess.run(["ip", "link", "show", ifname], capture_output=True, text=True).stdout
 
 

@@ -286,6 +286,27 @@ def test_lost_segments_are_red_in_the_status_line():
     run(go())
 
 
+def test_an_interface_gone_shows_in_the_status_line():
+    async def go():
+        source = StepSource(counters={"seen": 100, "matched": 10, "submitted": 10, "lost": 0,
+                                      "interface_gone": 1, "interfaces_unavailable": 1})
+        source.live = True
+        app = step_app(source)
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.status is not None and app.status.counters is not None)
+            await pilot.pause(0.05)
+            status = app.query_one("#status").content
+            text = status.plain
+            assert "1 interface gone or down" in text
+            start = text.index("1 interface gone")
+            assert any("red" in str(s.style) for s in status.spans if s.start <= start < s.end)
+            source.fake_counters = dict(source.fake_counters, interfaces_unavailable=0)  # it came back
+            await wait_for(pilot, lambda: "gone or down" not in app.query_one("#status").content.plain)
+            await pilot.press("q")
+
+    run(go())
+
+
 def test_a_cut_capture_shows_what_it_read_and_exits_2(tmp_path):
     data = open(_pcap_path("login-atom.pcap"), "rb").read()
     cut = tmp_path / "cut.pcap"
