@@ -3,13 +3,14 @@
 Live capture needs root (or CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON) to load and attach its
 programs.  After that, the process only reads a ring buffer through descriptors it already
 holds, writes to files it already opened, updates one BPF map (a flow turned encrypted or
-compressed) and, at the end, detaches its programs.  `drop` takes it down to that:
+compressed), attaches its loaded programs to an interface that came back and, at the end,
+detaches them.  `drop` takes it down to that:
 
 - the user and group become an unprivileged user's (``nobody`` by default), with no
   supplementary groups;
-- of all capabilities, only CAP_NET_ADMIN (detaching the XDP program and the TC filters is a
-  netlink request) and CAP_BPF (the map updates; CAP_SYS_ADMIN on kernels older than CAP_BPF)
-  stay, and every other one leaves the bounding set too;
+- of all capabilities, only CAP_NET_ADMIN (detaching the programs, and attaching them again to
+  an interface that came back) and CAP_BPF (the map updates and BPF links; CAP_SYS_ADMIN on
+  kernels older than CAP_BPF) stay, and every other one leaves the bounding set too;
 - no_new_privs is set, so nothing it could execute gains privileges.
 
 Python imports modules lazily, so the new user must be able to read the interpreter's
