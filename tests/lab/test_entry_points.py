@@ -14,7 +14,9 @@ from imaptap_lab import (
     bench_flood,
     bench_flood_live,
     bench_live,
+    bench_memory,
     bench_replay,
+    bench_soak,
     bench_tui,
     bench_workers,
     checkout,
@@ -41,6 +43,8 @@ ENTRY_POINTS = {
     "bench-flood": (bench_flood, ["--only", "--flows", "--max-flows"]),
     "bench-flood-live": (bench_flood_live, ["--flows"]),
     "bench-workers": (bench_workers, ["--rounds", "--file"]),
+    "bench-memory": (bench_memory, ["--rounds"]),
+    "bench-soak": (bench_soak, ["--minutes", "--warmup"]),
     "bench-tui": (bench_tui, ["--flows", "--rate", "--seconds", "--syn-flood"]),
     "fuzz": (fuzz, ["imap_stream", "capture_file", "--seconds", "--corpus", "--jobs"]),
     "tui-screenshot": (tui_screenshot, ["OUT.svg"]),
@@ -77,6 +81,8 @@ def test_defaults_of_the_benchmarks_are_the_readme_s():
     assert (tui.flows, tui.rate, tui.seconds, tui.syn_flood) == (10_000, 5000.0, 10.0, False)
     assert bench_flood_live.build_parser().parse_args([]).flows == 100_000
     assert bench_flood.build_parser().parse_args([]).max_flows == 32768
+    soak = bench_soak.build_parser().parse_args([])
+    assert (soak.minutes, soak.warmup) == (30.0, 5.0)  # the half hour, the README's warm-up
 
 
 def test_make_captures_writes_into_pcaps_unless_told():
