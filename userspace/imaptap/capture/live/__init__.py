@@ -306,7 +306,7 @@ class LiveCapture:
                     note = item.remove(self._ipr)
                     if note is not None:
                         self.notes.append(note)
-                self._attach(indexes)
+                self.notes += self._attach(indexes)
             for name, index in indexes.items():
                 usable = self._link_flags(index) & IFF_USABLE == IFF_USABLE
                 self._watched[name] = WatchedInterface(name, index, usable)
@@ -391,26 +391,22 @@ class LiveCapture:
         """Put the programs on each interface; the notes for the user (fallbacks taken)."""
         attachments = self._attachments
         assert attachments is not None, "__enter__ opens netlink before it attaches"
-        notes = []
+        attachments.notes.clear()
+        veth_notes = []
         tc = [(Hook.TC_EGRESS, PROG_TC_EG)]
         if not self.use_xdp:
             tc.insert(0, (Hook.TC_INGRESS, PROG_TC_IN))
-        try:
-            for name, index in indexes.items():
-                if self.use_xdp:
-                    mode = attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
-                    self.xdp_modes[name] = mode
-                    if mode == "native" and name not in self._veth_noted and link_kind(self._ipr, index) == "veth":
-                        self._veth_noted.add(name)
-                        notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
-                                     " segmentation offload on its peer, which can cost most of the"
-                                     " throughput into it; --no-xdp captures with TC instead")
-                attachments.attach_tc(name, index, [(hook, prog, self._fns[prog].fd) for hook, prog in tc])
-        finally:
-            notes[:0] = attachments.notes
-            attachments.notes.clear()
-            self.notes += notes
-        return notes
+        for name, index in indexes.items():
+            if self.use_xdp:
+                mode = attachments.attach_xdp(name, index, self._fns[PROG_XDP].fd, self.xdp_mode)
+                self.xdp_modes[name] = mode
+                if mode == "native" and name not in self._veth_noted and link_kind(self._ipr, index) == "veth":
+                    self._veth_noted.add(name)
+                    veth_notes.append(f"{name} is a veth: with any XDP program on it the kernel turns off"
+                                      " segmentation offload on its peer, which can cost most of the"
+                                      " throughput into it; --no-xdp captures with TC instead")
+            attachments.attach_tc(name, index, [(hook, prog, self._fns[prog].fd) for hook, prog in tc])
+        return attachments.notes + veth_notes
 
     def _link_flags(self, index: int) -> int:
         """The interface's flags as rtnetlink reports them (IFF_RUNNING included); 0 if unknown."""
@@ -496,8 +492,7 @@ class LiveCapture:
             self.xdp_modes.pop(watched.name, None)
             self._note(f"{watched.name} is back, but imaptap cannot capture on it: {exc}")
             return
-        for note in notes:  # _attach added them at the end: keep them among the bounded ones
-            self.notes.remove(note)
+        for note in notes:
             self._note(note)
         watched.index, watched.refused = index, None
         self.reattached += 1
