@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -158,18 +159,45 @@ def flows_by_user(records: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def interface_metrics(port: int) -> dict[str, float]:
+    """The interface families of one scrape of ``imaptap --metrics`` (name -> value)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    return {m.group(1): float(m.group(2))
+            for m in re.finditer(r"^imaptap_capture_(interface\w*) (\S+)$", body, re.MULTILINE)}
+
+
+def wait_metrics(tap: Imaptap, port: int, want: dict[str, float]) -> None:
+    """Until a scrape shows ``want`` (the sink refreshes its snapshot at most once a second)."""
+    def shown() -> bool:
+        got = interface_metrics(port)
+        return {name: got.get(name) for name in want} == want
+
+    tap.wait_until(shown, NOTICE_TIMEOUT, f"metrics never showed {want}")
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_veth_deleted_and_made_again_during_a_session(lab, tmp_path, method):
-    tap = Imaptap(lab.host_if, tmp_path / "out.jsonl", method=method)
+    tap = Imaptap(lab.host_if, tmp_path / "out.jsonl", "--metrics", "127.0.0.1:0", method=method)
     try:
+        tap.wait_said(r"serving metrics on http://")
+        port = int(next(m.group(1) for line in tap.lines
+                        if (m := re.search(r"serving metrics on http://[^ ]+:(\d+)/metrics", line))))
+        wait_metrics(tap, port, {"interface_gone_total": 0, "interface_reattached_total": 0,
+                                 "interfaces_unavailable": 0})
         before = login(lab, "alice")  # open across the whole change: its flow stays in the table
         first = {(p.hook, p.name, p.prog_id) for p in programs_on(lab.host_if)}
         first_index = socket.if_nametoindex(lab.host_if)
         lab.remove_veth()
         tap.wait_said(rf"^imaptap: {lab.host_if} is gone \(the 1st time\)")
+        # what the metrics engineer's alert sees: one interface unavailable, one gone
+        wait_metrics(tap, port, {"interface_gone_total": 1, "interface_reattached_total": 0,
+                                 "interfaces_unavailable": 1})
         lab.restore_veth()
         tap.wait_said(rf"^imaptap: {lab.host_if} is back \(the 1st time, index \d+\)")
         tap.wait_until(lambda: capturing(lab.host_if), NOTICE_TIMEOUT, "not attached to the new interface")
+        wait_metrics(tap, port, {"interface_gone_total": 1, "interface_reattached_total": 1,
+                                 "interfaces_unavailable": 0})
         assert socket.if_nametoindex(lab.host_if) != first_index
         # The programs loaded at the start, on the new interface: nothing was compiled again.
         assert {(p.hook, p.name, p.prog_id) for p in programs_on(lab.host_if)} == first

@@ -148,6 +148,12 @@ FAMILIES = (
     Family("imaptap_capture_records_received_total", _C, "Live: records read from the ring buffer"),
     Family("imaptap_capture_records_malformed_total", _C, "Live: records too short for what they announce"),
     Family("imaptap_capture_policy_errors_total", _C, "Live: per-flow copy modes the kernel map refused"),
+    Family("imaptap_capture_interface_gone_total", _C, "Live: times an interface captured on went away (deleted, "
+           "renamed)"),
+    Family("imaptap_capture_interface_down_total", _C, "Live: times an interface captured on went down"),
+    Family("imaptap_capture_interface_reattached_total", _C, "Live: times the programs were attached again to an "
+           "interface of the same name that came back"),
+    Family("imaptap_capture_interfaces_unavailable", _G, "Live: interfaces captured on that are gone or down now"),
     Family("imaptap_replay_packets_total", _C, "Replay: packet records read"),
     Family("imaptap_replay_segments_total", _C, "Replay: segments on the monitored ports"),
     Family("imaptap_replay_packets_skipped_total", _C, "Replay: records that gave no segment, by reason",
@@ -169,6 +175,10 @@ SOURCE_COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "received": ("imaptap_capture_records_received_total", ()),
     "malformed": ("imaptap_capture_records_malformed_total", ()),
     "policy_errors": ("imaptap_capture_policy_errors_total", ()),
+    "interface_gone": ("imaptap_capture_interface_gone_total", ()),
+    "interface_down": ("imaptap_capture_interface_down_total", ()),
+    "reattached": ("imaptap_capture_interface_reattached_total", ()),
+    "interfaces_unavailable": ("imaptap_capture_interfaces_unavailable", ()),
     "packets": ("imaptap_replay_packets_total", ()),
     "segments": ("imaptap_replay_segments_total", ()),
     "ip_fragments_skipped": ("imaptap_replay_packets_skipped_total", ("ip_fragment",)),
