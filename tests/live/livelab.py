@@ -32,7 +32,7 @@ import pytest
 
 from imaptap.capture.live import LiveCapture
 from imaptap.segment import DEFAULT_TAILLEN, Segment, TcpFlag, split_payload
-from imaptap_lab.programs import programs_on
+from imaptap_lab.programs import capturing, programs_on
 
 if TYPE_CHECKING:
     from imaptap_lab.lab import Lab
@@ -420,8 +420,9 @@ def lab_sessions(lab: Lab, host: str) -> dict:
 
 
 def attached(ifname: str) -> bool:
-    out = subprocess.run(["tc", "filter", "show", "dev", ifname, "egress"], capture_output=True, text=True).stdout
-    return "imaptap" in out
+    """Whether an imaptap capture is on ``ifname``: a TCX link (which ``tc filter show`` does not
+    list) or a classic filter."""
+    return capturing(ifname)
 
 
 def metrics_port(err_path: Path, proc: subprocess.Popen) -> int:
