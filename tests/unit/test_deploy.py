@@ -43,7 +43,7 @@ def run(promtool, *args, cwd=None):
 def test_rules_are_valid(promtool):
     code, out = run(promtool, "check", "rules", str(RULES))
     assert code == 0, out
-    assert "SUCCESS: 7 rules found" in out
+    assert "SUCCESS: 8 rules found" in out
 
 
 def test_rules_pass_their_unit_tests(promtool):
@@ -63,7 +63,8 @@ def test_the_unit_tests_catch_a_wrong_threshold(promtool, tmp_path):
 def test_every_rule_uses_declared_families():
     served = {f.name for f in FAMILIES} | {"up"}
     for word in ("imaptap_logins_total", "imaptap_cleartext_credentials_total", "imaptap_starttls_total",
-                 "imaptap_capture_segments_lost_total", "imaptap_capture_lag_seconds"):
+                 "imaptap_capture_segments_lost_total", "imaptap_capture_lag_seconds",
+                 "imaptap_capture_interfaces_unavailable"):
         assert word in RULES.read_text() and word in served
 
 
