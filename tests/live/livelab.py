@@ -459,4 +459,5 @@ def wait_capturing(prom: Prometheus, instance: str) -> None:
 def stop(proc: subprocess.Popen, err: Path) -> None:
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 0, err.read_text()
-    assert "Traceback" not in err.read_text()
+    text = err.read_text()
+    assert "Traceback" not in text, text

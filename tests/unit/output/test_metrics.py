@@ -1,6 +1,8 @@
 """The metrics sink: what it counts from whole conversations, its labels' bounds, and serving."""
 
 import socket
+import struct
+import time
 import urllib.request
 
 import pytest
@@ -235,6 +237,42 @@ def test_served_over_http_with_what_the_pipeline_counted():
     assert "process_resident_memory_bytes" in body
     with pytest.raises(OSError):
         socket.create_connection((host, port), timeout=2)
+
+
+#: Scrapers that hang up at once: enough that some resets reach the server before it answers.
+HANGUPS = 30
+
+
+def test_a_scraper_that_hangs_up_leaves_no_traceback(capsys):
+    sink = MetricsSink()
+    host, port = sink.serve("127.0.0.1", 0)
+    try:
+        sink.opened(Pipeline(MemorySource([]), [sink]))
+        for _ in range(HANGUPS):
+            with socket.create_connection((host, port), timeout=10) as c:
+                c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                # close with a reset, as a client whose scrape timeout passed does
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        body = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+        time.sleep(0.5)  # the handler threads of the hung-up scrapes are done
+    finally:
+        sink.close()
+    assert "imaptap_build_info" in body
+    assert capsys.readouterr().err == ""
+
+
+def test_a_scrape_that_fails_otherwise_is_one_line(capsys):
+    sink = MetricsSink()
+    sink.serve("127.0.0.1", 0)
+    try:
+        try:
+            raise ValueError("bad request line")
+        except ValueError:
+            sink.httpd.handle_error(None, ("192.0.2.7", 5555))
+    finally:
+        sink.httpd.server_close()
+    assert capsys.readouterr().err == ("imaptap: a metrics scrape from 192.0.2.7 failed:"
+                                       " ValueError('bad request line')\n")
 
 
 def test_a_busy_port_is_one_line():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -499,6 +500,13 @@ class MetricsSink(Sink):
         class _Server(ThreadingHTTPServer):
             address_family = socket.AF_INET6 if ":" in address else socket.AF_INET
             daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                """A scrape that failed: one line on stderr, never socketserver's traceback; nothing
+                for a scraper that hung up first (its timeout passed on a busy host)."""
+                exc = sys.exc_info()[1]
+                if not isinstance(exc, ConnectionError):
+                    print(f"imaptap: a metrics scrape from {client_address[0]} failed: {exc!r}", file=sys.stderr)
 
         try:
             self.httpd = _Server((address, port), MetricsHandler.factory(self.registry))
