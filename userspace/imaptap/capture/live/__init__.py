@@ -30,6 +30,7 @@ import ctypes
 import os
 import platform
 import socket
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,7 +98,7 @@ from imaptap.capture.live.kernel import (
     prog_name_by_id,
     prog_owner,
 )
-from imaptap.capture.live.memory import MemoryUse, give_back
+from imaptap.capture.live.memory import HeapTrim, MemoryUse, give_back
 from imaptap.capture.live.policy import KernelPayloadPolicy, kernel_flow_key
 from imaptap.capture.live.ring import (
     ADDR_CACHE_MAX,
@@ -244,6 +245,8 @@ class LiveCapture:
         self._fns: dict[str, BPF.Function] = {}
         self._reader = RecordReader()
         self._final_counters: dict[str, int] | None = None
+        self.heap_trim: HeapTrim | None = None
+        """Gives the free heap back now and then while capturing (`memory.HeapTrim`)."""
 
     # --- start ---------------------------------------------------------------------------------
 
@@ -313,6 +316,7 @@ class LiveCapture:
                 if not usable:
                     self.notes.append(f"{name} is down: nothing to capture on it until it is up")
             self.memory = give_back()
+            self.heap_trim = HeapTrim(time.monotonic())
             if self.user is not None:
                 self._drop_privileges(self.user)
             self._startup_notes = len(self.notes)
@@ -545,8 +549,10 @@ class LiveCapture:
 
         After the capture is closed, one more call returns the segments that were still in the
         buffer when it was detached (then nothing).  Interfaces that went or came back since the
-        last call are dealt with first."""
+        last call are dealt with first, and now and then the free heap is given back."""
         self._watch_links()
+        if self.heap_trim is not None:
+            self.heap_trim(time.monotonic())
         return self._reader.poll(timeout_ms)
 
     def counters(self) -> dict[str, int]:
