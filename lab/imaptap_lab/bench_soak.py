@@ -241,7 +241,10 @@ class IdleSession:
     def done(self, stop: bool) -> None:
         """End this IDLE (DONE); with ``stop`` the session logs out after it, else it IDLEs again."""
         self.stopping = stop
-        self.imap.send(b"DONE\r\n")
+        try:
+            self.imap.send(b"DONE\r\n")
+        except OSError as exc:  # the server closed it (its thread says why): counted, not fatal
+            self.counts.error(f"{self.kind}: DONE: {exc!r}")
 
     def _run(self) -> None:
         try:

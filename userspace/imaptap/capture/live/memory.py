@@ -20,9 +20,9 @@ from typing import NamedTuple
 #: The shared objects bcc compiles with: once the programs are loaded, nothing runs their code.
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
 #: Seconds between two `HeapTrim` runs while capturing.  glibc keeps the heap that the churn of
-#: flows frees in the middle of its arena and returns it only to malloc_trim: the 35-minute soak
-#: grew by about 60 KiB a minute without it (3 MB in 35 minutes, every bit of it given back by
-#: one trim).  A trim of this small heap costs well under a millisecond.
+#: flows frees in the middle of its arena and returns it only to malloc_trim: under the soak's
+#: load that is 1.5-2 MB (README, Figures: a slower growth that a trim does not return remains).
+#: A trim of this small heap costs well under a millisecond.
 HEAP_TRIM_INTERVAL_S = 60.0
 #: madvise(2) advice.  DONTNEED drops the pages from this process, also ones other processes
 #: share (another bcc tool's); on a private mapping a written page would lose what was written,
