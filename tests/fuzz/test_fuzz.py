@@ -107,3 +107,28 @@ def test_atheris(tmp_path):
         assert re.search(r"^hangs:\s+0$", out, re.M), out
         runs = re.search(r"^executions:\s+(\d+)$", out, re.M)
         assert runs and int(runs.group(1)) > 0, out
+
+
+#: What the fuzzer's child does before libFuzzer starts, then which loader each hot module got.
+_INSTRUMENTED_PROBE = """
+import os, sys
+os.environ["IMAPTAP_PURE_PYTHON"] = "1"
+import atheris
+from imaptap_lab.fuzz import INSTRUMENTED, TARGETS_MODULE
+with atheris.instrument_imports(include=INSTRUMENTED):
+    import importlib
+    importlib.import_module(TARGETS_MODULE)
+for name in ("imaptap.imap.session", "imaptap.imap.parse", "imaptap.flows", "imaptap.capture.replay"):
+    print(name, type(sys.modules[name].__loader__).__name__)
+"""
+
+
+def test_the_fuzzer_instruments_the_plain_source_even_beside_a_compiled_build():
+    """Every hot module is loaded by atheris's instrumenting loader, not passed to it uninstrumented:
+    the plain-source switch once put its finder in front of atheris's and the fuzzer ran blind."""
+    pytest.importorskip("atheris")
+    out = subprocess.run([sys.executable, "-c", _INSTRUMENTED_PROBE], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    loaders = dict(line.split() for line in out.splitlines())
+    assert len(loaders) == 4
+    assert set(loaders.values()) == {"AtherisSourceFileLoader"}, loaders

@@ -38,6 +38,14 @@ class SourceOnlyFinder:
 
 
 def install() -> None:
-    """Put `SourceOnlyFinder` before Python's own finders (once)."""
-    if SourceOnlyFinder not in sys.meta_path:
-        sys.meta_path.insert(0, SourceOnlyFinder)
+    """Put `SourceOnlyFinder` just before Python's path finder (once)."""
+    if SourceOnlyFinder in sys.meta_path:
+        return
+    # Before the path finder, not first: a finder already in front of it that wraps the next
+    # finder's loader (atheris's instrumentation, coverage tools) must still see the source
+    # modules this one finds, or the fuzzer runs blind over the plain source.
+    try:
+        at = sys.meta_path.index(importlib.machinery.PathFinder)
+    except ValueError:
+        at = len(sys.meta_path)
+    sys.meta_path.insert(at, SourceOnlyFinder)
