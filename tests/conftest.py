@@ -1,6 +1,7 @@
 """Shared fixtures; the shared paths and helpers live in testenv.py."""
 
 import os
+import signal
 
 import pytest
 
@@ -28,6 +29,12 @@ def imaptap():
 
 
 def pytest_configure(config):
+    # A shell without job control starts a background job (`scripts/test &`, nohup ... &) with
+    # SIGINT ignored, and every process it starts inherits that: the tests that stop a capture
+    # with SIGINT, as a user's Ctrl-C does, would then wait for nothing. A handler (not an
+    # ignore) is reset to the default at exec, so the processes the tests start can be stopped.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "third_party_captures_missing: the parameter that stands for every"
                             " third-party capture where they are absent (fails under CI=true)")
 
