@@ -24,7 +24,8 @@ import pytest
 from test_cli_live import assert_stopped_cleanly, env, imaptap_cmd, wait_attached
 
 from imaptap_lab import cyrus
-from imaptap_lab.lab import Lab
+from imaptap_lab.lab import IMAP_PORT, Lab
+from imaptap_lab.make_captures import FETCHMAIL_RC, OFFLINEIMAP_RC
 from livelab import IN_CI
 
 pytestmark = pytest.mark.live
@@ -33,34 +34,6 @@ FACTS = ("imap", "username", "authzid", "auth_command", "auth_mechanism", "login
          "server_software", "server_product", "server_version", "client_id", "server_id", "capabilities",
          "cleartext_credentials")
 CLIENT_TIMEOUT = 60
-FETCHMAIL_RC = """\
-poll {host} protocol IMAP port 143 auth password
-  user "carol" password "{password}" is carol here
-  keep fetchall
-  sslproto ''
-  mda "/bin/cat > /dev/null"
-"""
-OFFLINEIMAP_RC = """\
-[general]
-accounts = lab
-metadata = {tmp}/metadata
-ui = quiet
-[Account lab]
-localrepository = near
-remoterepository = far
-[Repository near]
-type = Maildir
-localfolders = {tmp}/mail
-[Repository far]
-type = IMAP
-remotehost = {host}
-remoteuser = dave
-remotepass = {password}
-ssl = no
-starttls = no
-auth_mechanisms = PLAIN
-folderfilter = lambda name: name == "INBOX"
-"""
 
 
 @pytest.fixture
@@ -91,12 +64,13 @@ def sessions(lab: Lab, tmp: Path) -> dict:
     imap.fetch("1", "(BODY.PEEK[])")
     imap.logout()
     rc = tmp / "fetchmailrc"
-    rc.write_text(FETCHMAIL_RC.format(host=lab.server4, password=lab.users["carol"]))
+    rc.write_text(FETCHMAIL_RC.format(host=lab.server4, port=IMAP_PORT, user="carol", password=lab.users["carol"]))
     rc.chmod(0o600)
     subprocess.run(["fetchmail", "-f", str(rc), "--nodetach", "--idfile", str(tmp / "ids"), "--pidfile",
                     str(tmp / "pid")], check=True, capture_output=True, timeout=CLIENT_TIMEOUT, env={"HOME": str(tmp)})
     rc = tmp / "offlineimaprc"
-    rc.write_text(OFFLINEIMAP_RC.format(tmp=tmp, host=lab.server4, password=lab.users["dave"]))
+    rc.write_text(OFFLINEIMAP_RC.format(tmp=tmp, host=lab.server4, port=IMAP_PORT, user="dave",
+                                        password=lab.users["dave"]))
     subprocess.run(["offlineimap", "-c", str(rc), "-o"], check=True, capture_output=True, timeout=CLIENT_TIMEOUT,
                    env={"HOME": str(tmp), "PATH": "/usr/bin:/bin"})
     return {"greeting": imap.welcome, "login": data[-1], "id": server_id}
