@@ -278,10 +278,7 @@ class FlowTable:
             stats.empty += 1
             return
         if ts > self.now:
-            self.now = ts
-            if ts >= self._next_sweep:
-                self._next_sweep = ts + EXPIRY_SWEEP
-                self.expire(ts)
+            self.advance(ts)
         key = flow_key(src, sport, dst, dport)
         flow = self.flows.pop(key, None)
         if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
@@ -375,8 +372,8 @@ class FlowTable:
             policy.end_handshake(flow.key)
 
     def advance(self, ts: float) -> None:
-        """The capture clock reached ``ts`` in a segment another worker analyses (--workers):
-        the idle sweep that `add` would make at it.  Keep in step with the start of `add`."""
+        """The capture clock reached ``ts``: the idle sweep due then.  `add` calls it for its own
+        segments, the --workers share filter for the segments another worker analyses."""
         if ts > self.now:
             self.now = ts
             if ts >= self._next_sweep:
