@@ -36,6 +36,18 @@ def thread_status(iface: str) -> list[dict[str, str]]:
     return out
 
 
+def wait_then_log_in(lab, user: str) -> imaplib.IMAP4:
+    """Once imaptap is attached to the lab's veth (and half a second more), ``user`` logs in."""
+    deadline = time.monotonic() + 120
+    while not attached(lab.host_if):
+        assert time.monotonic() < deadline, "not attached in time"
+        time.sleep(0.2)
+    time.sleep(0.5)
+    imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+    imap.login(user, lab.users[user])
+    return imap
+
+
 def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
     written = tmp_path / "tui.pcap"
     failures: list[BaseException] = []
@@ -43,13 +55,7 @@ def test_live_tui_shows_the_session_writes_it_and_q_detaches(lab, tmp_path):
 
     def client() -> None:
         try:
-            deadline = time.monotonic() + 120
-            while not attached(lab.host_if):
-                assert time.monotonic() < deadline, "not attached in time"
-                time.sleep(0.2)
-            time.sleep(0.5)
-            imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
-            imap.login("alice", lab.users["alice"])
+            imap = wait_then_log_in(lab, "alice")
             imap.select("INBOX")
             imap.logout()
             threads.extend(thread_status(lab.host_if))
@@ -88,13 +94,7 @@ def test_live_tui_summary_and_gate(lab):
 
     def client() -> None:
         try:
-            deadline = time.monotonic() + 120
-            while not attached(lab.host_if):
-                assert time.monotonic() < deadline, "not attached in time"
-                time.sleep(0.2)
-            time.sleep(0.5)
-            imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
-            imap.login("dave", lab.users["dave"])
+            imap = wait_then_log_in(lab, "dave")
             imap.logout()
         except BaseException as exc:  # reported by the test thread
             failures.append(exc)
