@@ -13,6 +13,7 @@ import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Final
 
 from imaptap.imap.session import ImapSession, Message
 from imaptap.imap.stream import ImapStream
@@ -21,33 +22,33 @@ from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy, Segment, TcpFla
 #: Flows tracked at once.  An idle one costs about 2 KB (4 KB logged in, 32 KB at the bound of
 #: every per-flow store), so a SYN flood fills the table with about 60 MB; when full, the flow
 #: idle longest is ended and counted as evicted.
-MAX_FLOWS = 32768
+MAX_FLOWS: Final = 32768
 
 #: Seconds without a segment before a flow is ended.  IMAP IDLE clients stay silent for up to
 #: 29 minutes before they re-issue IDLE (RFC 2177), so anything shorter would split sessions.
-IDLE_TIMEOUT = 31 * 60.0
+IDLE_TIMEOUT: Final = 31 * 60.0
 
 #: Capture-clock seconds between two sweeps for idle flows.
-EXPIRY_SWEEP = 1.0
+EXPIRY_SWEEP: Final = 1.0
 
 #: Out-of-order segments held per direction waiting for the hole before them to fill; beyond
 #: this the hole is declared a gap and parsing goes on.
-MAX_OUT_OF_ORDER = 64
+MAX_OUT_OF_ORDER: Final = 64
 
 #: Segments with payload (both directions) a flow is copied under the handshake rule at most
 #: (`PayloadMode.HANDSHAKE`), and their wire bytes: a login with a few retries and the long
 #: answers of Cyrus (capabilities, ID, SELECT) take a dozen segments and 4 KB; a flow that never
 #: logs in, or never gets to a command on messages, falls back to the snap length's cut after
 #: these, so no flow costs more than 16 KB of whole copies.
-HANDSHAKE_SEGMENTS = 32
-HANDSHAKE_BYTES = 16384
+HANDSHAKE_SEGMENTS: Final = 32
+HANDSHAKE_BYTES: Final = 16384
 
-_SEQ_MOD = 1 << 32
-_SEQ_HALF = 1 << 31
-_FIN = int(TcpFlag.FIN)
-_SYN = int(TcpFlag.SYN)
-_RST = int(TcpFlag.RST)
-_ACK = int(TcpFlag.ACK)
+_SEQ_MOD: Final = 1 << 32
+_SEQ_HALF: Final = 1 << 31
+_FIN: Final = int(TcpFlag.FIN)
+_SYN: Final = int(TcpFlag.SYN)
+_RST: Final = int(TcpFlag.RST)
+_ACK: Final = int(TcpFlag.ACK)
 
 
 class EndReason(enum.StrEnum):
@@ -78,7 +79,7 @@ def _skip(head: bytes, tail: bytes, wire_len: int, k: int) -> tuple[bytes, bytes
 
 #: Out-of-order segments of a direction that holds none: shared and only read (`_Direction.data`
 #: makes the direction's own dict before it holds one).
-_NONE_HELD: dict[int, tuple[bytes, bytes, int]] = {}
+_NONE_HELD: Final[dict[int, tuple[bytes, bytes, int]]] = {}
 
 
 class _Direction:

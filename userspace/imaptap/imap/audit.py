@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from imaptap.findings import Finding
 from imaptap.imap import parse
@@ -32,26 +32,26 @@ from imaptap.imap import parse
 #: Login attempts kept per flow; later ones are counted in ``attempts_dropped``.  Servers
 #: close a connection after a few failures (Dovecot after 3), so a flow with more than this
 #: is an attack tool, and the first 32 already say which kind.
-MAX_ATTEMPTS = 32
+MAX_ATTEMPTS: Final = 32
 #: Tags and command names kept of a flow's start: a client's habits show in its first lines.
-MAX_HABIT_TAGS = 4
-MAX_HABIT_COMMANDS = 12
+MAX_HABIT_TAGS: Final = 4
+MAX_HABIT_COMMANDS: Final = 12
 #: Characters kept of a tag or a user name in an attempt (as the session keeps them).
-MAX_HABIT_TAG = 64
-MAX_ATTEMPT_USER = 256
+MAX_HABIT_TAG: Final = 64
+MAX_ATTEMPT_USER: Final = 256
 #: Hex digits kept of a password's HMAC-SHA256: 48 bits tell the passwords of any real run
 #: apart (among 100,000 distinct passwords two collide with a chance of 1 in 50,000) and fit a
 #: table column; the password cannot be had back from it without the key.
-FINGERPRINT_HEX = 12
+FINGERPRINT_HEX: Final = 12
 #: The shortest key accepted: HMAC-SHA256 wants at least its output length (RFC 2104 section 3).
-MIN_KEY_BYTES = 32
+MIN_KEY_BYTES: Final = 32
 #: Mechanisms whose exchange carries a password the server checks as it is.
-PASSWORD_MECHANISMS = frozenset({"PLAIN", "LOGIN"})
+PASSWORD_MECHANISMS: Final = frozenset({"PLAIN", "LOGIN"})
 #: Capabilities that offer a password in clear before TLS.
-PLAINTEXT_AUTH_CAPABILITIES = frozenset({"AUTH=PLAIN", "AUTH=LOGIN"})
+PLAINTEXT_AUTH_CAPABILITIES: Final = frozenset({"AUTH=PLAIN", "AUTH=LOGIN"})
 #: Security-relevant capability names kept per flow (STARTTLS, LOGINDISABLED, AUTH=...): a
 #: server lists a handful; the bound holds against one that lists hundreds.
-MAX_OFFERED = 16
+MAX_OFFERED: Final = 16
 
 
 class PasswordFingerprint:
@@ -101,7 +101,7 @@ class LoginAttempt(NamedTuple):
 
 
 #: A server sends the same list to every client: what this many distinct lists offer is kept.
-_LISTS_KEPT = 256
+_LISTS_KEPT: Final = 256
 
 
 @functools.lru_cache(maxsize=_LISTS_KEPT)
@@ -113,11 +113,11 @@ def _what_a_list_offers(names: tuple[str, ...]) -> tuple[bool, bool, tuple[str, 
 
 #: An audit's lists before their first item: one empty tuple shared by every session (an empty
 #: list is 56 bytes, four a flow, and a SYN scan's flows never fill one); a list at the first.
-_NONE: tuple[()] = ()
+_NONE: Final[tuple[()]] = ()
 
 # tuple.__new__ builds a LoginAttempt without the NamedTuple's Python-level __new__ (as session.py
 # builds its Messages)
-_new = tuple.__new__
+_new: Final = tuple.__new__
 
 
 def token_form(tok: object) -> str:

@@ -13,19 +13,19 @@ import base64
 import binascii
 import functools
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from imaptap.imap.atom import Atom
 
 #: Largest literal whose contents are kept: enough for usernames and ID values, never a mail
 #: body.  A larger literal is only counted.
-LITERAL_KEEP = 1024
+LITERAL_KEEP: Final = 1024
 
 #: Tokens parsed from one line at most; the rest of a hostile line is not looked at.
-MAX_TOKENS = 512
+MAX_TOKENS: Final = 512
 
 #: Nesting depth of parenthesised lists followed before giving up on a line.
-MAX_LIST_DEPTH = 16
+MAX_LIST_DEPTH: Final = 16
 
 
 @dataclass(slots=True)
@@ -69,14 +69,14 @@ Token = "Atom | bytes | Literal | list"
 
 #: A literal marker at the end of a physical line, as a pattern: the grammar `literal_mark`
 #: follows by hand (tests/unit/imap/test_parse.py searches with it and compares).
-LITERAL_MARK_GRAMMAR = rb"(~?)\{(\d{1,20})(\+?)\}$"
+LITERAL_MARK_GRAMMAR: Final = rb"(~?)\{(\d{1,20})(\+?)\}$"
 
 # atom-specials (RFC 3501 section 9): ( ) { SP CTL % * " \ ]
-_ATOM_STOP = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
-_TAG_CHARS = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
-_TAG_BYTES = bytes(sorted(_TAG_CHARS))
+_ATOM_STOP: Final = frozenset(b'(){ %*"\\]') | frozenset(range(0x20)) | {0x7F}
+_TAG_CHARS: Final = frozenset(range(0x21, 0x7F)) - frozenset(b'(){%*"\\+')
+_TAG_BYTES: Final = bytes(sorted(_TAG_CHARS))
 # atom characters: printable ASCII but atom-specials
-_ATOM_BYTES = bytes(c for c in range(0x21, 0x7F) if c not in _ATOM_STOP)
+_ATOM_BYTES: Final = bytes(c for c in range(0x21, 0x7F) if c not in _ATOM_STOP)
 
 
 def literal_mark(physical: bytes) -> tuple[int, bool, bool] | None:
@@ -306,13 +306,13 @@ def _capability_names(words: bytes | str, drop_last: bool) -> tuple[str, ...]:
 # --- ID (RFC 2971) -------------------------------------------------------------------------
 
 #: Field/value pairs kept from one ID list (RFC 2971 allows 30).
-MAX_ID_FIELDS = 30
+MAX_ID_FIELDS: Final = 30
 #: Characters kept of one ID value: RFC 2971's bound of 1024 octets.  Cyrus' "environment" is
 #: near 300; the whole list is at most a line (`stream.LINE_CAP`) anyway.
-MAX_ID_VALUE = 1024
+MAX_ID_VALUE: Final = 1024
 #: Capability names kept from one list, and characters kept of each.
-MAX_CAPABILITIES = 128
-MAX_CAPABILITY = 64
+MAX_CAPABILITIES: Final = 128
+MAX_CAPABILITY: Final = 64
 
 
 def id_params(toks: list) -> dict[str, str | None] | None:
@@ -335,7 +335,7 @@ def id_params(toks: list) -> dict[str, str | None] | None:
 #: Client commands from RFC 3501/9051 and common extensions.  A client line whose command is not
 #: one of these (nor an X- extension) has its arguments hidden: it may be a SASL response or a
 #: password the capture started in the middle of.
-KNOWN_COMMANDS = frozenset(
+KNOWN_COMMANDS: Final = frozenset(
     """CAPABILITY NOOP LOGOUT STARTTLS AUTHENTICATE LOGIN SELECT EXAMINE CREATE DELETE RENAME
     SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY
     MOVE UID ENABLE IDLE NAMESPACE ID COMPRESS UNSELECT GETQUOTA GETQUOTAROOT SETQUOTA GETACL
@@ -344,13 +344,13 @@ KNOWN_COMMANDS = frozenset(
     RESETKEY""".split()
 )
 
-STATUSES = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
+STATUSES: Final = frozenset({"OK", "NO", "BAD", "BYE", "PREAUTH"})
 
 
 #: Command names seen (the word as sent -> upper case): a few dozen in practice, so each flow's
 #: counts, last command and audit share one string per name instead of a copy per line.
-_COMMAND_NAMES_KEPT = 1024
-_command_names: dict[bytes, str] = {}
+_COMMAND_NAMES_KEPT: Final = 1024
+_command_names: Final[dict[bytes, str]] = {}
 
 
 def _command_name(word: bytes) -> str:

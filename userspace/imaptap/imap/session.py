@@ -12,7 +12,7 @@ import enum
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from imaptap.findings import Finding
 from imaptap.imap import parse, sasl, software
@@ -23,36 +23,36 @@ from imaptap.imap.stream import ImapStream
 from imaptap.segment import FlowKey, PayloadMode, PayloadPolicy
 
 #: Characters of arguments or response text shown per message; the rest is cut with "…".
-DISPLAY_CAP = 512
+DISPLAY_CAP: Final = 512
 #: Requests waiting for their tagged completion; a client that never gets answers cannot grow it.
-MAX_PENDING = 64
+MAX_PENDING: Final = 64
 #: Characters of SELECT/EXAMINE targets kept per flow, in order; later ones are counted in
 #: ``mailboxes_dropped``.  Every per-flow store has such a bound, so that a hostile client
 #: cannot make one flow hold more than a few tens of KB (MAX_FLOWS of them must fit in memory).
-MAILBOX_BUDGET = 4096
+MAILBOX_BUDGET: Final = 4096
 #: Characters kept of one mailbox name.
-MAX_MAILBOX_NAME = 256
+MAX_MAILBOX_NAME: Final = 256
 #: Longest tag kept as it is; a longer one is kept as its start and a hash (still matched).
-MAX_TAG = 64
+MAX_TAG: Final = 64
 #: Distinct command names counted per flow; further names are counted as "OTHER".
-MAX_COMMAND_NAMES = 64
+MAX_COMMAND_NAMES: Final = 64
 #: Longest command name taken as a command at all.
-MAX_COMMAND_NAME = 32
+MAX_COMMAND_NAME: Final = 32
 #: Characters kept of a user name.
-MAX_USERNAME = 256
+MAX_USERNAME: Final = 256
 
-MASK = "***"
+MASK: Final = "***"
 #: Messages of a flow not yet confirmed as IMAP that are held back until it is (then released in
 #: order) or until it ends unconfirmed (then dropped): a server confirms within its first line as
 #: a rule, so this only fills on one-sided captures and on other protocols on a watched port.
 #: Past it, a flow whose server has sent nothing is judged by its client's lines (a one-sided
 #: capture), and otherwise further messages are dropped and counted (``held_dropped``).
-MAX_HELD_MESSAGES = 256
+MAX_HELD_MESSAGES: Final = 256
 
 #: Credentials kept per flow, as they crossed the wire, so that ``-w`` can blank them in the
 #: pcap it writes (`capture.pcapwrite.MaskingWriter`); the newest, each at most MAX_SECRET bytes.
-MAX_SECRETS = 8
-MAX_SECRET = 1024
+MAX_SECRETS: Final = 8
+MAX_SECRET: Final = 1024
 
 
 class Side(enum.Enum):
@@ -148,18 +148,18 @@ class Message(NamedTuple):
 
 #: Message fields a JSON record carries only when they hold something (non-empty, not None,
 #: true); every other field is always written.
-MESSAGE_OPTIONAL_FIELDS = ("literals", "number", "truncated")
+MESSAGE_OPTIONAL_FIELDS: Final = ("literals", "number", "truncated")
 
-_new = tuple.__new__
+_new: Final = tuple.__new__
 # The members the per-line paths use, as module constants: reading ``Kind.UNTAGGED`` goes
 # through the enum's metaclass and costs five times a global.
-_CLIENT = Side.CLIENT
-_SERVER = Side.SERVER
-_REQUEST = Kind.REQUEST
-_RESPONSE = Kind.RESPONSE
-_UNTAGGED_KIND = Kind.UNTAGGED
-_CONTINUATION = Kind.CONTINUATION
-_STARTTLS_REQUESTED = StartTls.REQUESTED
+_CLIENT: Final = Side.CLIENT
+_SERVER: Final = Side.SERVER
+_REQUEST: Final = Kind.REQUEST
+_RESPONSE: Final = Kind.RESPONSE
+_UNTAGGED_KIND: Final = Kind.UNTAGGED
+_CONTINUATION: Final = Kind.CONTINUATION
+_STARTTLS_REQUESTED: Final = StartTls.REQUESTED
 
 
 @dataclass(slots=True)
@@ -189,9 +189,9 @@ class _Sasl:
     the flow's user."""
 
 
-_CRED_COMMANDS = frozenset({"LOGIN", "AUTHENTICATE"})
+_CRED_COMMANDS: Final = frozenset({"LOGIN", "AUTHENTICATE"})
 #: Commands only an authenticated session may issue (RFC 3501 6.3, 6.4).
-_AUTHENTICATED_COMMANDS = frozenset(
+_AUTHENTICATED_COMMANDS: Final = frozenset(
     """SELECT EXAMINE CREATE DELETE RENAME SUBSCRIBE UNSUBSCRIBE LIST LSUB STATUS APPEND NAMESPACE
     ENABLE IDLE CHECK CLOSE EXPUNGE SEARCH FETCH STORE COPY MOVE UNSELECT GETQUOTA GETQUOTAROOT""".split()
 ) | {"UID " + c for c in ("FETCH", "SEARCH", "STORE", "COPY", "MOVE", "EXPUNGE")}
@@ -199,15 +199,15 @@ _AUTHENTICATED_COMMANDS = frozenset(
 #: other command after the login (FETCH, SEARCH, IDLE, APPEND ...) works on messages and ends
 #: the handshake, the stretch the capture copies with the handshake snap length
 #: (`PayloadMode.HANDSHAKE`).  Their answers are the long lines: capabilities, ID, SELECT's data.
-HANDSHAKE_COMMANDS = frozenset(
+HANDSHAKE_COMMANDS: Final = frozenset(
     {"CAPABILITY", "ID", "ENABLE", "NAMESPACE", "LIST", "LSUB", "XLIST", "STATUS", "SELECT", "EXAMINE"}
 ) | _CRED_COMMANDS
 #: Commands whose tagged completion changes the session's state.
-_STATE_COMMANDS = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE", "UNAUTHENTICATE"}
-_TAGGED_STATUS = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
-_STATUSES = parse.STATUSES
+_STATE_COMMANDS: Final = _CRED_COMMANDS | {"STARTTLS", "COMPRESS", "IDLE", "UNAUTHENTICATE"}
+_TAGGED_STATUS: Final = {b"OK": "OK", b"NO": "NO", b"BAD": "BAD"}
+_STATUSES: Final = parse.STATUSES
 #: The response names a greeting may have (RFC 3501 section 7.1, greeting).
-_GREETING_NAMES = frozenset({b"OK", b"PREAUTH", b"BYE"})
+_GREETING_NAMES: Final = frozenset({b"OK", b"PREAUTH", b"BYE"})
 
 
 def _greets(head: bytes) -> bool:
@@ -219,15 +219,15 @@ def _greets(head: bytes) -> bool:
 #: An untagged response: "* ", a message number, the response name, " " and the rest, as a
 #: pattern (with re.S): the grammar _untagged follows by hand (tests/unit/imap/test_session.py
 #: matches with it and compares).
-UNTAGGED_GRAMMAR = rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$"
-_WORD_BYTES = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"
+UNTAGGED_GRAMMAR: Final = rb"\* (?:(\d{1,10}) )?([A-Za-z][A-Za-z0-9.\-]{0,63})(?: (.*))?$"
+_WORD_BYTES: Final = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789.-"
 #: Response names seen (as sent -> upper case): a few dozen in practice, checked once each.
-_UNTAGGED_NAMES_KEPT = 1024
-_untagged_names: dict[bytes, str] = {}
+_UNTAGGED_NAMES_KEPT: Final = 1024
+_untagged_names: Final[dict[bytes, str]] = {}
 #: Untagged data responses with a message number (RFC 3501, 9051).
-_NUMBERED_DATA = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH"})
+_NUMBERED_DATA: Final = frozenset({"EXISTS", "RECENT", "EXPUNGE", "FETCH"})
 #: Untagged data responses without one, from RFC 3501/9051 and the common extensions.
-_UNTAGGED_DATA = frozenset(
+_UNTAGGED_DATA: Final = frozenset(
     """CAPABILITY LIST LSUB STATUS SEARCH ESEARCH FLAGS ID ENABLED NAMESPACE QUOTA QUOTAROOT ACL
     LISTRIGHTS MYRIGHTS METADATA SORT THREAD VANISHED XLIST LANGUAGE COMPARATOR CONVERTED
     GENURLAUTH URLFETCH ANNOTATION""".split()
@@ -279,13 +279,13 @@ class _NoCounts(_Counts):
         raise TypeError("the shared empty counts are read-only: the session makes its own first")
 
 
-_NO_COUNTS: Counter[str] = _NoCounts()
+_NO_COUNTS: Final[Counter[str]] = _NoCounts()
 #: A session's lists before their first item: one empty tuple shared by all (an empty list is
 #: 56 bytes, and most flows never fill most of them); the session makes a list at the first.
-_NONE: tuple[()] = ()
+_NONE: Final[tuple[()]] = ()
 #: A session's requests waiting for their completion before the first: shared and only read
 #: (the one place that adds a request makes the session's own dict first).
-_NO_PENDING: dict[str, _Pending] = {}
+_NO_PENDING: Final[dict[str, _Pending]] = {}
 
 
 class ImapSession:

@@ -17,46 +17,46 @@ import enum
 import re
 import zlib
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from imaptap.imap.anomalies import StreamAnomaly
 from imaptap.imap.parse import KNOWN_COMMANDS, LITERAL_KEEP, Literal, RawLine, literal_mark
 
 #: Bytes kept of one logical line.  RFC 7162 asks clients to keep command lines under 8192
 #: octets; twice that leaves room for long server responses without unbounded buffering.
-LINE_CAP = 16384
+LINE_CAP: Final = 16384
 
 #: Literals kept per logical line; a FETCH of many parts has a few, a hostile line thousands.
-MAX_LITERALS_PER_LINE = 256
+MAX_LITERALS_PER_LINE: Final = 256
 
 #: Bytes inflated per step, so one compressed segment never expands into unbounded memory.
-INFLATE_STEP = 65536
+INFLATE_STEP: Final = 65536
 
 #: A literal larger than this is reported as an anomaly (it is still skipped byte for byte).
-LARGE_LITERAL = 1 << 30
+LARGE_LITERAL: Final = 1 << 30
 
 #: Bytes at the end of an over-long physical line kept to see whether it ends in a literal marker.
-_MARK_TAIL = 32
+_MARK_TAIL: Final = 32
 
-_raw_line = tuple.__new__
+_raw_line: Final = tuple.__new__
 #: A stream's line buffer while no line is split across segments: shared, and never written.
-_NO_BYTES = b""
+_NO_BYTES: Final = b""
 #: The physical lines and literals of a line not begun, and the literals of a line without
 #: any: one empty tuple shared by all (an empty list is 56 bytes; two a stream, four a flow).
-_NONE: tuple[()] = ()
+_NONE: Final[tuple[()]] = ()
 
-_TLS_RECORD = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
+_TLS_RECORD: Final = (b"\x16\x03", b"\x15\x03", b"\x17\x03")
 
 # Where a resynchronising stream may start again at a segment start: a line that can only be
 # the beginning of a response (server) or of a command (client).  Used only after a gap
 # outside any literal, where waiting for the next line feed would cost a whole line.
-_TAG = rb"[!#$&'\x2c-.0-9:-Z^-z|~\]\[]{1,64}"
-_SERVER_LINE_START = re.compile(
+_TAG: Final = rb"[!#$&'\x2c-.0-9:-Z^-z|~\]\[]{1,64}"
+_SERVER_LINE_START: Final = re.compile(
     rb"(?:\* (?:OK|NO|BAD|BYE|PREAUTH|CAPABILITY|LIST|LSUB|STATUS|FLAGS|SEARCH|ID|\d{1,10} [A-Z])"
     rb"|\+(?: |\r?\n)|" + _TAG + rb" (?:OK|NO|BAD)[ \r\n])",
     re.I,
 )
-_CLIENT_LINE_START = re.compile(
+_CLIENT_LINE_START: Final = re.compile(
     _TAG + rb" (?:" + b"|".join(c.encode() for c in sorted(KNOWN_COMMANDS)) + rb")(?: |\r?\n)|DONE\r?\n",
     re.I,
 )
@@ -73,11 +73,11 @@ class Mode(enum.Enum):
 
 # The members as module constants for the per-byte paths: reading ``Mode.LITERAL`` goes through
 # the enum's metaclass and costs five times a global.
-_LINES = Mode.LINES
-_LITERAL = Mode.LITERAL
-_RESYNC = Mode.RESYNC
-_ENCRYPTED = Mode.ENCRYPTED
-_UNDECODABLE = Mode.UNDECODABLE
+_LINES: Final = Mode.LINES
+_LITERAL: Final = Mode.LITERAL
+_RESYNC: Final = Mode.RESYNC
+_ENCRYPTED: Final = Mode.ENCRYPTED
+_UNDECODABLE: Final = Mode.UNDECODABLE
 
 
 def _inflate_until_error(inflater: zlib._Decompress, data: bytes) -> bytes:
