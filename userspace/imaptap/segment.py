@@ -9,16 +9,27 @@ so the stream can skip bytes it never received, such as the rest of a message bo
 from __future__ import annotations
 
 import enum
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Final, NamedTuple, TypeVar
+
+_T = TypeVar("_T")
+
+try:
+    from mypy_extensions import mypyc_attr
+except ImportError:  # mypy's own package: only a build with mypyc needs it, not a run
+
+    def mypyc_attr(*attrs: str, **kwattrs: object) -> Callable[[_T], _T]:
+        """mypyc's class options, which nothing but mypyc reads: the class unchanged."""
+        return lambda cls: cls
 
 #: Default number of payload bytes copied from the start of each segment (tcpdump's ``-s``).
-DEFAULT_SNAPLEN = 256
+DEFAULT_SNAPLEN: Final = 256
 
 #: Default number of payload bytes copied from the end of a segment longer than the snap
 #: length.  A server answers a command with one write that ends in the tagged completion
 #: (``a1 OK Logged in``), which a 256-byte prefix loses whenever the untagged data before it
 #: is longer: after LOGIN, SELECT and FETCH on Dovecot that is the rule, not the exception.
-DEFAULT_TAILLEN = 128
+DEFAULT_TAILLEN: Final = 128
 
 #: Default number of payload bytes copied from the start of each segment while a flow's
 #: handshake lasts (`PayloadMode.HANDSHAKE`): from its SYN until, logged in, the client sends its
@@ -28,14 +39,14 @@ DEFAULT_TAILLEN = 128
 #: ``OK [CAPABILITY ...]``, ID with ~500 bytes, SELECT with ~450.  A segment is an MTU or less
 #: as a rule, so 2 KB takes it whole.  0 (or a value not above the snap length) keeps the snap
 #: length's cut from the first segment on.
-DEFAULT_HANDSHAKE_SNAPLEN = 2048
+DEFAULT_HANDSHAKE_SNAPLEN: Final = 2048
 
 #: Upper bound on what one segment may carry once a flow is compressed and whole payloads are
 #: copied.  Larger than any TCP segment on a 64 KiB-GSO path, small enough to bound memory.
-WHOLE_PAYLOAD_CAP = 65535
+WHOLE_PAYLOAD_CAP: Final = 65535
 
 #: IMAP's well-known port; ``--port`` replaces it.
-IMAP_PORT = 143
+IMAP_PORT: Final = 143
 
 
 class TcpFlag(enum.IntFlag):
@@ -110,6 +121,7 @@ def flow_key(src: str, sport: int, dst: str, dport: int) -> FlowKey:
     return (dst, dport, src, sport)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)  # KernelPayloadPolicy (capture/live) mirrors it into the kernel
 class PayloadPolicy:
     """Per-flow copy rules shared by the analyzer (which sets them) and a capture (which applies them).
 
