@@ -9,11 +9,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imaptap.facts import flow_facts
+from imaptap.facts import FlowFacts, flow_facts
 from imaptap.flows import FlowTable
 from imaptap.imap.session import Kind, Message, Side
 from imaptap.output import jsonl
-from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, message_record
+from imaptap.output.jsonl import JsonlWriter, _dumps, endpoint, flow_line, message_record
 from imaptap.testing import conversation
 from testenv import OWN_PCAPS, PUBLIC_PCAPS, accelerator, accelerator_params, public_pcap_paths
 
@@ -133,7 +133,8 @@ def test_control_characters_are_escaped_in_json():
     assert "\x1b" not in out.getvalue() and "\\u001b" in out.getvalue()
 
 
-def test_fast_flow_line_equals_the_encoded_record():
+@pytest.mark.parametrize("accelerated", PATHS)
+def test_fast_flow_line_equals_the_encoded_record(accelerated):
     import glob
     import os
 
@@ -158,8 +159,58 @@ def test_fast_flow_line_equals_the_encoded_record():
                 reader.close()
             table.close_all()
     assert len(flows) > 20
-    for flow in flows:
-        assert flow_line(flow_facts(flow)) == _dumps(flow_record(flow))
+    with _formatter(accelerated):
+        for flow in flows:
+            assert flow_line(flow_facts(flow)) == _dumps(flow_record(flow))
+
+
+class _Named(str):
+    """A str subclass, as a StrEnum member is (findings are `Finding`s)."""
+
+
+odd_text = st.text(alphabet=st.characters(codec=None, exclude_categories=()), max_size=12)
+odd_value = {
+    "int": st.one_of(st.integers(-(1 << 70), 1 << 70), st.booleans()),
+    "float": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(0, 1 << 40)),
+    "str": st.one_of(odd_text, odd_text.map(_Named)),
+    "str | None": st.one_of(st.none(), odd_text, odd_text.map(_Named)),
+    "bool": st.one_of(st.booleans(), st.none()),
+    "bool | None": st.one_of(st.booleans(), st.none()),
+    "tuple[str, ...]": st.one_of(st.lists(st.one_of(odd_text, odd_text.map(_Named)), max_size=3).map(tuple),
+                                 st.lists(odd_text, max_size=2)),
+    "dict[str, int]": st.dictionaries(st.one_of(odd_text, odd_text.map(_Named)),
+                                      st.one_of(st.integers(-(1 << 70), 1 << 70), st.booleans()), max_size=3),
+    "dict[str, str | None] | None": st.one_of(st.none(), st.dictionaries(odd_text, st.one_of(st.none(), odd_text),
+                                                                          max_size=2)),
+}
+
+
+@pytest.mark.skipif(jsonl._jsonfast is None, reason="C formatter not built")
+@settings(max_examples=500, deadline=None)
+@given(data=st.data())
+def test_c_flow_line_writes_any_value_as_the_python_one(data):
+    """Every field's value of every type it may hold, and some it should not (subclasses, None,
+    a list for a tuple, floats that JSON cannot write plainly, astral and lone surrogate
+    characters): the C line is the Python line, or both fail alike."""
+    values = []
+    for name, hint in FlowFacts.__annotations__.items():
+        strategy = odd_value.get(jsonl._declared(hint))
+        values.append(data.draw(strategy, label=name) if strategy is not None else getattr(FACTS, name))
+    facts = FlowFacts(*values)
+    prefix = data.draw(st.sampled_from([jsonl._FLOW_PREFIX, '{"type":"flow_update","ts":1.5,']))
+    with _formatter(False):
+        python = _outcome(flow_line, facts, prefix)
+    assert _outcome(flow_line, facts, prefix) == python
+
+
+def _outcome(call, *args):
+    try:
+        return call(*args)
+    except Exception as exc:  # noqa: BLE001 - the kind of failure is what is compared
+        return type(exc)
+
+
+FACTS = flow_facts(FLOW)
 
 
 class _FullDisk(io.StringIO):

@@ -20,6 +20,15 @@
  *     does (no ASCII-fication); drain() is called at batch lines.  The keys come from Python
  *     (jsonl._C_KEYS, from Message's fields): what this file knows of the record is only the
  *     type of each field by its position, which the Message NamedTuple declares.
+ *
+ * flow_line(prefix, facts, fields) -> str
+ *     jsonl.flow_line: prefix, then each field of facts (a facts.FlowFacts) as its key text and
+ *     its value's JSON, then "}".  fields holds one (key text, encoding, encoder) per field,
+ *     from Python (jsonl._C_FLOW_FIELDS): the encoding is one of the FLOW_* codes below, for
+ *     the encoders of jsonl._ENCODERS this file knows; a value of the type the code stands for
+ *     is written here, anything else (a code of 0, None where no None is declared, an int or
+ *     float subclass, a float that is not finite) is given to the encoder, which must return str.
+ *     So the line is the one jsonl's Python path builds, which tests check.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -498,21 +507,214 @@ static PyTypeObject FormatterType = {
     .tp_methods = Formatter_methods,
 };
 
+/* --- flow_line: jsonl.flow_line's fields, each written as its Python encoder writes it ------ */
+
+/* The encodings of a FlowFacts field this file writes itself (jsonl._C_FLOW_FIELDS names them
+ * by the module's FLOW_* constants); FLOW_CALL: always the field's Python encoder. */
+enum { FLOW_CALL, FLOW_INT, FLOW_FLOAT, FLOW_STR, FLOW_OPTIONAL_STR, FLOW_BOOL, FLOW_STRINGS, FLOW_COUNTS };
+
+/* The constant texts of a flow line, made once. */
+static PyObject *S_EMPTY, *S_COMMA, *S_COLON, *S_OPEN_LIST, *S_CLOSE_LIST, *S_OPEN_OBJECT, *S_CLOSE_OBJECT,
+    *S_NULL, *S_TRUE, *S_FALSE;
+
+/* s as json.encoder.encode_basestring writes it: quoted, '"', '\\' and C0 controls escaped. */
+static PyObject *quoted(PyObject *s)
+{
+    Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(s);
+    PyObject *out = PyUnicode_New(escaped_length(s), maxchar > 127 ? maxchar : 127);
+    if (out == NULL)
+        return NULL;
+    Writer w = {out, PyUnicode_KIND(out), PyUnicode_DATA(out), 0};
+    if (put_escaped(&w, s) < 0) {
+        Py_DECREF(out);
+        return NULL;
+    }
+    return out;
+}
+
+/* Append a new reference to parts, and drop it; -1 (with the exception set) when it is NULL. */
+static int append_new(PyObject *parts, PyObject *text)
+{
+    if (text == NULL)
+        return -1;
+    int r = PyList_Append(parts, text);
+    Py_DECREF(text);
+    return r;
+}
+
+/* A tuple of str as _strings writes it: ["a","b"]. */
+static int put_strings(PyObject *parts, PyObject *items)
+{
+    if (PyList_Append(parts, S_OPEN_LIST) < 0)
+        return -1;
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); i++) {
+        if (i && PyList_Append(parts, S_COMMA) < 0)
+            return -1;
+        if (append_new(parts, quoted(PyTuple_GET_ITEM(items, i))) < 0)
+            return -1;
+    }
+    return PyList_Append(parts, S_CLOSE_LIST);
+}
+
+/* A dict of str to exact int as _counts writes it: {"a":1,"b":2}, in the dict's order. */
+static int put_counts(PyObject *parts, PyObject *counts)
+{
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    int first = 1;
+    if (PyList_Append(parts, S_OPEN_OBJECT) < 0)
+        return -1;
+    while (PyDict_Next(counts, &pos, &key, &value)) {
+        if (!first && PyList_Append(parts, S_COMMA) < 0)
+            return -1;
+        first = 0;
+        if (append_new(parts, quoted(key)) < 0 || PyList_Append(parts, S_COLON) < 0
+                || append_new(parts, PyObject_Str(value)) < 0)
+            return -1;
+    }
+    return PyList_Append(parts, S_CLOSE_OBJECT);
+}
+
+/* Whether every item of a tuple is a str. */
+static int all_str(PyObject *items)
+{
+    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); i++)
+        if (!PyUnicode_Check(PyTuple_GET_ITEM(items, i)))
+            return 0;
+    return 1;
+}
+
+/* Whether a dict maps str to exact int only (f"{v}" of an int subclass such as bool is not str(v)). */
+static int all_counts(PyObject *counts)
+{
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(counts, &pos, &key, &value))
+        if (!PyUnicode_Check(key) || !PyLong_CheckExact(value))
+            return 0;
+    return 1;
+}
+
+/* One field's value, written as its encoder would: here for the types its code stands for,
+ * by the encoder itself for anything else. */
+static int put_flow_value(PyObject *parts, PyObject *value, long code, PyObject *encoder)
+{
+    switch (code) {
+    case FLOW_INT:
+        if (PyLong_CheckExact(value))
+            return append_new(parts, PyObject_Str(value));
+        break;
+    case FLOW_FLOAT:
+        if (PyFloat_CheckExact(value) && isfinite(PyFloat_AS_DOUBLE(value)))
+            return append_new(parts, float_repr(value));
+        break;
+    case FLOW_OPTIONAL_STR:
+        if (value == Py_None)
+            return PyList_Append(parts, S_NULL);
+        /* fall through */
+    case FLOW_STR: /* a str subclass too (a StrEnum member): json escapes its characters alike */
+        if (PyUnicode_Check(value))
+            return append_new(parts, quoted(value));
+        break;
+    case FLOW_BOOL:
+        if (value == Py_True || value == Py_False || value == Py_None)
+            return PyList_Append(parts, value == Py_True ? S_TRUE : value == Py_False ? S_FALSE : S_NULL);
+        break;
+    case FLOW_STRINGS:
+        if (PyTuple_CheckExact(value) && all_str(value))
+            return put_strings(parts, value);
+        break;
+    case FLOW_COUNTS:
+        if (PyDict_CheckExact(value) && all_counts(value))
+            return put_counts(parts, value);
+        break;
+    }
+    PyObject *text = PyObject_CallOneArg(encoder, value);
+    if (text != NULL && !PyUnicode_Check(text)) {
+        PyErr_Format(PyExc_TypeError, "flow_line: an encoder returned %.100s, not str", Py_TYPE(text)->tp_name);
+        Py_CLEAR(text);
+    }
+    return append_new(parts, text);
+}
+
+static PyObject *flow_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3 || !PyUnicode_Check(args[0]) || !PyTuple_Check(args[1]) || !PyTuple_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "flow_line(prefix: str, facts: FlowFacts, fields: tuple)");
+        return NULL;
+    }
+    PyObject *facts = args[1], *fields = args[2];
+    Py_ssize_t n = PyTuple_GET_SIZE(fields);
+    if (PyTuple_GET_SIZE(facts) != n) { /* as zip(strict=True) in the Python path */
+        PyErr_Format(PyExc_ValueError, "flow_line: %zd fields declared, %zd values given", n,
+                     PyTuple_GET_SIZE(facts));
+        return NULL;
+    }
+    PyObject *parts = PyList_New(0), *line = NULL;
+    if (parts == NULL || PyList_Append(parts, args[0]) < 0)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *field = PyTuple_GET_ITEM(fields, i);
+        if (!PyTuple_Check(field) || PyTuple_GET_SIZE(field) != 3 || !PyUnicode_Check(PyTuple_GET_ITEM(field, 0))
+                || !PyLong_Check(PyTuple_GET_ITEM(field, 1))) {
+            PyErr_SetString(PyExc_TypeError, "flow_line: fields are (key text, encoding, encoder)");
+            goto done;
+        }
+        long code = PyLong_AsLong(PyTuple_GET_ITEM(field, 1));
+        if (code == -1 && PyErr_Occurred())
+            goto done;
+        if (PyList_Append(parts, PyTuple_GET_ITEM(field, 0)) < 0
+                || put_flow_value(parts, PyTuple_GET_ITEM(facts, i), code, PyTuple_GET_ITEM(field, 2)) < 0)
+            goto done;
+    }
+    if (PyList_Append(parts, S_CLOSE_OBJECT) < 0)
+        goto done;
+    line = PyUnicode_Join(S_EMPTY, parts);
+done:
+    Py_XDECREF(parts);
+    return line;
+}
+
 static PyMethodDef methods[] = {
     {"ts_repr", ts_repr, METH_O, "ts_repr(x: float) -> str: repr(x), fast for microsecond time stamps."},
+    {"flow_line", (PyCFunction)(void (*)(void))flow_line, METH_FASTCALL,
+     "flow_line(prefix, facts, fields) -> str: jsonl.flow_line's line of a FlowFacts."},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonfast", NULL, -1, methods};
 
+static int make_texts(void)
+{
+    struct { PyObject **text; const char *value; } texts[] = {
+        {&S_EMPTY, ""}, {&S_COMMA, ","}, {&S_COLON, ":"}, {&S_OPEN_LIST, "["}, {&S_CLOSE_LIST, "]"},
+        {&S_OPEN_OBJECT, "{"}, {&S_CLOSE_OBJECT, "}"}, {&S_NULL, "null"}, {&S_TRUE, "true"}, {&S_FALSE, "false"},
+    };
+    for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
+        if (*texts[i].text == NULL && (*texts[i].text = PyUnicode_InternFromString(texts[i].value)) == NULL)
+            return -1;
+    return 0;
+}
+
 PyMODINIT_FUNC PyInit__jsonfast(void)
 {
     init_esc();
-    if (PyType_Ready(&FormatterType) < 0)
+    if (PyType_Ready(&FormatterType) < 0 || make_texts() < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
+    struct { const char *name; long value; } codes[] = {
+        {"FLOW_CALL", FLOW_CALL}, {"FLOW_INT", FLOW_INT}, {"FLOW_FLOAT", FLOW_FLOAT}, {"FLOW_STR", FLOW_STR},
+        {"FLOW_OPTIONAL_STR", FLOW_OPTIONAL_STR}, {"FLOW_BOOL", FLOW_BOOL}, {"FLOW_STRINGS", FLOW_STRINGS},
+        {"FLOW_COUNTS", FLOW_COUNTS},
+    };
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
+        if (PyModule_AddIntConstant(m, codes[i].name, codes[i].value) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
     Py_INCREF(&FormatterType);
     if (PyModule_AddObject(m, "Formatter", (PyObject *)&FormatterType) < 0) {
         Py_DECREF(&FormatterType);
