@@ -20,8 +20,8 @@ from setuptools.command.build_ext import build_ext
 #: compile as they are. segment.py's PayloadPolicy, which capture/live subclasses, is native
 #: with ``mypyc_attr(allow_interpreted_subclasses=True)``. Left out: pipeline.py and
 #: output/jsonl.py, whose classes (Source, Sink, JsonlSink) interpreted code subclasses and
-#: extends freely; facts.py, whose annotations output/jsonl.py reads (compiled, they are types,
-#: not the text written); the rest does not run per segment.
+#: extends freely; flowrecord.py, whose annotations output/jsonl.py reads (compiled, they are
+#: types, not the text written); the rest does not run per segment.
 COMPILED = [
     "flows.py",
     "clients.py",
@@ -34,6 +34,7 @@ COMPILED = [
     "capture/replay.py",
     "capture/decode.py",
     "segment.py",
+    "facts.py",
 ]
 
 
