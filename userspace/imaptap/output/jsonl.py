@@ -149,13 +149,15 @@ _FLOW_FIELDS = tuple((f'"{name}":', _ENCODER_OF_FIELD.get(name) or _ENCODERS[_de
 
 def _c_flow_fields() -> tuple[tuple[str, int, Callable[[Any], str]], ...]:
     """_FLOW_FIELDS for the C formatter: each key with the comma before it, and the code of its
-    encoder where the C side writes that encoder's values itself (FLOW_CALL: it calls it)."""
+    encoder where the C side writes that encoder's values itself (FLOW_CALL: it calls it).
+    `_capabilities` is called: its cache has the text of the few lists servers send, which
+    writing the twenty-odd names again would cost more than the call."""
     if _jsonfast is None:
         return ()
     known: dict[Callable[[Any], str], int] = {
         str: _jsonfast.FLOW_INT, _float: _jsonfast.FLOW_FLOAT, _quote: _jsonfast.FLOW_STR,
         _optional: _jsonfast.FLOW_OPTIONAL_STR, _JSON_OPTIONAL_BOOL.__getitem__: _jsonfast.FLOW_BOOL,
-        _strings: _jsonfast.FLOW_STRINGS, _capabilities: _jsonfast.FLOW_STRINGS, _counts: _jsonfast.FLOW_COUNTS,
+        _strings: _jsonfast.FLOW_STRINGS, _counts: _jsonfast.FLOW_COUNTS,
     }
     return tuple((("," if i else "") + key, known.get(encode, _jsonfast.FLOW_CALL), encode)
                  for i, (key, encode) in enumerate(_FLOW_FIELDS))
