@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Final
 
@@ -163,9 +163,15 @@ class _Direction:
             self.flush_one()
 
 
-@dataclass(eq=False, slots=True)
 class Flow:
-    """One TCP connection to an IMAP port and what is known about it."""
+    """One TCP connection to an IMAP port and what is known about it.
+
+    A plain class rather than a dataclass: a dataclass's generated ``__init__`` is Python code
+    even where mypyc compiles the class, and one is made per connection."""
+
+    __slots__ = ("id", "key", "ip_version", "client", "server", "first_ts", "last_ts", "session", "packets_c2s",
+                 "packets_s2c", "bytes_c2s", "bytes_s2c", "syn_seen", "fin_client", "fin_server", "reset",
+                 "end_reason", "handshake_segments", "handshake_bytes", "c2s", "s2c")
 
     id: int
     key: FlowKey
@@ -176,27 +182,50 @@ class Flow:
     first_ts: float
     last_ts: float
     session: ImapSession
-    packets_c2s: int = 0
+    packets_c2s: int
     """Segments with payload, SYN, FIN or RST (pure ACKs are never copied by the kernel)."""
-    packets_s2c: int = 0
-    bytes_c2s: int = 0
+    packets_s2c: int
+    bytes_c2s: int
     """TCP payload bytes on the wire."""
-    bytes_s2c: int = 0
-    syn_seen: bool = False
-    fin_client: bool = False
-    fin_server: bool = False
-    reset: bool = False
-    end_reason: EndReason | None = None
-    handshake_segments: int = 0
+    bytes_s2c: int
+    syn_seen: bool
+    fin_client: bool
+    fin_server: bool
+    reset: bool
+    end_reason: EndReason | None
+    handshake_segments: int
     """Segments with payload still copied under the handshake rule; 0 once it no longer applies."""
-    handshake_bytes: int = 0
+    handshake_bytes: int
     """Wire bytes still copied under the handshake rule."""
-    c2s: _Direction = field(init=False, repr=False)
-    s2c: _Direction = field(init=False, repr=False)
+    c2s: _Direction
+    s2c: _Direction
 
-    def __post_init__(self) -> None:
-        self.c2s = _Direction(self.session.client)
-        self.s2c = _Direction(self.session.server)
+    def __init__(self, id: int, key: FlowKey, ip_version: int, client: tuple[str, int], server: tuple[str, int],
+                 first_ts: float, last_ts: float, session: ImapSession) -> None:
+        self.id = id
+        self.key = key
+        self.ip_version = ip_version
+        self.client = client
+        self.server = server
+        self.first_ts = first_ts
+        self.last_ts = last_ts
+        self.session = session
+        self.packets_c2s = 0
+        self.packets_s2c = 0
+        self.bytes_c2s = 0
+        self.bytes_s2c = 0
+        self.syn_seen = False
+        self.fin_client = False
+        self.fin_server = False
+        self.reset = False
+        self.end_reason = None
+        self.handshake_segments = 0
+        self.handshake_bytes = 0
+        self.c2s = _Direction(session.client)
+        self.s2c = _Direction(session.server)
+
+    def __repr__(self) -> str:
+        return f"Flow(id={self.id}, client={self.client}, server={self.server}, end_reason={self.end_reason})"
 
     @property
     def packets(self) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 from imaptap.imap.atom import Atom
@@ -28,18 +27,34 @@ MAX_TOKENS: Final = 512
 MAX_LIST_DEPTH: Final = 16
 
 
-@dataclass(slots=True)
 class Literal:
-    """A literal's size and the part of its contents that was kept."""
+    """A literal's size and the part of its contents that was kept.
+
+    A plain class rather than a dataclass: a dataclass's generated ``__init__`` is Python code
+    even where mypyc compiles the class, and the stream makes one per literal."""
+
+    __slots__ = ("size", "data", "complete", "binary", "sync")
 
     size: int
-    data: bytearray = field(default_factory=bytearray)
-    complete: bool = True
+    data: bytearray
+    complete: bool
     """False when bytes of the literal were never captured or were cut at `LITERAL_KEEP`."""
-    binary: bool = False
+    binary: bool
     """``~{n}`` (RFC 3516 literal8)."""
-    sync: bool = True
+    sync: bool
     """False for the non-synchronising ``{n+}`` form (RFC 7888)."""
+
+    def __init__(self, size: int, data: bytearray | None = None, complete: bool = True, binary: bool = False,
+                 sync: bool = True) -> None:
+        self.size = size
+        self.data = bytearray() if data is None else data
+        self.complete = complete
+        self.binary = binary
+        self.sync = sync
+
+    def __repr__(self) -> str:
+        return (f"Literal(size={self.size}, data={self.data!r}, complete={self.complete}, binary={self.binary},"
+                f" sync={self.sync})")
 
     @property
     def whole(self) -> bytes | None:

@@ -162,21 +162,34 @@ _CONTINUATION: Final = Kind.CONTINUATION
 _STARTTLS_REQUESTED: Final = StartTls.REQUESTED
 
 
-@dataclass(slots=True)
 class _Pending:
-    """A command waiting for its completion (made positionally, in this field order: one a command)."""
+    """A command waiting for its completion (made positionally: one a command).
+
+    A plain class rather than a dataclass: a dataclass's generated ``__init__`` is Python code
+    even where mypyc compiles the class, and it ran once per command."""
+
+    __slots__ = ("command", "ts", "mechanism", "waited_on_client", "known", "out_of_state")
 
     command: str
     ts: float
-    mechanism: str | None = None
-    waited_on_client: bool = False
+    mechanism: str | None
+    waited_on_client: bool
     """The server asked the client for more (IDLE, a SASL step) after this command was sent, so
     its completion times the client's waits too, not the server alone."""
-    known: bool = False
+    known: bool
     """An IMAP command (RFC 3501/9051, an extension, UID ..., X...): its completion confirms IMAP."""
-    out_of_state: bool = False
+    out_of_state: bool
     """LOGIN or AUTHENTICATE sent when already authenticated: no login attempt, whatever the
     server answers (a BAD, RFC 3501 section 6.2)."""
+
+    def __init__(self, command: str, ts: float, mechanism: str | None = None, waited_on_client: bool = False,
+                 known: bool = False, out_of_state: bool = False) -> None:
+        self.command = command
+        self.ts = ts
+        self.mechanism = mechanism
+        self.waited_on_client = waited_on_client
+        self.known = known
+        self.out_of_state = out_of_state
 
 
 @dataclass(slots=True)
