@@ -13,7 +13,7 @@ have (``+``, ``~``, ``_``, ``-``).
 from __future__ import annotations
 
 import re
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 #: Characters kept of the software text, and of a product or version.
 MAX_SOFTWARE = 80
@@ -109,8 +109,24 @@ def _is_address(word: str) -> bool:
     return len(parts) == 4 and all(p.isdigit() and str(int(p)) == p and int(p) < 256 for p in parts)
 
 
+#: Greetings read so far (text -> what it names): a server greets every connection alike, and
+#: reading one runs the product patterns one by one (2% of a replay's analysis); bounded
+#: against a server whose greeting varies each time.
+_GREETINGS_KEPT: Final = 256
+_greetings: Final[dict[str, Software]] = {}
+
+
 def from_greeting(text: str) -> Software:
     """The software a greeting's text (after its response code) names, if any."""
+    named = _greetings.get(text)
+    if named is None:
+        if len(_greetings) >= _GREETINGS_KEPT:
+            _greetings.clear()
+        named = _greetings[text] = _read_greeting(text)
+    return named
+
+
+def _read_greeting(text: str) -> Software:
     known = _product(text)
     if known is not None:
         product, written, version = known
