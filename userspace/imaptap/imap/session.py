@@ -278,9 +278,15 @@ def _clip(s: str | None) -> str | None:
 
 
 class _Counts(Counter):
-    """A Counter made empty in C: Counter's own __init__ runs Python code, three per flow."""
+    """A Counter whose making and first counts run no Python code: Counter's own __init__ and
+    __missing__ are Python functions, run three times a flow and at every name's first count
+    (``__init__ = dict.__init__`` would do for the first, but mypyc drops such an assignment)."""
 
-    __init__ = dict.__init__
+    def __init__(self) -> None:
+        pass  # dict.__new__ made it empty
+
+    def __missing__(self, key: str) -> int:
+        return 0  # as Counter's: nothing stored
 
 
 class _NoCounts(_Counts):
