@@ -15,12 +15,17 @@ from typing import TYPE_CHECKING, Final
 
 from imaptap.clients import guess
 from imaptap.flowrecord import FlowFacts
+from imaptap.flows import EndReason
 from imaptap.imap.session import StartTls
 
 if TYPE_CHECKING:
     from imaptap.flows import Flow
 
 _new: Final = tuple.__new__
+# The values of the members flow records carry, looked up: an enum's ``.value`` is a Python
+# descriptor, which compiled code calls like any other (twice a flow).
+_END_VALUES: Final = {reason: reason.value for reason in EndReason}
+_STARTTLS_VALUES: Final = {state: state.value for state in StartTls}
 
 
 def endpoint(addr: tuple[str, int]) -> str:
@@ -51,7 +56,7 @@ def flow_facts(flow: Flow) -> FlowFacts:
         flow.packets_s2c,  # packets_s2c
         flow.bytes_c2s,  # bytes_c2s
         flow.bytes_s2c,  # bytes_s2c
-        None if flow.end_reason is None else flow.end_reason.value,  # end
+        None if flow.end_reason is None else _END_VALUES[flow.end_reason],  # end
         s.is_imap,  # imap
         s.greeting,  # greeting
         s.server_software,  # server_software
@@ -65,7 +70,7 @@ def flow_facts(flow: Flow) -> FlowFacts:
         s.login_failures,  # login_failures
         s.preauth,  # preauth
         tuple(s.capabilities),  # capabilities
-        s.starttls.value,  # starttls
+        _STARTTLS_VALUES[s.starttls],  # starttls
         s.encrypted,  # encrypted
         s.encrypted_from_start,  # encrypted_from_start
         s.compressed,  # compressed
@@ -111,7 +116,7 @@ def _transport_facts(flow: Flow) -> FlowFacts:
         packets_s2c=flow.packets_s2c,
         bytes_c2s=flow.bytes_c2s,
         bytes_s2c=flow.bytes_s2c,
-        end=None if flow.end_reason is None else flow.end_reason.value,
+        end=None if flow.end_reason is None else _END_VALUES[flow.end_reason],
         imap=False,
         greeting=None,
         server_software=None,
