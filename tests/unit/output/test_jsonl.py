@@ -78,7 +78,10 @@ def test_message_lines_are_what_json_encodes(accelerated, msgs):
                  st.builds(lambda s, ns: s + ns / 1e9, st.integers(0, 2**33), st.integers(0, 999_999_999)),
                  st.floats(allow_nan=True, allow_infinity=True),
                  st.floats(2**32 - 1, 2**33 + 1),
-                 st.integers(0, 40).map(lambda k: math.nextafter(2.0**k, 0.0))))
+                 st.integers(0, 40).map(lambda k: math.nextafter(2.0**k, 0.0)),
+                 st.builds(lambda us: us / 1e6, st.integers(0, 1_000_001)),  # under a second
+                 st.floats(0, 2000).map(lambda ms: round(ms, 3)),  # latencies as the session rounds them
+                 st.sampled_from([1e-4, math.nextafter(1e-4, 0.0), 0.0, -0.0, 5e-5, 0.999999, 1.0])))
 def test_time_stamps_are_formatted_as_repr(x):
     """ts_repr's short cut for microsecond stamps gives repr's text, and everything else is repr."""
     assert jsonl._jsonfast.ts_repr(x) == repr(x)

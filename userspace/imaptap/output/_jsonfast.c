@@ -7,7 +7,7 @@
  * both paths against json's own encoder.
  *
  * ts_repr(x) -> str
- *     repr(x).  A capture's time stamp is whole microseconds: for 1 <= x < 2**33
+ *     repr(x).  A capture's time stamp is whole microseconds: for 1e-4 <= x < 2**33
  *     the text "sec.usec" without trailing zeros is the shortest that reads back as x, because
  *     two texts of at most six decimals are 1e-6 apart and the spacing of doubles there is
  *     under 1e-6; so it is what repr gives whenever it reads back as x, which is checked in
@@ -144,7 +144,9 @@ static int put_escaped(Writer *w, PyObject *s)
 static PyObject *float_repr(PyObject *value)
 {
     double x = PyFloat_AS_DOUBLE(value);
-    if (x >= 1.0 && x < 8589934592.0) { /* 2**33: the spacing of doubles stays under 1e-6 */
+    /* From 1e-4 (below it repr writes an exponent) to 2**33 (the spacing of doubles stays
+     * under 1e-6 up to there); latencies of under a millisecond are the usual case below 1. */
+    if (x >= 1e-4 && x < 8589934592.0) {
         double whole = floor(x);
         long long sec = (long long)whole;
         long long usec = llround((x - whole) * 1e6);
@@ -197,8 +199,16 @@ typedef struct {
 #define KEY_LEN(f) (keys->len[(f) - F_TAG])
 #define PUT_KEY(w, f) put_ascii((w), keys->text[(f) - F_TAG], keys->len[(f) - F_TAG])
 
-/* args[0..2] + the record of msg; args are str, msg a tuple of N_FIELDS or more, keys the
- * key texts of fields F_TAG..N_FIELDS-1 (with their leading commas), from Python. */
+/* The constant texts of the lines, made once (make_texts). */
+static PyObject *S_EMPTY, *S_COMMA, *S_COLON, *S_OPEN_LIST, *S_CLOSE_LIST, *S_OPEN_OBJECT, *S_CLOSE_OBJECT,
+    *S_NULL, *S_TRUE, *S_FALSE, *S_MESSAGE_HEAD;
+
+/* A message line's texts before its fields: S_MESSAGE_HEAD, the time, a comma, the flow's
+ * texts, the side's and kind's. */
+#define N_PARTS 5
+
+/* args[0..N_PARTS-1] + the record of msg; args are str, msg a tuple of N_FIELDS or more, keys
+ * the key texts of fields F_TAG..N_FIELDS-1 (with their leading commas), from Python. */
 static PyObject *build_line(PyObject *const *args, PyObject *msg, const Keys *keys)
 {
     PyObject *extra[3] = {NULL, NULL, NULL}; /* latency, literals, number as text */
@@ -206,7 +216,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, const Keys *ke
     Py_UCS4 maxchar = 127;
     Py_ssize_t total = 0;
 
-    for (int i = 0; i < 3; i++) {
+    for (int i = 0; i < N_PARTS; i++) {
         total += PyUnicode_GET_LENGTH(args[i]);
         Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(args[i]);
         if (m > maxchar)
@@ -286,7 +296,7 @@ static PyObject *build_line(PyObject *const *args, PyObject *msg, const Keys *ke
     if (result == NULL)
         goto done;
     Writer w = {result, PyUnicode_KIND(result), PyUnicode_DATA(result), 0};
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < N_PARTS; i++)
         if (put_slice(&w, args[i], 0, PyUnicode_GET_LENGTH(args[i])) < 0)
             goto fail;
     for (int f = F_TAG; f <= F_TEXT; f++) {
@@ -350,7 +360,7 @@ typedef struct {
     PyObject *keys;    /* the key texts of the fields after kind, from Python (jsonl._C_KEYS) */
     Keys key_texts;    /* the same, as C strings */
     double ts;         /* the time of head, when head is set */
-    PyObject *head;    /* '{"type":"message","ts":<ts>,' */
+    PyObject *head;    /* the text of ts */
 } Formatter;
 
 static int Formatter_init(Formatter *self, PyObject *args, PyObject *kwds)
@@ -448,10 +458,7 @@ static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ss
         PyObject *t = PyFloat_CheckExact(ts) ? float_repr(ts) : PyObject_Repr(ts);
         if (t == NULL)
             return NULL;
-        Py_XSETREF(self->head, PyUnicode_FromFormat("{\"type\":\"message\",\"ts\":%U,", t));
-        Py_DECREF(t);
-        if (self->head == NULL)
-            return NULL;
+        Py_XSETREF(self->head, t);
         if (PyFloat_CheckExact(ts)) {
             self->ts = PyFloat_AS_DOUBLE(ts);
         } else {
@@ -470,7 +477,7 @@ static PyObject *Formatter_message(Formatter *self, PyObject *const *args, Py_ss
         PyErr_SetString(PyExc_ValueError, "message: unknown kind");
         return NULL;
     }
-    PyObject *parts[3] = {self->head, args[0], from_kind};
+    PyObject *parts[N_PARTS] = {S_MESSAGE_HEAD, self->head, S_COMMA, args[0], from_kind};
     PyObject *line = build_line(parts, msg, &self->key_texts);
     if (line == NULL)
         return NULL;
@@ -513,9 +520,6 @@ static PyTypeObject FormatterType = {
  * by the module's FLOW_* constants); FLOW_CALL: always the field's Python encoder. */
 enum { FLOW_CALL, FLOW_INT, FLOW_FLOAT, FLOW_STR, FLOW_OPTIONAL_STR, FLOW_BOOL, FLOW_STRINGS, FLOW_COUNTS };
 
-/* The constant texts of a flow line, made once. */
-static PyObject *S_EMPTY, *S_COMMA, *S_COLON, *S_OPEN_LIST, *S_CLOSE_LIST, *S_OPEN_OBJECT, *S_CLOSE_OBJECT,
-    *S_NULL, *S_TRUE, *S_FALSE;
 
 /* s as json.encoder.encode_basestring writes it: quoted, '"', '\\' and C0 controls escaped. */
 static PyObject *quoted(PyObject *s)
@@ -689,6 +693,7 @@ static int make_texts(void)
     struct { PyObject **text; const char *value; } texts[] = {
         {&S_EMPTY, ""}, {&S_COMMA, ","}, {&S_COLON, ":"}, {&S_OPEN_LIST, "["}, {&S_CLOSE_LIST, "]"},
         {&S_OPEN_OBJECT, "{"}, {&S_CLOSE_OBJECT, "}"}, {&S_NULL, "null"}, {&S_TRUE, "true"}, {&S_FALSE, "false"},
+        {&S_MESSAGE_HEAD, "{\"type\":\"message\",\"ts\":"},
     };
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
         if (*texts[i].text == NULL && (*texts[i].text = PyUnicode_InternFromString(texts[i].value)) == NULL)
