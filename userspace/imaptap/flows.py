@@ -310,7 +310,12 @@ class FlowTable:
         if ts > self.now:
             self.advance(ts)
         key = flow_key(src, sport, dst, dport)
-        flow = self.flows.pop(key, None)
+        flows = self.flows
+        # Taken out and put back at the end (least recently active first); get and del rather
+        # than pop(key, None), which compiled code calls as a Python method, once per segment.
+        flow = flows.get(key)
+        if flow is not None:
+            del flows[key]
         if flow is not None and flags & _SYN and not flags & _ACK and flow.bytes and not flow.reset:
             self._end(flow, EndReason.REUSED)
             flow = None
@@ -319,7 +324,7 @@ class FlowTable:
                 stats.orphans += 1
                 return
             flow = self._new_flow(seg, key)
-        self.flows[key] = flow
+        flows[key] = flow
         from_client = sport == flow.client[1] and src == flow.client[0]
         flow.last_ts = ts
         flow.session.now = ts
