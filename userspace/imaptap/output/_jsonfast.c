@@ -200,8 +200,7 @@ typedef struct {
 #define PUT_KEY(w, f) put_ascii((w), keys->text[(f) - F_TAG], keys->len[(f) - F_TAG])
 
 /* The constant texts of the lines, made once (make_texts). */
-static PyObject *S_EMPTY, *S_COMMA, *S_COLON, *S_OPEN_LIST, *S_CLOSE_LIST, *S_OPEN_OBJECT, *S_CLOSE_OBJECT,
-    *S_NULL, *S_TRUE, *S_FALSE, *S_MESSAGE_HEAD;
+static PyObject *S_COMMA, *S_MESSAGE_HEAD;
 
 /* A message line's texts before its fields: S_MESSAGE_HEAD, the time, a comma, the flow's
  * texts, the side's and kind's. */
@@ -518,65 +517,119 @@ static PyTypeObject FormatterType = {
 
 /* The encodings of a FlowFacts field this file writes itself (jsonl._C_FLOW_FIELDS names them
  * by the module's FLOW_* constants); FLOW_CALL: always the field's Python encoder. */
-enum { FLOW_CALL, FLOW_INT, FLOW_FLOAT, FLOW_STR, FLOW_OPTIONAL_STR, FLOW_BOOL, FLOW_STRINGS, FLOW_COUNTS };
+enum { FLOW_CALL, FLOW_INT, FLOW_FLOAT, FLOW_STR, FLOW_OPTIONAL_STR, FLOW_BOOL, FLOW_STRINGS, FLOW_COUNTS,
+       FLOW_OPTIONAL }; /* FLOW_OPTIONAL: null for None, else the encoder */
 
+/* A flow line is built in two passes over its pieces: the first makes them and adds up their
+ * lengths, the second writes them into the one str made for the line.  A piece is a str as it
+ * is, a str to quote and escape, or ASCII text (a constant, or an int's digits kept here). */
+enum { PIECE_STR, PIECE_QUOTED, PIECE_ASCII };
 
-/* s as json.encoder.encode_basestring writes it: quoted, '"', '\\' and C0 controls escaped. */
-static PyObject *quoted(PyObject *s)
+typedef struct {
+    PyObject *str;       /* PIECE_STR, PIECE_QUOTED */
+    const char *ascii;   /* PIECE_ASCII: a constant, or digits */
+    Py_ssize_t len;      /* characters once written */
+    char digits[24];     /* an int's text (ascii points here) */
+    unsigned char kind;
+    unsigned char owned; /* str is a reference of the line's own */
+} Piece;
+
+/* Pieces a flow line has before the list grows onto the heap: a few hundred, with long lists
+ * of mailboxes or commands. */
+#define FLOW_PIECES_ON_STACK 256
+
+typedef struct {
+    Piece *items;
+    Py_ssize_t n, cap;
+    Py_ssize_t total;
+    Py_UCS4 maxchar;
+    Piece stack[FLOW_PIECES_ON_STACK];
+} Pieces;
+
+static Piece *next_piece(Pieces *p)
 {
-    Py_UCS4 maxchar = PyUnicode_MAX_CHAR_VALUE(s);
-    PyObject *out = PyUnicode_New(escaped_length(s), maxchar > 127 ? maxchar : 127);
-    if (out == NULL)
-        return NULL;
-    Writer w = {out, PyUnicode_KIND(out), PyUnicode_DATA(out), 0};
-    if (put_escaped(&w, s) < 0) {
-        Py_DECREF(out);
-        return NULL;
+    if (p->n == p->cap) {
+        Py_ssize_t cap = p->cap * 2;
+        Piece *items = p->items == p->stack ? PyMem_Malloc(cap * sizeof(Piece))
+                                             : PyMem_Realloc(p->items, cap * sizeof(Piece));
+        if (items == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        if (p->items == p->stack)
+            memcpy(items, p->stack, p->n * sizeof(Piece));
+        p->items = items;
+        p->cap = cap;
     }
-    return out;
+    return &p->items[p->n++];
 }
 
-/* Append a new reference to parts, and drop it; -1 (with the exception set) when it is NULL. */
-static int append_new(PyObject *parts, PyObject *text)
+static int piece_ascii(Pieces *p, const char *text, Py_ssize_t len)
 {
-    if (text == NULL)
+    Piece *c = next_piece(p);
+    if (c == NULL)
         return -1;
-    int r = PyList_Append(parts, text);
-    Py_DECREF(text);
-    return r;
+    c->kind = PIECE_ASCII;
+    c->ascii = text;
+    c->len = len;
+    c->str = NULL;
+    c->owned = 0;
+    p->total += len;
+    return 0;
 }
 
-/* A tuple of str as _strings writes it: ["a","b"]. */
-static int put_strings(PyObject *parts, PyObject *items)
+#define PIECE_TEXT(p, literal) piece_ascii((p), (literal), (Py_ssize_t)(sizeof(literal) - 1))
+
+/* A str, written as it is or (quote) as json.encoder.encode_basestring writes it; owned: the
+ * reference is the line's (NULL, with an exception set, is passed on). */
+static int piece_str(Pieces *p, PyObject *str, int quote, int owned)
 {
-    if (PyList_Append(parts, S_OPEN_LIST) < 0)
+    if (str == NULL)
         return -1;
-    for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(items); i++) {
-        if (i && PyList_Append(parts, S_COMMA) < 0)
-            return -1;
-        if (append_new(parts, quoted(PyTuple_GET_ITEM(items, i))) < 0)
-            return -1;
+    Piece *c = next_piece(p);
+    if (c == NULL) {
+        if (owned)
+            Py_DECREF(str);
+        return -1;
     }
-    return PyList_Append(parts, S_CLOSE_LIST);
+    c->kind = quote ? PIECE_QUOTED : PIECE_STR;
+    c->str = str;
+    c->owned = (unsigned char)owned;
+    c->len = quote ? escaped_length(str) : PyUnicode_GET_LENGTH(str);
+    Py_UCS4 m = PyUnicode_MAX_CHAR_VALUE(str);
+    if (m > p->maxchar)
+        p->maxchar = m;
+    p->total += c->len;
+    return 0;
 }
 
-/* A dict of str to exact int as _counts writes it: {"a":1,"b":2}, in the dict's order. */
-static int put_counts(PyObject *parts, PyObject *counts)
+/* An exact int as str() writes it: its digits kept in the piece where it fits a long long. */
+static int piece_int(Pieces *p, PyObject *value)
 {
-    PyObject *key, *value;
-    Py_ssize_t pos = 0;
-    int first = 1;
-    if (PyList_Append(parts, S_OPEN_OBJECT) < 0)
+    int overflow;
+    long long v = PyLong_AsLongLongAndOverflow(value, &overflow);
+    if (overflow)
+        return piece_str(p, PyObject_Str(value), 0, 1);
+    if (v == -1 && PyErr_Occurred())
         return -1;
-    while (PyDict_Next(counts, &pos, &key, &value)) {
-        if (!first && PyList_Append(parts, S_COMMA) < 0)
-            return -1;
-        first = 0;
-        if (append_new(parts, quoted(key)) < 0 || PyList_Append(parts, S_COLON) < 0
-                || append_new(parts, PyObject_Str(value)) < 0)
-            return -1;
-    }
-    return PyList_Append(parts, S_CLOSE_OBJECT);
+    Piece *c = next_piece(p);
+    if (c == NULL)
+        return -1;
+    char *end = c->digits + sizeof c->digits, *d = end;
+    unsigned long long u = v < 0 ? 0ULL - (unsigned long long)v : (unsigned long long)v;
+    do {
+        *--d = (char)('0' + u % 10);
+        u /= 10;
+    } while (u);
+    if (v < 0)
+        *--d = '-';
+    c->kind = PIECE_ASCII;
+    c->ascii = d;
+    c->len = end - d;
+    c->str = NULL;
+    c->owned = 0;
+    p->total += c->len;
+    return 0;
 }
 
 /* Whether every item of a tuple is a str. */
@@ -600,37 +653,63 @@ static int all_counts(PyObject *counts)
 }
 
 /* One field's value, written as its encoder would: here for the types its code stands for,
- * by the encoder itself for anything else. */
-static int put_flow_value(PyObject *parts, PyObject *value, long code, PyObject *encoder)
+ * by the encoder itself for anything else.  The facts tuple keeps the borrowed strs alive. */
+static int put_flow_value(Pieces *p, PyObject *value, long code, PyObject *encoder)
 {
     switch (code) {
     case FLOW_INT:
         if (PyLong_CheckExact(value))
-            return append_new(parts, PyObject_Str(value));
+            return piece_int(p, value);
         break;
     case FLOW_FLOAT:
         if (PyFloat_CheckExact(value) && isfinite(PyFloat_AS_DOUBLE(value)))
-            return append_new(parts, float_repr(value));
+            return piece_str(p, float_repr(value), 0, 1);
+        break;
+    case FLOW_OPTIONAL:
+        if (value == Py_None)
+            return PIECE_TEXT(p, "null");
         break;
     case FLOW_OPTIONAL_STR:
         if (value == Py_None)
-            return PyList_Append(parts, S_NULL);
+            return PIECE_TEXT(p, "null");
         /* fall through */
     case FLOW_STR: /* a str subclass too (a StrEnum member): json escapes its characters alike */
         if (PyUnicode_Check(value))
-            return append_new(parts, quoted(value));
+            return piece_str(p, value, 1, 0);
         break;
     case FLOW_BOOL:
-        if (value == Py_True || value == Py_False || value == Py_None)
-            return PyList_Append(parts, value == Py_True ? S_TRUE : value == Py_False ? S_FALSE : S_NULL);
+        if (value == Py_True)
+            return PIECE_TEXT(p, "true");
+        if (value == Py_False)
+            return PIECE_TEXT(p, "false");
+        if (value == Py_None)
+            return PIECE_TEXT(p, "null");
         break;
-    case FLOW_STRINGS:
-        if (PyTuple_CheckExact(value) && all_str(value))
-            return put_strings(parts, value);
+    case FLOW_STRINGS: /* as _strings: ["a","b"] */
+        if (PyTuple_CheckExact(value) && all_str(value)) {
+            if (PIECE_TEXT(p, "[") < 0)
+                return -1;
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(value); i++)
+                if ((i && PIECE_TEXT(p, ",") < 0) || piece_str(p, PyTuple_GET_ITEM(value, i), 1, 0) < 0)
+                    return -1;
+            return PIECE_TEXT(p, "]");
+        }
         break;
-    case FLOW_COUNTS:
-        if (PyDict_CheckExact(value) && all_counts(value))
-            return put_counts(parts, value);
+    case FLOW_COUNTS: /* as _counts: {"a":1,"b":2}, in the dict's order */
+        if (PyDict_CheckExact(value) && all_counts(value)) {
+            PyObject *key, *count;
+            Py_ssize_t pos = 0;
+            int first = 1;
+            if (PIECE_TEXT(p, "{") < 0)
+                return -1;
+            while (PyDict_Next(value, &pos, &key, &count)) {
+                if ((!first && PIECE_TEXT(p, ",") < 0) || piece_str(p, key, 1, 0) < 0 || PIECE_TEXT(p, ":") < 0
+                        || piece_int(p, count) < 0)
+                    return -1;
+                first = 0;
+            }
+            return PIECE_TEXT(p, "}");
+        }
         break;
     }
     PyObject *text = PyObject_CallOneArg(encoder, value);
@@ -638,7 +717,35 @@ static int put_flow_value(PyObject *parts, PyObject *value, long code, PyObject 
         PyErr_Format(PyExc_TypeError, "flow_line: an encoder returned %.100s, not str", Py_TYPE(text)->tp_name);
         Py_CLEAR(text);
     }
-    return append_new(parts, text);
+    return piece_str(p, text, 0, 1);
+}
+
+static PyObject *write_pieces(Pieces *p)
+{
+    PyObject *line = PyUnicode_New(p->total, p->maxchar);
+    if (line == NULL)
+        return NULL;
+    Writer w = {line, PyUnicode_KIND(line), PyUnicode_DATA(line), 0};
+    for (Py_ssize_t i = 0; i < p->n; i++) {
+        Piece *c = &p->items[i];
+        int r = 0;
+        if (c->kind == PIECE_ASCII)
+            put_ascii(&w, c->ascii, c->len);
+        else if (c->kind == PIECE_STR)
+            r = put_slice(&w, c->str, 0, c->len);
+        else
+            r = put_escaped(&w, c->str);
+        if (r < 0) {
+            Py_DECREF(line);
+            return NULL;
+        }
+    }
+    if (w.pos != p->total) {
+        PyErr_SetString(PyExc_SystemError, "flow_line: length mismatch");
+        Py_DECREF(line);
+        return NULL;
+    }
+    return line;
 }
 
 static PyObject *flow_line(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
@@ -647,15 +754,22 @@ static PyObject *flow_line(PyObject *self, PyObject *const *args, Py_ssize_t nar
         PyErr_SetString(PyExc_TypeError, "flow_line(prefix: str, facts: FlowFacts, fields: tuple)");
         return NULL;
     }
-    PyObject *facts = args[1], *fields = args[2];
+    PyObject *facts = args[1], *fields = args[2], *line = NULL;
     Py_ssize_t n = PyTuple_GET_SIZE(fields);
     if (PyTuple_GET_SIZE(facts) != n) { /* as zip(strict=True) in the Python path */
         PyErr_Format(PyExc_ValueError, "flow_line: %zd fields declared, %zd values given", n,
                      PyTuple_GET_SIZE(facts));
         return NULL;
     }
-    PyObject *parts = PyList_New(0), *line = NULL;
-    if (parts == NULL || PyList_Append(parts, args[0]) < 0)
+    Pieces *p = PyMem_Malloc(sizeof(Pieces)); /* its stack of pieces is too large for C's */
+    if (p == NULL)
+        return PyErr_NoMemory();
+    p->items = p->stack;
+    p->n = 0;
+    p->cap = FLOW_PIECES_ON_STACK;
+    p->total = 0;
+    p->maxchar = 127;
+    if (piece_str(p, args[0], 0, 0) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *field = PyTuple_GET_ITEM(fields, i);
@@ -667,15 +781,19 @@ static PyObject *flow_line(PyObject *self, PyObject *const *args, Py_ssize_t nar
         long code = PyLong_AsLong(PyTuple_GET_ITEM(field, 1));
         if (code == -1 && PyErr_Occurred())
             goto done;
-        if (PyList_Append(parts, PyTuple_GET_ITEM(field, 0)) < 0
-                || put_flow_value(parts, PyTuple_GET_ITEM(facts, i), code, PyTuple_GET_ITEM(field, 2)) < 0)
+        if (piece_str(p, PyTuple_GET_ITEM(field, 0), 0, 0) < 0
+                || put_flow_value(p, PyTuple_GET_ITEM(facts, i), code, PyTuple_GET_ITEM(field, 2)) < 0)
             goto done;
     }
-    if (PyList_Append(parts, S_CLOSE_OBJECT) < 0)
-        goto done;
-    line = PyUnicode_Join(S_EMPTY, parts);
+    if (PIECE_TEXT(p, "}") == 0)
+        line = write_pieces(p);
 done:
-    Py_XDECREF(parts);
+    for (Py_ssize_t i = 0; i < p->n; i++)
+        if (p->items[i].owned)
+            Py_DECREF(p->items[i].str);
+    if (p->items != p->stack)
+        PyMem_Free(p->items);
+    PyMem_Free(p);
     return line;
 }
 
@@ -691,9 +809,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_jsonfast", NULL, -1
 static int make_texts(void)
 {
     struct { PyObject **text; const char *value; } texts[] = {
-        {&S_EMPTY, ""}, {&S_COMMA, ","}, {&S_COLON, ":"}, {&S_OPEN_LIST, "["}, {&S_CLOSE_LIST, "]"},
-        {&S_OPEN_OBJECT, "{"}, {&S_CLOSE_OBJECT, "}"}, {&S_NULL, "null"}, {&S_TRUE, "true"}, {&S_FALSE, "false"},
-        {&S_MESSAGE_HEAD, "{\"type\":\"message\",\"ts\":"},
+        {&S_COMMA, ","}, {&S_MESSAGE_HEAD, "{\"type\":\"message\",\"ts\":"},
     };
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++)
         if (*texts[i].text == NULL && (*texts[i].text = PyUnicode_InternFromString(texts[i].value)) == NULL)
@@ -712,7 +828,7 @@ PyMODINIT_FUNC PyInit__jsonfast(void)
     struct { const char *name; long value; } codes[] = {
         {"FLOW_CALL", FLOW_CALL}, {"FLOW_INT", FLOW_INT}, {"FLOW_FLOAT", FLOW_FLOAT}, {"FLOW_STR", FLOW_STR},
         {"FLOW_OPTIONAL_STR", FLOW_OPTIONAL_STR}, {"FLOW_BOOL", FLOW_BOOL}, {"FLOW_STRINGS", FLOW_STRINGS},
-        {"FLOW_COUNTS", FLOW_COUNTS},
+        {"FLOW_COUNTS", FLOW_COUNTS}, {"FLOW_OPTIONAL", FLOW_OPTIONAL},
     };
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++) {
         if (PyModule_AddIntConstant(m, codes[i].name, codes[i].value) < 0) {

@@ -157,7 +157,8 @@ def _c_flow_fields() -> tuple[tuple[str, int, Callable[[Any], str]], ...]:
     known: dict[Callable[[Any], str], int] = {
         str: _jsonfast.FLOW_INT, _float: _jsonfast.FLOW_FLOAT, _quote: _jsonfast.FLOW_STR,
         _optional: _jsonfast.FLOW_OPTIONAL_STR, _JSON_OPTIONAL_BOOL.__getitem__: _jsonfast.FLOW_BOOL,
-        _strings: _jsonfast.FLOW_STRINGS, _counts: _jsonfast.FLOW_COUNTS,
+        _strings: _jsonfast.FLOW_STRINGS, _counts: _jsonfast.FLOW_COUNTS, _object: _jsonfast.FLOW_OPTIONAL,
+        _record_or_null: _jsonfast.FLOW_OPTIONAL,
     }
     return tuple((("," if i else "") + key, known.get(encode, _jsonfast.FLOW_CALL), encode)
                  for i, (key, encode) in enumerate(_FLOW_FIELDS))
