@@ -8,7 +8,7 @@ import pytest
 
 import imaptap.capture.replay as replay_module
 from imaptap.capture.replay import ReplayStats, open_capture
-from imaptap.flowshare import FlowShare, flow_hash
+from imaptap.flowshare import FlowShare, flow_hash, share_of
 from imaptap.segment import PayloadPolicy
 from testenv import OWN_PCAPS, accelerator, accelerator_params, public_pcap_paths
 
@@ -47,6 +47,17 @@ def test_ports_and_addresses_both_change_the_hash():
     assert min(shares) > 500, shares  # spread, not all on one worker
 
 
+def test_even_client_ports_of_one_host_spread_over_a_power_of_two_workers():
+    # Linux gives connect() even ports: the low bit of FNV-1a follows the parity of every byte,
+    # so without the mixing the even ports of one high byte would all go to one of two workers
+    even = range(0x9C00, 0x9D00, 2)
+    assert len({flow_hash("10.0.0.1", port, "10.0.0.2", 143) % 2 for port in even}) == 1
+    for workers in (2, 4, 8):
+        shares = [sum(1 for port in even if share_of(flow_hash("10.0.0.1", port, "10.0.0.2", 143), workers) == i)
+                  for i in range(workers)]
+        assert min(shares) > 0.5 * len(even) / workers, shares
+
+
 def test_a_share_names_its_worker():
     with pytest.raises(ValueError):
         FlowShare(2, 2)
@@ -83,13 +94,13 @@ def test_c_and_python_readers_share_the_flows_alike(path, workers):
         for other in others:
             assert other == (items, skipped, stats)
         segments = [s for s in items if not isinstance(s, float)]
-        assert all(flow_hash(s.src, s.sport, s.dst, s.dport) % workers == index for s in segments)
+        assert all(share_of(flow_hash(s.src, s.sport, s.dst, s.dport), workers) == index for s in segments)
         assert len(items) == len(whole) and skipped == len(whole) - len(segments)
         # the reader's counts are those of the whole file: any worker's stats record is one process's
         assert stats == whole_stats
         # a time in the place of each other worker's segment
         assert items == \
-            [s.ts if flow_hash(s.src, s.sport, s.dst, s.dport) % workers != index else s for s in whole]
+            [s.ts if share_of(flow_hash(s.src, s.sport, s.dst, s.dport), workers) != index else s for s in whole]
         owned += segments
     assert sorted(owned) == sorted(whole)
 
@@ -102,7 +113,7 @@ def test_only_times_from_the_wake_on_are_handed_over(accelerated):
     share = FlowShare(2, 0)
     share.wake = middle
     items, _ = _items(path, share, accelerated)
-    others = [s.ts for s in whole if flow_hash(s.src, s.sport, s.dst, s.dport) % 2 == 1]
+    others = [s.ts for s in whole if share_of(flow_hash(s.src, s.sport, s.dst, s.dport), 2) == 1]
     assert others, "a capture with flows on both workers"
     assert [t for t in items if isinstance(t, float)] == [t for t in others if t >= middle]
     assert share.skipped == len(others)

@@ -3,10 +3,14 @@
 The hash is FNV-1a (32 bits) over the two endpoints of the connection, the lower one first:
 an endpoint is its address in network byte order (4 bytes for IPv4, 16 for IPv6) followed by
 its port (2 bytes, big-endian), and the lower one is the one whose bytes compare lower.  Both
-directions of a connection therefore hash alike, the value depends on nothing but the 4-tuple
-(not on the run, the machine or Python's hash seed), and worker ``i`` of ``N`` analyses the
-flows whose hash modulo ``N`` is ``i``.  `_pcapfast.c` computes the same hash on the frame's
-bytes; this module is its reference (tests/unit/test_flowshare.py compares them).
+directions of a connection therefore hash alike, and the value depends on nothing but the
+4-tuple (not on the run, the machine or Python's hash seed).  Worker ``i`` of ``N`` analyses the
+flows whose hash, mixed by `share_of`, is ``i`` modulo ``N``.  The mixing matters: the low bits
+of FNV-1a depend only on the low bits of the bytes, and Linux gives connect() even source ports
+by preference, so one client host's connections all had one FNV-1a parity, and with two (or any
+power-of-two) workers all went to one.  `_pcapfast.c` (replay) and bpf/imaptap.bpf.c (live
+--workers) compute the same on the packet's bytes; this module is their reference
+(tests/unit/test_flowshare.py, tests/live/test_live_workers.py compare them).
 
 A worker still sees the time of every other worker's segment: a flow ends by idle timeout
 when the capture clock moves, and that clock is every segment's time.  `FlowShare.wake` is the
@@ -45,6 +49,19 @@ def flow_hash(src: str, sport: int, dst: str, dport: int) -> int:
     return h
 
 
+def share_of(flow_hash: int, workers: int) -> int:
+    """The worker (0-based) of ``workers`` that analyses a flow of this `flow_hash`: the hash
+    through MurmurHash3's 32-bit finaliser, whose every output bit depends on every input bit,
+    modulo ``workers``."""
+    h = flow_hash
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    h ^= h >> 16
+    return h % workers
+
+
 class FlowShare:
     """The flows one worker analyses: worker ``index`` of ``workers``, and the state it shares
     with the C reader (`state`: the wake time as a double, then the count of other workers'
@@ -65,7 +82,7 @@ class FlowShare:
 
     def owns(self, src: str, sport: int, dst: str, dport: int) -> bool:
         """Whether this worker analyses the connection."""
-        return flow_hash(src, sport, dst, dport) % self.workers == self.index
+        return share_of(flow_hash(src, sport, dst, dport), self.workers) == self.index
 
     @property
     def wake(self) -> float:

@@ -17,8 +17,8 @@
  * replay).
  *
  * With --workers, config's last item is the worker's share (flowshare.FlowShare.config():
- * workers, index, state): a segment of a flow another worker analyses (by flow_hash, the same
- * hash as flowshare.flow_hash) is counted and passed over, and only where its time reaches the
+ * workers, index, state): a segment of a flow another worker analyses (by share_of(flow_hash), the
+ * same as flowshare.share_of) is counted and passed over, and only where its time reaches the
  * share's wake time is that time handed back (CLOCK), so the worker's clock moves as it would.
  */
 #define PY_SSIZE_T_CLEAN
@@ -60,6 +60,17 @@ static uint32_t flow_hash(const unsigned char *src, const unsigned char *dst, in
     if (forward)
         return fnv_endpoint(fnv_endpoint(h, src, alen, sport), dst, alen, dport);
     return fnv_endpoint(fnv_endpoint(h, dst, alen, dport), src, alen, sport);
+}
+
+/* flowshare.share_of: MurmurHash3's finaliser, then the worker. */
+static inline uint32_t share_of(uint32_t h, uint32_t workers)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h % workers;
 }
 
 /* The same numbers as capture/decode.py. */
@@ -308,7 +319,7 @@ static PyObject *scan(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             const unsigned char *src_addr = version == 4 ? f + ETHERNET_LEN + 12 : f + ETHERNET_LEN + 8;
             const unsigned char *dst_addr = version == 4 ? f + ETHERNET_LEN + 16 : f + ETHERNET_LEN + 24;
             int alen = version == 4 ? 4 : 16;
-            if (flow_hash(src_addr, dst_addr, alen, sport, dport) % share_workers != share_index) {
+            if (share_of(flow_hash(src_addr, dst_addr, alen, sport, dport), (uint32_t)share_workers) != share_index) {
                 off = stop;
                 packets += 1;
                 bytes += caplen;
