@@ -39,6 +39,12 @@
  *   -DIMAPTAP_RINGBUF=1     BPF ring buffer (kernel 5.8+); otherwise a perf buffer.
  *   -DIMAPTAP_RING_PAGES=N  ring buffer size in pages (a power of two).
  *   -DIMAPTAP_XDP=1         build the XDP program (needs bpf_xdp_load_bytes, kernel 5.18+).
+ *   -DIMAPTAP_WORKERS=N     live --workers: N ring buffers (events, events_1, ... events_N-1,
+ *                           each of IMAPTAP_RING_PAGES), a record going to ring share_of(flow_hash),
+ *                           flowshare.py's symmetric FNV-1a of the 4-tuple, mixed, modulo N,
+ *                           so each worker process reads the whole of its flows and no other's.
+ *                           1 (the default) builds the program without the hash.  Ring buffer
+ *                           builds only, at most IMAPTAP_MAX_WORKERS.
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -58,6 +64,15 @@
 #endif
 #ifndef IMAPTAP_TAILLEN
 #define IMAPTAP_TAILLEN 128
+#endif
+#ifndef IMAPTAP_WORKERS
+#define IMAPTAP_WORKERS 1
+#endif
+#if IMAPTAP_WORKERS < 1 || IMAPTAP_WORKERS > IMAPTAP_MAX_WORKERS
+#error "IMAPTAP_WORKERS must be 1 to IMAPTAP_MAX_WORKERS"
+#endif
+#if IMAPTAP_WORKERS > 1 && !IMAPTAP_RINGBUF
+#error "IMAPTAP_WORKERS above 1 needs the ring buffer (IMAPTAP_RINGBUF=1)"
 #endif
 #ifndef IMAPTAP_HANDSHAKE_SNAPLEN
 #define IMAPTAP_HANDSHAKE_SNAPLEN 0
@@ -103,6 +118,28 @@ BPF_TABLE("lru_hash", struct imaptap_flow_key, __u8, flow_modes, IMAPTAP_FLOW_MO
 
 #if IMAPTAP_RINGBUF
 BPF_RINGBUF_OUTPUT(events, IMAPTAP_RING_PAGES);
+/* One ring per worker (IMAPTAP_WORKERS); a case in ring_reserve below for each. */
+#if IMAPTAP_WORKERS > 1
+BPF_RINGBUF_OUTPUT(events_1, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 2
+BPF_RINGBUF_OUTPUT(events_2, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 3
+BPF_RINGBUF_OUTPUT(events_3, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 4
+BPF_RINGBUF_OUTPUT(events_4, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 5
+BPF_RINGBUF_OUTPUT(events_5, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 6
+BPF_RINGBUF_OUTPUT(events_6, IMAPTAP_RING_PAGES);
+#endif
+#if IMAPTAP_WORKERS > 7
+BPF_RINGBUF_OUTPUT(events_7, IMAPTAP_RING_PAGES);
+#endif
 #else
 struct perf_record {
     struct imaptap_event ev;
@@ -168,14 +205,105 @@ static __always_inline __u32 frame_len(void *ctx, const int hook)
     return ((struct __sk_buff *)ctx)->len;
 }
 
+#if IMAPTAP_WORKERS > 1
+#define FNV_OFFSET 2166136261u
+#define FNV_PRIME 16777619u
+
+/* FNV-1a over one byte. */
+static __always_inline __u32 fnv_byte(__u32 h, __u32 byte)
+{
+    return (h ^ (byte & 0xff)) * FNV_PRIME;
+}
+
+/* FNV-1a over one endpoint: its address in network order (`words` words: 1 for IPv4, 4 for
+ * IPv6), then its port big-endian (flowshare.py, the reference). */
+static __always_inline __u32 fnv_endpoint(__u32 h, const __be32 *addr, __u32 words, __u16 port)
+{
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        if (i < words) {
+            __u32 w = bpf_ntohl(addr[i]);
+            h = fnv_byte(h, w >> 24);
+            h = fnv_byte(h, w >> 16);
+            h = fnv_byte(h, w >> 8);
+            h = fnv_byte(h, w);
+        }
+    }
+    h = fnv_byte(h, port >> 8);
+    return fnv_byte(h, port);
+}
+
+/* The ring of a segment's flow: flowshare.flow_hash % IMAPTAP_WORKERS, the same for both
+ * directions since the endpoint whose bytes compare lower is hashed first. */
+static __always_inline __u32 flow_ring(const struct imaptap_event *ev)
+{
+    __u32 words = ev->ip_version == 4 ? 1 : 4;
+    const __be32 *first = ev->saddr, *second = ev->daddr;
+    __u16 first_port = ev->sport, second_port = ev->dport;
+    if (addr_lt(ev->daddr, ev->saddr) || (!addr_lt(ev->saddr, ev->daddr) && ev->dport < ev->sport)) {
+        first = ev->daddr;
+        second = ev->saddr;
+        first_port = ev->dport;
+        second_port = ev->sport;
+    }
+    __u32 h = fnv_endpoint(FNV_OFFSET, first, words, first_port);
+    h = fnv_endpoint(h, second, words, second_port);
+    /* flowshare.share_of: MurmurHash3's finaliser first, or the low bits of FNV-1a would
+     * follow the parity of client ports, which Linux keeps even. */
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h % IMAPTAP_WORKERS;
+}
+#endif
+
 #if IMAPTAP_RINGBUF
+/* Room for a record in ring `ring` (`size` a constant once inlined).  bcc rewrites each
+ * map.ringbuf_reserve to a load of that map, so every ring has its own call. */
+static __always_inline void *ring_reserve(const __u32 ring, const __u64 size)
+{
+#if IMAPTAP_WORKERS > 1
+    switch (ring) {
+    case 1:
+        return events_1.ringbuf_reserve(size);
+#if IMAPTAP_WORKERS > 2
+    case 2:
+        return events_2.ringbuf_reserve(size);
+#endif
+#if IMAPTAP_WORKERS > 3
+    case 3:
+        return events_3.ringbuf_reserve(size);
+#endif
+#if IMAPTAP_WORKERS > 4
+    case 4:
+        return events_4.ringbuf_reserve(size);
+#endif
+#if IMAPTAP_WORKERS > 5
+    case 5:
+        return events_5.ringbuf_reserve(size);
+#endif
+#if IMAPTAP_WORKERS > 6
+    case 6:
+        return events_6.ringbuf_reserve(size);
+#endif
+#if IMAPTAP_WORKERS > 7
+    case 7:
+        return events_7.ringbuf_reserve(size);
+#endif
+    }
+#endif
+    return events.ringbuf_reserve(size);
+}
+
 /* Reserve a record with room for `klass` payload bytes (a constant once inlined: the ring
  * buffer only takes constant sizes), copy the payload and submit. */
 static __always_inline void emit_class(void *ctx, const int hook, struct imaptap_event *ev,
-                                       __u32 off, __u32 cap, const __u32 klass,
+                                       __u32 off, __u32 cap, const __u32 klass, const __u32 ring,
                                        struct imaptap_counters *cnt)
 {
-    struct imaptap_event *e = events.ringbuf_reserve(sizeof(struct imaptap_event) + klass);
+    struct imaptap_event *e = ring_reserve(ring, sizeof(struct imaptap_event) + klass);
     if (!e) {
         cnt->lost++;
         return;
@@ -196,10 +324,9 @@ static __always_inline void emit_class(void *ctx, const int hook, struct imaptap
  * inlined): head and tail have constant room. */
 static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
                                       __u32 off, __u32 tail_off, __u32 tail, const __u32 head,
-                                      struct imaptap_counters *cnt)
+                                      const __u32 ring, struct imaptap_counters *cnt)
 {
-    struct imaptap_event *e =
-        events.ringbuf_reserve(sizeof(struct imaptap_event) + head + IMAPTAP_TAILLEN);
+    struct imaptap_event *e = ring_reserve(ring, sizeof(struct imaptap_event) + head + IMAPTAP_TAILLEN);
     if (!e) {
         cnt->lost++;
         return;
@@ -218,37 +345,37 @@ static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_
 #endif
 
 static __always_inline void emit(void *ctx, const int hook, struct imaptap_event *ev, __u32 off,
-                                 __u32 cap, struct imaptap_counters *cnt)
+                                 __u32 cap, const __u32 ring, struct imaptap_counters *cnt)
 {
     /* Power-of-two size classes: a record wastes at most half its payload room. */
     if (cap == 0)
-        emit_class(ctx, hook, ev, off, cap, 0, cnt);
+        emit_class(ctx, hook, ev, off, cap, 0, ring, cnt);
     else if (cap <= 64)
-        emit_class(ctx, hook, ev, off, cap, 64, cnt);
+        emit_class(ctx, hook, ev, off, cap, 64, ring, cnt);
     else if (cap <= 128)
-        emit_class(ctx, hook, ev, off, cap, 128, cnt);
+        emit_class(ctx, hook, ev, off, cap, 128, ring, cnt);
     else if (cap <= 256)
-        emit_class(ctx, hook, ev, off, cap, 256, cnt);
+        emit_class(ctx, hook, ev, off, cap, 256, ring, cnt);
     else if (cap <= 512)
-        emit_class(ctx, hook, ev, off, cap, 512, cnt);
+        emit_class(ctx, hook, ev, off, cap, 512, ring, cnt);
     else if (cap <= 1024)
-        emit_class(ctx, hook, ev, off, cap, 1024, cnt);
+        emit_class(ctx, hook, ev, off, cap, 1024, ring, cnt);
     else if (cap <= 2048)
-        emit_class(ctx, hook, ev, off, cap, 2048, cnt);
+        emit_class(ctx, hook, ev, off, cap, 2048, ring, cnt);
     else if (cap <= 4096)
-        emit_class(ctx, hook, ev, off, cap, 4096, cnt);
+        emit_class(ctx, hook, ev, off, cap, 4096, ring, cnt);
     else if (cap <= 8192)
-        emit_class(ctx, hook, ev, off, cap, 8192, cnt);
+        emit_class(ctx, hook, ev, off, cap, 8192, ring, cnt);
     else if (cap <= 16384)
-        emit_class(ctx, hook, ev, off, cap, 16384, cnt);
+        emit_class(ctx, hook, ev, off, cap, 16384, ring, cnt);
     else if (cap <= 32768)
-        emit_class(ctx, hook, ev, off, cap, 32768, cnt);
+        emit_class(ctx, hook, ev, off, cap, 32768, ring, cnt);
     else
-        emit_class(ctx, hook, ev, off, cap, 65536, cnt);
+        emit_class(ctx, hook, ev, off, cap, 65536, ring, cnt);
 }
 #else
 static __always_inline void emit(void *ctx, const int hook, struct imaptap_event *ev, __u32 off,
-                                 __u32 cap, struct imaptap_counters *cnt)
+                                 __u32 cap, const __u32 ring, struct imaptap_counters *cnt)
 {
     __u32 zero = 0;
     struct perf_record *r = scratch.lookup(&zero);
@@ -272,7 +399,7 @@ static __always_inline void emit(void *ctx, const int hook, struct imaptap_event
 #if IMAPTAP_TAILLEN > 0
 static __always_inline void emit_long(void *ctx, const int hook, struct imaptap_event *ev,
                                       __u32 off, __u32 tail_off, __u32 tail, const __u32 head,
-                                      struct imaptap_counters *cnt)
+                                      const __u32 ring, struct imaptap_counters *cnt)
 {
     __u32 zero = 0;
     struct perf_record *r = scratch.lookup(&zero);
@@ -460,6 +587,11 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
         key.port_a = dport;
         key.port_b = sport;
     }
+#if IMAPTAP_WORKERS > 1
+    const __u32 ring = flow_ring(&ev);
+#else
+    const __u32 ring = 0;
+#endif
     __u8 mode = IMAPTAP_DEFAULT_MODE;
     __u8 *m = flow_modes.lookup(&key);
     if (m)
@@ -489,18 +621,18 @@ static __always_inline int parse(void *ctx, const int hook, void *data, void *da
             __u32 tail_off = payload_off + n - tail;
 #if IMAPTAP_HANDSHAKE_SNAPLEN > 0
             if (mode == IMAPTAP_MODE_HANDSHAKE) {
-                emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_HANDSHAKE_SNAPLEN, cnt);
+                emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_HANDSHAKE_SNAPLEN, ring, cnt);
                 return PARSE_DONE;
             }
 #endif
-            emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_SNAPLEN, cnt);
+            emit_long(ctx, hook, &ev, payload_off, tail_off, tail, IMAPTAP_SNAPLEN, ring, cnt);
             return PARSE_DONE;
         }
 #endif
         cap = n < head ? n : head;
     }
     ev.cap_len = cap;
-    emit(ctx, hook, &ev, payload_off, cap, cnt);
+    emit(ctx, hook, &ev, payload_off, cap, ring, cnt);
     return PARSE_DONE;
 }
 

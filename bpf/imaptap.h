@@ -36,6 +36,11 @@
  * copies less than PREFIX. */
 #define IMAPTAP_FLOW_MODES_MAX 65536
 
+/* Ring buffers, one per live worker process (--workers), the program can be built with: one
+ * ring_reserve case each in imaptap.bpf.c.  Eight: each ring is a full ring buffer (4 MiB by
+ * default), and past eight cores a small site's IMAP is not what they are for. */
+#define IMAPTAP_MAX_WORKERS 8
+
 /* IPv6 extension headers walked before giving up on a packet (counted as unparsed). */
 #define IMAPTAP_MAX_EXT_HDRS 4
 

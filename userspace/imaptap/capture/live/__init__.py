@@ -38,6 +38,7 @@ from imaptap import privileges
 from imaptap.capture.live.abi import (
     COUNTER_NAMES,
     EVENT_HEADER,
+    LIVE_MAX_WORKERS,
     MAP_CONFIG,
     MAP_COUNTERS,
     MAP_EVENTS,
@@ -54,6 +55,7 @@ from imaptap.capture.live.abi import (
     bpf_source_dir,
     kernel_config,
     program_cflags,
+    ring_map,
 )
 from imaptap.capture.live.attach import (
     ATTACH_ENV,
@@ -171,7 +173,7 @@ class LiveCapture:
                  xdp_mode: str | None = None, use_xdp: bool = True, *,
                  taillen: int = DEFAULT_TAILLEN, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
                  buffer_bytes: int | None = None, output: str | None = None, user: str | None = None,
-                 attach: str | None = None) -> None:
+                 attach: str | None = None, workers: int = 1) -> None:
         """``taillen``: bytes also copied from the end of a segment longer than ``snaplen``
         (see `segment.split_payload`).  ``handshake_snaplen``: bytes copied from the start of
         a segment instead while the flow's handshake lasts (`PayloadMode.HANDSHAKE`; 0:
@@ -180,7 +182,9 @@ class LiveCapture:
         analyzer is busy.  ``output``: "ringbuf" or "perf" to force one
         (tests); default: the ring buffer where the kernel has it.  ``attach``: "link" (BPF links
         where the kernel has them, the default) or "netlink" (the fallback, forced); None reads
-        the environment variable ATTACH_ENV."""
+        the environment variable ATTACH_ENV.  ``workers``: above 1, the program spreads the
+        records over that many ring buffers by flow (`workers.LiveWorkers` reads them, one
+        forked process each); this object then reads none and `poll` only follows the links."""
         if not interfaces:
             raise LiveError("no interface to capture on")
         self.interfaces = list(dict.fromkeys(interfaces))
@@ -208,6 +212,9 @@ class LiveCapture:
             raise LiveError(f"bad handshake snap length {handshake_snaplen}: 0-{WHOLE_PAYLOAD_CAP}")
         self.snaplen = snaplen
         self.taillen = taillen
+        if not 1 <= workers <= LIVE_MAX_WORKERS:
+            raise LiveError(f"bad worker count {workers}: live capture takes 1-{LIVE_MAX_WORKERS}")
+        self.workers = workers
         page = os.sysconf("SC_PAGE_SIZE")
         if buffer_bytes is None:
             self.ring_pages = RING_PAGES
@@ -284,6 +291,9 @@ class LiveCapture:
                               "capturing ingress with TC instead of XDP")
         self.use_xdp = use_xdp
         self.ringbuf = has_ringbuf() if self._output is None else self._output == "ringbuf"
+        if self.workers > 1 and not self.ringbuf:
+            raise LiveError(f"--workers {self.workers} with live capture needs the BPF ring buffer (Linux 5.8+);"
+                            f" {platform.release()} has only the perf buffer: use one worker")
         longest_head = max(self.snaplen, self.policy.handshake_snaplen)
         if longest_head + self.taillen > self.max_copy():
             what = "snap length" if longest_head == self.snaplen else "handshake snap length"
@@ -347,7 +357,7 @@ class LiveCapture:
         src = bpf_source_dir()
         cflags = program_cflags(src, ringbuf=self.ringbuf, xdp=self.use_xdp, ring_pages=self.ring_pages,
                                 snaplen=self.snaplen, taillen=self.taillen,
-                                handshake_snaplen=self.policy.handshake_snaplen)
+                                handshake_snaplen=self.policy.handshake_snaplen, workers=self.workers)
         try:
             bpf = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
         except Exception as exc:
@@ -372,7 +382,7 @@ class LiveCapture:
         map descriptors, so the tables used from now on get duplicates of theirs first."""
         from bcc import libbcc
 
-        for name in MAPS_USED:
+        for name in MAPS_USED + tuple(ring_map(i) for i in range(1, self.workers)):
             table = bpf[name]
             table.map_fd = os.dup(table.map_fd)
             self._map_fds.append(table.map_fd)
@@ -389,7 +399,13 @@ class LiveCapture:
                 raise LiveError(f"internal error: bpf/imaptap.h and capture/live/abi.py disagree on {table}")
 
     def _open_output(self) -> None:
-        self._reader.open(self._bpf, self.ringbuf)
+        if self.workers == 1:  # else each worker process opens its own ring
+            self._reader.open(self._bpf, self.ringbuf)
+
+    def ring(self, worker: int) -> object:
+        """The ring buffer table of worker ``worker`` (0-based), for its `RecordReader`."""
+        assert self._bpf is not None, "the capture is open"
+        return self._bpf[ring_map(worker)]
 
     def _attach(self, indexes: dict[str, int]) -> list[str]:
         """Put the programs on each interface; the notes for the user (fallbacks taken)."""
@@ -550,10 +566,15 @@ class LiveCapture:
         After the capture is closed, one more call returns the segments that were still in the
         buffer when it was detached (then nothing).  Interfaces that went or came back since the
         last call are dealt with first, and now and then the free heap is given back."""
+        self.follow()
+        return self._reader.poll(timeout_ms)
+
+    def follow(self) -> None:
+        """Deal with interfaces that went or came back, and now and then give the free heap back
+        (what `poll` does first; the parent of live workers, which reads no ring, calls it alone)."""
         self._watch_links()
         if self.heap_trim is not None:
             self.heap_trim(time.monotonic())
-        return self._reader.poll(timeout_ms)
 
     def counters(self) -> dict[str, int]:
         """Kernel counters summed over CPUs (seen, matched, submitted, lost, unparsed, copy_failed),

@@ -98,7 +98,10 @@ COUNTER_NAMES = tuple(field[0] for field in KernelCounters._fields_)
 MIRRORED_DEFINES: dict[str, int] = {
     **{f"IMAPTAP_MODE_{mode.name}": int(mode) for mode in PayloadMode},
     "IMAPTAP_WHOLE_CAP": WHOLE_PAYLOAD_CAP,
+    "IMAPTAP_MAX_WORKERS": 8,
 }
+#: The most live worker processes (--workers with -i): one ring buffer each, imaptap.h says why.
+LIVE_MAX_WORKERS = MIRRORED_DEFINES["IMAPTAP_MAX_WORKERS"]
 
 #: #defines of imaptap.h that userspace has no use for, and why.  test_abi.py fails on a define
 #: in neither table, so a new one gets a decision.
@@ -123,6 +126,11 @@ PROG_XDP, PROG_TC_IN, PROG_TC_EG = "imaptap_xdp", "imaptap_tc_in", "imaptap_tc_e
 MAP_EVENTS, MAP_CONFIG, MAP_FLOW_MODES, MAP_COUNTERS = b"events", b"config", b"flow_modes", b"counters"
 
 
+def ring_map(worker: int) -> bytes:
+    """The ring buffer map of live worker ``worker`` (0-based): events, events_1, events_2, ..."""
+    return MAP_EVENTS if worker == 0 else MAP_EVENTS + b"_%d" % worker
+
+
 def kernel_config(ports: set[int]) -> KernelConfig:
     """struct imaptap_config for the monitored ``ports``: bit (port & 7) of byte port >> 3."""
     cfg = KernelConfig()
@@ -132,11 +140,14 @@ def kernel_config(ports: set[int]) -> KernelConfig:
 
 
 def program_cflags(src: Path, *, ringbuf: bool, xdp: bool, ring_pages: int, snaplen: int, taillen: int,
-                   handshake_snaplen: int) -> list[str]:
+                   handshake_snaplen: int, workers: int = 1) -> list[str]:
     """The compile options of imaptap.bpf.c (its header comment lists them), from ``src`` its directory."""
-    return [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(ringbuf)}", f"-DIMAPTAP_XDP={int(xdp)}",
-            f"-DIMAPTAP_RING_PAGES={ring_pages}", f"-DIMAPTAP_SNAPLEN={snaplen}", f"-DIMAPTAP_TAILLEN={taillen}",
-            f"-DIMAPTAP_HANDSHAKE_SNAPLEN={handshake_snaplen}"]
+    flags = [f"-I{src}", f"-DIMAPTAP_RINGBUF={int(ringbuf)}", f"-DIMAPTAP_XDP={int(xdp)}",
+             f"-DIMAPTAP_RING_PAGES={ring_pages}", f"-DIMAPTAP_SNAPLEN={snaplen}", f"-DIMAPTAP_TAILLEN={taillen}",
+             f"-DIMAPTAP_HANDSHAKE_SNAPLEN={handshake_snaplen}"]
+    if workers > 1:  # one worker: the program as it was, without the hash
+        flags.append(f"-DIMAPTAP_WORKERS={workers}")
+    return flags
 
 
 def bpf_source_dir() -> Path:

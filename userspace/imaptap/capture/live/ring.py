@@ -84,9 +84,9 @@ class RecordReader:
         self.perf_lost = 0
         """Records the perf buffer reported lost (a ring buffer counts them in the kernel)."""
 
-    def open(self, bpf: BPF, ringbuf: bool) -> None:
-        """Start reading ``bpf``'s events map, a ring buffer if ``ringbuf`` else a perf buffer."""
-        table = bpf[MAP_EVENTS]
+    def open(self, bpf: BPF, ringbuf: bool, name: bytes = MAP_EVENTS) -> None:
+        """Start reading ``bpf``'s events map ``name``, a ring buffer if ``ringbuf`` else a perf buffer."""
+        table = bpf[name]
         if ringbuf:
             table.open_ring_buffer(self._on_ring_record)
         else:
