@@ -56,7 +56,10 @@ VARIANTS = {
     "ringbuf+xdp": (True, True, (5, 18)),
     "ringbuf+tc": (True, False, (5, 8)),
     "perf+tc": (False, False, (5, 3)),
+    "ringbuf+tc+2workers": (True, False, (5, 8)),
 }
+#: Variants built for live --workers (one ring buffer per worker); the others for one process.
+VARIANT_WORKERS = {"ringbuf+tc+2workers": 2}
 BPF_PROG_TYPE_SCHED_CLS, BPF_PROG_TYPE_XDP = 3, 6
 _LD_IMM64 = 0x18
 _PSEUDO_MAP_FD, _PSEUDO_MAP_VALUE = 1, 2
@@ -186,7 +189,7 @@ def kernel_release(image: Path) -> str:
 
 # --- the programs --------------------------------------------------------------------------
 
-def compile_variant(ringbuf: bool, xdp: bool) -> tuple[list[tuple], list[tuple]]:
+def compile_variant(ringbuf: bool, xdp: bool, workers: int = 1) -> tuple[list[tuple], list[tuple]]:
     """bcc builds the variant as live.py does; returns (maps, programs) for the loader's spec.
 
     maps: (name, type, key_size, value_size, max_entries, flags) in bcc's table order;
@@ -206,7 +209,7 @@ def compile_variant(ringbuf: bool, xdp: bool) -> tuple[list[tuple], list[tuple]]
     src = live.bpf_source_dir()
     # the default build: the snap, tail and handshake lengths imaptap uses unless told otherwise
     cflags = live.program_cflags(src, ringbuf=ringbuf, xdp=xdp, ring_pages=live.RING_PAGES, snaplen=DEFAULT_SNAPLEN,
-                                 taillen=DEFAULT_TAILLEN, handshake_snaplen=DEFAULT_HANDSHAKE_SNAPLEN)
+                                 taillen=DEFAULT_TAILLEN, handshake_snaplen=DEFAULT_HANDSHAKE_SNAPLEN, workers=workers)
     b = bcc.BPF(src_file=str(src / "imaptap.bpf.c").encode(), cflags=cflags)
     try:
         maps, index_of = [], {}
@@ -422,7 +425,7 @@ def run(kernels: list[str], variants: list[str], refresh: bool = False, timeout:
     units, same_as, seen = [], {}, {}
     for v in variants:
         ringbuf, xdp, _ = VARIANTS[v]
-        maps, progs = compile_variant(ringbuf, xdp)
+        maps, progs = compile_variant(ringbuf, xdp, VARIANT_WORKERS.get(v, 1))
         unique = []
         for name, ptype, code in progs:
             # The same bytes with the same maps are one load: the kernel sees the same input
