@@ -63,6 +63,7 @@ def _explain(r: dict) -> str:
     ("5.10", "ringbuf+tc", "imaptap_tc_in"), ("5.10", "ringbuf+tc", "imaptap_tc_eg"),
     ("5.10", "perf+tc", "imaptap_tc_in"), ("5.10", "perf+tc", "imaptap_tc_eg"),
     ("6.1", "ringbuf+xdp", "imaptap_xdp"), ("6.1", "ringbuf+xdp", "imaptap_tc_eg"),
+    ("5.10", "ringbuf+tc+2workers", "imaptap_tc_in"), ("5.10", "ringbuf+tc+2workers", "imaptap_tc_eg"),
 ])
 def test_the_old_verifier_accepts(verdicts, kernel, variant, program):
     r = verdicts[(kernel, variant, program)]
@@ -73,7 +74,7 @@ def test_the_old_verifier_accepts(verdicts, kernel, variant, program):
 
 def test_every_variant_loads_where_live_py_builds_it(verdicts):
     expected = [r for r in verdicts.values() if r["expected"]]
-    assert len(expected) == 10  # 5.10: ringbuf+tc, perf+tc; 6.1: all three
+    assert len(expected) == 14  # 5.10: ringbuf+tc, perf+tc, ringbuf+tc+2workers; 6.1: all four
     bad = [_explain(r) for r in expected if r["status"] != "LOADED"]
     assert not bad, "\n\n".join(bad)
 

@@ -107,7 +107,6 @@ def test_a_cut_file_gives_what_came_before_then_the_error_as_in_one_process(tmp_
 
 
 @pytest.mark.parametrize("args, what", [
-    (["-i", "lo"], "live capture"),
     (["-r", "-"], "a pipe"),
     (["-r", "{tmp}/fifo"], "a pipe"),
     (["-w", "{tmp}/copy.pcap"], "-w"),

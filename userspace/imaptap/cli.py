@@ -27,6 +27,7 @@ from imaptap.pipeline import Pipeline, ReplaySource, Sink, Source, SourceError, 
 from imaptap.segment import DEFAULT_HANDSHAKE_SNAPLEN, DEFAULT_SNAPLEN, DEFAULT_TAILLEN, IMAP_PORT
 
 if TYPE_CHECKING:
+    from imaptap.capture.live.workers import LiveWorkers
     from imaptap.capture.pcapwrite import MaskingWriter
     from imaptap.imap.audit import PasswordFingerprint
     from imaptap.output.ecs import EcsSink
@@ -116,6 +117,8 @@ _taillen = _int_in("tail length", 0, MAX_SNAPLEN)
 _handshake_snaplen = _int_in("handshake snap length", 0, MAX_SNAPLEN)
 #: As flowshare.MAX_WORKERS (not imported here: replay must start fast).
 MAX_WORKERS = 64
+#: As capture.live.abi.LIVE_MAX_WORKERS: one ring buffer each in the kernel program.
+LIVE_MAX_WORKERS = 8
 _workers = _int_in("worker count", 1, MAX_WORKERS)
 
 
@@ -201,8 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--idle-timeout", type=_positive, default=IDLE_TIMEOUT, metavar="SECONDS",
                       help=f"end a flow after this long without traffic (default {IDLE_TIMEOUT:.0f})")
     tune.add_argument("--workers", type=_workers, default=1, metavar="N",
-                      help="replay: analyse the flows in N processes, by a hash of their addresses and ports;"
-                           " the same output as one (default 1; with -r FILE, and --json or --report)")
+                      help="analyse the flows in N processes, by a hash of their addresses and ports; the"
+                           " same output as one (default 1; with -r FILE, and --json or --report; with -i, up to"
+                           f" {LIVE_MAX_WORKERS}, and --json)")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
@@ -287,7 +291,8 @@ def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source
     try:
         return build_source(read=args.read, interfaces=args.interface, ports=ports, snaplen=args.snaplen,
                             taillen=args.tail, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp, user=args.user,
-                            write=args.write, append=args.append, handshake_snaplen=args.handshake_snaplen)
+                            write=args.write, append=args.append, handshake_snaplen=args.handshake_snaplen,
+                            workers=1 if args.read else args.workers)
     except SourceError as exc:
         raise UsageError(str(exc)) from None
 
@@ -335,8 +340,9 @@ def _check_workers(args: argparse.Namespace) -> None:
     """--workers above 1: what it does not (yet) work with is a usage error, not a surprise."""
     refused = None
     if not args.read:
-        refused = "live capture (-i): --workers needs -r FILE"
-    elif args.read == "-" or _is_pipe(args.read):
+        _check_live_workers(args)
+        return
+    if args.read == "-" or _is_pipe(args.read):
         refused = "a pipe: every worker reads the file itself"
     elif args.write:
         refused = "-w"
@@ -348,6 +354,26 @@ def _check_workers(args: argparse.Namespace) -> None:
         refused = "the TUI: give --json PATH"
     if refused is not None:
         raise UsageError(f"--workers {args.workers} does not work with {refused} (see README, Workers)")
+
+
+def _check_live_workers(args: argparse.Namespace) -> None:
+    """``-i --workers N``: the outputs the parent does not merge yet are refused, one line."""
+    refused = None
+    if args.workers > LIVE_MAX_WORKERS:
+        raise UsageError(f"--workers {args.workers}: live capture takes at most {LIVE_MAX_WORKERS}"
+                         " (one ring buffer each)")
+    if args.write:
+        refused = "-w"
+    elif args.metrics is not None:
+        refused = "--metrics"
+    elif args.report or args.fail_on:
+        refused = "--report" if args.report else "--fail-on"
+    elif args.json_format != "imaptap":
+        refused = f"--json-format {args.json_format}"
+    elif args.json is None and sys.stdout.isatty():
+        refused = "the TUI: give --json PATH"
+    if refused is not None:
+        raise UsageError(f"--workers {args.workers} with -i does not work with {refused} yet (see README, Workers)")
 
 
 def _is_pipe(path: str) -> bool:
@@ -437,8 +463,21 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
     except UsageError as exc:
         # Said on stderr and in the stats record, as any failure of the input.
         source, pcap_writer, early_error = None, None, str(exc)
-    pipeline: Pipeline | ReplayWorkers | None = None
-    if source is not None and args.workers > 1:
+    pipeline: Pipeline | ReplayWorkers | LiveWorkers | None = None
+    if source is not None and args.workers > 1 and source.live:
+        from imaptap.capture.live.workers import LiveWorkers, LiveWorkerSpec
+        from imaptap.output.rotation import ReopenSink
+        from imaptap.pipeline import LiveSource
+
+        assert isinstance(source, LiveSource)
+        _reopen.clear()
+        live_spec = LiveWorkerSpec(json=writer is not None, messages=not args.flows_only,
+                                   pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
+                                             "flow_interval": args.flow_interval,
+                                             "password_fingerprint": fingerprint})
+        pipeline = LiveWorkers(source, live_spec, writer,
+                               ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn))
+    elif source is not None and args.workers > 1:
         from imaptap.workers import ReplayWorkers, WorkerSpec
 
         assert args.read

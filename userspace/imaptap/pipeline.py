@@ -271,12 +271,13 @@ def build_source(*, read: str | None, interfaces: list[str] | None, ports: froze
                  snaplen: int = DEFAULT_SNAPLEN, taillen: int = DEFAULT_TAILLEN, xdp_mode: str | None = None,
                  use_xdp: bool = True, user: str | None = None, write: str | None = None,
                  append: bool = False, handshake_snaplen: int = DEFAULT_HANDSHAKE_SNAPLEN,
-                 read_fd: int | None = None) -> tuple[Source, MaskingWriter | None]:
+                 read_fd: int | None = None, workers: int = 1) -> tuple[Source, MaskingWriter | None]:
     """The source the command line names (a file to replay, else a live capture on
     ``interfaces`` or the default route's), not yet open, and the ``-w`` writer of ``write``
     (or None), appending to the file if ``append``; ``read_fd`` is read in place of ``read``
-    when given.  SourceError (one line) for a bad interface or option, an unwritable ``-w``
-    file, or live capture without bcc's side of the package."""
+    when given; ``workers``: a live capture's ring buffers, one per worker process.
+    SourceError (one line) for a bad interface or option, an unwritable ``-w`` file, or live
+    capture without bcc's side of the package."""
     source: Source
     if read:
         source = ReplaySource(read, ports, snaplen, taillen, handshake_snaplen=handshake_snaplen, fd=read_fd)
@@ -288,7 +289,7 @@ def build_source(*, read: str | None, interfaces: list[str] | None, ports: froze
         try:
             capture = live.LiveCapture(interfaces or [live.default_interface()], set(ports), snaplen,
                                        xdp_mode=xdp_mode, use_xdp=use_xdp, taillen=taillen,
-                                       handshake_snaplen=handshake_snaplen, user=user)
+                                       handshake_snaplen=handshake_snaplen, user=user, workers=workers)
         except live.LiveError as exc:
             raise SourceError(str(exc)) from None
         source = LiveSource(capture)

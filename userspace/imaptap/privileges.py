@@ -186,6 +186,12 @@ def drop_thread_capabilities() -> None:
     _capset(_libc(), 0)
 
 
+def keep_map_access() -> None:
+    """A live worker's capabilities: of those it holds, only CAP_BPF (CAP_SYS_ADMIN before it)
+    stays, for its flows' updates of the payload map; attaching and detaching are the parent's."""
+    _capset(_libc(), _permitted() & 1 << kept_capabilities()[1])
+
+
 def _capset(libc: ctypes.CDLL, mask: int) -> None:
     """Effective and permitted set to ``mask``, inheritable emptied (this thread)."""
     header = _CapHeader(_CAPABILITY_VERSION_3, 0)

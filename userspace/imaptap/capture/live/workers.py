@@ -1,0 +1,414 @@
+"""``imaptap -i IFACE --workers N``: a live capture's flows analysed by N forked processes.
+
+The kernel program, built with ``IMAPTAP_WORKERS=N``, writes each record into ring buffer
+``share_of(flow_hash, N)`` (`imaptap.flowshare`, the replay workers' share), so every segment of
+a flow, both directions, reaches one ring.  The parent loads and attaches the programs once
+(`LiveCapture`, privileges dropped as with one process), then forks one worker per ring.  Each
+worker polls its own ring and runs the one `Pipeline` on it; the per-flow payload map is one map,
+its descriptor inherited, and each worker writes the modes of its own flows.  The parent reads
+no ring: it follows the interfaces (link events), reads the kernel's counters, and writes the
+workers' JSON lines to the one output.
+
+Pipes, per worker: its JSON lines (whole lines, in the order it wrote them, so a flow's records
+stay in order), and a status pipe: one byte once its ring is open, then its last word (its stats,
+or why it failed) before it ends.  One pipe shared by all, held open by the parent, tells them to
+stop: its end of file (the parent closes it after detaching the programs, so what each ring
+still holds is the last of it) or the parent's death.
+
+Flow ids: worker ``i`` of ``N`` numbers its flows ``i + 1``, ``i + 1 + N``, ``i + 1 + 2N``, ...:
+unique over the run without the workers talking to each other, and ``(id - 1) % N`` names the
+worker that analysed the flow.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import os
+import pickle
+import select
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from imaptap.capture.live import LiveCapture, LiveError
+from imaptap.capture.live.abi import ring_map
+from imaptap.capture.live.ring import RecordReader
+from imaptap.flows import Flow, FlowStats
+from imaptap.output.jsonl import LIVE_FLUSH_INTERVAL, JsonlSink, JsonlWriter
+from imaptap.pipeline import POLL_MS, LiveSource, Pipeline, Sink, Source, SourceError
+from imaptap.segment import Segment
+from imaptap.workers import WorkerFailed
+
+#: Bytes read from a worker's pipe at once: a pipe's default buffer.
+READ_BYTES = 1 << 16
+#: Seconds the parent waits on the workers' pipes before it looks at the stop flag, the links
+#: and the clock again: a stop is seen within this, as with one process (`pipeline.POLL_MS`).
+PARENT_POLL = POLL_MS / 1000
+#: Seconds the parent waits for every worker to open its ring before it gives up (they only
+#: fork, map a ring and start polling: well under a second on a loaded machine).
+READY_TIMEOUT = 30.0
+#: The status byte a worker sends once its ring is open and it polls.
+READY = b"R"
+#: prctl(2): the signal a process gets when its parent dies.
+PR_SET_PDEATHSIG = 1
+_FLOW_STATS = tuple(f.name for f in dataclasses.fields(FlowStats))
+#: The parts of the stats record each worker counts for itself, summed by the parent.
+_WORKER_COUNTERS = ("received", "malformed", "policy_errors")
+
+
+class LiveWorkerFailed(WorkerFailed):
+    """A live worker died or failed inside: one line; the CLI's exit status 1, as for replay's."""
+
+
+@dataclass(frozen=True, slots=True)
+class LiveWorkerSpec:
+    """What each worker builds its pipeline from (the command line's choices)."""
+
+    json: bool
+    """JSON Lines are written."""
+    messages: bool
+    """Message records as well as flow records (not --flows-only)."""
+    pipeline: dict[str, Any]
+    """Pipeline's keyword arguments: max_flows (the whole run's, shared out), idle_timeout,
+    flow_interval, password_fingerprint."""
+
+
+class FlowNumbers(Sink):
+    """The first sink of worker ``index`` of ``workers``: renumbers each new flow into the
+    worker's own residue class of ids, before any other sink sees the flow."""
+
+    def __init__(self, index: int, workers: int) -> None:
+        self.index = index
+        self.workers = workers
+
+    def flow_started(self, flow: Flow) -> None:
+        flow.id = (flow.id - 1) * self.workers + self.index + 1
+        return None
+
+
+class WorkerRingSource(Source):
+    """One worker's ring of an attached `LiveCapture` (the parent's, inherited by fork): polled
+    like the one-process capture, drained once more at the end; the parent attaches and detaches."""
+
+    live = True
+
+    def __init__(self, capture: LiveCapture, index: int, ready_fd: int) -> None:
+        self.capture = capture
+        self.index = index
+        self.label = ",".join(capture.interfaces)
+        self.ports = frozenset(capture.ports)
+        self.policy = capture.policy
+        self.reader = RecordReader()
+        self.ready_fd = ready_fd
+
+    def open(self) -> None:
+        bpf = self.capture._bpf
+        assert bpf is not None, "the parent attached before it forked"
+        self.reader.refresh_clock()
+        self.reader.open(bpf, True, ring_map(self.index))
+        os.write(self.ready_fd, READY)
+
+    def segments(self) -> Generator[Segment | None, None, None]:
+        poll = self.reader.poll
+        while True:
+            yield from poll(POLL_MS)
+            yield None
+
+    def close(self) -> Iterable[Segment]:
+        self.reader.close()  # the programs are off: what the ring holds is the last of it
+        return self.reader.poll(0)
+
+    def totals(self) -> dict[str, Any]:
+        return {"received": self.reader.received, "malformed": self.reader.malformed,
+                "policy_errors": self.capture.policy.kernel_errors}
+
+
+class ParentLiveSource(LiveSource):
+    """The parent's view of the capture: its notes and counters, and a readiness line that says
+    how many workers read it."""
+
+    def __init__(self, capture: LiveCapture) -> None:
+        super().__init__(capture)
+        self.workers = capture.workers
+
+    def listening(self) -> str | None:
+        line = super().listening()
+        return None if line is None else f"{line}, {self.workers} worker processes"
+
+
+def _stop_requested(fd: int) -> Callable[[], bool]:
+    """Whether the parent's stop pipe has ended (closed by it, or by its death)."""
+
+    def stopped() -> bool:
+        return bool(select.select([fd], [], [], 0)[0])
+
+    return stopped
+
+
+def _close_links() -> None:
+    """Close the inherited BPF link descriptors: only the parent may keep the programs attached,
+    so that its death, however it dies, takes them off (the kernel detaches a link whose last
+    descriptor is closed)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "anon_inode:bpf_link":
+                os.close(int(name))
+        except OSError:
+            continue
+
+
+def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: int, status_fd: int,
+               stop_fd: int) -> None:
+    """The body of worker ``index``: its ring through the one pipeline, its lines to ``out_fd``,
+    readiness and its last word to ``status_fd``, until ``stop_fd`` ends."""
+    workers = capture.workers
+    writer = JsonlWriter(os.fdopen(out_fd, "w", encoding="utf-8", buffering=READ_BYTES), "the worker's pipe")
+    sinks: list[Sink] = [FlowNumbers(index, workers)]
+    if spec.json:
+        sinks.append(JsonlSink(writer, spec.messages))
+    options = dict(spec.pipeline)
+    options["max_flows"] = -(-options["max_flows"] // workers)  # its share of the bound
+    source = WorkerRingSource(capture, index, status_fd)
+    pipeline = Pipeline(source, sinks, **options)
+    pipeline.run(stop=_stop_requested(stop_fd))
+    writer.flush()
+    final = {"stats": pipeline.stats(), "error": pipeline.error}
+    os.write(status_fd, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+class LiveWorkers:
+    """A live capture analysed by worker processes, with the one-process `Pipeline`'s `run`,
+    `error`, `stopped`, `stats` and `source` as the command line uses them."""
+
+    def __init__(self, source: LiveSource, spec: LiveWorkerSpec, writer: JsonlWriter | None,
+                 reopen: Sink | None = None) -> None:
+        self.capture: LiveCapture = source.capture
+        self.workers = self.capture.workers
+        self.source = ParentLiveSource(self.capture)
+        self.spec = spec
+        self.writer = writer
+        self.reopen = reopen
+        """The CLI's `ReopenSink` (SIGUSR1), ticked by the parent's loop."""
+        self.error: str | None = None
+        self.stopped = False
+        self.pcap_writer = None
+        """-w is not taken with live workers; `ReopenSink` looks for it."""
+        self.finals: list[dict[str, Any]] = []
+        self.started = time.monotonic()
+        self.failure: str | None = None
+        """Why a worker ended before it was told to, as one line."""
+        self._pids: list[int] = []
+
+    # --- a worker ---------------------------------------------------------------------------
+
+    def _fork(self, index: int, out_fd: int, status_fd: int, stop_fd: int, others: list[int]) -> int:
+        parent = os.getpid()
+        pid = os.fork()
+        if pid:
+            return pid
+        status = 1
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+            if os.getppid() != parent:  # it died before the line above
+                os._exit(1)
+            # A stop is the parent's to decide: it detaches first, then closes the stop pipe.
+            for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1):
+                signal.signal(s, signal.SIG_IGN)
+            for fd in others:
+                os.close(fd)
+            _close_links()
+            from imaptap.privileges import keep_map_access
+
+            keep_map_access()
+            run_worker(self.capture, index, self.spec, out_fd, status_fd, stop_fd)
+            status = 0
+        except BaseException as exc:  # anything: the parent says it in one line
+            try:
+                line = traceback.format_exception_only(type(exc), exc)[-1].strip()
+                os.write(status_fd, pickle.dumps({"failed": line}))
+            except BaseException:
+                pass
+        finally:
+            os._exit(status)
+
+    # --- the parent -------------------------------------------------------------------------
+
+    def run(self, stop: Callable[[], object] = lambda: False, on_tick: Callable[[], None] | None = None,
+            on_open: Callable[[Source], None] | None = None) -> None:
+        """Attach, fork the workers, write their lines until ``stop()``, then detach and collect
+        the rest; LiveWorkerFailed where a worker died."""
+        self.started = time.monotonic()
+        try:
+            self.source.open()
+        except SourceError as exc:
+            self.error = str(exc)
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        stop_r, stop_w = os.pipe()
+        outs = [os.pipe() for _ in range(self.workers)]
+        statuses = [os.pipe() for _ in range(self.workers)]
+        every = [stop_r, stop_w] + [fd for pair in outs + statuses for fd in pair]
+        try:
+            for index in range(self.workers):
+                theirs = {outs[index][1], statuses[index][1], stop_r}
+                others = [fd for fd in every if fd not in theirs]
+                self._pids.append(self._fork(index, outs[index][1], statuses[index][1], stop_r, others))
+        finally:
+            for fd in [stop_r] + [w for _r, w in outs] + [w for _r, w in statuses]:
+                os.close(fd)
+        self._outs = {r: i for i, (r, _w) in enumerate(outs)}
+        self._statuses = {r: i for i, (r, _w) in enumerate(statuses)}
+        self._partial = [b""] * self.workers
+        self._status = [b""] * self.workers
+        self._ready = [False] * self.workers
+        self._ended = [False] * self.workers
+        self._open = set(self._outs) | set(self._statuses)
+        self.finals = [{} for _ in range(self.workers)]
+        stop_open = True
+        try:
+            if self._wait_ready(stop) and on_open is not None:
+                on_open(self.source)
+            next_flush = time.monotonic() + LIVE_FLUSH_INTERVAL
+            while self.failure is None and not self.stopped:
+                if stop():
+                    self.stopped = True
+                    break
+                self.capture.follow()
+                self._read(PARENT_POLL)
+                now = time.monotonic()
+                if self.writer is not None and now >= next_flush:
+                    next_flush = now + LIVE_FLUSH_INTERVAL
+                    self.writer.flush()
+                if self.reopen is not None:
+                    self.reopen.tick(self)  # type: ignore[arg-type]  # it reads .pcap_writer only
+                if on_tick is not None:
+                    on_tick()
+        finally:
+            try:
+                self.source.close()  # detached: nothing more reaches the rings
+            except SourceError as exc:
+                self.error = self.error or str(exc)
+            finally:
+                os.close(stop_w)
+                stop_open = False
+            while self._open:
+                self._read(None)
+            self._reap()
+            if stop_open:
+                os.close(stop_w)
+        for r in list(self._outs) + list(self._statuses):
+            os.close(r)
+        self._collect()
+
+    def _wait_ready(self, stop: Callable[[], object]) -> bool:
+        """Wait until every worker polls its ring; False if one failed or a stop came first."""
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not all(self._ready):
+            if self.failure is not None or any(self._ended):
+                return False
+            if stop():
+                self.stopped = True
+                return False
+            if time.monotonic() > deadline:
+                self.failure = f"the workers did not start within {READY_TIMEOUT:.0f} s"
+                return False
+            self._read(PARENT_POLL)
+        return True
+
+    def _read(self, timeout: float | None) -> None:
+        """Take what the workers wrote: whole JSON lines to the writer, status bytes kept."""
+        if not self._open:
+            return
+        for fd in select.select(list(self._open), [], [], timeout)[0]:
+            data = os.read(fd, READ_BYTES)
+            if fd in self._outs:
+                w = self._outs[fd]
+                if not data:
+                    self._open.discard(fd)
+                    continue
+                data = self._partial[w] + data
+                cut = data.rfind(b"\n") + 1
+                self._partial[w] = data[cut:]
+                if cut and self.writer is not None:
+                    self.writer.write(data[:cut].decode("utf-8"))
+            else:
+                w = self._statuses[fd]
+                if not data:
+                    self._open.discard(fd)
+                    self._ended[w] = True
+                    self._last_word(w)
+                    continue
+                if not self._ready[w] and data[:1] == READY:
+                    self._ready[w] = True
+                    data = data[1:]
+                self._status[w] += data
+
+    def _last_word(self, w: int) -> None:
+        """Worker ``w`` ended: its last word kept, or the first failure the run's."""
+        data = self._status[w]
+        final: dict[str, Any] = pickle.loads(data) if data else {}
+        self.finals[w] = final
+        if self.failure is None:
+            if not data:
+                self.failure = self._death(w)
+            elif "failed" in final:
+                self.failure = f"live worker {w + 1} of {self.workers} failed: {final['failed']}"
+
+    def _death(self, w: int) -> str:
+        """The one line for worker ``w``, whose status pipe ended without its last word."""
+        pid = self._pids[w]
+        how = "ended"
+        try:
+            done, status = os.waitpid(pid, 0)
+            self._pids[w] = 0
+            if os.WIFSIGNALED(status):
+                how = f"was killed by signal {os.WTERMSIG(status)}"
+            elif os.WIFEXITED(status):
+                how = f"exited with status {os.WEXITSTATUS(status)}"
+        except ChildProcessError:
+            pass
+        return f"live worker {w + 1} of {self.workers} {how}: capture stopped, its flows are lost"
+
+    def _reap(self) -> None:
+        for pid in self._pids:
+            if pid:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+        self._pids.clear()
+
+    def _collect(self) -> None:
+        """The run's error: a worker's failure, else the first error a worker's input had."""
+        for final in self.finals:
+            if final.get("error") and self.error is None:
+                self.error = final["error"]
+        if self.failure is not None:
+            self.error = self.failure
+            raise LiveWorkerFailed(self.failure)
+
+    def stats(self) -> dict[str, Any]:
+        """The stats record of one process: the parent's capture counters with the workers'
+        own counts summed in, and the workers' flow counts summed."""
+        record: dict[str, Any] = {"source": self.source.label}
+        record.update(self.source.totals())
+        for name in _WORKER_COUNTERS:
+            record[name] = sum(final.get("stats", {}).get(name, 0) for final in self.finals)
+        if self.stopped:
+            record["stopped_by_signal"] = True
+        for name in _FLOW_STATS:
+            record[name] = sum(final.get("stats", {}).get(name, 0) for final in self.finals)
+        record["seconds"] = round(time.monotonic() - self.started, 3)
+        if self.error:
+            record["error"] = self.error
+        return record
+
+
+__all__ = ["LiveError", "LiveWorkerFailed", "LiveWorkerSpec", "LiveWorkers", "run_worker"]
