@@ -7,7 +7,8 @@ and message records but for what differs between two runs of one script (flow id
 ports, times, tags); each flow of the two-worker run must come whole from the worker the hash
 names; the run must also give what tcpdump's capture of the same packets gives in a replay.
 Then the lifecycle: the parent's SIGKILL leaves nothing attached and no worker behind, a killed
-worker stops the parent with its error line and exit status 1.
+worker stops the parent with its error line and exit status 1; the parent follows the veth
+deleted and made again, and SIGUSR1 reopens the one output.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from pathlib import Path
 
 import pytest
 from test_cli_live import FACTS, assert_dropped, env, imaptap_cmd, sessions, wait_attached
+from test_service_life import NOTICE_TIMEOUT, Imaptap, flows_by_user, login
 
 from imaptap.capture.live import LiveCapture, LiveError
 from imaptap.flowshare import flow_hash, share_of
-from imaptap_lab.programs import programs_on
+from imaptap_lab.programs import capturing, programs_on
 from livelab import dropped_uid
 
 pytestmark = pytest.mark.live
@@ -275,3 +277,87 @@ def test_what_live_workers_do_not_take_is_a_usage_error(more, refused, tmp_path)
     proc = subprocess.run(imaptap_cmd(*args), capture_output=True, text=True, env=env(), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and refused in proc.stderr
+
+
+def test_the_parent_follows_the_veth_deleted_and_made_again(lab, tmp_path):
+    tap = Imaptap(lab.host_if, tmp_path / "out.jsonl", "--workers", "2")
+    try:
+        tap.wait_said(r"listening on .*, 2 worker processes")
+        before = login(lab, "alice")  # open across the whole change, in its worker's table
+        first = {(p.hook, p.name, p.prog_id) for p in programs_on(lab.host_if)}
+        lab.remove_veth()
+        tap.wait_said(rf"^imaptap: {lab.host_if} is gone \(the 1st time\)")
+        lab.restore_veth()
+        tap.wait_said(rf"^imaptap: {lab.host_if} is back \(the 1st time, index \d+\)")
+        tap.wait_until(lambda: capturing(lab.host_if), NOTICE_TIMEOUT, "not attached to the new interface")
+        # the programs loaded at the start, writing into the same rings
+        assert {(p.hook, p.name, p.prog_id) for p in programs_on(lab.host_if)} == first
+        after = login(lab, "bob")
+        after.logout()
+        before.noop()
+        before.logout()
+        time.sleep(1.0)
+    finally:
+        try:
+            records = tap.stop()
+        finally:
+            tap.kill()
+    flows = flows_by_user(records)
+    assert set(flows) == {"alice", "bob"} and all(len(f) == 1 for f in flows.values())
+    assert flows["bob"][0]["login_ok"] and flows["bob"][0]["end"] == "fin"
+    alice = flows["alice"][0]
+    assert alice["end"] == "fin" and alice["commands"]["NOOP"] == 1 and alice["commands"]["LOGOUT"] == 1
+    stats = records[-1]
+    assert (stats["interface_gone"], stats["reattached"], stats["interfaces_unavailable"]) == (1, 1, 0)
+
+
+def test_sigusr1_reopens_the_one_output(lab, tmp_path):
+    out = tmp_path / "out.jsonl"
+    moved = tmp_path / "out.jsonl.1"
+    # -Z root: nobody may not make a file in the test's directory (the reopen is what is tested)
+    tap = Imaptap(lab.host_if, out, "--workers", "2", "-Z", "root")
+    try:
+        tap.wait_said(r"listening on")
+        login(lab, "alice").logout()
+        tap.wait_until(lambda: '"username":"alice"' in out.read_text(), NOTICE_TIMEOUT, "alice's flow not written")
+        out.rename(moved)
+        tap.proc.send_signal(signal.SIGUSR1)
+        tap.wait_until(out.exists, NOTICE_TIMEOUT, "the output was not opened anew")
+        login(lab, "bob").logout()
+        time.sleep(1.0)
+    finally:
+        try:
+            records = tap.stop()
+        finally:
+            tap.kill()
+    old = [json.loads(line) for line in moved.read_text().splitlines()]
+    assert {f["username"] for f in old if f["type"] == "flow"} == {"alice"}
+    assert {f["username"] for f in records if f["type"] == "flow"} == {"bob"}
+    assert records[-1]["type"] == "stats" and records[-1]["flows"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_to_the_whole_group_still_ends_every_open_flow(lab, tmp_path, signum):
+    out = tmp_path / "out.jsonl"
+    proc = start(lab, out, 2)
+    wait_ready(proc)
+    still_open = [login(lab, user) for user in ("alice", "bob", "carol", "dave")]
+    time.sleep(1.0)
+    # as systemd stops a unit, every process of it at once: the workers wait for the parent
+    workers = children(proc.pid)
+    proc.send_signal(signum)
+    for pid in workers:
+        os.kill(pid, signum)
+    _, err = proc.communicate(timeout=EXIT_TIMEOUT)
+    for imap in still_open:
+        try:
+            imap.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass
+    assert proc.returncode == 0, err
+    assert programs_on(lab.host_if) == []
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    flows = {f["username"]: f for f in records if f["type"] == "flow"}
+    assert set(flows) == {"alice", "bob", "carol", "dave"}
+    assert all(f["end"] == "end" and f["login_ok"] and f["mailboxes"] == ["INBOX"] for f in flows.values())
+    assert records[-1]["type"] == "stats" and records[-1]["stopped_by_signal"] is True

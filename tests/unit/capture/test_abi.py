@@ -481,3 +481,16 @@ def test_a_header_without_its_include_guard_fails_loudly():
         parse_header("#ifndef H\nstruct s { __u8 a; };\n#endif\n")
     with pytest.raises(HeaderError):
         parse_header("#ifndef H\n#define H\n#endif\nstruct s { __u8 a; };\n")
+
+
+def test_the_command_line_knows_as_many_live_workers_as_the_program_has_rings():
+    from imaptap import cli  # its copy: cli imports nothing of capture/live, so replay starts fast
+
+    assert cli.LIVE_MAX_WORKERS == abi.LIVE_MAX_WORKERS
+    assert abi.ring_map(0) == abi.MAP_EVENTS and abi.ring_map(7) == b"events_7"
+    bpf = (Path(abi.__file__).resolve().parents[2] / "bpf" / "imaptap.bpf.c").read_text()
+    # one ring declared and one reserve case per worker the header allows
+    for worker in range(1, abi.LIVE_MAX_WORKERS):
+        assert f"BPF_RINGBUF_OUTPUT(events_{worker}, IMAPTAP_RING_PAGES);" in bpf
+        assert f"return events_{worker}.ringbuf_reserve(size);" in bpf
+    assert f"events_{abi.LIVE_MAX_WORKERS}" not in bpf
