@@ -109,6 +109,7 @@ EPILOG = """examples:
   scripts/bench-live --only cost,handshake --rounds 7   # what the handshake's copy rule costs
   scripts/bench-live --only ceiling --json ceiling.json # the zero-loss knee with tcpreplay (~15 min)
   scripts/bench-live --only ceiling --ceiling-rates 20000,80000 --ceiling-seconds 3 --ceiling-rounds 1
+  scripts/bench-live --only ceiling --ceiling-workers 1,2   # the knee of one and of two live workers
 """
 
 # --- processes ---------------------------------------------------------------------------------
@@ -1074,6 +1075,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-side", choices=[str(s) for s in live_ceiling.Side], default=str(live_ceiling.Side.NS),
                    help="attach to the namespace end of the veth (ns: XDP ingress, the default) or the host end"
                         " (host: TC egress), where tcpreplay sends")
+    p.add_argument("--ceiling-workers", type=_rates, default=list(live_ceiling.DEFAULT_WORKERS), metavar="N,N,...",
+                   help="worker counts of the ceiling's imaptap -i arm (--workers), comma-separated, rising"
+                        " (default 1)")
     p.add_argument("--ceiling-pcap", type=Path, metavar="FILE",
                    help="capture tcpreplay sends (default: scripts/bench-replay's wire-frames capture,"
                         " made if missing)")
@@ -1193,7 +1197,7 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     report["ceiling"] = live_ceiling.ceiling(
                         lab, tmp, args.ceiling_rates, args.ceiling_seconds, args.ceiling_rounds,
-                        live_ceiling.Side(args.ceiling_side), args.ceiling_pcap)
+                        live_ceiling.Side(args.ceiling_side), args.ceiling_pcap, tuple(args.ceiling_workers))
                 except live_ceiling.CeilingError as err:
                     return live_ceiling.main_error(err)
                 live_ceiling.print_report(report["ceiling"])

@@ -31,6 +31,12 @@ segment received, tcpreplay's own CPU, and what the rest of the machine did mean
 stolen CPU from /proc/stat, less ours): the VM is shared.  The zero-loss knee is the highest
 rate at which no round lost a segment.
 
+With ``--ceiling-workers 1,2``, the ``imaptap -i`` arm runs once per worker count, ``--workers
+N`` (the kernel program spreading the flows over N rings, one forked worker each); its CPU
+time is the parent's and its workers'.  On the 2-vCPU VM this is developed on, tcpreplay takes
+most of one core itself, so two workers share what is left with it: the runs past one worker's
+knee show what a second process adds there, not what a free second core would.
+
 Past the knee (``overload``): one more imaptap run at the top rate with ``--metrics``, scraped
 twice a second while it is flooded: every scrape must answer, the loss counter must grow, and
 at the end the stats record must account for every segment offered (submitted + lost), and
@@ -66,6 +72,8 @@ DEFAULT_RATES = (10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000
 DEFAULT_SECONDS = 10.0
 #: Rounds of every rate and arm.
 DEFAULT_ROUNDS = 3
+#: The worker counts of the ``imaptap -i`` arm (--workers); one: the one-process capture.
+DEFAULT_WORKERS = (1,)
 #: Sessions of the bench capture replayed (scripts/bench-replay --wire-frames makes it).
 CAPTURE_SESSIONS = 3000
 #: Ethernet addresses of the replayed frames: locally administered, unicast, and never a veth's
@@ -128,6 +136,21 @@ class Side(enum.StrEnum):
     """The host end, where tcpreplay sends: its egress (TC)."""
 
 
+def arm_label(arm: Arm, workers: int) -> str:
+    """``imaptap -i``, ``imaptap -i --workers 2``, ``capture alone``."""
+    return str(arm) if workers == 1 else f"{arm} --workers {workers}"
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU time of a process and of the processes it forked (live workers) so far."""
+    total = cpu_seconds(pid)
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_seconds(int(child))
+    return total
+
+
 class CeilingError(RuntimeError):
     """A run could not be made (a tool missing, an arm that did not start); the message says why."""
 
@@ -188,6 +211,8 @@ class Run:
     """CPU the host gave to other guests meanwhile, in cores."""
     stop_seconds: float
     """From SIGINT to the arm's exit."""
+    workers: int = 1
+    """The analyzer's --workers."""
 
     @property
     def lost(self) -> int:
@@ -202,11 +227,16 @@ class Run:
         """Segments lost among those offered."""
         return self.lost / self.offered if self.offered else 0.0
 
+    @property
+    def label(self) -> str:
+        """The arm, with its worker count where it has several."""
+        return arm_label(self.arm, self.workers)
+
     def figures(self) -> dict:
         """The run as the report shows it."""
         seconds = self.sent.seconds or float("nan")
         c = self.counters
-        return {"arm": str(self.arm), "rate asked": self.rate, "frames sent": self.sent.packets,
+        return {"arm": self.label, "rate asked": self.rate, "frames sent": self.sent.packets,
                 "send seconds": self.sent.seconds, "failed sends": self.sent.failed,
                 "offered segments/s": round(self.offered / seconds),
                 "received segments/s": round(self.received / seconds),
@@ -311,8 +341,11 @@ def tcpreplay(iface: str, capture: ReplayCapture, pps: float, seconds: float) ->
 class ArmProcess:
     """An arm started on the side's interface, ready once its programs are attached."""
 
-    def __init__(self, arm: Arm, lab: Lab, side: Side, tmp: Path, extra: tuple[str, ...] = ()) -> None:
+    def __init__(self, arm: Arm, lab: Lab, side: Side, tmp: Path, extra: tuple[str, ...] = (),
+                 workers: int = 1) -> None:
         self.arm = arm
+        if workers > 1:
+            extra = (*extra, "--workers", str(workers))
         self.out = tmp / "ceiling.jsonl"
         self.err = tmp / "ceiling.stderr"
         iface = lab.ns_if if side is Side.NS else lab.host_if
@@ -344,7 +377,7 @@ class ArmProcess:
             time.sleep(0.05)
 
     def cpu(self) -> float:
-        return cpu_seconds(self.proc.pid)
+        return tree_cpu_seconds(self.proc.pid)
 
     def settle(self) -> None:
         """Wait until it has handled what the kernel submitted (its CPU time stops growing)."""
@@ -393,9 +426,10 @@ def last_record(path: Path) -> dict:
     return json.loads(lines[-1]) if lines and lines[-1].startswith(b"{") else {}
 
 
-def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: float, side: Side, tmp: Path) -> Run:
+def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: float, side: Side, tmp: Path,
+             workers: int = 1) -> Run:
     """Start the arm, replay at ``rate`` segments a second, let it drain, stop it."""
-    proc = ArmProcess(arm, lab, side, tmp)
+    proc = ArmProcess(arm, lab, side, tmp, workers=workers)
     try:
         cpu0 = proc.cpu()
         busy0, steal0 = machine_ticks()
@@ -413,7 +447,7 @@ def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: flo
     ticks = os.sysconf("SC_CLK_TCK")
     rest = ((busy1 - busy0) / ticks - cpu_sending - sent.cpu) / span
     return Run(arm, rate, sent, capture.segments_in(sent.packets), counters, cpu, max(0.0, rest),
-               (steal1 - steal0) / ticks / span, stop_seconds)
+               (steal1 - steal0) / ticks / span, stop_seconds, workers)
 
 
 # --- the figures --------------------------------------------------------------------------------
@@ -421,10 +455,10 @@ def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: flo
 def summarize(runs: list[Run]) -> dict:
     """Per arm and rate: medians over the rounds, and the worst loss of any round."""
     out: dict = {}
-    for arm in Arm:
+    for label in dict.fromkeys(r.label for r in runs):
         rows = {}
-        for rate in sorted({r.rate for r in runs if r.arm is arm}):
-            mine = [r for r in runs if r.arm is arm and r.rate == rate]
+        for rate in sorted({r.rate for r in runs if r.label == label}):
+            mine = [r for r in runs if r.label == label and r.rate == rate]
             figures = [r.figures() for r in mine]
 
             def median(key: str, figures: list[dict] = figures) -> float | None:
@@ -443,7 +477,7 @@ def summarize(runs: list[Run]) -> dict:
                           "steal, cores": median("steal, cores"),
                           "stop seconds, most": max(f["stop seconds"] for f in figures)}
         if rows:
-            out[str(arm)] = {"rates": rows, "knee": knee(rows)}
+            out[label] = {"rates": rows, "knee": knee(rows)}
     return out
 
 
@@ -577,7 +611,7 @@ def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: 
 # --- the section --------------------------------------------------------------------------------
 
 def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, side: Side,
-            source: Path | None = None) -> dict:
+            source: Path | None = None, workers: tuple[int, ...] = DEFAULT_WORKERS) -> dict:
     """The runs of every rate and arm in rotated rounds, their summary, and the overload check."""
     missing = tools_missing()
     if missing:
@@ -587,13 +621,14 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
           f" {seconds:g} s per run, kernel program on {lab.ns_if if side is Side.NS else lab.host_if}"
           f" ({'XDP ingress' if side is Side.NS else 'TC egress'})", flush=True)
     runs: list[Run] = []
-    cells = [(rate, arm) for rate in rates for arm in Arm]
+    arms = [(Arm.ANALYZER, n) for n in workers] + [(Arm.CAPTURE, 1)]
+    cells = [(rate, arm, n) for rate in rates for arm, n in arms]
     for r in range(rounds):
-        for rate, arm in rotated(cells, r * (len(cells) // rounds or 1)):
-            run = run_once(lab, capture, arm, rate, seconds, side, tmp)
+        for rate, arm, n in rotated(cells, r * (len(cells) // rounds or 1)):
+            run = run_once(lab, capture, arm, rate, seconds, side, tmp, n)
             runs.append(run)
             f = run.figures()
-            print(f"    round {r + 1} {arm!s:14} {rate:>8,}/s asked: offered {f['offered segments/s']:>8,}/s,"
+            print(f"    round {r + 1} {run.label:26} {rate:>8,}/s asked: offered {f['offered segments/s']:>8,}/s,"
                   f" received {f['received segments/s']:>8,}/s, lost {f['lost']:>9,},"
                   f" {f['CPU us per segment'] or 0:6.2f} us/segment, others {f['rest of the machine, cores']:.2f}"
                   f" cores", flush=True)
@@ -604,7 +639,8 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
     check = overload(lab, capture, top, seconds, side, tmp)
     return {"capture": {"file": str(source or bench_capture()), "frames": capture.packets,
                         "segments": capture.segments},
-            "side": str(side), "seconds per run": seconds, "rounds": rounds, "summary": summary,
+            "side": str(side), "seconds per run": seconds, "rounds": rounds, "workers": list(workers),
+            "summary": summary,
             "overload": check, "runs": [r.figures() for r in runs]}
 
 
