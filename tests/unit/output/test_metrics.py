@@ -188,6 +188,43 @@ def test_server_label_is_capped_and_the_overflow_counted():
     assert not any("server" in dict(ls) for _, ls in samples(plain))
 
 
+def failed_logins(client_port: int, servers) -> list:
+    return [session([("c", b"a1 LOGIN u p\r\n"), ("s", b"a1 NO\r\n")], client=("192.0.2.9", client_port + i),
+                    server=srv) for i, srv in enumerate(servers)]
+
+
+def test_live_workers_snapshots_merge_into_one_process_scrape_with_the_server_cap():
+    servers = [(f"192.0.2.{100 + i}", 143) for i in range(MAX_SERVER_LABELS + 3)]
+    # each worker under the cap (their union above it); each worker above it on its own
+    for split, per_server in (((servers[0::2], servers[1::2]), 1), ((servers, servers), 2)):
+        flows = [failed_logins(41000 + 100 * w, part) for w, part in enumerate(split)]
+        workers = [run(*f, server_label=True) for f in flows]
+        one = run(*(c for f in flows for c in f), server_label=True)
+        merged = MetricsSink(server_label=True)
+        for _ in range(2):  # merged again, as at every refresh: nothing counted twice
+            merged.publish_merged([w.snapshot for w in workers], {"seen": 7, "received": 99})
+        got, want = samples(merged), samples(one)
+        failures = {dict(ls)["server"]: v for (n, ls), v in got.items()
+                    if n == "imaptap_logins_total" and dict(ls)["outcome"] == "failure" and v}
+        assert len(failures) == MAX_SERVER_LABELS + 1
+        folded = len(flows[0]) + len(flows[1]) - MAX_SERVER_LABELS * per_server
+        assert failures["other"] == folded == value(one, "imaptap_logins_total", server="other",
+                                                    mechanism="LOGIN", outcome="failure")
+        assert value(merged, "imaptap_metrics_server_overflow_total") == folded
+        assert value(one, "imaptap_metrics_server_overflow_total") == folded
+        assert total(merged, "imaptap_flows_ended_total") == total(one, "imaptap_flows_ended_total")
+
+        def analysed(scrape: dict) -> int:
+            return sum(1 for n, _ in scrape if n.startswith("imaptap_") and not n.startswith("imaptap_capture"))
+
+        # as many series as one process's (which servers get a label follows the workers' order)
+        assert analysed(got) == analysed(want)
+        # the parent's kernel counters as given; a worker's own (received) only from the workers
+        assert value(merged, "imaptap_capture_packets_seen_total") == 7
+        assert value(merged, "imaptap_capture_records_received_total") == 0
+        assert value(merged, "imaptap_build_info", version=metrics.__version__) == 1
+
+
 def test_no_label_holds_a_user_a_client_address_or_a_mailbox():
     sink = run(session([
         ("c", b"a1 LOGIN mallory@example.org pw\r\n"), ("s", b"a1 OK\r\n"),

@@ -25,7 +25,7 @@ import enum
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from imaptap import __version__
@@ -303,6 +303,9 @@ class MetricsSink(Sink):
         else:
             self._zero_series(None)
         self.snapshot = self._take_snapshot()
+        self._merged_servers: dict[str, str] = {}
+        """`publish_merged`: a worker's server label -> the label served (itself, or ``other``
+        past the cap), decided once, so that every counter stays monotonic."""
         self.httpd: Any = None
         self._serving: Any = None
         """The thread answering scrapes, once the source is open."""
@@ -472,6 +475,11 @@ class MetricsSink(Sink):
             self._worst_lag = 0.0
         self.snapshot = self._take_snapshot()
 
+    def publish_merged(self, snapshots: Iterable[_Snapshot], counters: dict[str, int] | None) -> None:
+        """Serve the sum of live workers' snapshots as one process's (`merge_snapshots`), with the
+        parent's capture ``counters`` (kernel and interfaces), which it alone reads."""
+        self.snapshot = merge_snapshots(snapshots, counters, self._merged_servers, self.snapshot)
+
     def _take_snapshot(self) -> _Snapshot:
         return _Snapshot({name: dict(counts) for name, counts in self._values.items()},
                          {key: (list(counts), self._latency_sum[key]) for key, counts in self._latency.items()})
@@ -545,6 +553,72 @@ class MetricsSink(Sink):
                 httpd.shutdown()
                 self._serving = None
             httpd.server_close()
+
+
+#: `SOURCE_COUNTERS` a live worker counts for itself (its ring's records, its flows' map
+#: writes): summed over the workers; every other capture counter is the parent's alone.
+WORKER_SOURCE_COUNTERS = frozenset({"received", "malformed", "policy_errors"})
+#: Families summed over workers but for these: one build, and the worst worker's lag.
+_MAX_FAMILIES = frozenset({"imaptap_capture_lag_seconds"})
+_PARENT_FAMILIES = frozenset({"imaptap_build_info"} | {family for name, (family, _labels) in SOURCE_COUNTERS.items()
+                                                       if name not in WORKER_SOURCE_COUNTERS})
+_OVERFLOW_FAMILY = "imaptap_metrics_server_overflow_total"
+
+
+def merge_snapshots(snapshots: Iterable[_Snapshot], counters: dict[str, int] | None,
+                    servers: dict[str, str], previous: _Snapshot) -> _Snapshot:
+    """Live workers' snapshots as the one snapshot of one process: counts and histograms summed
+    over workers, the lag the worst, build_info and the capture's counters from ``previous`` and
+    ``counters`` (the parent's); with server labels, ``servers`` (kept between calls) holds
+    the first `MAX_SERVER_LABELS` the workers named, the rest are folded into ``other`` and their
+    flows added to the overflow count, as one process would have counted them."""
+    values: dict[str, dict[tuple[Any, ...], float]] = {f.name: {} for f in FAMILIES if f.kind is not _H}
+    latency: dict[tuple[Any, ...], tuple[list[int], float]] = {}
+
+    def label(server: Any) -> Any:
+        if server is None or server == OVERFLOW_SERVER:
+            return server
+        served = servers.get(server)
+        if served is None:
+            labelled = sum(1 for name, shown in servers.items() if name == shown)
+            served = servers[server] = server if labelled < MAX_SERVER_LABELS else OVERFLOW_SERVER
+        return served
+
+    for snapshot in snapshots:
+        folded: dict[Any, float] = {}
+        for name, counts in snapshot.values.items():
+            if name in _PARENT_FAMILIES:
+                continue
+            merged = values[name]
+            per_server = FAMILY[name].per_server
+            for key, value in counts.items():
+                if per_server:
+                    served = label(key[0])
+                    if served != key[0] and name in ("imaptap_flows_ended_total", "imaptap_flows_active"):
+                        folded[key[0]] = folded.get(key[0], 0) + value  # each flow once: open or ended
+                    key = (served, *key[1:])
+                if name in _MAX_FAMILIES:
+                    merged[key] = max(merged.get(key, value), value)
+                else:
+                    merged[key] = merged.get(key, 0) + value
+        if folded:
+            overflow = values[_OVERFLOW_FAMILY]
+            overflow[()] = overflow.get((), 0) + sum(folded.values())
+        for key, (buckets, total) in snapshot.latency.items():
+            key = (label(key[0]), *key[1:])
+            have = latency.get(key)
+            if have is None:
+                latency[key] = (list(buckets), total)
+            else:
+                latency[key] = ([a + b for a, b in zip(have[0], buckets, strict=True)], have[1] + total)
+    for name in _PARENT_FAMILIES:
+        values[name] = dict(previous.values.get(name, {}))
+    for name, value in (counters or {}).items():
+        target = SOURCE_COUNTERS.get(name)
+        if target is not None and name not in WORKER_SOURCE_COUNTERS and type(value) is int:
+            family, labels = target
+            values[family][labels] = value
+    return _Snapshot({name: counts for name, counts in values.items() if counts}, latency)
 
 
 class _SnapshotCollector:
