@@ -266,7 +266,7 @@ def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):
 
 
 @pytest.mark.parametrize(("more", "refused"), [
-    (("-w", "x.pcap"), "-w"), (("--metrics", "0"), "--metrics"), (("--report",), "--report"),
+    (("-w", "x.pcap"), "-w"), (("--report",), "--report"),
     (("--json-format", "ecs"), "--json-format ecs"), (("--workers", "9"), "at most 8"),
 ])
 def test_what_live_workers_do_not_take_is_a_usage_error(more, refused, tmp_path):

@@ -364,8 +364,6 @@ def _check_live_workers(args: argparse.Namespace) -> None:
                          " (one ring buffer each)")
     if args.write:
         refused = "-w"
-    elif args.metrics is not None:
-        refused = "--metrics"
     elif args.report or args.fail_on:
         refused = "--report" if args.report else "--fail-on"
     elif args.json_format != "imaptap":
@@ -474,9 +472,10 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         live_spec = LiveWorkerSpec(json=writer is not None, messages=not args.flows_only,
                                    pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
                                              "flow_interval": args.flow_interval,
-                                             "password_fingerprint": fingerprint})
+                                             "password_fingerprint": fingerprint},
+                                   metrics_server_label=None if metrics is None else metrics.server_label)
         pipeline = LiveWorkers(source, live_spec, writer,
-                               ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn))
+                               ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn), metrics)
     elif source is not None and args.workers > 1:
         from imaptap.workers import ReplayWorkers, WorkerSpec
 

@@ -10,8 +10,9 @@ no ring: it follows the interfaces (link events), reads the kernel's counters, a
 workers' JSON lines to the one output.
 
 Pipes, per worker: its JSON lines (whole lines, in the order it wrote them, so a flow's records
-stay in order), and a status pipe: one byte once its ring is open, then its last word (its stats,
-or why it failed) before it ends.  One pipe shared by all, held open by the parent, tells them to
+stay in order), and a status pipe: one byte once its ring is open, then frames (a 4-byte length,
+a pickle): with ``--metrics``, its metrics snapshot after each refresh, and its last word (its
+stats, or why it failed) before it ends.  One pipe shared by all, held open by the parent, tells them to
 stop: its end of file (the parent closes it after detaching the programs, so what each ring
 still holds is the last of it) or the parent's death.
 
@@ -28,12 +29,13 @@ import os
 import pickle
 import select
 import signal
+import struct
 import sys
 import time
 import traceback
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imaptap.capture.live import LiveCapture, LiveError
 from imaptap.capture.live.abi import ring_map
@@ -43,6 +45,9 @@ from imaptap.output.jsonl import LIVE_FLUSH_INTERVAL, JsonlSink, JsonlWriter
 from imaptap.pipeline import POLL_MS, LiveSource, Pipeline, Sink, Source, SourceError
 from imaptap.segment import Segment
 from imaptap.workers import WorkerFailed
+
+if TYPE_CHECKING:
+    from imaptap.output.metrics import MetricsSink
 
 #: Bytes read from a worker's pipe at once: a pipe's default buffer.
 READ_BYTES = 1 << 16
@@ -54,6 +59,11 @@ PARENT_POLL = POLL_MS / 1000
 READY_TIMEOUT = 30.0
 #: The status byte a worker sends once its ring is open and it polls.
 READY = b"R"
+#: A status frame's length prefix: 4 bytes, big-endian.
+FRAME = struct.Struct(">I")
+#: The kinds of status frame after the ready byte.
+METRICS_FRAME = "metrics"
+LAST_FRAME = "last"
 #: prctl(2): the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 _FLOW_STATS = tuple(f.name for f in dataclasses.fields(FlowStats))
@@ -76,6 +86,8 @@ class LiveWorkerSpec:
     pipeline: dict[str, Any]
     """Pipeline's keyword arguments: max_flows (the whole run's, shared out), idle_timeout,
     flow_interval, password_fingerprint."""
+    metrics_server_label: bool | None = None
+    """With --metrics: whether --metrics-label server is given; None without --metrics."""
 
 
 class FlowNumbers(Sink):
@@ -141,6 +153,26 @@ class ParentLiveSource(LiveSource):
         return None if line is None else f"{line}, {self.workers} worker processes"
 
 
+def send_frame(fd: int, kind: str, payload: Any) -> None:
+    """One status frame to the parent, whole (a blocking pipe; the parent keeps reading)."""
+    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
+    view = memoryview(FRAME.pack(len(data)) + data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _shipping_metrics(server_label: bool, fd: int) -> Sink:
+    """A worker's `MetricsSink`, serving nothing: each snapshot it takes goes to the parent."""
+    from imaptap.output.metrics import MetricsSink
+
+    class ShippedMetrics(MetricsSink):
+        def refresh(self, pipeline: Pipeline) -> None:
+            super().refresh(pipeline)
+            send_frame(fd, METRICS_FRAME, self.snapshot)
+
+    return ShippedMetrics(server_label=server_label)
+
+
 def _stop_requested(fd: int) -> Callable[[], bool]:
     """Whether the parent's stop pipe has ended (closed by it, or by its death)."""
 
@@ -171,14 +203,15 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
     sinks: list[Sink] = [FlowNumbers(index, workers)]
     if spec.json:
         sinks.append(JsonlSink(writer, spec.messages))
+    if spec.metrics_server_label is not None:
+        sinks.append(_shipping_metrics(spec.metrics_server_label, status_fd))
     options = dict(spec.pipeline)
     options["max_flows"] = -(-options["max_flows"] // workers)  # its share of the bound
     source = WorkerRingSource(capture, index, status_fd)
     pipeline = Pipeline(source, sinks, **options)
     pipeline.run(stop=_stop_requested(stop_fd))
     writer.flush()
-    final = {"stats": pipeline.stats(), "error": pipeline.error}
-    os.write(status_fd, pickle.dumps(final, protocol=pickle.HIGHEST_PROTOCOL))
+    send_frame(status_fd, LAST_FRAME, {"stats": pipeline.stats(), "error": pipeline.error})
 
 
 class LiveWorkers:
@@ -186,7 +219,7 @@ class LiveWorkers:
     `error`, `stopped`, `stats` and `source` as the command line uses them."""
 
     def __init__(self, source: LiveSource, spec: LiveWorkerSpec, writer: JsonlWriter | None,
-                 reopen: Sink | None = None) -> None:
+                 reopen: Sink | None = None, metrics: MetricsSink | None = None) -> None:
         self.capture: LiveCapture = source.capture
         self.workers = self.capture.workers
         self.source = ParentLiveSource(self.capture)
@@ -202,6 +235,11 @@ class LiveWorkers:
         self.started = time.monotonic()
         self.failure: str | None = None
         """Why a worker ended before it was told to, as one line."""
+        self.metrics = metrics
+        """The CLI's --metrics sink: it serves the workers' snapshots merged (`_publish`)."""
+        self._snapshots: list[Any] = []
+        """Each worker's newest metrics snapshot (None before its first)."""
+        self._next_publish = 0.0
         self._pids: list[int] = []
 
     # --- a worker ---------------------------------------------------------------------------
@@ -222,6 +260,8 @@ class LiveWorkers:
                 signal.signal(s, signal.SIG_IGN)
             for fd in others:
                 os.close(fd)
+            if self.metrics is not None and self.metrics.httpd is not None:
+                self.metrics.httpd.socket.close()  # the parent's to answer on, and to close
             _close_links()
             from imaptap.privileges import keep_map_access
 
@@ -231,7 +271,7 @@ class LiveWorkers:
         except BaseException as exc:  # anything: the parent says it in one line
             try:
                 line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                os.write(status_fd, pickle.dumps({"failed": line}))
+                send_frame(status_fd, LAST_FRAME, {"failed": line})
             except BaseException:
                 pass
         finally:
@@ -271,9 +311,15 @@ class LiveWorkers:
         self._ended = [False] * self.workers
         self._open = set(self._outs) | set(self._statuses)
         self.finals = [{} for _ in range(self.workers)]
+        self._last: list[dict[str, Any] | None] = [None] * self.workers
+        self._snapshots = [None] * self.workers
         stop_open = True
         try:
-            if self._wait_ready(stop) and on_open is not None:
+            ready = self._wait_ready(stop)
+            if ready and self.metrics is not None:
+                self._publish()
+                self.metrics.opened(self)  # type: ignore[arg-type]  # it reads nothing of it
+            if ready and on_open is not None:
                 on_open(self.source)
             next_flush = time.monotonic() + LIVE_FLUSH_INTERVAL
             while self.failure is None and not self.stopped:
@@ -288,6 +334,8 @@ class LiveWorkers:
                     self.writer.flush()
                 if self.reopen is not None:
                     self.reopen.tick(self)  # type: ignore[arg-type]  # it reads .pcap_writer only
+                if self.metrics is not None and now >= self._next_publish:
+                    self._publish()
                 if on_tick is not None:
                     on_tick()
         finally:
@@ -305,7 +353,18 @@ class LiveWorkers:
                 os.close(stop_w)
         for r in list(self._outs) + list(self._statuses):
             os.close(r)
+        if self.metrics is not None:
+            self._publish()  # every worker's last snapshot, the counters after detaching
         self._collect()
+
+    def _publish(self) -> None:
+        """The scrape's new snapshot: the workers' newest, summed, with the parent's counters."""
+        assert self.metrics is not None
+        from imaptap.output.metrics import REFRESH_SECONDS
+
+        self._next_publish = time.monotonic() + REFRESH_SECONDS
+        self.metrics.publish_merged([s for s in self._snapshots if s is not None], self.source.counters()
+                                    or self.capture.counters())
 
     def _wait_ready(self, stop: Callable[[], object]) -> bool:
         """Wait until every worker polls its ring; False if one failed or a stop came first."""
@@ -348,15 +407,36 @@ class LiveWorkers:
                 if not self._ready[w] and data[:1] == READY:
                     self._ready[w] = True
                     data = data[1:]
-                self._status[w] += data
+                self._frames(w, self._status[w] + data)
+
+    def _frames(self, w: int, data: bytes) -> None:
+        """Worker ``w``'s whole status frames taken, the rest of ``data`` kept for the next read."""
+        while len(data) >= FRAME.size:
+            (size,) = FRAME.unpack_from(data)
+            end = FRAME.size + size
+            if len(data) < end:
+                break
+            try:
+                kind, payload = pickle.loads(data[FRAME.size:end])
+            except Exception as exc:  # cut short by a failure inside the worker: it ends anyway
+                if self.failure is None:
+                    self.failure = f"live worker {w + 1} of {self.workers} sent a broken status frame: {exc!r}"
+                self._status[w] = b""
+                return
+            data = data[end:]
+            if kind == METRICS_FRAME:
+                self._snapshots[w] = payload
+            else:
+                self._last[w] = payload
+        self._status[w] = data
 
     def _last_word(self, w: int) -> None:
         """Worker ``w`` ended: its last word kept, or the first failure the run's."""
-        data = self._status[w]
-        final: dict[str, Any] = pickle.loads(data) if data else {}
+        last = self._last[w]
+        final: dict[str, Any] = last if last is not None else {}
         self.finals[w] = final
         if self.failure is None:
-            if not data:
+            if last is None:
                 self.failure = self._death(w)
             elif "failed" in final:
                 self.failure = f"live worker {w + 1} of {self.workers} failed: {final['failed']}"

@@ -1,0 +1,169 @@
+"""``imaptap -i --workers N --metrics``: the scrape of N workers must be that of one process.
+
+A real Dovecot (imaptap_lab.lab) and real imaplib clients; the same sessions are watched by
+``--workers 1`` and by ``--workers 2``, each scraped over HTTP once every flow has ended.  Both
+scrapes must give the sessions' logins, commands, cleartext credentials and ended flows, the
+two-worker run must have given flows to both workers, promtool must accept its scrape, and the
+kernel's counters, read by the parent alone, must appear once and not be counted twice.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from imaptap_lab import prometheus
+from livelab import IN_CI, CountingIMAP4, lab_sessions, metrics_port, start_imaptap, stop
+
+pytestmark = pytest.mark.live
+
+#: Plain logins after the mixed sessions: with two workers, 2**-25 that none reaches one.
+EXTRA_LOGINS = 24
+SETTLE_TIMEOUT = 60.0
+#: Seconds a scrape may take to show what the workers counted: a worker ships its snapshot
+#: every refresh (1 s) and the parent merges every refresh.
+PUBLISH_SECONDS = 2.5
+#: Capture counters only the parent reads (the kernel's, the interfaces'): one sample each.
+KERNEL_FAMILIES = ("imaptap_capture_packets_seen_total", "imaptap_capture_packets_matched_total",
+                   "imaptap_capture_segments_submitted_total", "imaptap_capture_segments_lost_total")
+
+
+def samples(scrape: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """Family sample name -> sorted label pairs -> value, from a text exposition."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(scrape):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def total(got: dict, name: str) -> float:
+    return sum(got.get(name, {}).values())
+
+
+def by(got: dict, name: str, *labels: str) -> dict[tuple[str, ...], float]:
+    """The family's values summed by ``labels``, zeros left out."""
+    out: dict[tuple[str, ...], float] = {}
+    for key, value in got.get(name, {}).items():
+        pairs = dict(key)
+        k = tuple(pairs[label] for label in labels)
+        out[k] = out.get(k, 0) + value
+    return {k: v for k, v in out.items() if v}
+
+
+def scraped_run(lab, tmp: Path, workers: int) -> tuple[dict, str, list[dict]]:
+    """What the sessions did, the final scrape of a ``--workers`` run, and its JSON records."""
+    tmp.mkdir()
+    proc, err = start_imaptap(lab.host_if, "127.0.0.1:0", tmp, "--workers", str(workers))
+    try:
+        port = metrics_port(err, proc)
+        url = f"http://127.0.0.1:{port}/metrics"
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while "listening on" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        did = lab_sessions(lab, lab.server4)
+        for _ in range(EXTRA_LOGINS):
+            imap = CountingIMAP4(lab.server4, 143, timeout=30)
+            imap.login("bob", lab.users["bob"])
+            imap.select("INBOX")
+            imap.logout()
+            did["commands"].update(imap.sent)
+        did["sessions"] += EXTRA_LOGINS
+        did["ok"]["LOGIN"] += EXTRA_LOGINS
+        did["cleartext"] += EXTRA_LOGINS
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while True:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                scrape = r.read().decode()
+            if total(samples(scrape), "imaptap_flows_ended_total") == did["sessions"]:
+                break
+            assert time.monotonic() < deadline, scrape
+            time.sleep(0.5)
+        time.sleep(PUBLISH_SECONDS)  # one more refresh on every side, for nothing in between to hide
+        with urllib.request.urlopen(url, timeout=10) as r:
+            scrape = r.read().decode()
+    finally:
+        if proc.poll() is None:
+            stop(proc, err)
+    records = [json.loads(line) for line in (tmp / "out.jsonl").read_text().splitlines()]
+    return did, scrape, records
+
+
+@pytest.fixture(scope="module")
+def runs(live_ready, tmp_path_factory):
+    reason = prometheus.available()
+    if reason:
+        if IN_CI:
+            pytest.fail(f"CI=true and {reason}", pytrace=False)
+        pytest.skip(reason)
+    pytest.importorskip("prometheus_client")
+    from imaptap_lab.lab import Lab
+
+    tmp = tmp_path_factory.mktemp("workers-metrics")
+    with Lab() as lab:
+        return {n: scraped_run(lab, tmp / f"workers{n}", n) for n in (1, 2)}
+
+
+def test_two_workers_scrape_the_numbers_of_one_process(runs):
+    did, _, _ = runs[1]
+    got = {n: samples(scrape) for n, (_, scrape, _) in runs.items()}
+    for n in (1, 2):
+        assert runs[n][0]["commands"] == did["commands"]
+        logins = by(got[n], "imaptap_logins_total", "mechanism", "outcome")
+        assert logins == {("LOGIN", "success"): did["ok"]["LOGIN"], ("PLAIN", "success"): did["ok"]["PLAIN"],
+                          ("LOGIN", "failure"): did["failed"]}, n
+        commands = by(got[n], "imaptap_commands_total", "command")
+        assert commands == {(c,): float(k) for c, k in did["commands"].items()}, n
+        assert total(got[n], "imaptap_cleartext_credentials_total") == did["cleartext"], n
+        assert total(got[n], "imaptap_flows_ended_total") == did["sessions"], n
+        assert total(got[n], "imaptap_flows_active") == 0, n
+    for name, labels in (("imaptap_logins_total", ("mechanism", "outcome")),
+                         ("imaptap_commands_total", ("command", "status")),
+                         ("imaptap_cleartext_credentials_total", ()),
+                         ("imaptap_flows_ended_total", ("imap",)),
+                         ("imaptap_starttls_total", ("outcome",)),
+                         ("imaptap_command_latency_seconds_count", ("command",))):
+        assert by(got[2], name, *labels) == by(got[1], name, *labels), name
+    # the same series, label sets included (zeros too): one program's scrape
+    ours = {name for name in got[1] if name.startswith("imaptap_")}
+    assert {name for name in got[2] if name.startswith("imaptap_")} == ours
+    for name in ("imaptap_logins_total", "imaptap_anomalies_total", "imaptap_starttls_total"):
+        assert set(got[2][name]) == set(got[1][name]), name
+
+
+def test_the_flows_went_to_both_workers(runs):
+    _, _, records = runs[2]
+    flows = [r["flow"] for r in records if r["type"] == "flow"]
+    assert {(flow - 1) % 2 for flow in flows} == {0, 1}
+    assert sum(1 for r in records if r["type"] == "stats") == 1
+
+
+def test_the_kernel_counters_appear_once_and_are_not_multiplied(runs):
+    for n in (1, 2):
+        _, _, records = runs[n]
+        got = samples(runs[n][1])
+        for name in KERNEL_FAMILIES:
+            assert len(got[name]) == 1, (n, name)
+        assert got["imaptap_capture_segments_lost_total"][()] == 0
+        # submitted: the kernel's count, read by the parent; received and analysed: each worker's
+        # own, summed.  Counted N times, the kernel's would be N times the others.
+        submitted = got["imaptap_capture_segments_submitted_total"][()]
+        assert submitted == got["imaptap_capture_records_received_total"][()] > 0, n
+        assert submitted == got["imaptap_analyzer_segments_total"][()], n
+        assert len(got["imaptap_build_info"]) == 1 and set(got["imaptap_build_info"].values()) == {1.0}
+        # and the stats record's count, the parent's after detaching, is no smaller
+        assert records[-1]["submitted"] >= submitted
+
+
+def test_promtool_accepts_the_workers_scrape(runs):
+    _, scrape, _ = runs[2]
+    r = prometheus.promtool("check", "metrics", input=scrape.encode())
+    assert r.returncode == 0, (r.stdout + r.stderr).decode()
+    assert (r.stdout + r.stderr).strip() == b"", (r.stdout + r.stderr).decode()
