@@ -57,10 +57,10 @@ def by(got: dict, name: str, *labels: str) -> dict[tuple[str, ...], float]:
     return {k: v for k, v in out.items() if v}
 
 
-def scraped_run(lab, tmp: Path, workers: int) -> tuple[dict, str, list[dict]]:
+def scraped_run(lab, tmp: Path, workers: int, *more: str) -> tuple[dict, str, list[dict]]:
     """What the sessions did, the final scrape of a ``--workers`` run, and its JSON records."""
     tmp.mkdir()
-    proc, err = start_imaptap(lab.host_if, "127.0.0.1:0", tmp, "--workers", str(workers))
+    proc, err = start_imaptap(lab.host_if, "127.0.0.1:0", tmp, "--workers", str(workers), *more)
     try:
         port = metrics_port(err, proc)
         url = f"http://127.0.0.1:{port}/metrics"
@@ -108,7 +108,9 @@ def runs(live_ready, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("workers-metrics")
     with Lab() as lab:
-        return {n: scraped_run(lab, tmp / f"workers{n}", n) for n in (1, 2)}
+        got = {n: scraped_run(lab, tmp / f"workers{n}", n) for n in (1, 2)}
+        got["server"] = scraped_run(lab, tmp / "server-label", 2, "--metrics-label", "server")
+        return got
 
 
 def test_two_workers_scrape_the_numbers_of_one_process(runs):
@@ -167,3 +169,20 @@ def test_promtool_accepts_the_workers_scrape(runs):
     r = prometheus.promtool("check", "metrics", input=scrape.encode())
     assert r.returncode == 0, (r.stdout + r.stderr).decode()
     assert (r.stdout + r.stderr).strip() == b"", (r.stdout + r.stderr).decode()
+
+
+def test_the_server_label_under_workers_names_the_one_server_with_no_overflow(runs):
+    did, scrape, records = runs["server"]
+    got = samples(scrape)
+    (server,) = {r["server"] for r in records if r["type"] == "flow"}
+    servers = {dict(key).get("server") for name in ("imaptap_logins_total", "imaptap_commands_total",
+                                                    "imaptap_flows_ended_total", "imaptap_bytes_total")
+               for key in got[name]}
+    assert servers == {server} and server.endswith(":143")
+    assert got["imaptap_metrics_server_overflow_total"][()] == 0
+    assert by(got, "imaptap_logins_total", "server", "mechanism", "outcome") == {
+        (server, "LOGIN", "success"): did["ok"]["LOGIN"], (server, "PLAIN", "success"): did["ok"]["PLAIN"],
+        (server, "LOGIN", "failure"): did["failed"]}
+    assert {(flow - 1) % 2 for flow in (r["flow"] for r in records if r["type"] == "flow")} == {0, 1}
+    r = prometheus.promtool("check", "metrics", input=scrape.encode())
+    assert r.returncode == 0 and (r.stdout + r.stderr).strip() == b"", (r.stdout + r.stderr).decode()
