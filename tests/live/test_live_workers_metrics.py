@@ -10,6 +10,8 @@ kernel's counters, read by the parent alone, must appear once and not be counted
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -186,3 +188,33 @@ def test_the_server_label_under_workers_names_the_one_server_with_no_overflow(ru
     assert {(flow - 1) % 2 for flow in (r["flow"] for r in records if r["type"] == "flow")} == {0, 1}
     r = prometheus.promtool("check", "metrics", input=scrape.encode())
     assert r.returncode == 0 and (r.stdout + r.stderr).strip() == b"", (r.stdout + r.stderr).decode()
+
+
+def test_a_killed_worker_under_metrics_stops_the_parent_with_its_line(lab, tmp_path):
+    proc, err = start_imaptap(lab.host_if, "127.0.0.1:0", tmp_path, "--workers", "2")
+    try:
+        port = metrics_port(err, proc)
+        deadline = time.monotonic() + SETTLE_TIMEOUT
+        while "listening on" not in err.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, err.read_text()
+            time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert b"imaptap_capture_packets_seen_total" in r.read()
+        workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        # only the parent holds the listening socket: the workers closed their copies
+        listening = {line.split()[9] for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+                     if line.split()[1].endswith(f":{port:04X}") and line.split()[3] == "0A"}
+        assert len(listening) == 1
+        for pid in workers:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert not {f"socket:[{inode}]" for inode in listening} & held
+        os.kill(workers[1], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err.read_text()
+    assert "Traceback" not in text, text
+    assert text.endswith("imaptap: live worker 2 of 2 was killed by signal 9: capture stopped, its flows are lost\n")
