@@ -105,8 +105,16 @@ def script(lab) -> None:
 
 def watched(lab, tmp_path: Path, workers: int, pcap: Path | None = None) -> tuple[list[dict], str]:
     """The records of one run of `script` under ``--workers``; also its stderr."""
+    records, _out, err = watched_with(lab, tmp_path, workers, pcap)
+    return records, err
+
+
+def watched_with(lab, tmp_path: Path, workers: int, pcap: Path | None = None, *more: str, status: int = 0,
+                 run=script) -> tuple[list[dict], str, str]:
+    """`watched` with more options, the exit ``status`` they give and the sessions ``run``
+    makes: the records, stdout (a report) and stderr."""
     out = tmp_path / f"workers{workers}.jsonl"
-    proc = start(lab, out, workers)
+    proc = start(lab, out, workers, *more)
     said: list[str] = []
     try:
         said = wait_ready(proc)
@@ -115,18 +123,18 @@ def watched(lab, tmp_path: Path, workers: int, pcap: Path | None = None) -> tupl
             assert_worker_dropped(proc.pid)
         if pcap is not None:
             with lab.capture(pcap):
-                script(lab)
+                run(lab)
                 time.sleep(1.0)
         else:
-            script(lab)
+            run(lab)
             time.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=EXIT_TIMEOUT)
-    assert proc.returncode == 0, err
+        stdout, err = proc.communicate(timeout=EXIT_TIMEOUT)
+    assert proc.returncode == status, err
     assert "Traceback" not in err
     assert programs_on(lab.host_if) == []
-    return [json.loads(line) for line in out.read_text().splitlines()], "".join(said) + err
+    return [json.loads(line) for line in out.read_text().splitlines()], stdout, "".join(said) + err
 
 
 def normalised(record: dict) -> dict:
@@ -267,7 +275,7 @@ def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):
 
 @pytest.mark.parametrize(("more", "refused"), [
     (("-w", "x.pcap"), "-w"), (("--report",), "--report"),
-    (("--json-format", "ecs"), "--json-format ecs"), (("--workers", "9"), "at most 8"),
+    (("--workers", "9"), "at most 8"),
 ])
 def test_what_live_workers_do_not_take_is_a_usage_error(more, refused, tmp_path):
     args = ["-i", "lo", "--workers", "2", "--json", str(tmp_path / "o.jsonl"), *more]

@@ -366,8 +366,6 @@ def _check_live_workers(args: argparse.Namespace) -> None:
         refused = "-w"
     elif args.report or args.fail_on:
         refused = "--report" if args.report else "--fail-on"
-    elif args.json_format != "imaptap":
-        refused = f"--json-format {args.json_format}"
     elif args.json is None and sys.stdout.isatty():
         refused = "the TUI: give --json PATH"
     if refused is not None:
@@ -473,7 +471,8 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
                                    pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
                                              "flow_interval": args.flow_interval,
                                              "password_fingerprint": fingerprint},
-                                   metrics_server_label=None if metrics is None else metrics.server_label)
+                                   metrics_server_label=None if metrics is None else metrics.server_label,
+                                   ecs=args.json_format == "ecs")
         pipeline = LiveWorkers(source, live_spec, writer,
                                ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn), metrics)
     elif source is not None and args.workers > 1:

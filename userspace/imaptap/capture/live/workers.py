@@ -88,6 +88,8 @@ class LiveWorkerSpec:
     flow_interval, password_fingerprint."""
     metrics_server_label: bool | None = None
     """With --metrics: whether --metrics-label server is given; None without --metrics."""
+    ecs: bool = False
+    """--json-format ecs: the worker formats its lines as ECS documents (`EcsSink`)."""
 
 
 class FlowNumbers(Sink):
@@ -201,7 +203,11 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
     workers = capture.workers
     writer = JsonlWriter(os.fdopen(out_fd, "w", encoding="utf-8", buffering=READ_BYTES), "the worker's pipe")
     sinks: list[Sink] = [FlowNumbers(index, workers)]
-    if spec.json:
+    if spec.json and spec.ecs:
+        from imaptap.output.ecs import EcsSink
+
+        sinks.append(EcsSink(writer, spec.messages))
+    elif spec.json:
         sinks.append(JsonlSink(writer, spec.messages))
     if spec.metrics_server_label is not None:
         sinks.append(_shipping_metrics(spec.metrics_server_label, status_fd))

@@ -1,0 +1,90 @@
+"""`imaptap -i --workers 2` with the outputs the parent builds from what the workers send:
+--json-format ecs (each worker formats its ECS documents).
+
+The real kernel program on the lab's veth, the lab's Dovecot, real clients (imaplib, curl,
+mbsync); the same scripted sessions are watched by one process and by two workers, and the
+two runs must agree but for what differs between two runs of one script (test_live_workers:
+flow ids, client ports, times, Dovecot's timings, tags).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_live_workers import by_flow, normalised, script, watched_with
+
+pytestmark = pytest.mark.live
+
+#: ECS fields that differ between two runs of one script, by their last name: the client's
+#: port (as source or destination port too), the clocks, byte and packet counts (see
+#: test_live_workers.RUN_KEYS), and the Community ID, a hash of the client's port.
+ECS_RUN_FIELDS = ("port", "bytes", "packets", "start", "end", "duration", "community_id")
+#: A client's port in the report's and the gate's text ("10.0.0.1:40112", "[fd00::1]:40112").
+CLIENT_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):\d+")
+#: A flow id as the gate names it.
+GATE_FLOW = re.compile(r"flow \d+")
+
+
+def flat(doc: dict, prefix: str = "") -> dict:
+    """An ECS document's fields by their dotted names."""
+    out: dict = {}
+    for key, value in doc.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def as_record(doc: dict) -> dict:
+    """An ECS document as the imaptap record `test_live_workers.normalised` takes: its imaptap
+    part, the record type, the flow id, and the ECS fields kept whole but for `ECS_RUN_FIELDS`."""
+    kind = doc["event"]["dataset"].removeprefix("imaptap.")
+    part = doc["imaptap"].get(kind, {}) if kind != "flow" else dict(doc["imaptap"]["flow"])
+    record = {k: v for k, v in part.items() if k != "id"}
+    record["type"] = kind
+    record["flow"] = doc["imaptap"].get("flow", {}).get("id")
+    record["encrypted"] = doc.get("tls", {}).get("established", record.get("encrypted"))
+    ecs = {k: v for k, v in flat(doc).items() if not k.startswith("imaptap.") and k != "@timestamp"
+           and k.rsplit(".", 1)[-1] not in ECS_RUN_FIELDS}
+    record["ecs"] = ecs
+    if kind == "flow":
+        record["first_ts"] = doc["event"]["start"]
+    return record
+
+
+def assert_same_flows(one: list[dict], two: list[dict]) -> None:
+    """Each flow of the two-worker run and its messages as the one process's, in order."""
+    flows_one, flows_two = by_flow(one), by_flow(two)
+    assert len(flows_two) == len(flows_one) >= 5
+    for (flow1, msgs1), (flow2, msgs2) in zip(flows_one, flows_two, strict=True):
+        assert normalised(flow2) == normalised(flow1)
+        assert [normalised(m) for m in msgs2] == [normalised(m) for m in msgs1]
+
+
+def deliver(lab) -> None:
+    """Mail for the users `script` fetches (the lab starts with empty mailboxes)."""
+    for user in ("alice", "bob", "dave"):
+        lab.deliver(user, f"Subject: workers\r\n\r\n{'body line ' * 40}\r\n".encode())
+
+
+def test_two_workers_write_the_ecs_documents_of_one_process(lab, tmp_path):
+    deliver(lab)
+    script(lab)  # unwatched: the mail is no longer \Recent, so both runs find the same mailboxes
+    docs_one, _, _ = watched_with(lab, tmp_path, 1, None, "--json-format", "ecs")
+    docs_two, _, err = watched_with(lab, tmp_path, 2, None, "--json-format", "ecs")
+    assert "2 worker processes" in err
+    for docs in (docs_one, docs_two):
+        assert {d["ecs"]["version"] for d in docs} == {docs_one[0]["ecs"]["version"]}
+    one = [as_record(d) for d in docs_one[:-1]]
+    two = [as_record(d) for d in docs_two[:-1]]
+    assert_same_flows(one, two)
+    # both workers wrote documents: flow ids of both residue classes
+    assert {(r["flow"] - 1) % 2 for r in two if r["type"] == "flow"} == {0, 1}
+    # the last document: the parent's stats, the workers' counts summed as one process counts
+    stats_one, stats_two = docs_one[-1]["imaptap"]["stats"], docs_two[-1]["imaptap"]["stats"]
+    assert docs_two[-1]["event"]["dataset"] == "imaptap.stats"
+    for name in ("flows", "imap_flows", "non_imap_flows", "anomalies", "lost", "policy_errors"):
+        assert stats_two[name] == stats_one[name], name
+    assert stats_two["received"] == stats_two["segments"] and stats_two["stopped_by_signal"] is True
