@@ -274,14 +274,11 @@ def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):
 
 
 @pytest.mark.parametrize(("more", "refused"), [
-    (("-w", "x.pcap"), "-w"), (("--report",), "--report"),
+    (("-w", "x.pcap"), "-w"),
     (("--workers", "9"), "at most 8"),
 ])
 def test_what_live_workers_do_not_take_is_a_usage_error(more, refused, tmp_path):
     args = ["-i", "lo", "--workers", "2", "--json", str(tmp_path / "o.jsonl"), *more]
-    if "--report" in more:
-        args.remove("--json")
-        args.remove(str(tmp_path / "o.jsonl"))
     proc = subprocess.run(imaptap_cmd(*args), capture_output=True, text=True, env=env(), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and refused in proc.stderr

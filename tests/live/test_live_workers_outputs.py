@@ -1,5 +1,6 @@
 """`imaptap -i --workers 2` with the outputs the parent builds from what the workers send:
---json-format ecs (each worker formats its ECS documents).
+--json-format ecs (each worker formats its ECS documents), and --report and --fail-on (each
+worker sends its ended flows' facts and audits; the parent's report and gate cover them all).
 
 The real kernel program on the lab's veth, the lab's Dovecot, real clients (imaplib, curl,
 mbsync); the same scripted sessions are watched by one process and by two workers, and the
@@ -9,10 +10,12 @@ flow ids, client ports, times, Dovecot's timings, tags).
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 from test_live_workers import by_flow, normalised, script, watched_with
+from test_report_live import sessions as attack_sessions
 
 pytestmark = pytest.mark.live
 
@@ -24,6 +27,9 @@ ECS_RUN_FIELDS = ("port", "bytes", "packets", "start", "end", "duration", "commu
 CLIENT_PORT = re.compile(r"(\d+\.\d+\.\d+\.\d+|\[[0-9a-f:]+\]):\d+")
 #: A flow id as the gate names it.
 GATE_FLOW = re.compile(r"flow \d+")
+#: What the report's JSON and the gate name: every finding the sessions show.
+GATED = "cleartext_credentials,brute_force,login_despite_logindisabled"
+EXIT_FINDINGS = 3
 
 
 def flat(doc: dict, prefix: str = "") -> dict:
@@ -88,3 +94,54 @@ def test_two_workers_write_the_ecs_documents_of_one_process(lab, tmp_path):
     for name in ("flows", "imap_flows", "non_imap_flows", "anomalies", "lost", "policy_errors"):
         assert stats_two[name] == stats_one[name], name
     assert stats_two["received"] == stats_two["segments"] and stats_two["stopped_by_signal"] is True
+
+
+def report_sessions(lab) -> list[str]:
+    """`script`'s clients, then test_report_live's attacks: a brute force over three
+    connections (which the two workers share between them) and a login despite LOGINDISABLED."""
+    script(lab)
+    return attack_sessions(lab)
+
+
+def run_independent(report: dict) -> dict:
+    """The report's record without what differs between two runs of one script: its times, the
+    flow ids in its flow lists, the clients' ports."""
+    out = {k: v for k, v in report.items() if k not in ("first_ts", "last_ts")}
+    for row in out["findings"]:
+        row["flow_list"] = [{k: v for k, v in ref.items() if k != "flow"} for ref in row["flow_list"]]
+    return json.loads(CLIENT_PORT.sub(r"\1", json.dumps(out)))
+
+
+def gate_lines(err: str) -> list[str]:
+    """The flows the gate named on stderr, without their ids and client ports, sorted (the gate
+    lists them by flow id)."""
+    named = [line for line in err.splitlines() if line.startswith("imaptap: ") and ": flow " in line]
+    return sorted(CLIENT_PORT.sub(r"\1", GATE_FLOW.sub("flow", line)) for line in named)
+
+
+def test_two_workers_report_and_gate_as_one_process(lab, tmp_path):
+    deliver(lab)
+    script(lab)  # unwatched, as in test_live_workers
+    more = ("--format", "json", "--fail-on", GATED)
+    passwords: list[str] = []
+
+    def run(lab) -> None:
+        passwords.extend(report_sessions(lab))
+
+    one, report_one, err_one = watched_with(lab, tmp_path, 1, None, *more, status=EXIT_FINDINGS, run=run)
+    two, report_two, err_two = watched_with(lab, tmp_path, 2, None, *more, status=EXIT_FINDINGS, run=run)
+    assert "2 worker processes" in err_two
+    (line_one,) = report_one.splitlines()
+    (line_two,) = report_two.splitlines()
+    rec_one, rec_two = json.loads(line_one), json.loads(line_two)
+    assert rec_two["type"] == "report" and rec_two["source"] == rec_one["source"] == lab.host_if
+    assert rec_two["flows"] == len([r for r in two if r["type"] == "flow"]) == rec_one["flows"]
+    assert run_independent(rec_two) == run_independent(rec_one)
+    # the flows came from both workers, the brute force still one attack over its three connections
+    assert {(f["flow"] - 1) % 2 for f in two if f["type"] == "flow"} == {0, 1}
+    (attack,) = rec_two["attacks"]
+    assert attack["kinds"] == ["brute_force"] and attack["top_user_passwords"] == 6
+    # the gate: the same flows named (and exit 3, as watched_with checked), no password anywhere
+    assert gate_lines(err_two) == gate_lines(err_one) and len(gate_lines(err_two)) >= 5
+    written = (tmp_path / "workers2.jsonl").read_text()
+    assert passwords and not any(p in report_two or p in err_two or p in written for p in passwords)

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=_workers, default=1, metavar="N",
                       help="analyse the flows in N processes, by a hash of their addresses and ports; the"
                            " same output as one (default 1; with -r FILE, and --json or --report; with -i, up to"
-                           f" {LIVE_MAX_WORKERS}, and --json)")
+                           f" {LIVE_MAX_WORKERS}, and --json, --report or --fail-on)")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
@@ -364,9 +364,7 @@ def _check_live_workers(args: argparse.Namespace) -> None:
                          " (one ring buffer each)")
     if args.write:
         refused = "-w"
-    elif args.report or args.fail_on:
-        refused = "--report" if args.report else "--fail-on"
-    elif args.json is None and sys.stdout.isatty():
+    elif args.json is None and not args.report and sys.stdout.isatty():
         refused = "the TUI: give --json PATH"
     if refused is not None:
         raise UsageError(f"--workers {args.workers} with -i does not work with {refused} yet (see README, Workers)")
@@ -472,9 +470,10 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
                                              "flow_interval": args.flow_interval,
                                              "password_fingerprint": fingerprint},
                                    metrics_server_label=None if metrics is None else metrics.server_label,
-                                   ecs=args.json_format == "ecs")
+                                   ecs=args.json_format == "ecs", report=report_sink is not None)
         pipeline = LiveWorkers(source, live_spec, writer,
-                               ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn), metrics)
+                               ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn), metrics,
+                               report_sink)
     elif source is not None and args.workers > 1:
         from imaptap.workers import ReplayWorkers, WorkerSpec
 

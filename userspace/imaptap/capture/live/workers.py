@@ -11,10 +11,12 @@ workers' JSON lines to the one output.
 
 Pipes, per worker: its JSON lines (whole lines, in the order it wrote them, so a flow's records
 stay in order), and a status pipe: one byte once its ring is open, then frames (a 4-byte length,
-a pickle): with ``--metrics``, its metrics snapshot after each refresh, and its last word (its
-stats, or why it failed) before it ends.  One pipe shared by all, held open by the parent, tells them to
-stop: its end of file (the parent closes it after detaching the programs, so what each ring
-still holds is the last of it) or the parent's death.
+a pickle): with ``--metrics``, its metrics snapshot after each refresh; with ``--report`` or
+``--fail-on``, the facts and audits of the flows it ended since its last tick (the parent's
+`ReportSink` adds them as they come, so its memory stays the builder's bound however long the
+run); and its last word (its stats, or why it failed) before it ends.  One pipe shared by
+all, held open by the parent, tells them to stop: its end of file (the parent closes it after
+detaching the programs, so what each ring still holds is the last of it) or the parent's death.
 
 Flow ids: worker ``i`` of ``N`` numbers its flows ``i + 1``, ``i + 1 + N``, ``i + 1 + 2N``, ...:
 unique over the run without the workers talking to each other, and ``(id - 1) % N`` names the
@@ -40,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from imaptap.capture.live import LiveCapture, LiveError
 from imaptap.capture.live.abi import ring_map
 from imaptap.capture.live.ring import RecordReader
+from imaptap.facts import FlowFacts
 from imaptap.flows import Flow, FlowStats
 from imaptap.output.jsonl import LIVE_FLUSH_INTERVAL, JsonlSink, JsonlWriter
 from imaptap.pipeline import POLL_MS, LiveSource, Pipeline, Sink, Source, SourceError
@@ -47,7 +50,9 @@ from imaptap.segment import Segment
 from imaptap.workers import WorkerFailed
 
 if TYPE_CHECKING:
+    from imaptap.imap.audit import SessionAudit
     from imaptap.output.metrics import MetricsSink
+    from imaptap.output.report import ReportSink
 
 #: Bytes read from a worker's pipe at once: a pipe's default buffer.
 READ_BYTES = 1 << 16
@@ -63,6 +68,7 @@ READY = b"R"
 FRAME = struct.Struct(">I")
 #: The kinds of status frame after the ready byte.
 METRICS_FRAME = "metrics"
+ENDED_FRAME = "ended"
 LAST_FRAME = "last"
 #: prctl(2): the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
@@ -90,6 +96,8 @@ class LiveWorkerSpec:
     """With --metrics: whether --metrics-label server is given; None without --metrics."""
     ecs: bool = False
     """--json-format ecs: the worker formats its lines as ECS documents (`EcsSink`)."""
+    report: bool = False
+    """--report or --fail-on: each ended flow's facts and audit go to the parent's report."""
 
 
 class FlowNumbers(Sink):
@@ -175,6 +183,31 @@ def _shipping_metrics(server_label: bool, fd: int) -> Sink:
     return ShippedMetrics(server_label=server_label)
 
 
+class ShippedEnds(Sink):
+    """A worker's side of --report and --fail-on: each ended flow's facts and session audit
+    (what `ReportSink` adds to its builder) go to the parent in a status frame at each tick,
+    as the replay workers' `WorkerOutput` carries them; the parent's `ReportSink` adds them."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.ended: list[tuple[FlowFacts, SessionAudit]] = []
+
+    def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
+        self.ended.append((facts, flow.session.audit))
+
+    def tick(self, pipeline: Pipeline) -> None:
+        self.send()
+
+    def finished(self, pipeline: Pipeline) -> None:
+        self.send()  # the flows the stop ended, before the worker's last word
+
+    def send(self) -> None:
+        """The flows ended since the last frame, in the order they ended."""
+        if self.ended:
+            send_frame(self.fd, ENDED_FRAME, self.ended)
+            self.ended = []
+
+
 def _stop_requested(fd: int) -> Callable[[], bool]:
     """Whether the parent's stop pipe has ended (closed by it, or by its death)."""
 
@@ -209,6 +242,8 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
         sinks.append(EcsSink(writer, spec.messages))
     elif spec.json:
         sinks.append(JsonlSink(writer, spec.messages))
+    if spec.report:
+        sinks.append(ShippedEnds(status_fd))
     if spec.metrics_server_label is not None:
         sinks.append(_shipping_metrics(spec.metrics_server_label, status_fd))
     options = dict(spec.pipeline)
@@ -225,7 +260,8 @@ class LiveWorkers:
     `error`, `stopped`, `stats` and `source` as the command line uses them."""
 
     def __init__(self, source: LiveSource, spec: LiveWorkerSpec, writer: JsonlWriter | None,
-                 reopen: Sink | None = None, metrics: MetricsSink | None = None) -> None:
+                 reopen: Sink | None = None, metrics: MetricsSink | None = None,
+                 report: ReportSink | None = None) -> None:
         self.capture: LiveCapture = source.capture
         self.workers = self.capture.workers
         self.source = ParentLiveSource(self.capture)
@@ -243,6 +279,9 @@ class LiveWorkers:
         """Why a worker ended before it was told to, as one line."""
         self.metrics = metrics
         """The CLI's --metrics sink: it serves the workers' snapshots merged (`_publish`)."""
+        self.report = report
+        """The CLI's --report/--fail-on sink: it adds the flows the workers ended (`ENDED_FRAME`)
+        as they come, and makes the report once every worker has ended."""
         self._snapshots: list[Any] = []
         """Each worker's newest metrics snapshot (None before its first)."""
         self._next_publish = 0.0
@@ -362,6 +401,8 @@ class LiveWorkers:
         if self.metrics is not None:
             self._publish()  # every worker's last snapshot, the counters after detaching
         self._collect()
+        if self.report is not None:
+            self.report.finished(self)  # type: ignore[arg-type]  # it reads .source.label
 
     def _publish(self) -> None:
         """The scrape's new snapshot: the workers' newest, summed, with the parent's counters."""
@@ -432,6 +473,11 @@ class LiveWorkers:
             data = data[end:]
             if kind == METRICS_FRAME:
                 self._snapshots[w] = payload
+            elif kind == ENDED_FRAME:
+                if self.report is not None:
+                    add = self.report.builder.add
+                    for facts, audit in payload:
+                        add(facts, audit)
             else:
                 self._last[w] = payload
         self._status[w] = data
