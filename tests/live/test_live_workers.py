@@ -274,7 +274,6 @@ def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):
 
 
 @pytest.mark.parametrize(("more", "refused"), [
-    (("-w", "x.pcap"), "-w"),
     (("--workers", "9"), "at most 8"),
 ])
 def test_what_live_workers_do_not_take_is_a_usage_error(more, refused, tmp_path):

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=_workers, default=1, metavar="N",
                       help="analyse the flows in N processes, by a hash of their addresses and ports; the"
                            " same output as one (default 1; with -r FILE, and --json or --report; with -i, up to"
-                           f" {LIVE_MAX_WORKERS}, and --json, --report or --fail-on)")
+                           f" {LIVE_MAX_WORKERS}, not with the TUI)")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
@@ -362,9 +362,7 @@ def _check_live_workers(args: argparse.Namespace) -> None:
     if args.workers > LIVE_MAX_WORKERS:
         raise UsageError(f"--workers {args.workers}: live capture takes at most {LIVE_MAX_WORKERS}"
                          " (one ring buffer each)")
-    if args.write:
-        refused = "-w"
-    elif args.json is None and not args.report and sys.stdout.isatty():
+    if args.json is None and not args.report and sys.stdout.isatty():
         refused = "the TUI: give --json PATH"
     if refused is not None:
         raise UsageError(f"--workers {args.workers} with -i does not work with {refused} yet (see README, Workers)")
@@ -470,10 +468,11 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
                                              "flow_interval": args.flow_interval,
                                              "password_fingerprint": fingerprint},
                                    metrics_server_label=None if metrics is None else metrics.server_label,
-                                   ecs=args.json_format == "ecs", report=report_sink is not None)
+                                   ecs=args.json_format == "ecs", report=report_sink is not None,
+                                   pcap_ports=ports if pcap_writer is not None else None)
         pipeline = LiveWorkers(source, live_spec, writer,
                                ReopenSink(_reopen.__len__, [] if writer is None else [writer], _warn), metrics,
-                               report_sink)
+                               report_sink, pcap_writer)
     elif source is not None and args.workers > 1:
         from imaptap.workers import ReplayWorkers, WorkerSpec
 

@@ -138,6 +138,11 @@ class SegmentWriter:
         self._file.write(_RECORD_HEADER.pack(sec, usec, len(data), wire) + data)
         self.records += 1
 
+    def write_records(self, data: bytes, count: int) -> None:
+        """``count`` whole records, made by another writer (a live worker's `PipeSegmentWriter`)."""
+        self._file.write(data)
+        self.records += count
+
     def reopen(self) -> None:
         """Go on in a file opened anew at the same path (appending), the old one complete and
         closed: after logrotate moved it away.  OSError or NotAppendable leave the old one open."""
@@ -147,6 +152,37 @@ class SegmentWriter:
 
     def close(self) -> None:
         self._file.close()
+
+
+class PipeSegmentWriter(SegmentWriter):
+    """A live worker's records, no file header, to a pipe: the parent writes them whole into
+    the one file (`whole_records`, `SegmentWriter.write_records`) and reopens it on SIGUSR1."""
+
+    def __init__(self, fd: int, buffering: int) -> None:
+        self.path = "the worker's pcap pipe"
+        self._file = os.fdopen(fd, "wb", buffering=buffering)
+        self.records = 0
+
+    def flush(self) -> None:
+        """What is buffered to the parent (at each tick of the worker: a live file stays current)."""
+        self._file.flush()
+
+    def reopen(self) -> None:
+        pass  # the parent's file is reopened, not this pipe
+
+
+def whole_records(data: bytes | bytearray) -> tuple[int, int]:
+    """The end of the whole records at the start of ``data`` (records without a file header,
+    as `PipeSegmentWriter` sends them), and how many they are."""
+    end = count = 0
+    header = _RECORD_HEADER.size
+    while end + header <= len(data):
+        length = _RECORD_HEADER.unpack_from(data, end)[2]
+        if end + header + length > len(data):
+            break
+        end += header + length
+        count += 1
+    return end, count
 
 
 #: Client segments held per flow, and in all, before they are written unblanked-as-far-as-known
@@ -194,8 +230,9 @@ class MaskingWriter:
     readers accept that).
     """
 
-    def __init__(self, path: str, ports: Iterable[int], append: bool = False) -> None:
-        self._out = SegmentWriter(path, append)
+    def __init__(self, path: str, ports: Iterable[int], append: bool = False,
+                 out: SegmentWriter | None = None) -> None:
+        self._out = SegmentWriter(path, append) if out is None else out
         self.name = path
         self.ports = frozenset(ports)
         self.flows: Mapping[FlowKey, Any] = {}
@@ -251,6 +288,10 @@ class MaskingWriter:
     def reopen(self) -> None:
         """`SegmentWriter.reopen`: held segments go to the new file once they may be written."""
         self._out.reopen()
+
+    def write_records(self, data: bytes, count: int) -> None:
+        """`SegmentWriter.write_records`: a live worker's records, already masked by it."""
+        self._out.write_records(data, count)
 
     def flow_ended(self, flow: Any) -> None:
         """The table ended ``flow``: its last client segment has been analysed too."""

@@ -14,7 +14,9 @@ stay in order), and a status pipe: one byte once its ring is open, then frames (
 a pickle): with ``--metrics``, its metrics snapshot after each refresh; with ``--report`` or
 ``--fail-on``, the facts and audits of the flows it ended since its last tick (the parent's
 `ReportSink` adds them as they come, so its memory stays the builder's bound however long the
-run); and its last word (its stats, or why it failed) before it ends.  One pipe shared by
+run); and its last word (its stats, or why it failed) before it ends.  With ``-w``, a third
+pipe: its pcap records, masked by its pipeline (`PipeSegmentWriter`), which the parent writes
+whole into the one file.  One pipe shared by
 all, held open by the parent, tells them to stop: its end of file (the parent closes it after
 detaching the programs, so what each ring still holds is the last of it) or the parent's death.
 
@@ -50,6 +52,7 @@ from imaptap.segment import Segment
 from imaptap.workers import WorkerFailed
 
 if TYPE_CHECKING:
+    from imaptap.capture.pcapwrite import MaskingWriter
     from imaptap.imap.audit import SessionAudit
     from imaptap.output.metrics import MetricsSink
     from imaptap.output.report import ReportSink
@@ -98,6 +101,8 @@ class LiveWorkerSpec:
     """--json-format ecs: the worker formats its lines as ECS documents (`EcsSink`)."""
     report: bool = False
     """--report or --fail-on: each ended flow's facts and audit go to the parent's report."""
+    pcap_ports: frozenset[int] | None = None
+    """With -w: the ports the worker's `MaskingWriter` takes for IMAP; None without -w."""
 
 
 class FlowNumbers(Sink):
@@ -208,6 +213,16 @@ class ShippedEnds(Sink):
             self.ended = []
 
 
+class PcapFlush(Sink):
+    """With -w: a worker's records go to the parent at each tick, not only when a buffer fills."""
+
+    def __init__(self, flush: Callable[[], None]) -> None:
+        self.flush = flush
+
+    def tick(self, pipeline: Pipeline) -> None:
+        self.flush()
+
+
 def _stop_requested(fd: int) -> Callable[[], bool]:
     """Whether the parent's stop pipe has ended (closed by it, or by its death)."""
 
@@ -230,7 +245,7 @@ def _close_links() -> None:
 
 
 def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: int, status_fd: int,
-               stop_fd: int) -> None:
+               stop_fd: int, pcap_fd: int | None = None) -> None:
     """The body of worker ``index``: its ring through the one pipeline, its lines to ``out_fd``,
     readiness and its last word to ``status_fd``, until ``stop_fd`` ends."""
     workers = capture.workers
@@ -248,8 +263,17 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
         sinks.append(_shipping_metrics(spec.metrics_server_label, status_fd))
     options = dict(spec.pipeline)
     options["max_flows"] = -(-options["max_flows"] // workers)  # its share of the bound
+    masking = None
+    if pcap_fd is not None:
+        from imaptap.capture.pcapwrite import MaskingWriter, PipeSegmentWriter
+
+        assert spec.pcap_ports is not None
+        records = PipeSegmentWriter(pcap_fd, READ_BYTES)
+        # the one pipeline masks the worker's flows as one process masks them; the parent writes
+        masking = MaskingWriter(records.path, spec.pcap_ports, out=records)
+        sinks.append(PcapFlush(records.flush))
     source = WorkerRingSource(capture, index, status_fd)
-    pipeline = Pipeline(source, sinks, **options)
+    pipeline = Pipeline(source, sinks, pcap_writer=masking, **options)
     pipeline.run(stop=_stop_requested(stop_fd))
     writer.flush()
     send_frame(status_fd, LAST_FRAME, {"stats": pipeline.stats(), "error": pipeline.error})
@@ -261,7 +285,7 @@ class LiveWorkers:
 
     def __init__(self, source: LiveSource, spec: LiveWorkerSpec, writer: JsonlWriter | None,
                  reopen: Sink | None = None, metrics: MetricsSink | None = None,
-                 report: ReportSink | None = None) -> None:
+                 report: ReportSink | None = None, pcap_writer: MaskingWriter | None = None) -> None:
         self.capture: LiveCapture = source.capture
         self.workers = self.capture.workers
         self.source = ParentLiveSource(self.capture)
@@ -271,8 +295,9 @@ class LiveWorkers:
         """The CLI's `ReopenSink` (SIGUSR1), ticked by the parent's loop."""
         self.error: str | None = None
         self.stopped = False
-        self.pcap_writer = None
-        """-w is not taken with live workers; `ReopenSink` looks for it."""
+        self.pcap_writer = pcap_writer
+        """-w: the one file, opened by the command line; it writes the records the workers
+        masked and sent (`_read`), and `ReopenSink` reopens it."""
         self.finals: list[dict[str, Any]] = []
         self.started = time.monotonic()
         self.failure: str | None = None
@@ -289,7 +314,8 @@ class LiveWorkers:
 
     # --- a worker ---------------------------------------------------------------------------
 
-    def _fork(self, index: int, out_fd: int, status_fd: int, stop_fd: int, others: list[int]) -> int:
+    def _fork(self, index: int, out_fd: int, status_fd: int, stop_fd: int, pcap_fd: int | None,
+              others: list[int]) -> int:
         parent = os.getpid()
         pid = os.fork()
         if pid:
@@ -311,7 +337,7 @@ class LiveWorkers:
             from imaptap.privileges import keep_map_access
 
             keep_map_access()
-            run_worker(self.capture, index, self.spec, out_fd, status_fd, stop_fd)
+            run_worker(self.capture, index, self.spec, out_fd, status_fd, stop_fd, pcap_fd)
             status = 0
         except BaseException as exc:  # anything: the parent says it in one line
             try:
@@ -339,22 +365,26 @@ class LiveWorkers:
         stop_r, stop_w = os.pipe()
         outs = [os.pipe() for _ in range(self.workers)]
         statuses = [os.pipe() for _ in range(self.workers)]
-        every = [stop_r, stop_w] + [fd for pair in outs + statuses for fd in pair]
+        pcaps = [os.pipe() for _ in range(self.workers)] if self.pcap_writer is not None else []
+        every = [stop_r, stop_w] + [fd for pair in outs + statuses + pcaps for fd in pair]
         try:
             for index in range(self.workers):
-                theirs = {outs[index][1], statuses[index][1], stop_r}
+                pcap_w = pcaps[index][1] if pcaps else None
+                theirs = {outs[index][1], statuses[index][1], stop_r, pcap_w}
                 others = [fd for fd in every if fd not in theirs]
-                self._pids.append(self._fork(index, outs[index][1], statuses[index][1], stop_r, others))
+                self._pids.append(self._fork(index, outs[index][1], statuses[index][1], stop_r, pcap_w, others))
         finally:
-            for fd in [stop_r] + [w for _r, w in outs] + [w for _r, w in statuses]:
+            for fd in [stop_r] + [w for _r, w in outs + statuses + pcaps]:
                 os.close(fd)
         self._outs = {r: i for i, (r, _w) in enumerate(outs)}
         self._statuses = {r: i for i, (r, _w) in enumerate(statuses)}
+        self._pcaps = {r: i for i, (r, _w) in enumerate(pcaps)}
+        self._pcap_partial = [b""] * self.workers
         self._partial = [b""] * self.workers
         self._status = [b""] * self.workers
         self._ready = [False] * self.workers
         self._ended = [False] * self.workers
-        self._open = set(self._outs) | set(self._statuses)
+        self._open = set(self._outs) | set(self._statuses) | set(self._pcaps)
         self.finals = [{} for _ in range(self.workers)]
         self._last: list[dict[str, Any] | None] = [None] * self.workers
         self._snapshots = [None] * self.workers
@@ -396,7 +426,9 @@ class LiveWorkers:
             self._reap()
             if stop_open:
                 os.close(stop_w)
-        for r in list(self._outs) + list(self._statuses):
+            if self.pcap_writer is not None:
+                self.pcap_writer.close()
+        for r in list(self._outs) + list(self._statuses) + list(self._pcaps):
             os.close(r)
         if self.metrics is not None:
             self._publish()  # every worker's last snapshot, the counters after detaching
@@ -444,6 +476,8 @@ class LiveWorkers:
                 self._partial[w] = data[cut:]
                 if cut and self.writer is not None:
                     self.writer.write(data[:cut].decode("utf-8"))
+            elif fd in self._pcaps:
+                self._pcap_records(self._pcaps[fd], fd, data)
             else:
                 w = self._statuses[fd]
                 if not data:
@@ -455,6 +489,20 @@ class LiveWorkers:
                     self._ready[w] = True
                     data = data[1:]
                 self._frames(w, self._status[w] + data)
+
+    def _pcap_records(self, w: int, fd: int, data: bytes) -> None:
+        """Worker ``w``'s whole pcap records to the one file, the rest kept for the next read."""
+        from imaptap.capture.pcapwrite import whole_records
+
+        if not data:
+            self._open.discard(fd)
+            return
+        assert self.pcap_writer is not None
+        data = self._pcap_partial[w] + data
+        end, count = whole_records(data)
+        self._pcap_partial[w] = data[end:]
+        if count:
+            self.pcap_writer.write_records(data[:end], count)
 
     def _frames(self, w: int, data: bytes) -> None:
         """Worker ``w``'s whole status frames taken, the rest of ``data`` kept for the next read."""
@@ -537,6 +585,8 @@ class LiveWorkers:
             record["stopped_by_signal"] = True
         for name in _FLOW_STATS:
             record[name] = sum(final.get("stats", {}).get(name, 0) for final in self.finals)
+        if self.pcap_writer is not None:
+            record["written"] = self.pcap_writer.records
         record["seconds"] = round(time.monotonic() - self.started, 3)
         if self.error:
             record["error"] = self.error
