@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
+import time
 
 import pytest
 from test_cli_live import FACTS, env, imaptap_cmd
 from test_live_workers import by_flow, normalised, script, watched_with
 from test_report_live import sessions as attack_sessions
+from test_service_life import NOTICE_TIMEOUT, Imaptap, login
 
 pytestmark = pytest.mark.live
 
@@ -195,3 +198,29 @@ def test_two_workers_write_the_masked_pcap_of_one_process(lab, tmp_path):
         assert again == [{k: f[k] for k in FACTS} for f, _ in by_flow(records)], f"-w of {n}"
         facts[n] = again
     assert facts[2] == facts[1] and len(facts[2]) >= 5
+
+
+def test_sigusr1_reopens_the_one_pcap_of_two_workers(lab, tmp_path):
+    out, pcap = tmp_path / "out.jsonl", tmp_path / "out.pcap"
+    moved = tmp_path / "out.pcap.1"
+    # -Z root: nobody may not make a file in the test's directory (the reopen is what is tested)
+    tap = Imaptap(lab.host_if, out, "--workers", "2", "-Z", "root", "-w", str(pcap))
+    try:
+        tap.wait_said(r"listening on .*, 2 worker processes")
+        login(lab, "alice").logout()
+        tap.wait_until(lambda: '"username":"alice"' in out.read_text(), NOTICE_TIMEOUT, "alice's flow not written")
+        time.sleep(0.5)  # her last records: a worker sends them at its next tick
+        pcap.rename(moved)
+        tap.proc.send_signal(signal.SIGUSR1)
+        tap.wait_until(pcap.exists, NOTICE_TIMEOUT, "the pcap was not opened anew")
+        login(lab, "bob").logout()
+        time.sleep(1.0)
+    finally:
+        try:
+            records = tap.stop()
+        finally:
+            tap.kill()
+    users = {n: {f["username"] for f in replayed(path) if f["type"] == "flow"} for n, path in (("old", moved),
+                                                                                               ("new", pcap))}
+    assert users == {"old": {"alice"}, "new": {"bob"}}
+    assert records[-1]["written"] == pcap_records(moved) + pcap_records(pcap)
