@@ -152,6 +152,9 @@ _IFINFOMSG = struct.Struct("=BxHiII")      # family, (pad), type, index, flags, 
 _RTATTR = struct.Struct("=HH")             # len, type
 #: Bytes one read takes: a netlink datagram of link messages is at most a page or two (each
 #: message a few hundred bytes to a few kilobytes with its statistics); 64 KiB holds many.
+#: Read into one buffer kept for the monitor's life: `read` runs before every poll, and
+#: socket.recv() would allocate (and free) a fresh 64 KiB object each time even when nothing
+#: came, a hundred times a second under load, which fragments glibc's heap (README, Soak).
 LINK_READ_BYTES = 1 << 16
 #: Datagrams read per `LinkMonitor.read`: a burst of link changes (a host starting a hundred
 #: containers) is taken over several polls rather than stalling one.
@@ -228,6 +231,8 @@ class LinkMonitor:
             sock.close()
             raise
         self._sock: socket.socket | None = sock
+        self._buffer = bytearray(LINK_READ_BYTES)
+        self._view = memoryview(self._buffer)
 
     def fileno(self) -> int:
         """The netlink socket, for a caller that waits on it."""
@@ -241,14 +246,14 @@ class LinkMonitor:
             return out
         for _ in range(LINK_READS_PER_POLL):
             try:
-                data = self._sock.recv(LINK_READ_BYTES)
+                size = self._sock.recv_into(self._buffer)
             except BlockingIOError:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:
                     return None
                 raise
-            out += parse_link_messages(data)
+            out += parse_link_messages(bytes(self._view[:size]))
         return out
 
     def close(self) -> None:
