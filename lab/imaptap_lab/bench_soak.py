@@ -59,6 +59,9 @@ IDLE_TLS = 4
 """Of the IDLE sessions, those after STARTTLS: each holds an entry in the policy map throughout."""
 IDLE_RENEW_S = 20 * 60
 """IDLE is re-issued before 29 minutes (RFC 2177), so the server does not log the client out."""
+IDLE_WAKE_S = 0.5
+"""How long an IDLE session's thread waits for the server before it looks whether it is asked to
+end the IDLE: the delay of a renewal or of the end of the run."""
 DELIVER_EVERY_S = 60
 CHURN_WORKERS = 4
 CHURN_PAUSE_S = 0.3
@@ -214,7 +217,11 @@ def tls_context() -> ssl.SSLContext:
 
 
 class IdleSession:
-    """A client that IDLEs for the whole run on its own thread, answering the server's news."""
+    """A client that IDLEs for the whole run on its own thread, answering the server's news.
+
+    Past SELECT only that thread touches the connection (reads, DONE, IDLE again, LOGOUT): a TLS
+    connection (an OpenSSL SSL object) must not be read by one thread while another writes to
+    it, which broke records (bad record MAC) when the main thread sent DONE."""
 
     def __init__(self, lab: Lab, n: int, tls: bool, counts: LoadCounts) -> None:
         self.user = f"soak{n % len(USERS) + 1}"
@@ -223,45 +230,74 @@ class IdleSession:
             self.imap.starttls(tls_context())
         self.imap.login(self.user, USERS[self.user])
         self.imap.select("INBOX")
-        self.imap.sock.settimeout(None)  # IDLE waits for the server as long as it takes
+        # Nothing is pending after SELECT's completion: the socket is read directly from here on.
+        self.sock = self.imap.sock
+        self.sock.settimeout(IDLE_WAKE_S)  # to see a request to end the IDLE between reads
+        self.buffer = b""
         self.counts = counts
         self.kind = "idle-tls" if tls else "idle"
-        self.stopping = False
         self.renewals = 0
+        self.wanted: str | None = None
+        """"renew" or "stop": what the thread is asked to do next (set by `done`)."""
         self.thread = threading.Thread(target=self._run, daemon=True)
         self._idle()
         self.thread.start()
 
+    def _line(self) -> bytes:
+        """The next line from the server; b"" if none came within IDLE_WAKE_S."""
+        while b"\r\n" not in self.buffer:
+            try:
+                chunk = self.sock.recv(4096)
+            except TimeoutError:
+                return b""
+            if not chunk:
+                raise RuntimeError("the server closed the IDLE session")
+            self.buffer += chunk
+        line, _, self.buffer = self.buffer.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def _until_tagged(self, tag: bytes) -> bytes:
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while time.monotonic() < deadline:
+            line = self._line()
+            if line.startswith(tag + b" "):
+                return line
+        raise RuntimeError(f"no {tag.decode()} completion within {CLIENT_TIMEOUT} s")
+
     def _idle(self) -> None:
-        self.imap.send(b"I IDLE\r\n")
-        line = self.imap.readline()
+        self.sock.sendall(b"I IDLE\r\n")
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        line = b""
+        while not line and time.monotonic() < deadline:
+            line = self._line()
         if not line.startswith(b"+"):
             raise RuntimeError(f"IDLE refused: {line!r}")
 
     def done(self, stop: bool) -> None:
-        """End this IDLE (DONE); with ``stop`` the session logs out after it, else it IDLEs again."""
-        self.stopping = stop
-        try:
-            self.imap.send(b"DONE\r\n")
-        except OSError as exc:  # the server closed it (its thread says why): counted, not fatal
-            self.counts.error(f"{self.kind}: DONE: {exc!r}")
+        """Ask the thread to end this IDLE (DONE); with ``stop`` it logs out after it, else it IDLEs again."""
+        self.wanted = "stop" if stop else "renew"
 
     def _run(self) -> None:
         try:
             while True:
-                line = self.imap.readline()
-                if not line:
-                    raise RuntimeError("the server closed the IDLE session")
-                if line.startswith(b"I OK"):
-                    if self.stopping:
+                wanted = self.wanted
+                if wanted is not None:
+                    self.wanted = None
+                    self.sock.sendall(b"DONE\r\n")
+                    if not self._until_tagged(b"I").startswith(b"I OK"):
+                        raise RuntimeError("IDLE did not end with OK")
+                    if wanted == "stop":
                         break
                     self.renewals += 1
                     self._idle()
-            self.imap.sock.settimeout(CLIENT_TIMEOUT)
-            self.imap.logout()
-            self.counts.add(self.kind)
+                    continue
+                self._line()  # untagged news (EXISTS, RECENT ...): nothing to answer
+            self.sock.sendall(b"L LOGOUT\r\n")
+            self._until_tagged(b"L")
+            self.sock.close()
         except Exception as exc:  # reported with the results
             self.counts.error(f"{self.kind}: {exc!r}")
+        self.counts.add(self.kind)  # ended well or not, the session was a flow
 
 
 class CompressedClient:
