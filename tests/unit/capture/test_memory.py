@@ -12,7 +12,7 @@ def test_a_trim_once_the_interval_has_passed_and_not_before():
     assert trim.done == 0
     trim(1000.0 + HEAP_TRIM_INTERVAL_S)
     assert trim.done == 1
-    # the next one counts from the trim, not from the start: polls every 100 ms give one a minute
+    # the next one counts from the trim, not from the start: polls every 100 ms give one an interval
     trim(1000.0 + 2 * HEAP_TRIM_INTERVAL_S - 0.5)
     assert trim.done == 1
     trim(1000.0 + 2 * HEAP_TRIM_INTERVAL_S)

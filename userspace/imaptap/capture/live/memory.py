@@ -19,11 +19,13 @@ from typing import NamedTuple
 
 #: The shared objects bcc compiles with: once the programs are loaded, nothing runs their code.
 COMPILER_LIBRARIES = ("libLLVM", "libclang")
-#: Seconds between two `HeapTrim` runs while capturing.  glibc keeps the heap that the churn of
-#: flows frees in the middle of its arena and returns it only to malloc_trim: under the soak's
-#: load that is 1.5-2 MB (README, Figures: a slower growth that a trim does not return remains).
-#: A trim of this small heap costs well under a millisecond.
-HEAP_TRIM_INTERVAL_S = 60.0
+#: Seconds between two `HeapTrim` runs while capturing.  The compiler leaves a heap of ~48 MB,
+#: most of it free in hundreds of pieces; the churn of flows wanders through them, and glibc
+#: keeps each page it touched resident until malloc_trim returns it.  Under the soak's load
+#: that is ~1.2-1.5 MB a minute, all given back at the next trim: a saw of that height with a
+#: trim a minute, a fifth of it with one every 10 s (README, Soak).  One trim of this heap took
+#: 0.44 ms there (funclatency), 0.004% of a core at this interval.
+HEAP_TRIM_INTERVAL_S = 10.0
 #: madvise(2) advice.  DONTNEED drops the pages from this process, also ones other processes
 #: share (another bcc tool's); on a private mapping a written page would lose what was written,
 #: so it is given only for code (r-x).  PAGEOUT reclaims pages only this process maps, keeping
