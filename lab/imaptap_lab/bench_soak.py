@@ -421,6 +421,8 @@ class Sample:
     submitted: int
     lost: int
     sessions: int
+    cpu_s: float
+    """CPU time imaptap used so far (user and system, /proc/PID/stat)."""
 
     @property
     def rss_mb(self) -> float:
@@ -434,10 +436,13 @@ def take_sample(pid: int, started: float, maps: dict[str, KernelMap], counts: Lo
             key, _, value = line.partition(":")
             if key in ("RssAnon", "RssFile", "RssShmem"):
                 status[key] = int(value.split()[0])
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    utime, stime = stat[stat.rindex(")") + 2:].split()[11:13]  # fields 14 and 15, after the name
     counters = maps["counters"].per_cpu_counters()
     return Sample(round(time.monotonic() - started, 1), status["RssAnon"], status["RssFile"] + status["RssShmem"],
                   len(os.listdir(f"/proc/{pid}/fd")), maps["flow_modes"].entries(), counters["submitted"],
-                  counters["lost"], counts.total())
+                  counters["lost"], counts.total(), (int(utime) + int(stime)) / os.sysconf("SC_CLK_TCK"))
 
 
 def flat(values: Sequence[float]) -> float:
@@ -520,7 +525,8 @@ def main(argv: list[str] | None = None) -> int:
                 samples.append(sample)
                 print(f"{sample.seconds / 60:6.1f} min  RSS {sample.rss_mb:6.1f} MB (anon"
                       f" {sample.rss_anon_kb / 1024:5.1f})  fds {sample.fds}  map {sample.map_entries}"
-                      f"  submitted {sample.submitted}  lost {sample.lost}  sessions {sample.sessions}", flush=True)
+                      f"  submitted {sample.submitted}  lost {sample.lost}  sessions {sample.sessions}"
+                      f"  cpu {sample.cpu_s:.1f} s", flush=True)
             stop.set()
             for t in threads:
                 t.join(timeout=60)
@@ -571,6 +577,10 @@ def report(args: argparse.Namespace, samples: list[Sample], counts: LoadCounts, 
     print(f"RSS after warm-up: median {statistics.median(rss):.1f} MB, {min(rss):.1f}-{max(rss):.1f}"
           f" ({flat(rss):.1f}%); anonymous {statistics.median(s.rss_anon_kb for s in steady) / 1024:.1f} MB,"
           f" file {statistics.median(s.rss_file_kb for s in steady) / 1024:.1f} MB")
+    cpu = samples[-1].cpu_s - steady[0].cpu_s
+    print(f"imaptap's CPU after warm-up: {cpu:.1f} s in {(samples[-1].seconds - steady[0].seconds) / 60:.1f} min"
+          f" ({100 * cpu / max(1.0, samples[-1].seconds - steady[0].seconds):.1f}% of a core),"
+          f" {1e6 * cpu / max(1, samples[-1].submitted - steady[0].submitted):.0f} us a segment")
     print(f"policy map entries after warm-up: {min(entries)}-{max(entries)} (median {statistics.median(entries)});"
           f" descriptors {min(fds)}-{max(fds)}")
     checks = {
