@@ -302,10 +302,7 @@ def test_the_parent_follows_the_veth_deleted_and_made_again(lab, tmp_path):
         before.logout()
         time.sleep(1.0)
     finally:
-        try:
-            records = tap.stop()
-        finally:
-            tap.kill()
+        records = tap.stop()
     flows = flows_by_user(records)
     assert set(flows) == {"alice", "bob"} and all(len(f) == 1 for f in flows.values())
     assert flows["bob"][0]["login_ok"] and flows["bob"][0]["end"] == "fin"
@@ -330,10 +327,7 @@ def test_sigusr1_reopens_the_one_output(lab, tmp_path):
         login(lab, "bob").logout()
         time.sleep(1.0)
     finally:
-        try:
-            records = tap.stop()
-        finally:
-            tap.kill()
+        records = tap.stop()
     old = [json.loads(line) for line in moved.read_text().splitlines()]
     assert {f["username"] for f in old if f["type"] == "flow"} == {"alice"}
     assert {f["username"] for f in records if f["type"] == "flow"} == {"bob"}

@@ -216,10 +216,7 @@ def test_sigusr1_reopens_the_one_pcap_of_two_workers(lab, tmp_path):
         login(lab, "bob").logout()
         time.sleep(1.0)
     finally:
-        try:
-            records = tap.stop()
-        finally:
-            tap.kill()
+        records = tap.stop()
     users = {n: {f["username"] for f in replayed(path) if f["type"] == "flow"} for n, path in (("old", moved),
                                                                                                ("new", pcap))}
     assert users == {"old": {"alice"}, "new": {"bob"}}

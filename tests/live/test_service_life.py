@@ -72,9 +72,13 @@ class Imaptap:
         self.wait_until(lambda: self.said(pattern), NOTICE_TIMEOUT, f"imaptap did not say {pattern!r}")
 
     def stop(self) -> list[dict]:
-        """SIGINT; the records it wrote, after checking it exited 0 and left nothing attached."""
-        self.proc.send_signal(signal.SIGINT)
-        assert self.proc.wait(timeout=STOP_TIMEOUT) == 0, self.lines
+        """SIGINT; the records it wrote, after checking it exited 0 and left nothing attached
+        (killed if it did not stop, so a failed test leaves no capture behind)."""
+        try:
+            self.proc.send_signal(signal.SIGINT)
+            assert self.proc.wait(timeout=STOP_TIMEOUT) == 0, self.lines
+        finally:
+            self.kill()
         self._reader.join(timeout=10)
         assert not any("Traceback" in line for line in self.lines), self.lines
         assert programs_on(self.iface) == []
@@ -209,10 +213,7 @@ def test_veth_deleted_and_made_again_during_a_session(lab, tmp_path, method):
         before.logout()
         time.sleep(1.0)
     finally:
-        try:
-            records = tap.stop()
-        finally:
-            tap.kill()
+        records = tap.stop()
     assert not tap.said("Traceback")
     flows = flows_by_user(records)
     assert set(flows) == {"alice", "bob"} and all(len(f) == 1 for f in flows.values())
@@ -254,10 +255,7 @@ def test_link_down_and_up(lab, tmp_path, method):
                 time.sleep(0.2)
         time.sleep(1.0)
     finally:
-        try:
-            records = tap.stop()
-        finally:
-            tap.kill()
+        records = tap.stop()
     assert not tap.said("is gone") and not tap.said("is back")
     flows = flows_by_user(records)
     assert list(flows) == ["carol"] and flows["carol"][0]["login_ok"]
