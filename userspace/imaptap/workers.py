@@ -93,9 +93,32 @@ PIPE_SIZE = 1 << 20
 MAX_BUFFERED = 64 << 20
 #: Seconds the parent waits for a worker's data before it looks at the stop flag again.
 STOP_POLL = 0.1
+#: The length before each pickled frame a worker sends its parent (replay and live workers).
 _LENGTH = struct.Struct("!Q")
 _FLOW_STATS = tuple(f.name for f in dataclasses.fields(FlowStats))
 
+
+
+def send_frame(fd: int, obj: Any) -> None:
+    """``obj`` pickled to the parent as one length-prefixed frame, written whole (a blocking pipe)."""
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    os.write(fd, _LENGTH.pack(len(data)))
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def take_frames(buf: bytearray) -> list[bytes]:
+    """The whole frames at the start of ``buf``, taken out of it without their lengths; a frame
+    not yet whole stays for the next read."""
+    frames = []
+    while len(buf) >= _LENGTH.size:
+        (n,) = _LENGTH.unpack_from(buf)
+        if len(buf) < _LENGTH.size + n:
+            break
+        frames.append(bytes(buf[_LENGTH.size:_LENGTH.size + n]))
+        del buf[:_LENGTH.size + n]
+    return frames
 
 class WorkerFailed(Exception):
     """A worker process died or failed inside (a bug, or killed): one line."""
@@ -231,11 +254,7 @@ class WorkerOutput(Sink):
         del lines[:start]
         self.groups.clear()
         self.start = len(lines)
-        data = pickle.dumps((items, final), protocol=pickle.HIGHEST_PROTOCOL)
-        os.write(self.fd, _LENGTH.pack(len(data)))
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
+        send_frame(self.fd, (items, final))
 
 
 @dataclasses.dataclass
@@ -311,8 +330,7 @@ class ReplayWorkers:
         except BaseException as exc:  # anything: the parent says it in one line
             try:
                 line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                data = pickle.dumps(([], {"failed": line}))
-                os.write(fd, _LENGTH.pack(len(data)) + data)
+                send_frame(fd, ([], {"failed": line}))
             except BaseException:
                 pass
         finally:
@@ -456,15 +474,9 @@ class ReplayWorkers:
                 continue
             buf = self._partial[w]
             buf += data
-            self._buffered[w] += len(data)
-            frames = self._frames[w]
-            while len(buf) >= _LENGTH.size:
-                (n,) = _LENGTH.unpack_from(buf)
-                if len(buf) < _LENGTH.size + n:
-                    break
-                frames.append(bytes(buf[_LENGTH.size:_LENGTH.size + n]))
-                self._buffered[w] -= _LENGTH.size
-                del buf[:_LENGTH.size + n]
+            frames = take_frames(buf)
+            self._frames[w].extend(frames)
+            self._buffered[w] += len(data) - _LENGTH.size * len(frames)
         if self._ended[needed] and not self._frames[needed]:
             raise WorkerFailed(f"worker {needed + 1} ended without its results")
 

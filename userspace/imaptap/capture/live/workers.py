@@ -33,7 +33,6 @@ import os
 import pickle
 import select
 import signal
-import struct
 import sys
 import time
 import traceback
@@ -49,7 +48,7 @@ from imaptap.flows import Flow, FlowStats
 from imaptap.output.jsonl import LIVE_FLUSH_INTERVAL, JsonlSink, JsonlWriter
 from imaptap.pipeline import POLL_MS, LiveSource, Pipeline, Sink, Source, SourceError
 from imaptap.segment import Segment
-from imaptap.workers import WorkerFailed
+from imaptap.workers import WorkerFailed, send_frame, take_frames
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
@@ -67,9 +66,7 @@ PARENT_POLL = POLL_MS / 1000
 READY_TIMEOUT = 30.0
 #: The status byte a worker sends once its ring is open and it polls.
 READY = b"R"
-#: A status frame's length prefix: 4 bytes, big-endian.
-FRAME = struct.Struct(">I")
-#: The kinds of status frame after the ready byte.
+#: The kinds of status frame after the ready byte (each a `send_frame` of (kind, payload)).
 METRICS_FRAME = "metrics"
 ENDED_FRAME = "ended"
 LAST_FRAME = "last"
@@ -168,14 +165,6 @@ class ParentLiveSource(LiveSource):
         return None if line is None else f"{line}, {self.workers} worker processes"
 
 
-def send_frame(fd: int, kind: str, payload: Any) -> None:
-    """One status frame to the parent, whole (a blocking pipe; the parent keeps reading)."""
-    data = pickle.dumps((kind, payload), protocol=pickle.HIGHEST_PROTOCOL)
-    view = memoryview(FRAME.pack(len(data)) + data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def _shipping_metrics(server_label: bool, fd: int) -> Sink:
     """A worker's `MetricsSink`, serving nothing: each snapshot it takes goes to the parent."""
     from imaptap.output.metrics import MetricsSink
@@ -183,7 +172,7 @@ def _shipping_metrics(server_label: bool, fd: int) -> Sink:
     class ShippedMetrics(MetricsSink):
         def refresh(self, pipeline: Pipeline) -> None:
             super().refresh(pipeline)
-            send_frame(fd, METRICS_FRAME, self.snapshot)
+            send_frame(fd, (METRICS_FRAME, self.snapshot))
 
     return ShippedMetrics(server_label=server_label)
 
@@ -209,7 +198,7 @@ class ShippedEnds(Sink):
     def send(self) -> None:
         """The flows ended since the last frame, in the order they ended."""
         if self.ended:
-            send_frame(self.fd, ENDED_FRAME, self.ended)
+            send_frame(self.fd, (ENDED_FRAME, self.ended))
             self.ended = []
 
 
@@ -276,7 +265,7 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
     pipeline = Pipeline(source, sinks, pcap_writer=masking, **options)
     pipeline.run(stop=_stop_requested(stop_fd))
     writer.flush()
-    send_frame(status_fd, LAST_FRAME, {"stats": pipeline.stats(), "error": pipeline.error})
+    send_frame(status_fd, (LAST_FRAME, {"stats": pipeline.stats(), "error": pipeline.error}))
 
 
 class LiveWorkers:
@@ -342,7 +331,7 @@ class LiveWorkers:
         except BaseException as exc:  # anything: the parent says it in one line
             try:
                 line = traceback.format_exception_only(type(exc), exc)[-1].strip()
-                send_frame(status_fd, LAST_FRAME, {"failed": line})
+                send_frame(status_fd, (LAST_FRAME, {"failed": line}))
             except BaseException:
                 pass
         finally:
@@ -381,14 +370,13 @@ class LiveWorkers:
         self._pcaps = {r: i for i, (r, _w) in enumerate(pcaps)}
         self._pcap_partial = [b""] * self.workers
         self._partial = [b""] * self.workers
-        self._status = [b""] * self.workers
+        self._status = [bytearray() for _ in range(self.workers)]
         self._ready = [False] * self.workers
         self._ended = [False] * self.workers
         self._open = set(self._outs) | set(self._statuses) | set(self._pcaps)
         self.finals = [{} for _ in range(self.workers)]
         self._last: list[dict[str, Any] | None] = [None] * self.workers
         self._snapshots = [None] * self.workers
-        stop_open = True
         try:
             ready = self._wait_ready(stop)
             if ready and self.metrics is not None:
@@ -420,12 +408,9 @@ class LiveWorkers:
                 self.error = self.error or str(exc)
             finally:
                 os.close(stop_w)
-                stop_open = False
             while self._open:
                 self._read(None)
             self._reap()
-            if stop_open:
-                os.close(stop_w)
             if self.pcap_writer is not None:
                 self.pcap_writer.close()
         for r in list(self._outs) + list(self._statuses) + list(self._pcaps):
@@ -488,7 +473,7 @@ class LiveWorkers:
                 if not self._ready[w] and data[:1] == READY:
                     self._ready[w] = True
                     data = data[1:]
-                self._frames(w, self._status[w] + data)
+                self._frames(w, data)
 
     def _pcap_records(self, w: int, fd: int, data: bytes) -> None:
         """Worker ``w``'s whole pcap records to the one file, the rest kept for the next read."""
@@ -505,20 +490,17 @@ class LiveWorkers:
             self.pcap_writer.write_records(data[:end], count)
 
     def _frames(self, w: int, data: bytes) -> None:
-        """Worker ``w``'s whole status frames taken, the rest of ``data`` kept for the next read."""
-        while len(data) >= FRAME.size:
-            (size,) = FRAME.unpack_from(data)
-            end = FRAME.size + size
-            if len(data) < end:
-                break
+        """Worker ``w``'s whole status frames taken, what is not yet whole kept for the next read."""
+        buf = self._status[w]
+        buf += data
+        for frame in take_frames(buf):
             try:
-                kind, payload = pickle.loads(data[FRAME.size:end])
+                kind, payload = pickle.loads(frame)
             except Exception as exc:  # cut short by a failure inside the worker: it ends anyway
                 if self.failure is None:
                     self.failure = f"live worker {w + 1} of {self.workers} sent a broken status frame: {exc!r}"
-                self._status[w] = b""
+                buf.clear()
                 return
-            data = data[end:]
             if kind == METRICS_FRAME:
                 self._snapshots[w] = payload
             elif kind == ENDED_FRAME:
@@ -528,7 +510,6 @@ class LiveWorkers:
                         add(facts, audit)
             else:
                 self._last[w] = payload
-        self._status[w] = data
 
     def _last_word(self, w: int) -> None:
         """Worker ``w`` ended: its last word kept, or the first failure the run's."""
