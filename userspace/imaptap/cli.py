@@ -358,14 +358,12 @@ def _check_workers(args: argparse.Namespace) -> None:
 
 def _check_live_workers(args: argparse.Namespace) -> None:
     """``-i --workers N``: the outputs the parent does not merge yet are refused, one line."""
-    refused = None
     if args.workers > LIVE_MAX_WORKERS:
         raise UsageError(f"--workers {args.workers}: live capture takes at most {LIVE_MAX_WORKERS}"
                          " (one ring buffer each)")
     if args.json is None and not args.report and sys.stdout.isatty():
-        refused = "the TUI: give --json PATH"
-    if refused is not None:
-        raise UsageError(f"--workers {args.workers} with -i does not work with {refused} yet (see README, Workers)")
+        raise UsageError(f"--workers {args.workers} with -i does not work with the TUI: give --json PATH yet"
+                         " (see README, Workers)")
 
 
 def _is_pipe(path: str) -> bool:
@@ -600,8 +598,8 @@ class _NotesEcho:
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.said: set[str] = set()
         self._last: tuple[str, ...] = ()
+        """The notes at the last call: those said (only what the source still keeps, so bounded)."""
 
     def opened(self, source: Source) -> None:
         """The source is open: its notes so far, then the readiness line."""
@@ -619,7 +617,6 @@ class _NotesEcho:
         if notes == self._last:  # nearly every tick: nothing new
             return
         for note in notes:
-            if note not in self.said:
+            if note not in self._last:
                 print(f"imaptap: {note}", file=sys.stderr, flush=True)
-        self.said = set(notes)  # only what the source still keeps: a bounded set
         self._last = notes
