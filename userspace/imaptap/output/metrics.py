@@ -556,8 +556,9 @@ class MetricsSink(Sink):
 
 
 #: `SOURCE_COUNTERS` a live worker counts for itself (its ring's records, its flows' map
-#: writes): summed over the workers; every other capture counter is the parent's alone.
-WORKER_SOURCE_COUNTERS = frozenset({"received", "malformed", "policy_errors"})
+#: writes): summed over the workers, in the scrape and the stats record (in this order);
+#: every other capture counter is the parent's alone.
+WORKER_SOURCE_COUNTERS = ("received", "malformed", "policy_errors")
 #: Families summed over workers but for these: one build, and the worst worker's lag.
 _MAX_FAMILIES = frozenset({"imaptap_capture_lag_seconds"})
 _PARENT_FAMILIES = frozenset({"imaptap_build_info"} | {family for name, (family, _labels) in SOURCE_COUNTERS.items()

@@ -46,6 +46,7 @@ from imaptap.capture.live.ring import RecordReader
 from imaptap.facts import FlowFacts
 from imaptap.flows import Flow, FlowStats
 from imaptap.output.jsonl import LIVE_FLUSH_INTERVAL, JsonlSink, JsonlWriter
+from imaptap.output.metrics import WORKER_SOURCE_COUNTERS
 from imaptap.pipeline import POLL_MS, LiveSource, Pipeline, Sink, Source, SourceError
 from imaptap.segment import Segment
 from imaptap.workers import WorkerFailed, send_frame, take_frames
@@ -73,8 +74,6 @@ LAST_FRAME = "last"
 #: prctl(2): the signal a process gets when its parent dies.
 PR_SET_PDEATHSIG = 1
 _FLOW_STATS = tuple(f.name for f in dataclasses.fields(FlowStats))
-#: The parts of the stats record each worker counts for itself, summed by the parent.
-_WORKER_COUNTERS = ("received", "malformed", "policy_errors")
 
 
 class LiveWorkerFailed(WorkerFailed):
@@ -560,7 +559,7 @@ class LiveWorkers:
         own counts summed in, and the workers' flow counts summed."""
         record: dict[str, Any] = {"source": self.source.label}
         record.update(self.source.totals())
-        for name in _WORKER_COUNTERS:
+        for name in WORKER_SOURCE_COUNTERS:  # each worker counts these for itself
             record[name] = sum(final.get("stats", {}).get(name, 0) for final in self.finals)
         if self.stopped:
             record["stopped_by_signal"] = True
