@@ -11,6 +11,7 @@ and `LATENCY_EDGES_MS` buckets per command name for at most `MAX_COMMANDS` names
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from imaptap.imap.session import Kind, Message
@@ -58,8 +59,10 @@ class ActivitySnapshot:
 class Activity:
     """Commands over time and latencies per command, fed message by message."""
 
-    def __init__(self) -> None:
-        self.start: float | None = None
+    def __init__(self, start: float | None = None) -> None:
+        self.start = start
+        """The first bucket's start: the first command's time, unless given (live workers share
+        one, so that their buckets line up and `merged` adds them exactly)."""
         self.bucket_seconds = FIRST_BUCKET_SECONDS
         self.buckets = [0] * TIME_BUCKETS
         self.last = -1
@@ -115,3 +118,32 @@ class Activity:
             rows.append(LatencyRow(name, tuple(counts), total, median))
         rows.sort(key=lambda r: (-r.total, r.command))
         return ActivitySnapshot(self.start, self.bucket_seconds, tuple(self.buckets[: self.last + 1]), tuple(rows))
+
+
+def merged(parts: Iterable[Activity]) -> ActivitySnapshot:
+    """One snapshot of activities that began at the same ``start`` (live workers' each own
+    flows): widths are powers of two of `FIRST_BUCKET_SECONDS`, so a narrower part's buckets
+    fall whole into the widest part's, and the sum is what one `Activity` fed every message
+    would hold.  Command names past `MAX_COMMANDS` over all parts are counted under OTHER."""
+    parts = list(parts)
+    starts = {p.start for p in parts if p.start is not None}
+    if len(starts) > 1:
+        raise ValueError("activities that began at different times cannot be added")
+    whole = Activity(next(iter(starts), None))
+    whole.bucket_seconds = max((p.bucket_seconds for p in parts), default=FIRST_BUCKET_SECONDS)
+    for part in parts:
+        fold = round(whole.bucket_seconds / part.bucket_seconds)
+        for index in range(part.last + 1):
+            count = part.buckets[index]
+            if count:
+                whole.buckets[index // fold] += count
+                whole.last = max(whole.last, index // fold)
+        for name, counts in part.latency.items():
+            row = whole.latency.get(name)
+            if row is None:
+                if len(whole.latency) >= MAX_COMMANDS:
+                    name = OTHER
+                row = whole.latency.setdefault(name, [0] * (len(LATENCY_EDGES_MS) + 1))
+            for i, n in enumerate(counts):
+                row[i] += n
+    return whole.snapshot()

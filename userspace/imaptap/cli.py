@@ -361,9 +361,6 @@ def _check_live_workers(args: argparse.Namespace) -> None:
     if args.workers > LIVE_MAX_WORKERS:
         raise UsageError(f"--workers {args.workers}: live capture takes at most {LIVE_MAX_WORKERS}"
                          " (one ring buffer each)")
-    if args.json is None and not args.report and sys.stdout.isatty():
-        raise UsageError(f"--workers {args.workers} with -i does not work with the TUI: give --json PATH yet"
-                         " (see README, Workers)")
 
 
 def _is_pipe(path: str) -> bool:

@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from imaptap.pipeline import Sink
+    from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.output.report import ReportSink
+    from imaptap.pipeline import Sink, Source
+    from imaptap.tui.workerfeed import WorkersFeed
 
 
 def available() -> bool:
@@ -49,12 +52,13 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
             print(f"imaptap: -r - with the TUI needs a terminal for the keys ({exc.strerror or exc});"
                   " use --json or --report", file=sys.stderr)
             return 2
+    workers = 1 if args.read else args.workers
     try:
         source, pcap_writer = build_source(read=args.read, interfaces=args.interface, ports=ports,
                                            snaplen=args.snaplen, taillen=args.tail, xdp_mode=args.xdp_mode,
                                            use_xdp=not args.no_xdp, user=args.user, write=args.write,
                                            append=args.append, handshake_snaplen=args.handshake_snaplen,
-                                           read_fd=read_fd)
+                                           read_fd=read_fd, workers=workers)
         if args.read:
             source.open()  # a bad file fails before the UI starts; a live capture attaches in the worker
     except SourceError as exc:
@@ -80,9 +84,15 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
 
         report_sink = ReportSink(ReportBuilder())
         extra.append(report_sink)
-    feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
-                sinks=[*extra, ReopenSink(requests.__len__, [], warnings.append)],
-                password_fingerprint=password_fingerprint)
+    reopen = ReopenSink(requests.__len__, [], warnings.append)
+    feed: Feed | WorkersFeed
+    workers_feed = None
+    if workers > 1:
+        feed = workers_feed = _workers_feed(args, ports, source, pcap_writer, reopen, sinks, report_sink,
+                                            password_fingerprint)
+    else:
+        feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
+                    sinks=[*extra, reopen], password_fingerprint=password_fingerprint)
     signal.signal(REOPEN_SIGNAL, lambda signum, frame: requests.append(signum))
     app = ImaptapApp(feed, handle_signals=True)
     try:
@@ -96,8 +106,31 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     if app.capture_error:
         print(f"imaptap: {app.capture_error}", file=sys.stderr)
     status = status if status is not None else app.exit_status
+    if workers_feed is not None and workers_feed.failure is not None:
+        return 1  # a worker died: the command line's status for it (LiveWorkerFailed)
     if status == 0 and report_sink is not None and report_sink.report is not None:
         from imaptap.cli import gate
 
         return gate(report_sink.report, args.fail_on)
     return status
+
+
+def _workers_feed(args: argparse.Namespace, ports: frozenset[int], source: Source, pcap_writer: MaskingWriter | None,
+                  reopen: Sink, sinks: Sequence[Sink], report_sink: ReportSink | None,
+                  password_fingerprint: Callable[[bytes], str] | None) -> WorkersFeed:
+    """``-i IFACE --workers N`` on a terminal: the app's feed merges what N workers analyse."""
+    import time
+
+    from imaptap.capture.live.workers import LiveWorkerSpec
+    from imaptap.output.metrics import MetricsSink
+    from imaptap.pipeline import LiveSource
+    from imaptap.tui.workerfeed import workers_feed
+
+    assert isinstance(source, LiveSource)
+    metrics = next((s for s in sinks if isinstance(s, MetricsSink)), None)
+    spec = LiveWorkerSpec(json=False, messages=True,
+                          pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
+                                    "flow_interval": None, "password_fingerprint": password_fingerprint},
+                          metrics_server_label=None if metrics is None else metrics.server_label, report=True,
+                          pcap_ports=ports if pcap_writer is not None else None, tui=time.time())
+    return workers_feed(source, spec, reopen=reopen, metrics=metrics, report=report_sink, pcap_writer=pcap_writer)

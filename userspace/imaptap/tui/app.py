@@ -25,7 +25,7 @@ from textual.worker import Worker, WorkerState
 from imaptap.output.jsonl import message_record
 from imaptap.tui import display
 from imaptap.tui.display import FLOW_COLUMNS, SORT_KEYS, TIMELINE_COLUMNS, safe
-from imaptap.tui.feed import MAX_ENDED_FLOWS, CaptureStatus, Feed, FeedUpdate, Summary
+from imaptap.tui.feed import MAX_ENDED_FLOWS, CaptureStatus, FeedControl, FeedUpdate, Summary
 from imaptap.tui.messages import CaptureUpdated, HeaderClicked, RowHighlighted, RowSelected
 from imaptap.tui.query import Query, parse
 from imaptap.tui.store import FlowStore
@@ -155,7 +155,7 @@ class ImaptapApp(App[int]):
         Binding("ctrl+q", "quit", "Quit", show=False, priority=True),
     ]
 
-    def __init__(self, feed: Feed, *, handle_signals: bool = False) -> None:
+    def __init__(self, feed: FeedControl, *, handle_signals: bool = False) -> None:
         super().__init__()
         self.feed = feed
         feed.emit = self._emit

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from imaptap.activity import Activity, ActivitySnapshot
 from imaptap.facts import FlowFacts, flow_facts
@@ -144,6 +144,26 @@ class FeedUpdate:
     """While the UI asks for one (`Feed.summary_wanted`), and in the final update."""
 
 
+class FeedControl(Protocol):
+    """What the app uses of its feed: `Feed`, or `imaptap.tui.workerfeed.WorkersFeed`."""
+
+    emit: Callable[[FeedUpdate], object] | None
+    ready: threading.Event
+    """Set by the UI when it takes batches (it is not busy with the previous one, and not paused)."""
+    summary_wanted: threading.Event
+    """Set by the UI while it shows the summary."""
+
+    @property
+    def source(self) -> Source:
+        """What is captured (its label, whether live, its progress)."""
+
+    def run(self) -> None:
+        """The capture, on the app's worker thread, until its input ends or `stop`."""
+
+    def stop(self) -> None:
+        """Ask the capture to end (any thread)."""
+
+
 def snapshot(flow: Flow, facts: FlowFacts | None = None) -> FlowSnapshot:
     """The flow as it is now (with ``facts`` already taken of it, if given)."""
     s = flow.session
@@ -172,6 +192,7 @@ class Feed(Sink):
         wallclock: Callable[[], float] = time.time,
         flush_interval: float = FLUSH_INTERVAL,
         sinks: Iterable[Sink] = (),
+        before: Iterable[Sink] = (),
         password_fingerprint: Callable[[bytes], str] | None = None,
     ) -> None:
         self.source = source
@@ -181,7 +202,8 @@ class Feed(Sink):
         self.wallclock = wallclock
         """The capture clock of a live capture (ages, idle expiry)."""
         self.flush_interval = flush_interval
-        self.pipeline = Pipeline(source, [self, *sinks], pcap_writer=pcap_writer, max_flows=max_flows,
+        # ``before``: sinks that see each flow before the feed does (a live worker's numbering)
+        self.pipeline = Pipeline(source, [*before, self, *sinks], pcap_writer=pcap_writer, max_flows=max_flows,
                                  idle_timeout=idle_timeout, wallclock=wallclock, clock=clock,
                                  password_fingerprint=password_fingerprint)
         self.table = self.pipeline.table

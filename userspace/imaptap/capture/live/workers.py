@@ -10,15 +10,18 @@ no ring: it follows the interfaces (link events), reads the kernel's counters, a
 workers' JSON lines to the one output.
 
 Pipes, per worker: its JSON lines (whole lines, in the order it wrote them, so a flow's records
-stay in order), and a status pipe: one byte once its ring is open, then frames (a 4-byte length,
-a pickle): with ``--metrics``, its metrics snapshot after each refresh; with ``--report`` or
-``--fail-on``, the facts and audits of the flows it ended since its last tick (the parent's
-`ReportSink` adds them as they come, so its memory stays the builder's bound however long the
-run); and its last word (its stats, or why it failed) before it ends.  With ``-w``, a third
-pipe: its pcap records, masked by its pipeline (`PipeSegmentWriter`), which the parent writes
-whole into the one file.  One pipe shared by
-all, held open by the parent, tells them to stop: its end of file (the parent closes it after
-detaching the programs, so what each ring still holds is the last of it) or the parent's death.
+stay in order), and a status pipe: one byte once its ring is open, then frames
+(`imaptap.workers.send_frame`: a length, a pickle): with ``--metrics``, its metrics snapshot
+after each refresh; with ``--report`` or ``--fail-on``, the facts and audits of the flows it
+ended since its last tick (the parent's `ReportSink` adds them as they come, so its memory
+stays the builder's bound however long the run); with the TUI, its feed's updates
+(`imaptap.tui.workerfeed`); and its last word (its stats, or why it failed) before it ends.
+With ``-w``, a third pipe: its pcap records, masked by its pipeline (`PipeSegmentWriter`),
+which the parent writes whole into the one file.  With the TUI, a control pipe the other way:
+a byte when the screen took its batch, or shows the summary or no longer does.  One pipe
+shared by all, held open by the parent, tells them to stop: its end of file (the parent closes
+it after detaching the programs, so what each ring still holds is the last of it) or the
+parent's death (with the TUI, the death of the parent's capture thread, which forked them).
 
 Flow ids: worker ``i`` of ``N`` numbers its flows ``i + 1``, ``i + 1 + N``, ``i + 1 + 2N``, ...:
 unique over the run without the workers talking to each other, and ``(id - 1) % N`` names the
@@ -99,6 +102,10 @@ class LiveWorkerSpec:
     """--report or --fail-on: each ended flow's facts and audit go to the parent's report."""
     pcap_ports: frozenset[int] | None = None
     """With -w: the ports the worker's `MaskingWriter` takes for IMAP; None without -w."""
+    tui: float | None = None
+    """On a terminal: the worker runs the TUI's `Feed` and ships its updates to the parent's
+    app (`imaptap.tui.workerfeed`); the value is the time every worker's `Activity` starts at,
+    so that the parent adds their buckets exactly.  None: JSON Lines and the other outputs only."""
 
 
 class FlowNumbers(Sink):
@@ -233,12 +240,14 @@ def _close_links() -> None:
 
 
 def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: int, status_fd: int,
-               stop_fd: int, pcap_fd: int | None = None) -> None:
+               stop_fd: int, pcap_fd: int | None = None, control_fd: int | None = None) -> None:
     """The body of worker ``index``: its ring through the one pipeline, its lines to ``out_fd``,
-    readiness and its last word to ``status_fd``, until ``stop_fd`` ends."""
+    readiness and its last word to ``status_fd``, until ``stop_fd`` ends (with the TUI, what
+    the app asks for on ``control_fd``)."""
     workers = capture.workers
     writer = JsonlWriter(os.fdopen(out_fd, "w", encoding="utf-8", buffering=READ_BYTES), "the worker's pipe")
-    sinks: list[Sink] = [FlowNumbers(index, workers)]
+    numbers = FlowNumbers(index, workers)
+    sinks: list[Sink] = []
     if spec.json and spec.ecs:
         from imaptap.output.ecs import EcsSink
 
@@ -261,8 +270,18 @@ def run_worker(capture: LiveCapture, index: int, spec: LiveWorkerSpec, out_fd: i
         masking = MaskingWriter(records.path, spec.pcap_ports, out=records)
         sinks.append(PcapFlush(records.flush))
     source = WorkerRingSource(capture, index, status_fd)
-    pipeline = Pipeline(source, sinks, pcap_writer=masking, **options)
-    pipeline.run(stop=_stop_requested(stop_fd))
+    if spec.tui is not None:
+        from imaptap.tui.workerfeed import WorkerFeed
+
+        assert control_fd is not None
+        del options["flow_interval"]  # flow updates are JSON records: the TUI shows flows as they are
+        feed = WorkerFeed(source, status_fd, control_fd, _stop_requested(stop_fd), spec.tui, before=[numbers],
+                          sinks=sinks, pcap_writer=masking, **options)
+        feed.run()
+        pipeline = feed.pipeline
+    else:
+        pipeline = Pipeline(source, [numbers, *sinks], pcap_writer=masking, **options)
+        pipeline.run(stop=_stop_requested(stop_fd))
     writer.flush()
     send_frame(status_fd, (LAST_FRAME, {"stats": pipeline.stats(), "error": pipeline.error}))
 
@@ -273,7 +292,8 @@ class LiveWorkers:
 
     def __init__(self, source: LiveSource, spec: LiveWorkerSpec, writer: JsonlWriter | None,
                  reopen: Sink | None = None, metrics: MetricsSink | None = None,
-                 report: ReportSink | None = None, pcap_writer: MaskingWriter | None = None) -> None:
+                 report: ReportSink | None = None, pcap_writer: MaskingWriter | None = None,
+                 on_frame: Callable[[int, str, Any], None] | None = None) -> None:
         self.capture: LiveCapture = source.capture
         self.workers = self.capture.workers
         self.source = ParentLiveSource(self.capture)
@@ -295,6 +315,11 @@ class LiveWorkers:
         self.report = report
         """The CLI's --report/--fail-on sink: it adds the flows the workers ended (`ENDED_FRAME`)
         as they come, and makes the report once every worker has ended."""
+        self.on_frame = on_frame
+        """With the TUI (`LiveWorkerSpec.tui`): called with (worker, kind, payload) for every
+        status frame but the last word (`imaptap.tui.workerfeed.WorkersFeed` merges them)."""
+        self._controls: list[int] = []
+        """With the TUI: the write end of each worker's control pipe (`tell`)."""
         self._snapshots: list[Any] = []
         """Each worker's newest metrics snapshot (None before its first)."""
         self._next_publish = 0.0
@@ -303,7 +328,7 @@ class LiveWorkers:
     # --- a worker ---------------------------------------------------------------------------
 
     def _fork(self, index: int, out_fd: int, status_fd: int, stop_fd: int, pcap_fd: int | None,
-              others: list[int]) -> int:
+              control_fd: int | None, others: list[int]) -> int:
         parent = os.getpid()
         pid = os.fork()
         if pid:
@@ -325,7 +350,7 @@ class LiveWorkers:
             from imaptap.privileges import keep_map_access
 
             keep_map_access()
-            run_worker(self.capture, index, self.spec, out_fd, status_fd, stop_fd, pcap_fd)
+            run_worker(self.capture, index, self.spec, out_fd, status_fd, stop_fd, pcap_fd, control_fd)
             status = 0
         except BaseException as exc:  # anything: the parent says it in one line
             try:
@@ -354,16 +379,22 @@ class LiveWorkers:
         outs = [os.pipe() for _ in range(self.workers)]
         statuses = [os.pipe() for _ in range(self.workers)]
         pcaps = [os.pipe() for _ in range(self.workers)] if self.pcap_writer is not None else []
-        every = [stop_r, stop_w] + [fd for pair in outs + statuses + pcaps for fd in pair]
+        controls = [os.pipe() for _ in range(self.workers)] if self.spec.tui is not None else []
+        every = [stop_r, stop_w] + [fd for pair in outs + statuses + pcaps + controls for fd in pair]
         try:
             for index in range(self.workers):
                 pcap_w = pcaps[index][1] if pcaps else None
-                theirs = {outs[index][1], statuses[index][1], stop_r, pcap_w}
+                control_r = controls[index][0] if controls else None
+                theirs = {outs[index][1], statuses[index][1], stop_r, pcap_w, control_r}
                 others = [fd for fd in every if fd not in theirs]
-                self._pids.append(self._fork(index, outs[index][1], statuses[index][1], stop_r, pcap_w, others))
+                self._pids.append(self._fork(index, outs[index][1], statuses[index][1], stop_r, pcap_w, control_r,
+                                             others))
         finally:
-            for fd in [stop_r] + [w for _r, w in outs + statuses + pcaps]:
+            for fd in [stop_r] + [w for _r, w in outs + statuses + pcaps] + [r for r, _w in controls]:
                 os.close(fd)
+        self._controls = [w for _r, w in controls]
+        for fd in self._controls:
+            os.set_blocking(fd, False)  # a worker that does not read never holds up the app
         self._outs = {r: i for i, (r, _w) in enumerate(outs)}
         self._statuses = {r: i for i, (r, _w) in enumerate(statuses)}
         self._pcaps = {r: i for i, (r, _w) in enumerate(pcaps)}
@@ -412,8 +443,9 @@ class LiveWorkers:
             self._reap()
             if self.pcap_writer is not None:
                 self.pcap_writer.close()
-        for r in list(self._outs) + list(self._statuses) + list(self._pcaps):
+        for r in list(self._outs) + list(self._statuses) + list(self._pcaps) + self._controls:
             os.close(r)
+        self._controls = []
         if self.metrics is not None:
             self._publish()  # every worker's last snapshot, the counters after detaching
         self._collect()
@@ -428,6 +460,15 @@ class LiveWorkers:
         self._next_publish = time.monotonic() + REFRESH_SECONDS
         self.metrics.publish_merged([s for s in self._snapshots if s is not None], self.source.counters()
                                     or self.capture.counters())
+
+    def tell(self, byte: bytes, worker: int | None = None) -> None:
+        """Send one control byte to ``worker`` (every worker if None); with the TUI only.  A
+        worker that is gone, or whose pipe is full, misses it: its death is seen on its pipes."""
+        for fd in self._controls if worker is None else self._controls[worker:worker + 1]:
+            try:
+                os.write(fd, byte)
+            except OSError:
+                pass
 
     def _wait_ready(self, stop: Callable[[], object]) -> bool:
         """Wait until every worker polls its ring; False if one failed or a stop came first."""
@@ -502,13 +543,15 @@ class LiveWorkers:
                 return
             if kind == METRICS_FRAME:
                 self._snapshots[w] = payload
-            elif kind == ENDED_FRAME:
-                if self.report is not None:
+            elif kind == LAST_FRAME:
+                self._last[w] = payload
+            else:
+                if kind == ENDED_FRAME and self.report is not None:
                     add = self.report.builder.add
                     for facts, audit in payload:
                         add(facts, audit)
-            else:
-                self._last[w] = payload
+                if self.on_frame is not None:
+                    self.on_frame(w, kind, payload)
 
     def _last_word(self, w: int) -> None:
         """Worker ``w`` ended: its last word kept, or the first failure the run's."""

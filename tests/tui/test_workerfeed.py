@@ -1,0 +1,211 @@
+"""The TUI's feed over live workers, without a kernel: two real `WorkerFeed`s, each over the
+flows the flow hash gives it, write their frames to files; the parent's `WorkersFeed` takes
+them in and must give the UI what one `Feed` over every flow gives it: the same flows, the
+same summary, the same activity.  (tests/live/test_live_workers_tui.py runs the whole thing
+on a terminal over a real capture.)"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness import mixed_flows
+from imaptap import pipeline
+from imaptap.activity import Activity, merged
+from imaptap.capture.live.workers import FlowNumbers, LiveWorkerSpec, ShippedEnds
+from imaptap.flows import Flow
+from imaptap.flowshare import flow_hash, share_of
+from imaptap.imap.session import Kind, Message
+from imaptap.pipeline import Sink
+from imaptap.testing import analyze
+from imaptap.tui import feed as feed_module
+from imaptap.tui.feed import Feed, FeedUpdate, MemorySource
+from imaptap.tui.workerfeed import FEED_FRAME, PART_FRAME, TAKEN, WorkerFeed, WorkersFeed
+from imaptap.workers import take_frames
+
+PORTS = (143, 10143)
+START = 0.0
+"""The activity start every worker is given (the segments' clock starts after it)."""
+
+
+class Ticks:
+    """A clock that moves one flush interval each time it is read."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        self.t += feed_module.FLUSH_INTERVAL
+        return self.t
+
+
+@dataclass
+class Runner:
+    """What `WorkersFeed` uses of `LiveWorkers` (the kernel side is the live tests')."""
+
+    workers: int
+    source: MemorySource
+    spec: LiveWorkerSpec = field(default_factory=lambda: LiveWorkerSpec(json=False, messages=True, pipeline={},
+                                                                        report=True, tui=START))
+    told: list[tuple[bytes, int | None]] = field(default_factory=list)
+    error: str | None = None
+    on_frame: Any = None
+
+    def tell(self, byte: bytes, worker: int | None = None) -> None:
+        self.told.append((byte, worker))
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def worker_frames(segments, index: int, workers: int, tmp_path) -> list[tuple[str, Any]]:
+    """Worker ``index``'s frames, in the order it sent them, for its share of ``segments``."""
+    mine = [s for s in segments if share_of(flow_hash(s.src, s.sport, s.dst, s.dport), workers) == index]
+    path = tmp_path / f"worker-{index}.frames"
+    status = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    control_r, control_w = os.pipe()
+    try:
+        feed = WorkerFeed(MemorySource(mine, ports=PORTS), status, control_r, lambda: False, START,
+                          before=[FlowNumbers(index, workers)], sinks=[ShippedEnds(status)], clock=Ticks(),
+                          wallclock=lambda: 0.0)
+        feed.parts_wanted = True  # as when the UI shows the summary
+        feed.run()
+    finally:
+        for fd in (status, control_r, control_w):
+            os.close(fd)
+    return [pickle.loads(frame) for frame in take_frames(bytearray(path.read_bytes()))]
+
+
+def parent_over(frames: list[list[tuple[str, Any]]], source: MemorySource) -> tuple[WorkersFeed, list[FeedUpdate]]:
+    updates: list[FeedUpdate] = []
+    runner = Runner(len(frames), source)
+    feed = WorkersFeed(runner, updates.append, clock=Ticks(), wallclock=lambda: 0.0)  # type: ignore[arg-type]
+    # the workers' frames interleaved, each worker's in its own order
+    for i in range(max(len(f) for f in frames)):
+        for w, mine in enumerate(frames):
+            if i < len(mine):
+                feed._frame(w, *mine[i])
+    return feed, updates
+
+
+def one_process(segments) -> tuple[Feed, list[FeedUpdate]]:
+    updates: list[FeedUpdate] = []
+    feed = Feed(MemorySource(segments, ports=PORTS), updates.append, clock=Ticks(), wallclock=lambda: 0.0)
+    feed.activity = Activity(START)
+    feed.ready.set()
+    feed.run()
+    return feed, updates
+
+
+def without_ids(records: list[dict]) -> list[dict]:
+    return sorted((dict(r, flow=None) for r in records), key=repr)
+
+
+def test_two_workers_through_the_parent_give_the_one_process_flows_and_summary(tmp_path):
+    segments = mixed_flows()
+    frames = [worker_frames(segments, w, 2, tmp_path) for w in range(2)]
+    assert all(any(kind == FEED_FRAME and u.flows for kind, u in f) for f in frames), "a worker had no flow"
+    feed, updates = parent_over(frames, MemorySource([], ports=PORTS))
+    feed.ready.set()
+    feed._flush(100.0, final=True)
+    last = updates[-1]
+    assert last.batch and last.last
+    one, one_updates = one_process(segments)
+    want = {s.id: s.facts.record() for u in one_updates for s in u.flows}
+    got = {s.id: s.facts.record() for s in last.flows}
+    assert without_ids(list(got.values())) == without_ids(list(want.values()))
+    # ids from both residue classes, in id order
+    assert {i % 2 for i in got} == {0, 1} and list(got) == sorted(got)
+    # every message of every flow, under its flow's id
+    assert sum(len(b.messages) for b in last.messages.values()) == sum(
+        len(b.messages) for u in one_updates for b in u.messages.values())
+    assert last.status.flows_total == len(want) and last.status.segments == one.table.stats.segments
+    summary, alone = last.summary, one.summary()
+    assert summary is not None
+    assert (summary.report.flows, summary.report.imap_flows) == (alone.report.flows, alone.report.imap_flows)
+    assert summary.report.servers == alone.report.servers and summary.report.clients == alone.report.clients
+    def findings(report):  # the flows' ids are the workers' own
+        return [(f.finding, f.count, sorted((r.client, r.user) for r in f.flows)) for f in report.findings]
+
+    assert findings(summary.report) == findings(alone.report) and findings(alone.report)
+    assert summary.activity == alone.activity and summary.activity.commands
+
+
+def test_a_flow_ended_after_a_summary_part_counts_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "CHECK_EVERY", 2)  # ticks, so parts, while the flows are open
+    segments = mixed_flows()
+    frames = [worker_frames(segments, w, 2, tmp_path) for w in range(2)]
+    # each worker's part taken while its flows were open, then their ends: the ends must not
+    # count a second time what the parts counted
+    first_part = [next(p for kind, p in f if kind == PART_FRAME and p.open) for f in frames]
+    feed, _ = parent_over([[(PART_FRAME, p)] for p in first_part], MemorySource([], ports=PORTS))
+    open_before = feed.summary()
+    assert open_before.open_flows == sum(len(p.open) for p in first_part) > 0
+    for w, f in enumerate(frames):
+        for kind, payload in f:
+            if kind == "ended":
+                feed._frame(w, kind, payload)
+    after = feed.summary()
+    assert after.open_flows == 0
+    assert after.report.flows == len({s.id for f in frames for k, u in f if k == FEED_FRAME for s in u.flows})
+
+
+def test_batches_wait_for_the_ui_and_each_worker_is_told_when_its_batch_was_taken(tmp_path):
+    segments = mixed_flows()
+    frames = [worker_frames(segments, w, 2, tmp_path) for w in range(2)]
+    first_batch = [next(u for kind, u in f if kind == FEED_FRAME and u.batch) for f in frames]
+    feed, updates = parent_over([[(FEED_FRAME, b)] for b in first_batch], MemorySource([], ports=PORTS))
+    runner = feed.runner
+    feed.ready.clear()  # the UI is paused
+    feed._flush(1.0)
+    assert not updates[-1].batch and runner.told == []  # type: ignore[attr-defined]
+    feed.ready.set()
+    feed._flush(2.0)
+    assert updates[-1].batch and not feed.ready.is_set()
+    assert sorted(runner.told) == [(TAKEN, 0), (TAKEN, 1)]  # type: ignore[attr-defined]
+    assert {s.id for s in updates[-1].flows} == {s.id for b in first_batch for s in b.flows}
+    feed.ready.set()
+    feed._flush(3.0)  # nothing new came: nothing is sent twice
+    assert not updates[-1].batch
+
+
+def test_activities_of_one_start_add_up_to_the_activity_of_every_message():
+    messages = _messages()
+    whole = Activity(START)
+    parts = [Activity(START), Activity(START), Activity(START)]
+    for i, m in enumerate(messages):
+        whole.message(m)
+        parts[i % 3].message(m)
+    assert merged(parts) == whole.snapshot()
+    assert merged([]) == Activity().snapshot()
+
+
+def test_activities_of_different_widths_fold_into_the_widest():
+    narrow, wide, whole = Activity(START), Activity(START), Activity(START)
+    for ts in (0.5, 3.2, 7.9):
+        for a in (narrow, whole):
+            a._command(ts)
+    for ts in (150.0, 260.0, 5.5):  # past TIME_BUCKETS seconds: wider buckets
+        for a in (wide, whole):
+            a._command(ts)
+    assert wide.bucket_seconds > narrow.bucket_seconds
+    assert merged([narrow, wide]) == whole.snapshot()
+
+
+class Collect(Sink):
+    def __init__(self) -> None:
+        self.messages: list[Message] = []
+
+    def flow_started(self, flow: Flow) -> Callable[[Message], None]:
+        return self.messages.append
+
+
+def _messages() -> list[Message]:
+    """Every message event of the mixed flows, in the order the pipeline made them."""
+    collect = Collect()
+    analyze(mixed_flows(), ports=PORTS, sinks=[collect])
+    assert any(m.kind is Kind.REQUEST for m in collect.messages)
+    return collect.messages
