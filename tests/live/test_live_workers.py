@@ -27,6 +27,7 @@ from test_cli_live import FACTS, assert_dropped, env, imaptap_cmd, sessions, wai
 from test_service_life import NOTICE_TIMEOUT, Imaptap, flows_by_user, login
 
 from imaptap.capture.live import LiveCapture, LiveError
+from imaptap.capture.live.workers import STOP_TIMEOUT
 from imaptap.flowshare import flow_hash, share_of
 from imaptap_lab.programs import capturing, programs_on
 from livelab import dropped_uid
@@ -264,6 +265,39 @@ def test_a_killed_worker_stops_the_parent_with_its_error(lab, tmp_path):
         assert len(alice) == 1 and alice[0]["end"] == "end"
     else:
         assert alice == []
+
+
+def test_a_worker_that_does_not_stop_is_killed_and_named_and_the_run_ends(lab, tmp_path):
+    """A worker stopped by SIGSTOP never ends: the parent, told to stop, detaches, writes what
+    the other worker ended, kills the stopped one after STOP_TIMEOUT and exits 1 naming it."""
+    out = tmp_path / "worker-hung.jsonl"
+    proc = start(lab, out, 2)
+    wait_ready(proc)
+    imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
+    imap.login("alice", lab.users["alice"])
+    port = imap.sock.getsockname()[1]
+    victim = children(proc.pid)[1]
+    os.kill(victim, signal.SIGSTOP)
+    asked = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=STOP_TIMEOUT + EXIT_TIMEOUT)
+    took = time.monotonic() - asked
+    try:
+        imap.logout()
+    except (OSError, imaplib.IMAP4.error):
+        pass
+    assert proc.returncode == 1, err
+    assert "Traceback" not in err
+    assert (f"imaptap: live worker 2 of 2 did not stop within {STOP_TIMEOUT:.0f} s: killed, its last flows"
+            " are lost\n") in err
+    assert took >= STOP_TIMEOUT
+    assert programs_on(lab.host_if) == []
+    assert not os.path.exists(f"/proc/{victim}")  # killed and reaped
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records[-1]["type"] == "stats" and "worker 2 of 2 did not stop" in records[-1]["error"]
+    alice = [r for r in records if r["type"] == "flow" and r["username"] == "alice"]
+    # the stop ended the open flow in the worker that still ran: it is written
+    assert len(alice) == (1 if share_of(flow_hash(lab.client4, port, lab.server4, 143), 2) == 0 else 0)
 
 
 def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):

@@ -68,6 +68,11 @@ PARENT_POLL = POLL_MS / 1000
 #: Seconds the parent waits for every worker to open its ring before it gives up (they only
 #: fork, map a ring and start polling: well under a second on a loaded machine).
 READY_TIMEOUT = 30.0
+#: Seconds the parent waits, once it told the workers to stop, for the last of their output: a
+#: worker then reads what its ring still holds (at most a few megabytes) and ends its open flows
+#: (32,768 at most by default, a second or two); one that has not ended by then (stopped by a
+#: signal, hung) is killed and named, so that a stop always ends the run.
+STOP_TIMEOUT = 15.0
 #: The status byte a worker sends once its ring is open and it polls.
 READY = b"R"
 #: The kinds of status frame after the ready byte (each a `send_frame` of (kind, payload)).
@@ -438,8 +443,7 @@ class LiveWorkers:
                 self.error = self.error or str(exc)
             finally:
                 os.close(stop_w)
-            while self._open:
-                self._read(None)
+            self._drain()
             self._reap()
             if self.pcap_writer is not None:
                 self.pcap_writer.close()
@@ -514,6 +518,31 @@ class LiveWorkers:
                     self._ready[w] = True
                     data = data[1:]
                 self._frames(w, data)
+
+    def _drain(self) -> None:
+        """The rest of what the workers write once told to stop, until every pipe ends; the
+        workers still writing after `STOP_TIMEOUT` are killed, the first named as the failure."""
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while self._open:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self._read(min(left, PARENT_POLL))
+        hung = sorted({w for fds in (self._outs, self._statuses, self._pcaps)
+                       for fd, w in fds.items() if fd in self._open})
+        for w in hung:
+            pid = self._pids[w] if w < len(self._pids) else 0
+            if not pid:  # reaped already (0: never a pid to signal, it names our process group)
+                continue
+            if self.failure is None:
+                self.failure = (f"live worker {w + 1} of {self.workers} did not stop within {STOP_TIMEOUT:.0f} s:"
+                                " killed, its last flows are lost")
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        while self._open:  # a killed worker's pipes end with it
+            self._read(None)
 
     def _pcap_records(self, w: int, fd: int, data: bytes) -> None:
         """Worker ``w``'s whole pcap records to the one file, the rest kept for the next read."""
