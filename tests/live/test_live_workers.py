@@ -239,15 +239,28 @@ def test_sigkill_of_the_parent_leaves_nothing_attached_and_no_worker(lab, tmp_pa
     assert again.returncode == 0, err
 
 
-def test_a_killed_worker_stops_the_parent_with_its_error(lab, tmp_path):
-    out = tmp_path / "worker-killed.jsonl"
+def alice_before_a_signal_to_worker_2(lab, out: Path, signum: int) -> tuple[subprocess.Popen, imaplib.IMAP4, int]:
+    """Two workers writing to ``out``, alice logged in (her flow open), then ``signum`` to the
+    second worker: the parent, alice's session and the worker signalled."""
     proc = start(lab, out, 2)
     wait_ready(proc)
     imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
     imap.login("alice", lab.users["alice"])
-    port = imap.sock.getsockname()[1]
     victim = children(proc.pid)[1]
-    os.kill(victim, signal.SIGKILL)
+    os.kill(victim, signum)
+    return proc, imap, victim
+
+
+def alice_in_worker_1(lab, imap: imaplib.IMAP4) -> bool:
+    """Whether alice's connection fell to the first worker (the one not signalled)."""
+    port = imap.sock.getsockname()[1]
+    return share_of(flow_hash(lab.client4, port, lab.server4, 143), 2) == 0
+
+
+def test_a_killed_worker_stops_the_parent_with_its_error(lab, tmp_path):
+    out = tmp_path / "worker-killed.jsonl"
+    proc, imap, _ = alice_before_a_signal_to_worker_2(lab, out, signal.SIGKILL)
+    first = alice_in_worker_1(lab, imap)
     _, err = proc.communicate(timeout=EXIT_TIMEOUT)
     try:
         imap.logout()
@@ -261,7 +274,7 @@ def test_a_killed_worker_stops_the_parent_with_its_error(lab, tmp_path):
     assert records[-1]["type"] == "stats" and "worker 2 of 2" in records[-1]["error"]
     # the other worker's flows were still ended and written
     alice = [r for r in records if r["type"] == "flow" and r["username"] == "alice"]
-    if share_of(flow_hash(lab.client4, port, lab.server4, 143), 2) == 0:
+    if first:
         assert len(alice) == 1 and alice[0]["end"] == "end"
     else:
         assert alice == []
@@ -271,13 +284,8 @@ def test_a_worker_that_does_not_stop_is_killed_and_named_and_the_run_ends(lab, t
     """A worker stopped by SIGSTOP never ends: the parent, told to stop, detaches, writes what
     the other worker ended, kills the stopped one after STOP_TIMEOUT and exits 1 naming it."""
     out = tmp_path / "worker-hung.jsonl"
-    proc = start(lab, out, 2)
-    wait_ready(proc)
-    imap = imaplib.IMAP4(lab.server4, 143, timeout=30)
-    imap.login("alice", lab.users["alice"])
-    port = imap.sock.getsockname()[1]
-    victim = children(proc.pid)[1]
-    os.kill(victim, signal.SIGSTOP)
+    proc, imap, victim = alice_before_a_signal_to_worker_2(lab, out, signal.SIGSTOP)
+    first = alice_in_worker_1(lab, imap)
     asked = time.monotonic()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=STOP_TIMEOUT + EXIT_TIMEOUT)
@@ -297,7 +305,7 @@ def test_a_worker_that_does_not_stop_is_killed_and_named_and_the_run_ends(lab, t
     assert records[-1]["type"] == "stats" and "worker 2 of 2 did not stop" in records[-1]["error"]
     alice = [r for r in records if r["type"] == "flow" and r["username"] == "alice"]
     # the stop ended the open flow in the worker that still ran: it is written
-    assert len(alice) == (1 if share_of(flow_hash(lab.client4, port, lab.server4, 143), 2) == 0 else 0)
+    assert len(alice) == (1 if first else 0)
 
 
 def test_a_perf_buffer_kernel_refuses_live_workers(live_ready, lab):

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from test_feed import Ticks
+
 from harness import mixed_flows
 from imaptap import pipeline
 from imaptap.activity import Activity, merged
@@ -21,7 +23,6 @@ from imaptap.flowshare import flow_hash, share_of
 from imaptap.imap.session import Kind, Message
 from imaptap.pipeline import Sink
 from imaptap.testing import analyze
-from imaptap.tui import feed as feed_module
 from imaptap.tui.feed import Feed, FeedUpdate, MemorySource
 from imaptap.tui.workerfeed import FEED_FRAME, PART_FRAME, TAKEN, WorkerFeed, WorkersFeed
 from imaptap.workers import take_frames
@@ -29,17 +30,6 @@ from imaptap.workers import take_frames
 PORTS = (143, 10143)
 START = 0.0
 """The activity start every worker is given (the segments' clock starts after it)."""
-
-
-class Ticks:
-    """A clock that moves one flush interval each time it is read."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        self.t += feed_module.FLUSH_INTERVAL
-        return self.t
 
 
 @dataclass

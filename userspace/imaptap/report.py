@@ -21,6 +21,7 @@ is not stuffing because its logins succeed, and only failures are counted.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -240,6 +241,16 @@ class ReportBuilder:
         import copy
 
         return copy.deepcopy(self)
+
+    def report_with(self, more: Iterable[tuple[FlowFacts, SessionAudit | None]]) -> Report:
+        """The report as if the flows of ``more`` (facts and audit each) were counted too; this
+        builder stays as it is (the TUI's summary counts the open flows in this way)."""
+        builder = self
+        for facts, audit in more:
+            if builder is self:
+                builder = self.copy_counts()
+            builder.add(facts, audit)
+        return builder.report()
 
     def add(self, facts: FlowFacts, audit: SessionAudit | None = None) -> None:
         """Count one flow; ``audit`` is its session's (for the capabilities offered before login)."""

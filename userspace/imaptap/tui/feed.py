@@ -317,12 +317,8 @@ class Feed(Sink):
     def summary(self) -> Summary:
         """The summary now: the ended flows' report with the open flows counted in (worker thread)."""
         open_flows = list(self.table.flows.values())
-        builder = self.report
-        if open_flows:
-            builder = builder.copy_counts()
-            for flow in open_flows:
-                builder.add(flow_facts(flow), flow.session.audit)
-        return Summary(builder.report(), self.activity.snapshot(), len(open_flows))
+        report = self.report.report_with((flow_facts(flow), flow.session.audit) for flow in open_flows)
+        return Summary(report, self.activity.snapshot(), len(open_flows))
 
     def _post(self, update: FeedUpdate) -> None:
         if self.emit is not None:

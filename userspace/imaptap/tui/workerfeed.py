@@ -243,14 +243,8 @@ class WorkersFeed:
         """The ended flows' report with every worker's newest open flows counted in, and the
         workers' activity added up."""
         parts = [p for p in self._part_of if p is not None]
-        builder = self.builder
-        open_flows = sum(len(p.open) for p in parts)
-        if open_flows:
-            builder = builder.copy_counts()
-            for part in parts:
-                for facts, audit in part.open.values():
-                    builder.add(facts, audit)
-        return Summary(builder.report(), merged(p.activity for p in parts), open_flows)
+        report = self.builder.report_with(chain.from_iterable(p.open.values() for p in parts))
+        return Summary(report, merged(p.activity for p in parts), sum(len(p.open) for p in parts))
 
     def _status(self, now: float, final: bool = False) -> CaptureStatus:
         statuses = [s for s in self._status_of if s is not None]
