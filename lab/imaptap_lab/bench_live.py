@@ -110,6 +110,8 @@ EPILOG = """examples:
   scripts/bench-live --only ceiling --json ceiling.json # the zero-loss knee with tcpreplay (~15 min)
   scripts/bench-live --only ceiling --ceiling-rates 20000,80000 --ceiling-seconds 3 --ceiling-rounds 1
   scripts/bench-live --only ceiling --ceiling-workers 1,2   # the knee of one and of two live workers
+  scripts/bench-live --only ceiling --ceiling-workers 1,2,4 --ceiling-worker-cpu 0.1 \
+      --ceiling-rates 5000,7000,10000,14000,20000,28000,40000,56000   # scaling, each worker capped to 0.1 core
 """
 
 # --- processes ---------------------------------------------------------------------------------
@@ -1078,6 +1080,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ceiling-workers", type=_rates, default=list(live_ceiling.DEFAULT_WORKERS), metavar="N,N,...",
                    help="worker counts of the ceiling's imaptap -i arm (--workers), comma-separated, rising"
                         " (default 1)")
+    p.add_argument("--ceiling-worker-cpu", type=_core_fraction, metavar="FRACTION",
+                   help="cap each worker of the ceiling's imaptap -i arm (--workers 1: the one process) to"
+                        " FRACTION of a core with a cgroup of its own, standing in for cores the machine lacks"
+                        " (e.g. 0.1; the parent and tcpreplay stay uncapped; skips the overload check)")
     p.add_argument("--ceiling-pcap", type=Path, metavar="FILE",
                    help="capture tcpreplay sends (default: scripts/bench-replay's wire-frames capture,"
                         " made if missing)")
@@ -1094,6 +1100,23 @@ def _rates(text: str) -> list[int]:
     if not rates or rates[0] <= 0:
         raise argparse.ArgumentTypeError(f"rates must be positive: {text!r}")
     return rates
+
+
+def _core_fraction(text: str) -> float:
+    """--ceiling-worker-cpu: a share of one core the kernel can set as a CFS quota."""
+    from imaptap_lab import cpucap
+
+    try:
+        fraction = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if fraction > 1:
+        raise argparse.ArgumentTypeError(f"{fraction:g}: a worker is one thread of analysis; cap it to at most 1 core")
+    try:
+        cpucap.quota_us(fraction)
+    except cpucap.CapError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return fraction
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -1197,7 +1220,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     report["ceiling"] = live_ceiling.ceiling(
                         lab, tmp, args.ceiling_rates, args.ceiling_seconds, args.ceiling_rounds,
-                        live_ceiling.Side(args.ceiling_side), args.ceiling_pcap, tuple(args.ceiling_workers))
+                        live_ceiling.Side(args.ceiling_side), args.ceiling_pcap, tuple(args.ceiling_workers),
+                        args.ceiling_worker_cpu)
                 except live_ceiling.CeilingError as err:
                     return live_ceiling.main_error(err)
                 live_ceiling.print_report(report["ceiling"])

@@ -37,6 +37,17 @@ time is the parent's and its workers'.  On the 2-vCPU VM this is developed on, t
 most of one core itself, so two workers share what is left with it: the runs past one worker's
 knee show what a second process adds there, not what a free second core would.
 
+With ``--ceiling-worker-cpu FRACTION`` (imaptap_lab.cpucap), each worker process is held to
+FRACTION of one core by a cgroup of its own (a CFS quota), standing in for cores the VM does not
+have: as long as N caps, the uncapped parent and tcpreplay fit in the machine, the knee of N
+workers can be N times the knee of one, and the summary prints that ratio ("scaling") with the
+parent's CPU, which no cap holds and where the design would stop scaling.  ``--workers 1`` is
+one process (no parent, no fork): its arm caps that whole process, capture and output included,
+where the N-worker arms cap each worker and leave the parent, which writes the output, uncapped.
+The caps are set once the arm said it listens (the workers are forked by then), so compiling
+and attaching are not capped.  The overload check, a question about the uncapped analyzer, is
+left out of a capped run.
+
 Past the knee (``overload``): one more imaptap run at the top rate with ``--metrics``, scraped
 twice a second while it is flooded: every scrape must answer, the loss counter must grow, and
 at the end the stats record must account for every segment offered (submitted + lost), and
@@ -59,6 +70,7 @@ import sys
 import time
 from pathlib import Path
 
+from imaptap_lab import cpucap
 from imaptap_lab.bench_live import PYTHON, _socket_in, cpu_seconds
 from imaptap_lab.checkout import OUT_DIR, USERSPACE
 from imaptap_lab.lab import IMAP_PORT, Lab
@@ -213,6 +225,12 @@ class Run:
     """From SIGINT to the arm's exit."""
     workers: int = 1
     """The analyzer's --workers."""
+    parent_cpu: float | None = None
+    """The CPU seconds of the parent alone, where it forked workers."""
+    cap: float | None = None
+    """The cores each worker (or the one process) was held to, if capped."""
+    throttled: float | None = None
+    """Of the CFS periods the capped processes ran in, the share in which their cap stopped them."""
 
     @property
     def lost(self) -> int:
@@ -246,7 +264,18 @@ class Run:
                 "CPU us per segment": round(1e6 * self.cpu / self.received, 2) if self.received else None,
                 "CPU cores": round(self.cpu / seconds, 3), "tcpreplay CPU cores": round(self.sent.cpu / seconds, 3),
                 "rest of the machine, cores": round(self.machine_busy, 2), "steal, cores": round(self.steal, 2),
-                "stop seconds": round(self.stop_seconds, 2)}
+                "stop seconds": round(self.stop_seconds, 2),
+                "workers": self.workers, "CPU cap per worker, cores": self.cap,
+                "parent CPU us per segment": per_segment(self.parent_cpu, self.received),
+                "workers CPU us per segment": (per_segment(self.cpu - self.parent_cpu, self.received)
+                                               if self.parent_cpu is not None else None),
+                "parent CPU cores": round(self.parent_cpu / seconds, 3) if self.parent_cpu is not None else None,
+                "throttled periods share": round(self.throttled, 3) if self.throttled is not None else None}
+
+
+def per_segment(cpu: float | None, segments: int) -> float | None:
+    """Microseconds of CPU per segment, rounded as the report shows them; None without either."""
+    return round(1e6 * cpu / segments, 2) if cpu is not None and segments else None
 
 
 # --- the capture --------------------------------------------------------------------------------
@@ -342,8 +371,9 @@ class ArmProcess:
     """An arm started on the side's interface, ready once its programs are attached."""
 
     def __init__(self, arm: Arm, lab: Lab, side: Side, tmp: Path, extra: tuple[str, ...] = (),
-                 workers: int = 1) -> None:
+                 workers: int = 1, caps: cpucap.CpuCaps | None = None) -> None:
         self.arm = arm
+        self.workers = workers
         if workers > 1:
             extra = (*extra, "--workers", str(workers))
         self.out = tmp / "ceiling.jsonl"
@@ -359,9 +389,30 @@ class ArmProcess:
             self.proc = lab.popen_in_ns(cmd, **kwargs) if side is Side.NS else subprocess.Popen(cmd, **kwargs)
         try:
             self._wait_ready()
+            if caps is not None:
+                self._cap(caps)
         except BaseException:
             self.kill()
             raise
+
+    def worker_pids(self) -> list[int]:
+        """The processes doing the analysis: the forked workers, or the one process."""
+        return cpucap.children(self.proc.pid) if self.workers > 1 else [self.proc.pid]
+
+    def _cap(self, caps: cpucap.CpuCaps) -> None:
+        """Each worker (or the one process) into a capped cgroup of its own."""
+        pids = self.worker_pids()
+        if len(pids) != self.workers:
+            raise CeilingError(f"imaptap --workers {self.workers} runs {len(pids)} processes under its parent")
+        try:
+            for pid in pids:
+                caps.cap(pid)
+        except cpucap.CapError as err:
+            raise CeilingError(str(err)) from None
+
+    def parent_cpu(self) -> float | None:
+        """The parent's own CPU time where it forked workers; None for one process."""
+        return cpu_seconds(self.proc.pid) if self.workers > 1 else None
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -427,11 +478,20 @@ def last_record(path: Path) -> dict:
 
 
 def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: float, side: Side, tmp: Path,
-             workers: int = 1) -> Run:
-    """Start the arm, replay at ``rate`` segments a second, let it drain, stop it."""
-    proc = ArmProcess(arm, lab, side, tmp, workers=workers)
+             workers: int = 1, cap: float | None = None) -> Run:
+    """Start the arm, replay at ``rate`` segments a second, let it drain, stop it; with ``cap``,
+    the analyzer's workers (or its one process) each held to that many cores."""
+    with cpucap.CpuCaps(cap) if cap is not None and arm is Arm.ANALYZER else contextlib.nullcontext() as caps:
+        return _run_once(lab, capture, arm, rate, seconds, side, tmp, workers, caps)
+
+
+def _run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: float, side: Side, tmp: Path,
+              workers: int, caps: cpucap.CpuCaps | None) -> Run:
+    proc = ArmProcess(arm, lab, side, tmp, workers=workers, caps=caps)
     try:
         cpu0 = proc.cpu()
+        parent0 = proc.parent_cpu()
+        throttled0 = caps.throttling() if caps is not None else None
         busy0, steal0 = machine_ticks()
         t = time.monotonic()
         sent = tcpreplay(lab.host_if, capture, capture.pps_for(rate), seconds)
@@ -440,14 +500,22 @@ def run_once(lab: Lab, capture: ReplayCapture, arm: Arm, rate: int, seconds: flo
         cpu_sending = proc.cpu() - cpu0
         proc.settle()
         cpu = proc.cpu() - cpu0
+        parent1 = proc.parent_cpu()
+        throttled = None
+        if caps is not None and throttled0 is not None:
+            t1 = caps.throttling()
+            periods = t1.periods - throttled0.periods
+            throttled = (t1.throttled - throttled0.throttled) / periods if periods else 0.0
     except BaseException:
         proc.kill()
         raise
     counters, stop_seconds = proc.stop()
     ticks = os.sysconf("SC_CLK_TCK")
     rest = ((busy1 - busy0) / ticks - cpu_sending - sent.cpu) / span
+    parent = parent1 - parent0 if parent1 is not None and parent0 is not None else None
     return Run(arm, rate, sent, capture.segments_in(sent.packets), counters, cpu, max(0.0, rest),
-               (steal1 - steal0) / ticks / span, stop_seconds, workers)
+               (steal1 - steal0) / ticks / span, stop_seconds, workers, parent,
+               caps.fraction if caps is not None else None, throttled)
 
 
 # --- the figures --------------------------------------------------------------------------------
@@ -475,10 +543,18 @@ def summarize(runs: list[Run]) -> dict:
                           "tcpreplay CPU cores": median("tcpreplay CPU cores"),
                           "rest of the machine, cores": median("rest of the machine, cores"),
                           "steal, cores": median("steal, cores"),
-                          "stop seconds, most": max(f["stop seconds"] for f in figures)}
+                          "stop seconds, most": max(f["stop seconds"] for f in figures),
+                          **{key: median(key) for key in CAPPED_MEDIANS}}
         if rows:
-            out[label] = {"rates": rows, "knee": knee(rows)}
+            first = next(r for r in runs if r.label == label)
+            out[label] = {"rates": rows, "knee": knee(rows), "arm": str(first.arm), "workers": first.workers,
+                          "CPU cap per worker, cores": first.cap}
     return out
+
+
+#: The figures of the parent and the workers apart, and of the caps, a summary takes medians of.
+CAPPED_MEDIANS = ("parent CPU us per segment", "workers CPU us per segment", "parent CPU cores",
+                  "throttled periods share")
 
 
 def knee(rows: dict) -> dict:
@@ -491,6 +567,43 @@ def knee(rows: dict) -> dict:
             break
         zero_loss = row["offered segments/s"]
     return {"zero loss up to segments/s": zero_loss, "losses from segments/s": first_loss}
+
+
+def scaling(summary: dict) -> list[dict]:
+    """Per worker count of the analyzer: its knee, the ratio of that knee to one worker's, and
+    the CPU per segment (the parent's and the workers' apart) at the highest rate without loss."""
+    arms = [s for s in summary.values() if s["arm"] == str(Arm.ANALYZER)]
+    one = next((s["knee"]["zero loss up to segments/s"] for s in arms if s["workers"] == 1), None)
+    out = []
+    for s in sorted(arms, key=lambda s: s["workers"]):
+        k = s["knee"]["zero loss up to segments/s"]
+        at = max((rate for rate, row in s["rates"].items() if row["offered segments/s"] == k), default=None)
+        row = s["rates"][at] if at is not None else {}
+        out.append({"workers": s["workers"], "CPU cap per worker, cores": s["CPU cap per worker, cores"],
+                    "zero loss up to segments/s": k, "losses from segments/s": s["knee"]["losses from segments/s"],
+                    "scaling": round(k / one, 2) if k and one else None,
+                    "CPU us per segment": row.get("CPU us per segment"),
+                    "parent CPU us per segment": row.get("parent CPU us per segment"),
+                    "workers CPU us per segment": row.get("workers CPU us per segment"),
+                    "parent CPU cores": row.get("parent CPU cores"),
+                    "throttled periods share": row.get("throttled periods share")})
+    return out
+
+
+def print_scaling(rows: list[dict]) -> None:
+    """The scaling table: per worker count, the knee and its ratio to one worker's."""
+    def num(v: float | None, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    print("  scaling of imaptap -i over its workers (figures at the highest rate without loss):")
+    print(f"    {'workers':>7} {'cap/worker':>10} {'knee/s':>8} {'losses from':>11} {'scaling':>7}"
+          f" {'us/segment':>10} {'parent us':>9} {'workers us':>10} {'parent cores':>12} {'throttled':>9}")
+    for r in rows:
+        print(f"    {r['workers']:>7} {num(r['CPU cap per worker, cores'], 'g'):>10}"
+              f" {num(r['zero loss up to segments/s'], ',.0f'):>8} {num(r['losses from segments/s'], ',.0f'):>11}"
+              f" {num(r['scaling'], '.2f'):>7} {num(r['CPU us per segment'], '.2f'):>10}"
+              f" {num(r['parent CPU us per segment'], '.2f'):>9} {num(r['workers CPU us per segment'], '.2f'):>10}"
+              f" {num(r['parent CPU cores'], '.3f'):>12} {num(r['throttled periods share'], '.2f'):>9}")
 
 
 def curve(rows: dict, width: int = CURVE_WIDTH) -> list[str]:
@@ -611,11 +724,24 @@ def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: 
 # --- the section --------------------------------------------------------------------------------
 
 def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, side: Side,
-            source: Path | None = None, workers: tuple[int, ...] = DEFAULT_WORKERS) -> dict:
-    """The runs of every rate and arm in rotated rounds, their summary, and the overload check."""
+            source: Path | None = None, workers: tuple[int, ...] = DEFAULT_WORKERS,
+            worker_cpu: float | None = None) -> dict:
+    """The runs of every rate and arm in rotated rounds, their summary, and the overload check
+    (not with ``worker_cpu``, the cores each worker is capped to)."""
     missing = tools_missing()
     if missing:
         raise CeilingError(f"missing {', '.join(missing)} (Debian package tcpreplay); run scripts/setup")
+    if worker_cpu is not None:
+        reason = cpucap.unavailable()
+        if reason:
+            raise CeilingError(f"--ceiling-worker-cpu: {reason}")
+        try:
+            cpucap.quota_us(worker_cpu)
+        except cpucap.CapError as err:
+            raise CeilingError(str(err)) from None
+        print(f"  each worker (--workers 1: the one process) capped to {worker_cpu:g} of a core by a cgroup"
+              f" of its own; {max(workers)} workers take at most {max(workers) * worker_cpu:g} of the"
+              f" {os.cpu_count()} cores, the parent and tcpreplay uncapped", flush=True)
     capture = prepare(source or bench_capture(), lab, tmp)
     print(f"  replaying {capture.path.name}: {capture.packets:,} frames, {capture.segments:,} IMAP segments,"
           f" {seconds:g} s per run, kernel program on {lab.ns_if if side is Side.NS else lab.host_if}"
@@ -625,7 +751,7 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
     cells = [(rate, arm, n) for rate in rates for arm, n in arms]
     for r in range(rounds):
         for rate, arm, n in rotated(cells, r * (len(cells) // rounds or 1)):
-            run = run_once(lab, capture, arm, rate, seconds, side, tmp, n)
+            run = run_once(lab, capture, arm, rate, seconds, side, tmp, n, worker_cpu)
             runs.append(run)
             f = run.figures()
             print(f"    round {r + 1} {run.label:26} {rate:>8,}/s asked: offered {f['offered segments/s']:>8,}/s,"
@@ -633,21 +759,28 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
                   f" {f['CPU us per segment'] or 0:6.2f} us/segment, others {f['rest of the machine, cores']:.2f}"
                   f" cores", flush=True)
     summary = summarize(runs)
-    top = max(rates)
-    print(f"  past the knee: imaptap -i --metrics at {top:,}/s asked, scraped every {SCRAPE_INTERVAL_S:g} s",
-          flush=True)
-    check = overload(lab, capture, top, seconds, side, tmp)
+    check = None
+    if worker_cpu is None:
+        top = max(rates)
+        print(f"  past the knee: imaptap -i --metrics at {top:,}/s asked, scraped every {SCRAPE_INTERVAL_S:g} s",
+              flush=True)
+        check = overload(lab, capture, top, seconds, side, tmp)
     return {"capture": {"file": str(source or bench_capture()), "frames": capture.packets,
                         "segments": capture.segments},
             "side": str(side), "seconds per run": seconds, "rounds": rounds, "workers": list(workers),
-            "summary": summary,
+            "CPU cap per worker, cores": worker_cpu, "summary": summary, "scaling": scaling(summary),
             "overload": check, "runs": [r.figures() for r in runs]}
 
 
 def print_report(report: dict) -> None:
     """The summary of each arm and the overload check, as bench-live prints its sections."""
     print_summary(report["summary"])
+    if len(report["scaling"]) > 1 or report["CPU cap per worker, cores"] is not None:
+        print_scaling(report["scaling"])
     check = report["overload"]
+    if check is None:
+        print("  past the knee: not run with capped workers (it checks the uncapped analyzer)")
+        return
     print(f"  past the knee ({check['offered segments/s']:,} segments/s offered, imaptap -i --metrics):"
           f" {check['scrapes']} scrapes, slowest {check['scrape seconds, most']} s; lost as scraped"
           f" {[int(v) for v in check['lost, as scraped']]}; stats record: submitted {check['stats: submitted']},"
