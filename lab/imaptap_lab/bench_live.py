@@ -49,7 +49,9 @@ Six measurements, each reported as medians of interleaved rounds:
    Dovecot sessions onto the veth at rising rates, past what the analyzer takes; per rate the
    segments offered, submitted, received and lost, CPU per segment of ``imaptap -i`` and of the
    capture alone, the zero-loss knee, and a check that past it losses are counted, metrics
-   still answer and SIGINT still stops imaptap.
+   still answer and SIGINT still stops imaptap.  With ``--ceiling-workers 1,2,4
+   --ceiling-worker-cpu 0.1`` each worker is capped to a tenth of a core (imaptap_lab.cpucap),
+   and the knee of N workers against one's shows the scaling on a machine without N free cores.
 
 Nothing is timed in the test suite; this is for the README.  Run as root:
     scripts/bench-live [--rounds 15] [--iperf-seconds 2] [--seconds 5] [--sessions 40]
