@@ -570,18 +570,28 @@ def knee(rows: dict) -> dict:
 
 
 def scaling(summary: dict) -> list[dict]:
-    """Per worker count of the analyzer: its knee, the ratio of that knee to one worker's, and
-    the CPU per segment (the parent's and the workers' apart) at the highest rate without loss."""
+    """Per worker count of the analyzer: its knee, the ratio of that knee to one worker's, the
+    most it took at any rate (with the same ratio: finer than the rates' steps where the arm was
+    flooded), and the CPU per segment (the parent's and the workers' apart) at the knee."""
     arms = [s for s in summary.values() if s["arm"] == str(Arm.ANALYZER)]
-    one = next((s["knee"]["zero loss up to segments/s"] for s in arms if s["workers"] == 1), None)
+
+    def most_received(s: dict) -> float:
+        return max((row["received segments/s"] or 0) for row in s["rates"].values())
+
+    one = next((s for s in arms if s["workers"] == 1), None)
+    one_knee = one["knee"]["zero loss up to segments/s"] if one else None
+    one_most = most_received(one) if one else None
     out = []
     for s in sorted(arms, key=lambda s: s["workers"]):
         k = s["knee"]["zero loss up to segments/s"]
+        most = most_received(s)
         at = max((rate for rate, row in s["rates"].items() if row["offered segments/s"] == k), default=None)
         row = s["rates"][at] if at is not None else {}
         out.append({"workers": s["workers"], "CPU cap per worker, cores": s["CPU cap per worker, cores"],
                     "zero loss up to segments/s": k, "losses from segments/s": s["knee"]["losses from segments/s"],
-                    "scaling": round(k / one, 2) if k and one else None,
+                    "scaling": round(k / one_knee, 2) if k and one_knee else None,
+                    "most received segments/s": most,
+                    "most received scaling": round(most / one_most, 2) if one_most else None,
                     "CPU us per segment": row.get("CPU us per segment"),
                     "parent CPU us per segment": row.get("parent CPU us per segment"),
                     "workers CPU us per segment": row.get("workers CPU us per segment"),
@@ -597,11 +607,13 @@ def print_scaling(rows: list[dict]) -> None:
 
     print("  scaling of imaptap -i over its workers (figures at the highest rate without loss):")
     print(f"    {'workers':>7} {'cap/worker':>10} {'knee/s':>8} {'losses from':>11} {'scaling':>7}"
-          f" {'us/segment':>10} {'parent us':>9} {'workers us':>10} {'parent cores':>12} {'throttled':>9}")
+          f" {'most taken/s':>12} {'scaling':>7} {'us/segment':>10} {'parent us':>9} {'workers us':>10}"
+          f" {'parent cores':>12} {'throttled':>9}")
     for r in rows:
         print(f"    {r['workers']:>7} {num(r['CPU cap per worker, cores'], 'g'):>10}"
               f" {num(r['zero loss up to segments/s'], ',.0f'):>8} {num(r['losses from segments/s'], ',.0f'):>11}"
-              f" {num(r['scaling'], '.2f'):>7} {num(r['CPU us per segment'], '.2f'):>10}"
+              f" {num(r['scaling'], '.2f'):>7} {num(r['most received segments/s'], ',.0f'):>12}"
+              f" {num(r['most received scaling'], '.2f'):>7} {num(r['CPU us per segment'], '.2f'):>10}"
               f" {num(r['parent CPU us per segment'], '.2f'):>9} {num(r['workers CPU us per segment'], '.2f'):>10}"
               f" {num(r['parent CPU cores'], '.3f'):>12} {num(r['throttled periods share'], '.2f'):>9}")
 

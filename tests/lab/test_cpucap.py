@@ -55,6 +55,9 @@ def test_scaling_is_each_knee_over_one_worker_s():
     assert [(r["workers"], r["zero loss up to segments/s"], r["scaling"]) for r in rows] == \
         [(1, 10_000, 1.0), (2, 20_000, 2.0), (4, 40_000, 4.0)]
     assert rows[2]["losses from segments/s"] is None
+    # taken at most: one worker 19,995/s (20,000 less 5 lost a second), two 39,999/s
+    assert rows[1]["most received segments/s"] == 39_999
+    assert rows[1]["most received scaling"] == pytest.approx(2.0, abs=0.01)
     # at the knee of two workers: 2 s of CPU for 200,000 segments, 0.4 s of it the parent's
     assert (rows[1]["CPU us per segment"], rows[1]["parent CPU us per segment"],
             rows[1]["workers CPU us per segment"], rows[1]["parent CPU cores"]) == (10.0, 2.0, 8.0, 0.04)
