@@ -70,7 +70,7 @@ import sys
 import time
 from pathlib import Path
 
-from imaptap_lab import cpucap
+from imaptap_lab import cpucap, tui_overload
 from imaptap_lab.bench_live import PYTHON, _socket_in, cpu_seconds
 from imaptap_lab.checkout import OUT_DIR, USERSPACE
 from imaptap_lab.lab import IMAP_PORT, Lab
@@ -683,6 +683,12 @@ ANSWERED = "answered"
 METRICS_PORT = re.compile(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
+def tcpreplay_cmd(lab: Lab, capture: ReplayCapture, rate: int, seconds: float) -> list[str]:
+    """tcpreplay offering ``rate`` IMAP segments a second into the lab's veth for ``seconds``."""
+    return ["tcpreplay", "-i", lab.host_if, f"--pps={capture.pps_for(rate):.0f}", "--loop=0",
+            f"--duration={seconds:g}", "--preload-pcap", str(capture.path)]
+
+
 def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: Side, tmp: Path) -> dict:
     """imaptap -i --metrics flooded at ``rate``: its scrapes while it is, and its accounts after."""
     proc = ArmProcess(Arm.ANALYZER, lab, side, tmp, ("--metrics", "127.0.0.1:0"))
@@ -692,8 +698,7 @@ def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: 
             raise CeilingError(f"imaptap did not say where it serves metrics: {proc.err.read_text()[-500:]}")
         port = int(found.group(1))
         scrapes = []
-        sender = subprocess.Popen(["tcpreplay", "-i", lab.host_if, f"--pps={capture.pps_for(rate):.0f}", "--loop=0",
-                                   f"--duration={seconds:g}", "--preload-pcap", str(capture.path)],
+        sender = subprocess.Popen(tcpreplay_cmd(lab, capture, rate, seconds),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while sender.poll() is None:
             values, took = scrape(lab, side, port)
@@ -772,16 +777,23 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
                   f" cores", flush=True)
     summary = summarize(runs)
     check = None
+    tui_checks: list[dict] = []
     if worker_cpu is None:
         top = max(rates)
         print(f"  past the knee: imaptap -i --metrics at {top:,}/s asked, scraped every {SCRAPE_INTERVAL_S:g} s",
               flush=True)
         check = overload(lab, capture, top, seconds, side, tmp)
+        for n in sorted({1, max(workers)}):
+            print(f"  past the knee, the TUI: imaptap -i{f' --workers {n}' if n > 1 else ''} on a terminal at"
+                  f" {top:,}/s asked, keys every {tui_overload.KEY_INTERVAL_S:g} s", flush=True)
+            tui_checks.append(tui_overload.tui_overload(
+                lab.ns_if if side is Side.NS else lab.host_if, lab.netns if side is Side.NS else None,
+                tcpreplay_cmd(lab, capture, top, seconds), n))
     return {"capture": {"file": str(source or bench_capture()), "frames": capture.packets,
                         "segments": capture.segments},
             "side": str(side), "seconds per run": seconds, "rounds": rounds, "workers": list(workers),
             "CPU cap per worker, cores": worker_cpu, "summary": summary, "scaling": scaling(summary),
-            "overload": check, "runs": [r.figures() for r in runs]}
+            "overload": check, "tui overload": tui_checks, "runs": [r.figures() for r in runs]}
 
 
 def print_report(report: dict) -> None:
@@ -800,6 +812,8 @@ def print_report(report: dict) -> None:
           f" after SIGINT")
     for what, ok in check["checks"].items():
         print(f"    {'ok  ' if ok else 'FAIL'} {what}")
+    for tui in report.get("tui overload", ()):
+        tui_overload.print_check(tui)
 
 
 def main_error(err: Exception) -> int:
