@@ -168,7 +168,8 @@ def tui_overload(iface: str, netns: str | None, tcpreplay: list[str], workers: i
     return {"workers": workers, "keys": len(answers), "keys answered": len(timed),
             "answer seconds, median": round(statistics.median(timed), 3) if timed else None,
             "answer seconds, most": round(max(timed), 3) if timed else None,
-            "lost shown before": before, "lost shown at the end": lost, "quit seconds": quit_seconds,
+            "lost shown before": before, "lost shown at the end": lost,
+            "quit seconds": None if quit_seconds is None else round(quit_seconds, 2),
             "exit status": term.status, "tcpreplay": sent.strip().splitlines()[-1:] if sent else [],
             "checks": {
                 "every key answered while flooded": bool(answers) and len(timed) == len(answers),
