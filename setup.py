@@ -21,7 +21,8 @@ from setuptools.command.build_ext import build_ext
 #: with ``mypyc_attr(allow_interpreted_subclasses=True)``. Left out: pipeline.py and
 #: output/jsonl.py, whose classes (Source, Sink, JsonlSink) interpreted code subclasses and
 #: extends freely; flowrecord.py, whose annotations output/jsonl.py reads (compiled, they are
-#: types, not the text written); the rest does not run per segment.
+#: types, not the text written); the rest does not run per segment. linemerge.py is the
+#: replay workers' per-segment and per-line part (workers.py keeps their processes and pipes).
 COMPILED = [
     "flows.py",
     "clients.py",
@@ -35,6 +36,7 @@ COMPILED = [
     "capture/decode.py",
     "segment.py",
     "facts.py",
+    "linemerge.py",
 ]
 
 

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import enum
 import fcntl
-import heapq
 import os
 import pickle
 import select
@@ -48,40 +46,16 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from imaptap.facts import FlowFacts
-from imaptap.flows import EndReason, Flow, FlowStats
+from imaptap.flows import Flow, FlowStats
 from imaptap.flowshare import FlowShare
+from imaptap.linemerge import LineGroups, merge
 from imaptap.output.jsonl import JsonlSink, JsonlWriter
 from imaptap.pipeline import Pipeline, ReplaySource, Sink
-from imaptap.segment import FlowKey, Segment, flow_key
+from imaptap.segment import Segment
 
 if TYPE_CHECKING:
     from imaptap.output.report import ReportSink
 
-class Step(enum.IntEnum):
-    """The steps of a segment's processing, in the order one process takes them (merge key part 2)."""
-
-    ROUND_END = 0
-    """A --flow-interval round: a flow idle past the timeout at the round's time ends."""
-    ROUND_UPDATE = 1
-    """A --flow-interval round: an open flow's flow_update record."""
-    SWEEP = 2
-    """The idle sweep a segment's time makes."""
-    SEGMENT = 3
-    """The segment itself."""
-    INPUT_END = 4
-    """The end of the input: every open flow ends."""
-
-
-#: Bits of the merge key below the step: a flow's last segment index or a worker's count of
-#: line groups, each below 2**40 (a trillion segments).
-SUB_BITS = 40
-#: The step and the segment index above it: the end of the input comes after any segment.
-STEP_BITS = 3
-END_INDEX = 1 << SUB_BITS
-#: Above every merge key.
-END_KEY = (END_INDEX + 1) << (STEP_BITS + SUB_BITS)
-#: Line groups the parent joins into one write.
-WRITE_ITEMS = 1024
 #: Lines a worker collects before it sends them (about a megabyte): large chunks make the
 #: pipe cheap, and a worker sends what it has at every tick of its source too.
 SEND_LINES = 4096
@@ -124,10 +98,6 @@ class WorkerFailed(Exception):
     """A worker process died or failed inside (a bug, or killed): one line."""
 
 
-def _key(index: int, step: Step, sub: int) -> int:
-    return (((index << STEP_BITS) | step) << SUB_BITS) | sub
-
-
 class _ShareWriter(JsonlWriter):
     """The worker's JSON writer: its lines stay in `_lines` until `WorkerOutput` sends them."""
 
@@ -136,125 +106,42 @@ class _ShareWriter(JsonlWriter):
 
 
 class WorkerOutput(Sink):
-    """A worker's side of the merge: groups the JSON lines its pipeline writes, each with its
-    merge key and its flow, and sends them to the parent in chunks."""
+    """A worker's side of the merge: the pipeline's events handed to its `LineGroups`, which
+    groups the JSON lines its pipeline writes, each with its merge key and its flow; the
+    groups go to the parent in chunks."""
 
     def __init__(self, share: FlowShare, writer: _ShareWriter, fd: int, report: bool = False) -> None:
         self.share = share
         self.report = report
         """Each ended flow's facts and audit go to the parent too (--report, --fail-on)."""
-        self.lines = writer._lines
+        self.groups = LineGroups(share, writer._lines, report)
         self.fd = fd
-        self.index = 0
-        """The index of the segment being processed (1 for the first)."""
-        self.step = Step.SWEEP
-        self.groups: list[tuple[int, int, int, int, bool, Any]] = []
-        """(merge key, end in `lines`, the worker's flow id, a flow's creation, the flow's last
-        lines, its facts and audit for the report or None)."""
-        self.start = 0
-        """Where the lines not yet in a group start."""
-        self.count = 0
-        """Line groups made so far: the order of a segment's own groups."""
-        self.last: dict[FlowKey, int] = {}
-        """Each open flow's last segment index, by flow key: its place in the table."""
-
-    # --- grouping ---------------------------------------------------------------------------
-
-    def _group(self, key: int, flow_id: int, ends: bool = False, ended: Any = None) -> None:
-        self.groups.append((key, len(self.lines), flow_id, 0, ends, ended))
-        self.start = len(self.lines)
-
-    def _own_key(self) -> int:
-        self.count += 1
-        return _key(self.index, Step.SEGMENT, self.count)
 
     def flow_started(self, flow: Flow) -> None:
-        if len(self.lines) > self.start:  # not expected: every earlier line belongs to a flow's end
-            self._group(self._own_key(), -1)
-        self.groups.append((self._own_key(), len(self.lines), flow.id, 1, False, None))
+        self.groups.started(flow.id)
         return None
 
     def flow_ended(self, flow: Flow, facts: FlowFacts) -> None:
-        reason = flow.end_reason
-        place = self.last.pop(flow.key, 0)
-        if reason is EndReason.END:
-            key = _key(END_INDEX, Step.INPUT_END, place)
-        elif reason is EndReason.IDLE:
-            key = _key(self.index, self.step, place)
-        else:
-            key = self._own_key()
-        self._group(key, flow.id, True, (facts, flow.session.audit) if self.report else None)
+        self.groups.ended(flow, (facts, flow.session.audit) if self.report else None)
 
     def flow_update(self, flow: Flow, facts: FlowFacts, ts: float) -> None:
-        self._group(_key(self.index, Step.ROUND_UPDATE, self.last[flow.key]), flow.id)
+        self.groups.updated(flow)
 
     def tick(self, pipeline: Pipeline) -> None:
-        if self.groups:
+        if self.groups.groups:
             self.send()
 
     def hook(self, pipeline: Pipeline) -> Callable[[Segment], None]:
         """What takes each item of the worker's source: a segment of its share, or the time of
         another worker's segment (a float)."""
-        table = pipeline.table
-        flows = table.flows
-        add, advance, round_due, wake = table.add, table.advance, pipeline.round_due, pipeline.wake
         rounds = pipeline.flow_interval is not None
-        share = self.share
-        last = self.last
-        lines = self.lines
-        own = 0
-        due = share.wake  # no segment before this time makes a sweep or a round
-
-        def take(seg: Segment | float) -> None:
-            nonlocal own, due
-            if isinstance(seg, float):
-                ts = seg
-                self.index = own + share.skipped
-                if rounds:
-                    self.step = Step.ROUND_END
-                    round_due(ts)
-                self.step = Step.SWEEP
-                advance(ts)
-            else:
-                ts = seg.ts
-                own += 1
-                self.index = index = own + share.skipped
-                if rounds and ts >= due:
-                    self.step = Step.ROUND_END
-                    round_due(ts)
-                    self.step = Step.SWEEP
-                add(seg)
-                key = flow_key(seg.src, seg.sport, seg.dst, seg.dport)
-                flow = flows.get(key)
-                if flow is not None:
-                    last[key] = index
-                    if len(lines) > self.start:
-                        self._group(self._own_key(), flow.id)
-                if len(lines) >= SEND_LINES:
-                    self.send()
-            if ts >= due:  # a sweep or a round may have been made: the next one's time
-                share.wake = due = wake()
-
-        return take
-
-    # --- sending ----------------------------------------------------------------------------
+        self.groups.attach(pipeline.table, pipeline.round_due if rounds else None, pipeline.wake, self.send,
+                           SEND_LINES)
+        return self.groups.take
 
     def send(self, final: dict[str, Any] | None = None) -> None:
         """The groups made so far to the parent (and ``final``, the worker's last word)."""
-        lines = self.lines
-        items: list[tuple[int, int, int, str | None, bool, Any]] = []
-        start = 0
-        worker = self.share.index
-        for key, end, flow_id, created, ends, ended in self.groups:
-            if created:
-                items.append((key, worker, flow_id, None, False, None))
-            else:
-                items.append((key, worker, flow_id, "".join(lines[start:end]), ends, ended))
-                start = end
-        del lines[:start]
-        self.groups.clear()
-        self.start = len(lines)
-        send_frame(self.fd, (items, final))
+        send_frame(self.fd, (self.groups.items(self.share.index), final))
 
 
 @dataclasses.dataclass
@@ -367,9 +254,7 @@ class ReplayWorkers:
             self._reap(kill=not done)
 
     def _merge(self, fds: list[int], stop: Callable[[], object]) -> None:
-        """Write the workers' items in merge-key order.  A heap holds each worker's next key;
-        the worker whose key is lowest gives every item below the next lowest worker's key at
-        once (a run of one worker's segments is the rule, so the heap is seldom touched)."""
+        """Write the workers' items in merge-key order (`linemerge.merge`)."""
         self._stop = stop
         self._stopping = False
         self._fds = fds
@@ -379,54 +264,10 @@ class ReplayWorkers:
         self._buffered = [0] * len(fds)
         """Bytes read from each worker and not yet merged."""
         self._ended = [False] * len(fds)
-        write = self.writer.write if self.writer is not None else None
-        builder = self.report.builder if self.report is not None else None
-        ids: list[dict[int, int]] = [{} for _ in fds]
-        next_id = 0
         finals: list[dict[str, Any]] = [{} for _ in fds]
-        lists: list[list[Any] | None] = [self._chunk(w, fd, finals) for w, fd in enumerate(fds)]
-        places = [0] * len(fds)
-        heap = [(items[0][0], w) for w, items in enumerate(lists) if items is not None]
-        heapq.heapify(heap)
-        out: list[str] = []
-        while heap:
-            _, w = heapq.heappop(heap)
-            bound = heap[0][0] if heap else END_KEY
-            items = lists[w]
-            i = places[w]
-            numbers = ids[w]
-            while items is not None:
-                if i == len(items):
-                    items = lists[w] = self._chunk(w, fds[w], finals)
-                    i = 0
-                    continue
-                key, _, flow_id, text, ends, ended = items[i]
-                if key > bound:
-                    break
-                i += 1
-                if text is None:  # a flow made: its id in one process
-                    next_id += 1
-                    numbers[flow_id] = next_id
-                    continue
-                new_id = numbers.pop(flow_id, flow_id) if ends else numbers.get(flow_id, flow_id)
-                if write is not None:
-                    if new_id != flow_id:
-                        # Every line names its flow once as "flow":N, and JSON strings cannot hold
-                        # that text unescaped (a quote in a string is \"), nor can a client's ID
-                        # parameter named flow (its value is a string or null).
-                        text = text.replace(f'"flow":{flow_id},', f'"flow":{new_id},')
-                    out.append(text)
-                    if len(out) >= WRITE_ITEMS:
-                        write("".join(out))
-                        out.clear()
-                if ended is not None and builder is not None:
-                    facts, audit = ended
-                    builder.add(facts._replace(flow=new_id), audit)
-            if items is not None:
-                places[w] = i
-                heapq.heappush(heap, (items[i][0], w))
-        if write is not None and out:
-            write("".join(out))
+        merge(len(fds), lambda w: self._chunk(w, fds[w], finals),
+              self.writer.write if self.writer is not None else None,
+              self.report.builder.add if self.report is not None else None)
         self.finals = finals
         first = finals[0]
         for i, final in enumerate(finals):
