@@ -350,10 +350,15 @@ TCPREPLAY_SENT = re.compile(r"Actual: (\d+) packets .* sent in ([\d.]+) seconds"
 TCPREPLAY_FAILED = re.compile(r"Failed packets:\s+(\d+)")
 
 
+def tcpreplay_cmd(iface: str, capture: ReplayCapture, pps: float, seconds: float) -> list[str]:
+    """tcpreplay sending the capture looped onto ``iface`` at ``pps`` frames a second for ``seconds``."""
+    return ["tcpreplay", "-i", iface, f"--pps={pps:.0f}", "--loop=0", f"--duration={seconds:g}", "--preload-pcap",
+            str(capture.path)]
+
+
 def tcpreplay(iface: str, capture: ReplayCapture, pps: float, seconds: float) -> Sent:
     """Send the capture looped onto ``iface`` at ``pps`` frames a second for ``seconds``."""
-    proc = subprocess.Popen(["tcpreplay", "-i", iface, f"--pps={pps:.0f}", "--loop=0", f"--duration={seconds:g}",
-                             "--preload-pcap", str(capture.path)],
+    proc = subprocess.Popen(tcpreplay_cmd(iface, capture, pps, seconds),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert proc.stdout is not None
     out = proc.stdout.read()
@@ -683,12 +688,6 @@ ANSWERED = "answered"
 METRICS_PORT = re.compile(r"serving metrics on http://127\.0\.0\.1:(\d+)/metrics")
 
 
-def tcpreplay_cmd(lab: Lab, capture: ReplayCapture, rate: int, seconds: float) -> list[str]:
-    """tcpreplay offering ``rate`` IMAP segments a second into the lab's veth for ``seconds``."""
-    return ["tcpreplay", "-i", lab.host_if, f"--pps={capture.pps_for(rate):.0f}", "--loop=0",
-            f"--duration={seconds:g}", "--preload-pcap", str(capture.path)]
-
-
 def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: Side, tmp: Path) -> dict:
     """imaptap -i --metrics flooded at ``rate``: its scrapes while it is, and its accounts after."""
     proc = ArmProcess(Arm.ANALYZER, lab, side, tmp, ("--metrics", "127.0.0.1:0"))
@@ -698,7 +697,7 @@ def overload(lab: Lab, capture: ReplayCapture, rate: int, seconds: float, side: 
             raise CeilingError(f"imaptap did not say where it serves metrics: {proc.err.read_text()[-500:]}")
         port = int(found.group(1))
         scrapes = []
-        sender = subprocess.Popen(tcpreplay_cmd(lab, capture, rate, seconds),
+        sender = subprocess.Popen(tcpreplay_cmd(lab.host_if, capture, capture.pps_for(rate), seconds),
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         while sender.poll() is None:
             values, took = scrape(lab, side, port)
@@ -788,7 +787,7 @@ def ceiling(lab: Lab, tmp: Path, rates: list[int], seconds: float, rounds: int, 
                   f" {top:,}/s asked, keys every {tui_overload.KEY_INTERVAL_S:g} s", flush=True)
             tui_checks.append(tui_overload.tui_overload(
                 lab.ns_if if side is Side.NS else lab.host_if, lab.netns if side is Side.NS else None,
-                tcpreplay_cmd(lab, capture, top, seconds), n))
+                tcpreplay_cmd(lab.host_if, capture, capture.pps_for(top), seconds), n))
     return {"capture": {"file": str(source or bench_capture()), "frames": capture.packets,
                         "segments": capture.segments},
             "side": str(side), "seconds per run": seconds, "rounds": rounds, "workers": list(workers),

@@ -400,7 +400,7 @@ def _run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink |
         from imaptap import tui  # imports Textual only inside tui.run
 
         if tui.available():
-            return tui.run(args, ports, extra_sinks, fingerprint)
+            return tui.run(args, ports, metrics, fingerprint)
         print("imaptap: the TUI needs Textual (pip install 'imaptap[tui]'); writing JSON Lines (use --json PATH)",
               file=sys.stderr)
         json_path = "-"

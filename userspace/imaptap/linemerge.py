@@ -38,6 +38,9 @@ STEP_BITS: Final = 3
 END_INDEX: Final = 1 << SUB_BITS
 #: Above every merge key.
 END_KEY: Final = (END_INDEX + 1) << (STEP_BITS + SUB_BITS)
+#: Lines a worker collects before it sends them (about a megabyte): large chunks make the
+#: pipe cheap, and a worker sends what it has at every tick of its source too.
+SEND_LINES: Final = 4096
 #: Line groups the parent joins into one write.
 WRITE_ITEMS: Final = 1024
 
@@ -59,11 +62,9 @@ class LineGroups:
     """A worker's JSON lines (the list its writer appends to), grouped as they are written,
     each group with its merge key and its flow; `take` is the worker's per-segment hook."""
 
-    def __init__(self, share: FlowShare, lines: list[str], report: bool) -> None:
+    def __init__(self, share: FlowShare, lines: list[str]) -> None:
         self.share = share
         self.lines = lines
-        self.report = report
-        """Each ended flow's facts and audit go to the parent too (--report, --fail-on)."""
         self.index = 0
         """The index of the segment being processed (1 for the first)."""
         self.step = SWEEP
@@ -85,17 +86,14 @@ class LineGroups:
         self.wake: Callable[[], float] | None = None
         self.send: Callable[[], None] | None = None
         """Sends the groups made so far (set by the worker's sink)."""
-        self.send_lines = 0
-        """Lines the worker collects before it sends them."""
 
     def attach(self, table: FlowTable, round_due: Callable[[float], None] | None, wake: Callable[[], float],
-               send: Callable[[], None], send_lines: int) -> None:
+               send: Callable[[], None]) -> None:
         """The pipeline's table and clock functions (``round_due`` with --flow-interval only)."""
         self.table = table
         self.round_due = round_due
         self.wake = wake
         self.send = send
-        self.send_lines = send_lines
         self.due = self.share.wake
 
     def group(self, key: int, flow_id: int, ends: bool = False, ended: Any = None) -> None:
@@ -155,7 +153,7 @@ class LineGroups:
                 self.last[key] = index
                 if len(self.lines) > self.start:
                     self.group(self.own_key(), flow.id)
-            if len(self.lines) >= self.send_lines:
+            if len(self.lines) >= SEND_LINES:
                 assert self.send is not None
                 self.send()
         if ts >= self.due:  # a sweep or a round may have been made: the next one's time

@@ -56,9 +56,6 @@ from imaptap.segment import Segment
 if TYPE_CHECKING:
     from imaptap.output.report import ReportSink
 
-#: Lines a worker collects before it sends them (about a megabyte): large chunks make the
-#: pipe cheap, and a worker sends what it has at every tick of its source too.
-SEND_LINES = 4096
 #: A pipe's buffer, as large as Linux allows without privileges (/proc/sys/fs/pipe-max-size):
 #: a worker that runs ahead of the merge writes on until it is full.
 PIPE_SIZE = 1 << 20
@@ -114,7 +111,7 @@ class WorkerOutput(Sink):
         self.share = share
         self.report = report
         """Each ended flow's facts and audit go to the parent too (--report, --fail-on)."""
-        self.groups = LineGroups(share, writer._lines, report)
+        self.groups = LineGroups(share, writer._lines)
         self.fd = fd
 
     def flow_started(self, flow: Flow) -> None:
@@ -135,8 +132,7 @@ class WorkerOutput(Sink):
         """What takes each item of the worker's source: a segment of its share, or the time of
         another worker's segment (a float)."""
         rounds = pipeline.flow_interval is not None
-        self.groups.attach(pipeline.table, pipeline.round_due if rounds else None, pipeline.wake, self.send,
-                           SEND_LINES)
+        self.groups.attach(pipeline.table, pipeline.round_due if rounds else None, pipeline.wake, self.send)
         return self.groups.take
 
     def send(self, final: dict[str, Any] | None = None) -> None:

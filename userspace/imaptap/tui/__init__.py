@@ -10,11 +10,12 @@ import importlib.util
 import os
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from imaptap.capture.pcapwrite import MaskingWriter
+    from imaptap.output.metrics import MetricsSink
     from imaptap.output.report import ReportSink
     from imaptap.pipeline import Sink, Source
     from imaptap.tui.workerfeed import WorkersFeed
@@ -37,11 +38,11 @@ def keys_from_the_terminal() -> int:
     return capture
 
 
-def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] = (),
+def run(args: argparse.Namespace, ports: frozenset[int], metrics: MetricsSink | None = None,
         password_fingerprint: Callable[[bytes], str] | None = None) -> int:
-    """Run the TUI on the capture the arguments name (``sinks`` take its events too, as metrics
-    do); the exit status as the JSON output's (with ``--fail-on``, 3 when a finding it names
-    occurred, the flows named on stderr)."""
+    """Run the TUI on the capture the arguments name (``metrics`` takes its events too, or the
+    workers' snapshots); the exit status as the JSON output's (with ``--fail-on``, 3 when a
+    finding it names occurred, the flows named on stderr)."""
     from imaptap.pipeline import SourceError, build_source
 
     read_fd = None
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     requests: list[int] = []
     warnings: list[str] = []
     report_sink = None
-    extra = list(sinks)
+    extra: list[Sink] = [] if metrics is None else [metrics]
     if getattr(args, "fail_on", None):
         from imaptap.output.report import ReportSink
         from imaptap.report import ReportBuilder
@@ -88,7 +89,7 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
     feed: Feed | WorkersFeed
     workers_feed = None
     if workers > 1:
-        feed = workers_feed = _workers_feed(args, ports, source, pcap_writer, reopen, sinks, report_sink,
+        feed = workers_feed = _workers_feed(args, ports, source, pcap_writer, reopen, metrics, report_sink,
                                             password_fingerprint)
     else:
         feed = Feed(source, pcap_writer=pcap_writer, max_flows=args.max_flows, idle_timeout=args.idle_timeout,
@@ -116,18 +117,16 @@ def run(args: argparse.Namespace, ports: frozenset[int], sinks: Sequence[Sink] =
 
 
 def _workers_feed(args: argparse.Namespace, ports: frozenset[int], source: Source, pcap_writer: MaskingWriter | None,
-                  reopen: Sink, sinks: Sequence[Sink], report_sink: ReportSink | None,
+                  reopen: Sink, metrics: MetricsSink | None, report_sink: ReportSink | None,
                   password_fingerprint: Callable[[bytes], str] | None) -> WorkersFeed:
     """``-i IFACE --workers N`` on a terminal: the app's feed merges what N workers analyse."""
     import time
 
     from imaptap.capture.live.workers import LiveWorkerSpec
-    from imaptap.output.metrics import MetricsSink
     from imaptap.pipeline import LiveSource
     from imaptap.tui.workerfeed import workers_feed
 
     assert isinstance(source, LiveSource)
-    metrics = next((s for s in sinks if isinstance(s, MetricsSink)), None)
     spec = LiveWorkerSpec(json=False, messages=True,
                           pipeline={"max_flows": args.max_flows, "idle_timeout": args.idle_timeout,
                                     "flow_interval": None, "password_fingerprint": password_fingerprint},
