@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--workers", type=_workers, default=1, metavar="N",
                       help="analyse the flows in N processes, by a hash of their addresses and ports; the"
                            " same output as one (default 1; with -r FILE, and --json or --report; with -i, up to"
-                           f" {LIVE_MAX_WORKERS}, not with the TUI)")
+                           f" {LIVE_MAX_WORKERS})")
     out.add_argument("--flow-interval", type=_positive, metavar="SECONDS",
                      help="JSON: also a flow_update record of every open flow every SECONDS (capture time"
                           " in a replay, the wall clock live)")
@@ -292,7 +292,7 @@ def open_source(args: argparse.Namespace, ports: frozenset[int]) -> tuple[Source
         return build_source(read=args.read, interfaces=args.interface, ports=ports, snaplen=args.snaplen,
                             taillen=args.tail, xdp_mode=args.xdp_mode, use_xdp=not args.no_xdp, user=args.user,
                             write=args.write, append=args.append, handshake_snaplen=args.handshake_snaplen,
-                            workers=1 if args.read else args.workers)
+                            workers=args.workers)  # a replay's workers read the file each: it ignores them
     except SourceError as exc:
         raise UsageError(str(exc)) from None
 

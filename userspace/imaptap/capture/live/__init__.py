@@ -402,11 +402,6 @@ class LiveCapture:
         if self.workers == 1:  # else each worker process opens its own ring
             self._reader.open(self._bpf, self.ringbuf)
 
-    def ring(self, worker: int) -> object:
-        """The ring buffer table of worker ``worker`` (0-based), for its `RecordReader`."""
-        assert self._bpf is not None, "the capture is open"
-        return self._bpf[ring_map(worker)]
-
     def _attach(self, indexes: dict[str, int]) -> list[str]:
         """Put the programs on each interface; the notes for the user (fallbacks taken)."""
         attachments = self._attachments
