@@ -41,6 +41,8 @@ EXTRA_LOGINS = 24
 #: next response passed is a race against the veth's round trip, one process or several; and
 #: the server's byte counts: Dovecot's completions say how long they took in two or three
 #: numbers ("(0.001 + 0.000 secs)", "(0.001 + 0.000 + 0.001 secs)"; see DOVECOT_TIMES).
+#: The bytes inflated of a compressed flow count the server's side too: `normalised` keeps
+#: only whether there were any.
 RUN_KEYS = ("flow", "client", "ts", "first_ts", "last_ts", "latency_ms", "bytes_not_captured", "bytes",
             "bytes_s2c")
 #: And of a STARTTLS'd flow: TLS records differ in length from run to run, and so does how
@@ -143,6 +145,8 @@ def normalised(record: dict) -> dict:
     out = {k: v for k, v in record.items() if k not in RUN_KEYS}
     if record.get("encrypted"):
         out = {k: v for k, v in out.items() if k not in TLS_RUN_KEYS}
+    if isinstance(out.get("bytes_inflated"), int):
+        out["bytes_inflated"] = out["bytes_inflated"] > 0
     if isinstance(out.get("text"), str):
         out["text"] = DOVECOT_TIMES.sub("(secs)", out["text"])
     if isinstance(out.get("tag"), str):
