@@ -1,7 +1,8 @@
 """The TUI over live workers (`imaptap -i IFACE --workers 2` on a real terminal): two sessions
 whose client ports the flow hash gives to different workers both show, the summary counts
 both, --fail-on names both, -w writes both masked, q detaches and no worker is left; a killed
-worker ends the TUI with its one line and exit status 1."""
+worker ends the TUI with its one line and exit status 1; with --metrics, one process or two
+workers, a scrape taken while the screen runs counts every session."""
 
 from __future__ import annotations
 
@@ -12,13 +13,16 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 
 import pytest
 from test_cli_live import env, imaptap_cmd
+from test_live_workers_metrics import by, samples
 from test_tui_live import run_on_terminal
 
 from imaptap.flowshare import flow_hash, share_of
+from imaptap_lab import prometheus
 from imaptap_lab.programs import programs_on
 from livelab import attached
 
@@ -27,6 +31,8 @@ pytestmark = pytest.mark.live
 #: Where the search for client ports of a chosen worker starts: above Linux's ephemeral range
 #: (32768-60999), so no connection of the host holds them.
 FIRST_PORT = 61100
+#: How long a scrape may take to count sessions that ended (the workers publish once a refresh).
+SCRAPE_TIMEOUT = 15
 
 
 class PortIMAP(imaplib.IMAP4):
@@ -164,3 +170,47 @@ def test_a_killed_worker_ends_the_tui_with_its_line_and_status_1(lab):
     assert b"imaptap: live worker 2 of 2 was killed by signal 9: capture stopped, its flows are lost" in out
     assert b"Traceback" not in out
     assert programs_on(lab.host_if) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_tui_with_metrics_answers_scrapes_of_every_session(lab, workers):
+    """The TUI and --metrics together (one process, and two workers): a scrape taken while the
+    screen runs counts both sessions' logins, and promtool takes it."""
+    failures: list[BaseException] = []
+    got: list[dict] = []
+    port = prometheus.free_port()
+    ports = {"alice": port_of_worker(lab, 0, 2), "bob": port_of_worker(lab, 1, 2)}
+
+    def sessions_then_scrape() -> None:
+        for user, client_port in ports.items():
+            imap = PortIMAP(lab.server4, (lab.client4, client_port))
+            imap.login(user, lab.users[user])
+            imap.logout()
+        deadline = time.monotonic() + SCRAPE_TIMEOUT
+        while True:  # the workers' counts reach the parent once a refresh
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                text = r.read().decode()
+            counted = by(samples(text), "imaptap_logins_total", "outcome")
+            if counted == {("success",): 2} or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        got.append({"text": text, "counted": counted})
+
+    thread = when_attached(lab, sessions_then_scrape, failures)
+    try:
+        status, out = run_on_terminal("-i", lab.host_if, "--workers", str(workers),
+                                      "--metrics", f"127.0.0.1:{port}",
+                                      steps=((b"LIVE", lambda pid: thread.join()), (b"", b"q")),
+                                      timeout=180)
+    finally:
+        thread.join()
+    assert not failures, failures
+    assert status == 0, out[-2000:]
+    (scrape,) = got
+    assert scrape["counted"] == {("success",): 2}, scrape["text"][-3000:]
+    for user in ports:
+        assert lab.users[user].encode() not in out and lab.users[user] not in scrape["text"]
+    checked = prometheus.promtool("check", "metrics", input=scrape["text"].encode())
+    assert checked.returncode == 0, (checked.stdout + checked.stderr).decode()
+    assert programs_on(lab.host_if) == []
+    assert imaptap_processes(lab.host_if) == []
