@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from test_feed import Ticks
 
-from harness import mixed_flows
+from harness import SIZE, login, mixed_flows, run, wait_for
 from imaptap import pipeline
 from imaptap.activity import Activity, merged
 from imaptap.capture.live.workers import FlowNumbers, LiveWorkerSpec, ShippedEnds
@@ -23,6 +24,7 @@ from imaptap.flowshare import flow_hash, share_of
 from imaptap.imap.session import Kind, Message
 from imaptap.pipeline import Sink
 from imaptap.testing import analyze
+from imaptap.tui.app import ImaptapApp
 from imaptap.tui.feed import Feed, FeedUpdate, MemorySource
 from imaptap.tui.workerfeed import FEED_FRAME, PART_FRAME, TAKEN, WorkerFeed, WorkersFeed
 from imaptap.workers import take_frames
@@ -49,6 +51,34 @@ class Runner:
 
     def stats(self) -> dict[str, Any]:
         return {}
+
+
+@dataclass
+class Replaying(Runner):
+    """A `Runner` whose workers send the frames they recorded, each worker its next batch only
+    once told the screen took its last (`TAKEN`), as `LiveWorkers`' workers do."""
+
+    frames: list[list[tuple[str, Any]]] = field(default_factory=list)
+    due: set[int] = field(default_factory=set)
+
+    def tell(self, byte: bytes, worker: int | None = None) -> None:
+        super().tell(byte, worker)
+        if byte == TAKEN and worker is not None:
+            self.due.add(worker)
+
+    def run(self, stop: Callable[[], bool], on_tick: Callable[[], None]) -> None:
+        pending = [iter(f) for f in self.frames]
+        self.due = set(range(len(self.frames)))
+        while not stop():
+            for w in sorted(self.due):
+                self.due.discard(w)
+                for kind, payload in pending[w]:
+                    assert self.on_frame is not None
+                    self.on_frame(w, kind, payload)
+                    if kind == FEED_FRAME and payload.batch:
+                        break
+            on_tick()
+            time.sleep(0.01)
 
 
 def worker_frames(segments, index: int, workers: int, tmp_path) -> list[tuple[str, Any]]:
@@ -160,6 +190,32 @@ def test_batches_wait_for_the_ui_and_each_worker_is_told_when_its_batch_was_take
     feed.ready.set()
     feed._flush(3.0)  # nothing new came: nothing is sent twice
     assert not updates[-1].batch
+
+
+def test_the_table_over_workers_lists_flows_by_their_start_not_their_ids(tmp_path):
+    """Each worker numbers its own flows, so ids are not start order: the table's default
+    order is the flows' start all the same."""
+    picked: list[int] = []  # two flows of worker 0 first, then one of worker 1
+    i = 0
+    while len(picked) < 3:
+        i += 1
+        first = login(f"user{i}", i)[0]
+        if share_of(flow_hash(first.src, first.sport, first.dst, first.dport), 2) == (len(picked) >= 2):
+            picked.append(i)
+    segments = [s for n, i in enumerate(picked) for s in login(f"user{i}", i, ts=1_700_000_000.0 + n)]
+    frames = [worker_frames(segments, w, 2, tmp_path) for w in range(2)]
+    runner = Replaying(2, MemorySource([], ports=PORTS), frames=frames)
+    app = ImaptapApp(WorkersFeed(runner, clock=time.monotonic, wallclock=lambda: 0.0,  # type: ignore[arg-type]
+                                 flush_interval=0.05))
+
+    async def go() -> None:
+        async with app.run_test(size=SIZE) as pilot:
+            await wait_for(pilot, lambda: app.flows_table.row_count == 3)
+            rows = list(app.flows_table.rows)
+            assert [app.store.flows[f].snap.facts.username for f in rows] == [f"user{i}" for i in picked]
+            assert rows == [1, 3, 2]  # worker 1 numbers 1, 3; worker 2 numbers 2
+
+    run(go())
 
 
 def test_activities_of_one_start_add_up_to_the_activity_of_every_message():

@@ -305,11 +305,13 @@ class ImaptapApp(App[int]):
 
     def _reorder(self) -> None:
         ids = sorted(self._visible)
+        flows = self.store.flows
         if self.sort_column is not None:
             key = SORT_KEYS[self.sort_column]
-            flows = self.store.flows
             now = self.now
             ids.sort(key=lambda fid: key(flows[fid].snap, now), reverse=self.sort_reverse)
+        elif not self.feed.ids_in_start_order:  # the default order is the flows' start
+            ids.sort(key=lambda fid: flows[fid].snap.facts.first_ts)
         self.flows_table.set_rows(ids)
 
     def _refilter(self) -> None:

@@ -152,6 +152,9 @@ class FeedControl(Protocol):
     """Set by the UI when it takes batches (it is not busy with the previous one, and not paused)."""
     summary_wanted: threading.Event
     """Set by the UI while it shows the summary."""
+    ids_in_start_order: bool
+    """Whether flow ids count up in the order flows start (one pipeline numbers them so; live
+    workers number theirs each on its own): if not, the UI orders by start time itself."""
 
     @property
     def source(self) -> Source:
@@ -179,6 +182,8 @@ def snapshot(flow: Flow, facts: FlowFacts | None = None) -> FlowSnapshot:
 
 class Feed(Sink):
     """Runs a `Source` through the pipeline (in `run`, on a worker thread) and emits `FeedUpdate`s."""
+
+    ids_in_start_order = True
 
     def __init__(
         self,

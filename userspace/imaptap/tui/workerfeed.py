@@ -137,6 +137,9 @@ class WorkersFeed:
     """The app's feed over live workers, with `Feed`'s face: ``source``, ``emit``, ``ready``,
     ``stopping``, ``summary_wanted``, ``run`` (on the app's capture thread), ``stop``."""
 
+    ids_in_start_order = False
+    """Each worker numbers its own flows (`FlowNumbers`): in start order within a worker only."""
+
     def __init__(self, runner: LiveWorkers, emit: Callable[[FeedUpdate], object] | None = None, *,
                  clock: Callable[[], float] = time.monotonic, wallclock: Callable[[], float] = time.time,
                  flush_interval: float = FLUSH_INTERVAL) -> None:
