@@ -470,3 +470,4 @@ class FlowTable:
             self.policy.forget(flow.key)
         if self.on_flow_end is not None:
             self.on_flow_end(flow)
+        session.release()
