@@ -14,7 +14,7 @@ With the cyclic collector off, every ended flow must be freed all the same: by r
 counting, once the table and the outputs let go of it.  A flow left in a reference cycle (its
 session and streams, its message callables) waits for the collector's full runs, which are rare
 in a process whose long-lived objects number a hundred thousand: a compressed flow's inflaters
-(40 KB) and every other ended flow piled up meanwhile.
+(40 KB each) and every other ended flow piled up meanwhile.
 """
 
 from __future__ import annotations

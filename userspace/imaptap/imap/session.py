@@ -1025,7 +1025,7 @@ class ImapSession:
         """The flow has ended and been reported: drop what ties the session to itself (each
         stream's owner, the message sink, whose callables hold the flow), so that reference
         counting frees the flow at once.  Left in those cycles, every ended flow (with the
-        inflaters of a compressed one, 40 KB) waited for the cyclic collector's rare full runs."""
+        inflaters of a compressed one, 40 KB each) waited for the cyclic collector's rare full runs."""
         self.client.owner = None
         self.server.owner = None
         self.set_message_sink(None)
