@@ -14,6 +14,7 @@ import os
 import signal
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,18 @@ def by(got: dict, name: str, *labels: str) -> dict[tuple[str, ...], float]:
     return {k: v for k, v in out.items() if v}
 
 
+def scrape_until(url: str, done: Callable[[str], bool], timeout: float) -> str:
+    """Scrape ``url`` until ``done`` holds for a scrape or ``timeout`` seconds pass: the last
+    scrape (the workers' counts reach the parent once a refresh)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+        if done(text) or time.monotonic() > deadline:
+            return text
+        time.sleep(0.3)
+
+
 def scraped_run(lab, tmp: Path, workers: int, *more: str) -> tuple[dict, str, list[dict]]:
     """What the sessions did, the final scrape of a ``--workers`` run, and its JSON records."""
     tmp.mkdir()
@@ -80,14 +93,11 @@ def scraped_run(lab, tmp: Path, workers: int, *more: str) -> tuple[dict, str, li
         did["sessions"] += EXTRA_LOGINS
         did["ok"]["LOGIN"] += EXTRA_LOGINS
         did["cleartext"] += EXTRA_LOGINS
-        deadline = time.monotonic() + SETTLE_TIMEOUT
-        while True:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                scrape = r.read().decode()
-            if total(samples(scrape), "imaptap_flows_ended_total") == did["sessions"]:
-                break
-            assert time.monotonic() < deadline, scrape
-            time.sleep(0.5)
+        def ended(text: str) -> float:
+            return total(samples(text), "imaptap_flows_ended_total")
+
+        scrape = scrape_until(url, lambda text: ended(text) == did["sessions"], SETTLE_TIMEOUT)
+        assert ended(scrape) == did["sessions"], scrape
         time.sleep(PUBLISH_SECONDS)  # one more refresh on every side, for nothing in between to hide
         with urllib.request.urlopen(url, timeout=10) as r:
             scrape = r.read().decode()

@@ -13,12 +13,11 @@ import socket
 import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 
 import pytest
 from test_cli_live import env, imaptap_cmd
-from test_live_workers_metrics import by, samples
+from test_live_workers_metrics import by, samples, scrape_until
 from test_tui_live import run_on_terminal
 
 from imaptap.flowshare import flow_hash, share_of
@@ -179,6 +178,9 @@ def test_the_tui_with_metrics_answers_scrapes_of_every_session(lab, workers):
     failures: list[BaseException] = []
     got: list[dict] = []
     port = prometheus.free_port()
+
+    def logins(text: str) -> dict:
+        return by(samples(text), "imaptap_logins_total", "outcome")
     ports = {"alice": port_of_worker(lab, 0, 2), "bob": port_of_worker(lab, 1, 2)}
 
     def sessions_then_scrape() -> None:
@@ -186,15 +188,9 @@ def test_the_tui_with_metrics_answers_scrapes_of_every_session(lab, workers):
             imap = PortIMAP(lab.server4, (lab.client4, client_port))
             imap.login(user, lab.users[user])
             imap.logout()
-        deadline = time.monotonic() + SCRAPE_TIMEOUT
-        while True:  # the workers' counts reach the parent once a refresh
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-                text = r.read().decode()
-            counted = by(samples(text), "imaptap_logins_total", "outcome")
-            if counted == {("success",): 2} or time.monotonic() > deadline:
-                break
-            time.sleep(0.3)
-        got.append({"text": text, "counted": counted})
+        text = scrape_until(f"http://127.0.0.1:{port}/metrics",
+                            lambda text: logins(text) == {("success",): 2}, SCRAPE_TIMEOUT)
+        got.append({"text": text, "counted": logins(text)})
 
     thread = when_attached(lab, sessions_then_scrape, failures)
     try:

@@ -81,7 +81,7 @@ def test_ended_flows_leave_nothing_behind():
     base = all_captures()
     ports = all_ports()
     span = base[-1].ts - base[0].ts + PASS_GAP
-    writer = JsonlWriter(open(os.devnull, "w"))
+    writer = devnull_writer()
     ended = Ended()
     metrics = MetricsSink(server_label=True)
     sinks: list[Sink] = [JsonlSink(writer), metrics, ended]
